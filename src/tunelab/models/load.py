@@ -1,0 +1,127 @@
+"""Resolve a model reference and load (model, tokenizer).
+
+A reference is one of: an alias (`smollm2-135m`), a local HF folder, a local `.gguf` file, or a Hugging Face
+hub id (the real path for users; tests and the demo never touch the hub). GGUF files are converted once into
+a cached safetensors folder (`$TUNELAB_CACHE` or `~/.cache/tunelab/models/<name>`), written atomically, so
+every later load is a plain `from_pretrained` of a folder.
+
+Defaults: fp32 on CPU, bf16 on CUDA; `trust_remote_code` only when the config asks for it. The tokenizer's
+pad token is set to eos when it has none (SmolLM2: pad == eos), which is why every forward pass in tunelab
+passes an explicit attention mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import TunelabError
+from .aliases import ALIASES, alias_gguf
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise TunelabError(f"model.dtype: unknown dtype '{dtype}' (use auto, float32, bfloat16, float16)")
+    return table[dtype]
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once into a safetensors HF folder; returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights are
+        # already dequantized floats, so rebuild a plain model from the config and save that.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(ref: str) -> str:
+    """Turn a model reference into something `from_pretrained` accepts (a folder or a hub id)."""
+    if ref in ALIASES:
+        return str(gguf_to_folder(alias_gguf(ref)))
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TunelabError(f"model not found: {ref} (no such .gguf file)")
+        return str(gguf_to_folder(path))
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise TunelabError(f"model not found: {ref} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref and ref.count("/") != 1
+    if looks_local or ref.count("/") != 1:
+        raise TunelabError(f"model not found: '{ref}' is not an alias ({', '.join(ALIASES)}), "
+                           "a folder, a .gguf file or a hub id like org/name")
+    return ref
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"model not found: cannot load tokenizer for '{ref}' ({str(e).splitlines()[0]})")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """Load (model, tokenizer) for a model reference; the model is in train mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    folder = resolve(ref)
+    tok = load_tokenizer(ref, trust_remote_code)
+    kwargs = dict(dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as e:
+        raise TunelabError(f"model not found: '{ref}' ({str(e).splitlines()[0]})")
+    return model.to(dev), tok
