@@ -1,0 +1,195 @@
+"""The run configuration: one YAML file plus `key=value` overrides, validated by a pydantic schema.
+
+    tunelab train examples/lora.yaml train.lr=1e-4 lora.r=16 data.masking=none
+
+Every mistake is reported as one line naming the key and, when it came from the file, its line:
+`lora.yaml:12: train.lrr: unknown key`. Overrides are parsed as YAML scalars (`1e-4`, `true`, `[q_proj,v_proj]`).
+The resolved config is saved in the run directory as `config.yaml`, so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .adapters.lora import LoraConfig
+from .errors import TunelabError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Strict):
+    name: str = "smollm2-135m"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class DataConfig(Strict):
+    train: str | None = None
+    eval: str | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_max: int = Field(64, ge=0)
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference", "unpaired"] = "auto"
+    split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    template: str = "auto"
+    masking: Literal["prompt", "none", "template"] = "prompt"
+    turns: Literal["all", "last"] = "all"
+    max_length: int = Field(1024, ge=8)
+    packing: bool = True
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    optimizer: str = "AdamW"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    loss_chunk_size: int = Field(1024, ge=16)
+    log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+
+class SampleConfig(Strict):
+    prompts: list[str] = []
+    n_heldout: int = Field(2, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class RunConfig(Strict):
+    output_dir: str = "runs/run"
+    overwrite: bool = False
+    resume: bool = True
+    method: Literal["full", "lora"] = "lora"
+    objective: Literal["sft"] = "sft"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    samples: SampleConfig = SampleConfig()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise TunelabError(f"override '{item}': expected key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip().split("."), value
+
+
+def _looks_float(s: str) -> bool:
+    try:
+        float(s)
+        return any(c in s.lower() for c in "e.") and not s.strip().lower() in ("nan", "inf")
+    except ValueError:
+        return False
+
+
+def _fix_floats(node):
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and _looks_float(node):
+        return float(node)
+    return node
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), schema=None) -> RunConfig:
+    """Read YAML, apply dotted overrides, validate; raises TunelabError with the culprit's file:line."""
+    schema = schema or RunConfig
+    raw: dict = {}
+    lines: dict = {}
+    name = "overrides"
+    if path is not None:
+        p = Path(path)
+        name = str(p)
+        if not p.is_file():
+            raise TunelabError(f"config not found: {p}")
+        text = p.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise TunelabError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})")
+        if not isinstance(raw, dict):
+            raise TunelabError(f"{p}: the config must be a mapping of keys to values")
+        lines = _line_index(text)
+        raw = _fix_floats(raw)
+    from_override: set[tuple[str, ...]] = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise TunelabError(f"override '{item}': {k} is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        from_override.add(tuple(keys))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err["loc"])
+        dotted = ".".join(loc)
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] != "extra_forbidden" and "input" in err:
+            msg += f" (got {err['input']!r})"
+        key = next((loc[:i] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        where = "override" if tuple(loc) in from_override or key is None else f"{name}:{lines[key]}"
+        raise TunelabError(f"{where}: {dotted}: {msg}")
+
+
+def save_config(cfg: BaseModel, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,141 @@
+"""THE training loop — one loop for every objective (SFT now; preference and RL objectives plug in).
+
+Per optimizer step:
+  1. take `grad_accum` micro-batches from the deterministic batch stream;
+  2. for each, `loss_sum, n, metrics = objective.loss(model, batch)` and backpropagate the *unnormalised* sum;
+  3. divide all gradients by N = Σ n (tokens or pairs) of the accumulated micro-batches — the gradient of
+     the mean over every unit, identical to one big batch (not a mean of per-micro-batch means);
+  4. clip the global gradient norm, optimizer step, scheduler step;
+  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every`.
+
+Determinism: batch order is a pure function of (seed, epoch); dropout draws from the torch RNG that each
+checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .log import MetricsLog, console, progress_bar
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class BatchStream:
+    """Micro-batches in a deterministic order: `make(epoch)` returns that epoch's list of batches."""
+
+    make: Callable[[int], list[dict]]
+    per_epoch: int
+    _cache: dict = field(default_factory=dict)
+
+    def get(self, epoch: int, index: int) -> dict:
+        if epoch not in self._cache:
+            self._cache = {epoch: self.make(epoch)}
+        return self._cache[epoch][index]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens: int
+    seconds: float
+    last_loss: float
+    resumed_from: int | None
+
+
+def total_steps(cfg, per_epoch: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
+        evaluate: Callable[[int], dict] | None = None, resume: bool = True,
+        stop_after: int | None = None) -> LoopResult:
+    """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints."""
+    device = next(model.parameters()).device
+    total = total_steps(cfg, stream.per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total))
+    optimizer = build_optimizer(model.named_parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total, warmup, cfg.min_lr_ratio)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    ckpt_dir = run_dir / "checkpoints"
+    step, micro, tokens, resumed = 0, 0, 0, None
+    latest = latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer, scheduler)
+        step, micro, tokens = state["step"], state["loop"]["micro"], state["loop"]["tokens"]
+        resumed = step
+        console.print(f"resumed from {latest} (step {step})")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
+                     trackers=cfg.trackers, run_dir=run_dir)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
+
+    model.train()
+    last_loss = float("nan")
+    t_start = time.perf_counter()
+    with progress_bar(total, step) as bar:
+        task = bar.task_ids[0]
+        while step < total:
+            if stop_after is not None and step >= stop_after:
+                break
+            t0 = time.perf_counter()
+            loss_sum, n_sum, step_tokens, metrics = 0.0, 0, 0, {}
+            for _ in range(cfg.grad_accum):
+                epoch, index = divmod(micro, stream.per_epoch)
+                batch = _to(stream.get(epoch, index), device)
+                micro += 1
+                with autocast:
+                    ls, n, m = objective.loss(model, batch)
+                ls.backward()
+                loss_sum += float(ls.detach())
+                n_sum += int(n)
+                step_tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
+                    else int((batch["input_ids"] >= 0).sum())
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+            denom = max(n_sum, 1)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(denom)
+            gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                     else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens
+            dt = time.perf_counter() - t0
+            last_loss = loss_sum / denom
+            if step % cfg.log_every == 0 or step == total:
+                log.write({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / dt,
+                           "grad_norm": float(gnorm), "tokens": tokens, "epoch": micro / stream.per_epoch,
+                           "n_loss_units": n_sum, **metrics})
+            bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{step_tokens / dt:,.0f}")
+            if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                log.write({"step": step, **evaluate(step)})
+                model.train()
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler,
+                                {"micro": micro, "tokens": tokens}, cfg.keep_last)
+    if evaluate and step == total:
+        log.write({"step": step, **evaluate(step)})
+    return LoopResult(step, tokens, time.perf_counter() - t_start, last_loss, resumed)
