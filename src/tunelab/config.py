@@ -19,6 +19,9 @@ from .adapters.lora import LoraConfig
 from .errors import TunelabError
 
 
+ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -76,17 +79,47 @@ class SampleConfig(Strict):
     max_new_tokens: int = Field(96, ge=1)
 
 
+class PrefConfig(Strict):
+    """Preference-objective options (`objective` dpo/simpo/orpo/kto/reward); see each objective's module."""
+
+    loss: Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"] = "sigmoid"  # dpo only
+    # None = the objective's default: dpo/ipo 0.1 (β, τ for ipo), simpo 2.0, orpo 0.1 (λ), kto 0.1
+    beta: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # ε of cdpo/robust (and simpo's smoothed form)
+    sft_weight: float = Field(0.0, ge=0.0)  # RPO-style NLL on the chosen response, any pairwise objective
+    gamma_beta_ratio: float = Field(0.5, ge=0.0)  # simpo: γ/β
+    desirable_weight: float = Field(1.0, gt=0)  # kto λ_D
+    undesirable_weight: float = Field(1.0, gt=0)  # kto λ_U
+    center_rewards: float = Field(0.0, ge=0.0)  # reward model: c in c·(r⁺ + r⁻)²
+
+
+class ReferenceConfig(Strict):
+    """The reference model of dpo/kto (objectives/reference.py)."""
+
+    mode: Literal["auto", "adapter", "copy"] = "auto"  # auto: adapter off (adapter methods) / frozen copy (full)
+    device: str | None = None  # copy only: e.g. cpu while the policy is on cuda
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # copy only
+    precompute: bool = False  # one pass before training, cached as <output_dir>/reference_logps.safetensors
+    sync_every: int | None = Field(None, ge=1)  # TR-DPO: move the reference every τ optimizer steps
+    sync_alpha: float = Field(0.6, gt=0.0, le=1.0)  # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy)
+
+
 class RunConfig(Strict):
     output_dir: str = "runs/run"
     overwrite: bool = False
     resume: bool = True
     method: Literal["full", "lora"] = "lora"
-    objective: Literal["sft"] = "sft"
+    objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     samples: SampleConfig = SampleConfig()
+    pref: PrefConfig = PrefConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    # Multi-stage pipeline: each item overrides this config (e.g. {name: dpo, objective: dpo, train: {lr: 5e-6}});
+    # a stage trains from the previous stage's output (or `from: <stage name>`). See train/pipeline.py.
+    stages: list[dict[str, Any]] = []
 
     @field_validator("output_dir")
     @classmethod
@@ -156,7 +189,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         name = str(p)
         if not p.is_file():
             raise TunelabError(f"config not found: {p}")
-        text = p.read_text()
+        text = p.read_text().replace("${ASSETS}", str(ASSETS))
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -169,7 +202,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         raw = _fix_floats(raw)
     from_override: set[tuple[str, ...]] = set()
     for item in overrides:
-        keys, value = parse_override(item)
+        keys, value = parse_override(item.replace("${ASSETS}", str(ASSETS)))
         node = raw
         for k in keys[:-1]:
             if not isinstance(node.get(k, {}), dict):

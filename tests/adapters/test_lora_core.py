@@ -289,3 +289,21 @@ def test_deepcopy_keeps_adapter(ids):
     clone = copy.deepcopy(model)
     torch.testing.assert_close(logits(clone, ids), logits(model, ids), atol=0, rtol=0)
     assert clone.lm_head.out_features == VOCAB
+
+
+def test_linear_params_follow_adapter_state():
+    """Chunked log-prob code applies the head with F.linear; the weights it gets must match forward()."""
+    x = torch.randn(3, 64)
+    for extras, targets in [(["lm_head"], ["q_proj"]), ([], ["lm_head"])]:
+        model = make("gemma")
+        lora.wrap(model, lora.LoraConfig(r=4, target_modules=targets, modules_to_save=extras))
+        perturb(model)
+        head = model.get_output_embeddings()
+        for enabled in (True, False):
+            lora.set_enabled(model, enabled)
+            w, b = base.linear_params(head)
+            torch.testing.assert_close(nn.functional.linear(x, w, b), head(x), atol=1e-5, rtol=0)
+        lora.set_enabled(model, True)
+        assert base.linear_params(head)[0].requires_grad
+    plain = nn.Linear(4, 2)
+    assert base.linear_params(plain) == (plain.weight, plain.bias)

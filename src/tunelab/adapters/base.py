@@ -38,7 +38,7 @@ import fnmatch
 import importlib
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Iterable, Iterator
 
@@ -80,6 +80,9 @@ class AdapterReport:
     tied: list[list[str]] = field(default_factory=list)  # groups of extras sharing one weight
     notes: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         line = (f"{self.method}: {len(self.replaced)} modules, "
@@ -105,8 +108,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 class AdapterModule(nn.Module):
     """Base of every module an adapter method swaps into the model.
 
-    Subclasses set `adapter_enabled` in their forward logic, list their adapter parameters (local names) in
-    `adapter_parameter_names`, and implement `unwrap(in_place)` returning the plain module with the update
+    Subclasses honour `adapter_enabled` in `forward` (False = behave exactly like the base module), list
+    their adapter parameters (local names) in `adapter_parameter_names`, give `linear_params` where a
+    weight-space form exists, and implement `unwrap(in_place)` returning the plain module with the update
     folded in. `in_place=False` means the base weight is shared with another module (a tied embedding) and
     must not be modified; the subclass must then give the merged module its own weight.
     """
@@ -118,6 +122,23 @@ class AdapterModule(nn.Module):
 
     def unwrap(self, in_place: bool = True) -> nn.Module:
         raise NotImplementedError
+
+    def linear_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) such that F.linear(x, weight, bias) equals this module's output in its current
+        state, differentiable. For code that applies a head functionally (chunked lm_head log-probs)."""
+        raise NotImplementedError(f"{type(self).__name__} has no weight-space form")
+
+
+def linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a linear-like module, adapter-aware.
+
+    Reading `module.weight` directly would skip a LoRA update on the module (W0 instead of W0 + s·BA) and, for
+    a fully trained module under `disabled()`, return the trained weight instead of the frozen base. Use
+    this wherever a head is applied with F.linear. Exact except for LoRA dropout in training mode.
+    """
+    if isinstance(module, AdapterModule):
+        return module.linear_params()
+    return module.weight, getattr(module, "bias", None)
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:

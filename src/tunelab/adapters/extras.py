@@ -121,6 +121,14 @@ class FullyTrained(AdapterModule):
         tensors.update({n: self._buffers[n] for n in self._buffer_names})
         return torch.func.functional_call(self._inner, tensors, args, kwargs)
 
+    def linear_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def pick(n):
+            if n not in self._param_names:
+                return getattr(self._inner, n, None)
+            return self._parameters[n] if self.adapter_enabled else self._buffers[f"_base_{n}"]
+
+        return pick("weight"), pick("bias")
+
     def unwrap(self, in_place: bool = True) -> nn.Module:
         # The trained Parameters go back into the original module; a tied pair keeps sharing its Parameter.
         for n in self._param_names:

@@ -133,6 +133,13 @@ class LoraLinear(AdapterModule):
         w0 = self.base_weight()
         return (w0.float() + self.delta_weight().float()).to(w0.dtype)
 
+    def linear_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Weight-space form of forward(): W0 + s·BA (differentiable in A and B); dropout cannot be folded.
+        w0 = self.base_weight()
+        if not self.adapter_enabled:
+            return w0, self.bias
+        return (w0 + self.delta_weight()).to(w0.dtype), self.bias
+
     def adapter_parameter_names(self) -> list[str]:
         return list(PEFT_SUFFIXES)
 

@@ -50,7 +50,7 @@ def _split(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
 
 def _mode(values):
     values = list(values)
-    return max(set(values), key=values.count)
+    return max(values, key=values.count)  # ties go to the first layer in model order
 
 
 def peft_config_dict(model: nn.Module, cfg=None, base_model_name_or_path: str | None = None,

@@ -237,17 +237,27 @@ class Template:
         return gap[:n].rstrip()
 
 
+def _special_tokens(tokenizer) -> dict[str, str]:
+    special = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()
+               if isinstance(v, str)}
+    # Built-ins reference bos/eos; a tokenizer without them renders them as empty strings, not "None".
+    special.setdefault("bos_token", "")
+    special.setdefault("eos_token", "")
+    return special
+
+
+def from_jinja(name: str, jinja: str, tokenizer) -> Template:
+    """A template saved with a run (its name and Jinja source), bound to `tokenizer` again."""
+    return Template(name, jinja, _special_tokens(tokenizer))
+
+
 def get_template(name: str, tokenizer) -> Template:
     """Template `name` bound to `tokenizer`'s special tokens (``bos_token``, ``eos_token`` … in Jinja).
 
     ``auto`` is the tokenizer's own chat template when it has one, else ``chatml``; ``tokenizer`` insists on
     the tokenizer's own.
     """
-    special = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()
-               if isinstance(v, str)}
-    # Built-ins reference bos/eos; a tokenizer without them renders them as empty strings, not "None".
-    special.setdefault("bos_token", "")
-    special.setdefault("eos_token", "")
+    special = _special_tokens(tokenizer)
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # some tokenizers ship several named templates; "default" is the chat one
         own = own.get("default")

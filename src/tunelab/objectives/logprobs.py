@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..adapters.base import linear_params
+
 
 def decoder(model):
     """The transformer body of a causal LM (everything before the lm_head)."""
@@ -41,15 +43,16 @@ def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bi
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log p(target) for rows of `hidden` [N, H] → [N] (fp32), the lm_head applied chunk by chunk."""
-    head = model.get_output_embeddings()
+    # adapter-aware: a LoRA on lm_head, or a fully trained head under `disabled()`, must be respected
+    weight, bias = linear_params(model.get_output_embeddings())
     softcap = getattr(model.config, "final_logit_softcapping", None)
     outs = []
     for i in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-            outs.append(checkpoint(_chunk_logp, h, t, head.weight, head.bias, softcap, use_reentrant=False))
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, softcap, use_reentrant=False))
         else:
-            outs.append(_chunk_logp(h, t, head.weight, head.bias, softcap))
+            outs.append(_chunk_logp(h, t, weight, bias, softcap))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 

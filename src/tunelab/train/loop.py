@@ -75,6 +75,7 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     step, micro, tokens, resumed = 0, 0, 0, None
     latest = latest_checkpoint(ckpt_dir) if resume else None

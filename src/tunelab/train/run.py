@@ -71,15 +71,26 @@ def prepare(cfg: RunConfig) -> Prepared:
     records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     train_recs, eval_recs = _split(records, cfg)
     enc = dict(template=template, mode=cfg.data.masking, turns=cfg.data.turns, max_length=cfg.data.max_length)
-    train_samples = [to_sample(r, cfg.data.format) for r in train_recs]
-    eval_samples = [to_sample(r, cfg.data.format) for r in eval_recs]
+    train_samples = _to_samples(train_recs, cfg.data.format)
+    eval_samples = _to_samples(eval_recs, cfg.data.format) if eval_recs else []
     train, stats = encode_dataset(tok, train_samples, **enc)
     evals, _ = encode_dataset(tok, eval_samples, **enc) if eval_samples else ([], None)
     eval_prompts = [template.generation_prompt(_prompt_part(s.messages))
                     for s in eval_samples[:cfg.samples.n_heldout] if s.messages]
     eval_prompts += [template.generation_prompt([{"role": "user", "content": p}]) for p in cfg.samples.prompts]
+    torch.manual_seed(cfg.train.seed)  # adapter init is random: same config, same initial weights
     report = _apply_method(model, cfg)
     return Prepared(model, tok, template, train, evals, eval_prompts, stats.as_dict(), report)
+
+
+def _to_samples(records, fmt: str):
+    """SFT samples; preference/unpaired records train on prompt + chosen (or desirable) responses."""
+    from ..data.preference import is_preference, is_unpaired, sft_samples
+
+    if fmt in ("preference", "unpaired") or (fmt == "auto" and records
+                                             and (is_preference(records[0].data) or is_unpaired(records[0].data))):
+        return sft_samples(records, fmt)
+    return [to_sample(r, fmt) for r in records]
 
 
 def _prompt_part(messages: list[dict]) -> list[dict]:
@@ -166,6 +177,14 @@ def save_artifacts(p: Prepared, cfg: RunConfig, out: Path) -> Path:
 
 def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     """Run `cfg` to completion (or to `stop_after` steps, for tests); returns the run directory."""
+    if cfg.stages:  # a multi-stage pipeline (train/pipeline.py)
+        from .pipeline import run_pipeline
+
+        return run_pipeline(cfg)
+    if cfg.objective != "sft":  # dpo, simpo, orpo, kto, reward (train/preference_run.py)
+        from .preference_run import train_preference
+
+        return train_preference(cfg, stop_after)
     t0 = time.perf_counter()
     p = prepare(cfg)
     console.print(p.report.summary())

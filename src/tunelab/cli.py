@@ -1,0 +1,157 @@
+"""The `tunelab` command. Thin on purpose: parse arguments, call library functions, report user errors.
+
+    tunelab train CONFIG.yaml [key=value ...]
+    tunelab data inspect CONFIG.yaml [key=value ...] [--n 3] [--json]
+    tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--max-new-tokens 128] [--sample]
+    tunelab export RUN_DIR --merged OUT_DIR
+    tunelab demo [--out runs/demo]
+
+A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import TunelabError
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg)
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .config import load_config
+    from .data.inspect import inspect_examples
+    from .data.pipeline import build_examples
+    from .models.load import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.train:
+        raise TunelabError("data.train: no training data given")
+    tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    d = cfg.data
+    examples, stats, _ = build_examples(d.train, tok, fmt=d.format, template=d.template, mode=d.masking,
+                                        turns=d.turns, max_length=d.max_length, split=d.split,
+                                        limit=d.limit if d.limit else max(args.n, 1) * 50)
+    inspect_examples(examples, tok, n=args.n, stats=stats, as_json=args.json)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .export import load_run
+    from .generate import generate
+
+    model, tok, template = load_run(args.model)
+    prompt = template.generation_prompt([{"role": "user", "content": args.prompt}])
+    out = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                   temperature=args.temperature, top_p=args.top_p, stop=template.stop_strings)
+    print(out[0])
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_merged
+
+    out = export_merged(args.run_dir, args.merged)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import load_config
+    from .train.run import train
+
+    cfg_path = Path(__file__).parent / "assets" / "demo.yaml"
+    cfg = load_config(cfg_path, [f"output_dir={args.out}", "overwrite=true", *args.overrides])
+    out = train(cfg)
+    res = json.loads((out / "results.json").read_text())
+    from .train.log import console
+
+    console.rule("[bold]demo results")
+    console.print(f"held-out loss {res['eval_loss_before']:.4f} → {res['eval_loss_after']:.4f} | "
+                  f"{res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
+    for s in res["samples"]:
+        console.rule()
+        console.print("[bold]prompt:[/] " + s["prompt"].split("user\n")[-1].split("<|im_end|>")[0][:300])
+        console.print("[bold]before:[/] " + s.get("before", "-")[:400])
+        console.print("[bold green]after:[/]  " + s["after"][:400])
+    print(f"run directory: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs; measure what they learn and forget.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config (+ key=value overrides)")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    i = dsub.add_parser("inspect", help="show which tokens count in the loss")
+    i.add_argument("config")
+    i.add_argument("overrides", nargs="*")
+    i.add_argument("--n", type=int, default=3, help="examples to show")
+    i.add_argument("--json", action="store_true", help="print token ids, strings and loss flags as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate with a run (adapter applied, run's template) or a model")
+    g.add_argument("model", help="run directory or model reference")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="export a run")
+    e.add_argument("run_dir")
+    e.add_argument("--merged", required=True, help="output folder for the merged HF model")
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("demo", help="the demo: LoRA on SmolLM2-135M with bundled math data, offline on CPU")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("overrides", nargs="*")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.func(args)
+    except TunelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Code generation scored by running tests: pass@k on HumanEval-format problems.
+
+A problem is ``{task_id, prompt, test, entry_point}`` (HumanEval, Chen et al. 2021): ``prompt`` is a function
+signature with its docstring, ``test`` defines ``check(candidate)``. The model writes ``n_samples``
+completions per problem (greedy for one, sampled otherwise), and each program
+
+    prompt + completion + test + "check(entry_point)"
+
+runs in `sandbox.run_sandboxed`. Because that executes code written by a model, nothing runs unless the
+caller passes ``allow_code_execution=True`` (CLI: ``--allow-code-execution``).
+
+**pass@k** is the probability that at least one of k completions passes. Estimating it as "did any of the
+first k pass" is high-variance; Chen et al. give the unbiased estimator from n ≥ k samples with c correct:
+
+    pass@k = 1 − C(n−c, k) / C(n, k)
+
+computed as a running product (``1 − Π_{i=n−c+1}^{n} (1 − k/i)``) so large n does not overflow, and averaged
+over problems. With n = k = 1 it is simply the fraction of problems whose greedy completion passes.
+
+In chat mode (``chat: true``) the prompt is asked as a user turn and the code is taken from the first fenced
+block of the reply. The program still starts with the original prompt: a reply that redefines the whole
+function simply replaces the stub (a docstring-only body is valid Python), one that continues it completes it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import TunelabError
+from .completion import complete
+from .sandbox import isolation, run_many
+from .tasks import Task
+
+CODE_FLAG_HELP = ("executes model-written code; pass allow_code_execution=True (CLI: --allow-code-execution) "
+                  "to run it in tunelab's sandbox (own temp dir, time/memory limits, no network, no writes "
+                  "outside the temp dir)")
+_FENCE = re.compile(r"```(?:[\w+-]*)\n(.*?)(?:```|$)", re.S)
+
+
+def require_code_execution(task_name: str, allowed: bool) -> None:
+    """Refuse to run a code task unless the caller opted in."""
+    if not allowed:
+        raise TunelabError(f"task '{task_name}' {CODE_FLAG_HELP}")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1)."""
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0  # every size-k subset contains a correct sample
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply, or the reply itself when it has none."""
+    m = _FENCE.search(reply)
+    return m.group(1) if m else reply
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """The script that passes iff the completed function satisfies the problem's tests."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+def _problems(task: Task, limit: int | None) -> list[dict]:
+    out = []
+    for rec in task.records(limit):
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(rec.data.get(k), str)]
+        if missing:
+            raise TunelabError(f"{rec.origin}: HumanEval-format problem needs string field(s) {', '.join(missing)}")
+        out.append(rec.data)
+    return out
+
+
+def evaluate_code(model, tokenizer, template, task: Task, limit: int | None = None,
+                  allow_code_execution: bool = False, completions: list[list[str]] | None = None) -> dict:
+    """Score a ``kind: code`` task: ``pass@k`` for each k in the task (see the module docstring).
+
+    `completions` (one list of n_samples strings per problem) skips generation — for scoring saved outputs.
+    """
+    require_code_execution(task.name, allow_code_execution)
+    spec = task.spec
+    problems = _problems(task, limit)
+    n = spec.n_samples
+    if completions is None:
+        if spec.use_chat:
+            prompts = [template.generation_prompt([{"role": "user", "content":
+                       "Complete this Python function. Reply with the full function in a ```python block.\n\n"
+                       f"```python\n{p['prompt']}```"}]) for p in problems]
+        else:
+            prompts = [p["prompt"] for p in problems]
+        stop = spec.stops + ([s for s in template.stop_strings if s] if spec.use_chat else [])
+        flat = complete(model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens=spec.new_tokens,
+                        stop=stop, do_sample=n > 1, temperature=spec.temperature, top_p=spec.top_p,
+                        batch_size=spec.batch_size)
+        if spec.use_chat:
+            flat = ["\n" + extract_code(c) for c in flat]
+        completions = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
+    if len(completions) != len(problems) or any(len(c) != n for c in completions):
+        raise ValueError(f"expected {n} completions for each of {len(problems)} problems")
+    programs = [build_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    results = run_many(programs, timeout=spec.timeout, memory_mb=spec.memory_mb, workers=spec.workers)
+    per_problem, statuses = [], {"passed": 0, "failed": 0, "timeout": 0}
+    for i, p in enumerate(problems):
+        rs = results[i * n:(i + 1) * n]
+        for r in rs:
+            statuses[r.status] += 1
+        per_problem.append((p, completions[i], rs, sum(r.passed for r in rs)))
+    metrics = {f"pass@{k}": sum(pass_at_k(n, c, k) for *_, c in per_problem) / len(problems)
+               for k in sorted(set(spec.k))}
+    samples = [{"task_id": p["task_id"], "completion": cs[0], "status": rs[0].status,
+                "output": rs[0].output[-500:], "correct": c} for p, cs, rs, c in per_problem[:3]]
+    return {"n": len(problems), "metrics": metrics, "primary": f"pass@{min(spec.k)}",
+            "higher_is_better": {m: True for m in metrics},
+            "details": {"n_samples": n, "programs": statuses, "isolation": isolation()}, "samples": samples}

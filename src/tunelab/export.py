@@ -1,0 +1,78 @@
+"""Load a finished run back, and export it.
+
+`load_run(RUN_DIR)` rebuilds exactly what was trained: the base model from the run's `config.yaml`, the
+adapter from `adapter/` (PEFT format, loaded by tunelab's own reader) or the full model from `model/`, and the
+run's chat template. `export_merged` folds the adapter into the base weights and writes a plain Hugging Face
+folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and the run's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .adapters.base import get_method, merge
+from .errors import TunelabError
+from .models.load import load_model
+
+
+def run_info(run_dir: Path) -> dict:
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    art = run_dir / ("model" if cfg.get("method") == "full" else "adapter")
+    if not art.is_dir():
+        raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
+    return {"config": cfg, "artifact": art}
+
+
+def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer, template) of a finished run, or of a plain model reference."""
+    from .data.templates import from_jinja, get_template
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():  # a model reference, not a run
+        model, tok = load_model(str(run_dir), dtype, device)
+        return model, tok, get_template("auto", tok)
+    info = run_info(run_dir)
+    cfg, art = info["config"], info["artifact"]
+    mcfg = cfg.get("model", {})
+    if cfg.get("method") == "full":
+        model, tok = load_model(str(art), dtype, device, mcfg.get("trust_remote_code", False))
+    else:
+        model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False))
+        get_method(cfg["method"]).load_peft(model, art)
+        from .models.load import load_tokenizer
+
+        tok = load_tokenizer(str(art)) if (art / "tokenizer_config.json").exists() else tok
+    model.eval()
+    meta = art / "tunelab_template.json"
+    if meta.exists():
+        t = json.loads(meta.read_text())
+        template = from_jinja(t["name"], t["jinja"], tok)
+    else:
+        template = get_template("auto", tok)
+    return model, tok, template
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge the run's adapter into its base model and save an HF folder (+ tokenizer and template)."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise TunelabError(f"export: {out} exists and is not empty")
+    model, tok, template = load_run(run_dir, device="cpu")
+    if (run_dir / "config.yaml").is_file() and run_info(run_dir)["config"].get("method") != "full":
+        merge(model)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.chat_template = template.jinja
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

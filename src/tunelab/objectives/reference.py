@@ -1,0 +1,214 @@
+"""The reference policy π_ref of KL-regularised objectives (DPO family, KTO; later PPO) — one object for all.
+
+Where it lives (``reference.mode``):
+
+``adapter``  the policy itself with its adapter switched off (`adapters.base.disabled`): no second copy of the
+             weights. This is the default for adapter methods, where the frozen base *is* the starting policy.
+``copy``     a frozen deep copy of the policy taken at construction — the default for full finetuning —
+             optionally on another device or in another dtype (e.g. a bf16 reference next to an fp32 policy).
+
+The reference always runs without gradients and in eval mode (no dropout), so its log-probs are a pure function
+of the batch: that is what makes cached log-probs equal to on-the-fly ones.
+
+Moving reference (TR-DPO, Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment",
+arXiv:2404.09656): every ``sync_every`` optimizer steps
+
+    θ_ref ← α·θ + (1 − α)·θ_ref          (α = ``sync_alpha``; α = 1 is TR-DPO's hard update)
+
+For ``copy`` this updates every parameter of the copy. For ``adapter`` the reference keeps a *second set of
+adapter weights* (initially the adapter at construction — zero-initialised LoRA, i.e. exactly the base model)
+and the update is applied to that set; its log-probs are computed by swapping the set into the adapter modules
+for the no-grad forward and swapping the policy's weights back. The swap is safe because objectives compute the
+reference *before* the policy forward of a micro-batch, so no activation saved for backward sees the swap.
+Limitation: the moving reference is not checkpointed; a resumed run restarts it from the resumed policy.
+
+Precomputed log-probs (`fill_cache`): one no-grad pass over the data before training, stored as safetensors in
+the run directory with a fingerprint of the token ids, so a resumed run reuses it. Incompatible with a moving
+reference (the cache would go stale at the first sync).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..adapters.base import adapter_parameters, disabled, has_adapter
+from ..errors import TunelabError
+from .logprobs import sequence_logprobs, token_logprobs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def view(batch: dict, prefix: str) -> dict:
+    """The sub-batch stored under `prefix` (``kl_input_ids`` → ``input_ids``); the batch itself for ''."""
+    if not prefix:
+        return batch
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
+@contextmanager
+def eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+class Reference:
+    def __init__(self, model, mode: str = "auto", device: str | None = None, dtype: str | None = None,
+                 sync_every: int | None = None, sync_alpha: float = 0.6, chunk_size: int = 1024):
+        if mode == "auto":
+            mode = "adapter" if has_adapter(model) else "copy"
+        if mode == "adapter" and not has_adapter(model):
+            raise TunelabError("reference.mode=adapter needs an adapter method (method: lora); use copy")
+        if mode == "adapter" and (device or dtype):
+            raise TunelabError("reference.device/dtype apply to reference.mode=copy only (the adapter "
+                               "reference shares the policy's weights)")
+        self.mode, self.policy, self.chunk_size = mode, model, chunk_size
+        self.sync_every, self.sync_alpha = sync_every, sync_alpha
+        self.model = None
+        self._ref_adapter: dict[str, torch.Tensor] | None = None
+        if mode == "copy":
+            self.model = copy.deepcopy(model)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            if device or dtype:
+                self.model.to(device=device, dtype=_DTYPES[dtype] if dtype else None)
+            self.model.eval()
+        elif sync_every:
+            # The moving adapter reference: a second set of adapter weights, starting at the current adapter.
+            self._ref_adapter = {k: p.detach().clone() for k, p in adapter_parameters(model).items()}
+
+    # -------------------------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def token_logprobs(self, batch: dict) -> torch.Tensor:
+        """log π_ref of every target token, [B, T] fp32 on the batch's device (0 off the loss mask)."""
+        if self.mode == "copy":
+            if self.model is None:
+                raise RuntimeError("the reference copy was released after precomputing its log-probs")
+            dev = next(self.model.parameters()).device
+            moved = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with eval_mode(self.model):
+                return token_logprobs(self.model, moved, self.chunk_size).to(batch["input_ids"].device)
+        with eval_mode(self.policy), self._adapter_weights(), disabled_unless(self.policy, self._ref_adapter):
+            return token_logprobs(self.policy, batch, self.chunk_size)
+
+    def logps(self, batch: dict, prefix: str = "") -> torch.Tensor:
+        """Σ_t log π_ref(y_t | x, y_<t) over each row's response tokens → [B] fp32."""
+        sub = view(batch, prefix)
+        return sequence_logprobs(self.token_logprobs(sub), sub)[0]
+
+    @contextmanager
+    def _adapter_weights(self):
+        """With a moving adapter reference: the reference's adapter weights in place of the policy's."""
+        if self._ref_adapter is None:
+            yield
+            return
+        params = adapter_parameters(self.policy)
+        saved = {k: p.detach().clone() for k, p in params.items()}
+        try:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(self._ref_adapter[k])
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(saved[k])
+
+    # ---------------------------------------------------------------------------------------------- update
+    def on_step(self, step: int) -> bool:
+        """Call after optimizer step `step` (1-based); syncs when due. Returns whether it synced."""
+        if not self.sync_every or step % self.sync_every:
+            return False
+        self.sync(self.sync_alpha)
+        return True
+
+    @torch.no_grad()
+    def sync(self, alpha: float = 1.0) -> None:
+        """θ_ref ← α·θ + (1 − α)·θ_ref (a hard copy for α = 1)."""
+        if self.mode == "copy":
+            src = dict(self.policy.named_parameters())
+            for name, p in self.model.named_parameters():
+                p.lerp_(src[name].detach().to(p.device, p.dtype), alpha)
+        elif self._ref_adapter is not None:
+            for k, p in adapter_parameters(self.policy).items():
+                self._ref_adapter[k].lerp_(p.detach(), alpha)
+        else:
+            raise RuntimeError("adapter reference without sync_every has no weights to move")
+
+    def release(self) -> None:
+        """Drop the copy (after precomputing): its memory is the reason to precompute."""
+        self.model = None
+
+
+@contextmanager
+def disabled_unless(model, ref_adapter):
+    """The base model (adapter off) — unless a moving adapter reference has been swapped in, which must run."""
+    if ref_adapter is not None:
+        yield model
+    else:
+        with disabled(model):
+            yield model
+
+
+# ------------------------------------------------------------------------------------------------- caching
+def _pair_of(ex) -> tuple:
+    return (ex.chosen, ex.rejected) if hasattr(ex, "chosen") else (ex.example, ex.kl)
+
+
+def fingerprint(sets: dict[str, list], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for name in sorted(sets):
+        h.update(name.encode())
+        for ex in sets[name]:
+            for enc in _pair_of(ex):
+                h.update(repr((enc.input_ids, enc.loss_mask)).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_pairs(reference: Reference, examples: list, pad_id: int, batch_size: int = 8,
+                  device=None) -> torch.Tensor:
+    """[N, 2] reference log-probs of each example's two sequences (chosen/rejected, or completion/KL partner)."""
+    from ..data.collate import collate
+
+    rows = []
+    for k in range(0, len(examples), batch_size):
+        chunk = examples[k:k + batch_size]
+        batch = collate([_pair_of(e)[0] for e in chunk] + [_pair_of(e)[1] for e in chunk], pad_id)
+        if device is not None:
+            batch = {key: v.to(device) for key, v in batch.items()}
+        lp = reference.logps(batch).cpu()
+        rows.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
+def fill_cache(path: Path, reference: Reference, sets: dict[str, list], pad_id: int, batch_size: int = 8,
+               tag: str = "", device=None) -> bool:
+    """Set `ex.ref` on every example of every set, from `path` when its fingerprint matches, else computed
+    and written there (atomically). Returns True when it was read from disk."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    fp = fingerprint(sets, tag)
+    tensors = None
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fp:
+                tensors = load_file(str(path))
+    loaded = tensors is not None
+    if not loaded:
+        tensors = {name: compute_pairs(reference, exs, pad_id, batch_size, device) for name, exs in sets.items()}
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": fp})
+        tmp.replace(path)
+    for name, exs in sets.items():
+        for ex, (a, b) in zip(exs, tensors[name].tolist()):
+            ex.ref = (a, b)
+    return loaded

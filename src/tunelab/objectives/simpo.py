@@ -1,0 +1,37 @@
+"""SimPO: Simple Preference Optimization with a reference-free reward (Meng et al. 2024, arXiv:2405.14734).
+
+    L = −log σ( β·(L_θ(y⁺)/|y⁺| − L_θ(y⁻)/|y⁻|) − γ ),      β = 2.0, γ/β = 0.5 (so γ = 1.0)
+
+The reward is the length-normalised log-likelihood β·L_θ(y)/|y| (no reference model: none is built or
+loaded), and γ is a target reward margin. With ``pref.label_smoothing`` ε > 0 the conservative form
+−(1−ε) log σ(z) − ε log σ(−z) of the reference code is used. No NLL term unless ``pref.sft_weight`` > 0 (CPO's
+``cpo_alpha``). Defaults follow the SimPO reference code (beta=2.0, gamma_beta_ratio=0.5); TRL implements the
+same loss as `CPOTrainer(loss_type="simpo")`, which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .pairwise import PairwiseObjective
+
+
+def simpo_losses(ac, ar, beta: float = 2.0, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0):
+    """Per-pair loss from per-token average log-probs ac = L(y⁺)/|y⁺|, ar = L(y⁻)/|y⁻|."""
+    z = beta * (ac - ar) - gamma_beta_ratio * beta
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+class SimPO(PairwiseObjective):
+    name = "simpo"
+    needs_reference = False
+    default_beta = 2.0
+
+    def __init__(self, beta=None, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0, **kw):
+        super().__init__(beta, **kw)
+        self.gamma_beta_ratio, self.label_smoothing = gamma_beta_ratio, label_smoothing
+
+    def pair_losses(self, lc, lr, nc, nr, rc, rr, batch):
+        ac, ar = lc / nc, lr / nr
+        losses = simpo_losses(ac, ar, self.beta, self.gamma_beta_ratio, self.label_smoothing)
+        return losses, self.beta * ac, self.beta * ar, {}

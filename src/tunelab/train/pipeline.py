@@ -1,0 +1,129 @@
+"""Multi-stage runs from one config: e.g. SFT on the chosen responses, then DPO from that checkpoint.
+
+    output_dir: runs/pipeline
+    model: {name: smollm2-135m}
+    data: {train: gsm_pref.jsonl, max_length: 384}
+    stages:
+      - {name: sft, objective: sft, train: {max_steps: 20, lr: 2.0e-4}}
+      - {name: dpo, objective: dpo, train: {max_steps: 20, lr: 5.0e-5}}
+
+Each stage is the top-level config deep-merged with the stage's keys (``name`` and ``from`` are the stage's own),
+run in ``<output_dir>/<name>``. A stage trains from the output of the stage named by ``from`` (``base`` = the
+top-level ``model.name``); by default from the previous stage that is not a reward model, and the first stage
+from the top-level model. A stage's output is its ``model/`` folder (full finetuning) or, for adapter methods,
+``merged/`` — the base with the adapter folded in, written once after the stage (a new adapter then starts
+from it, so for DPO the disabled-adapter reference *is* the previous stage's model).
+
+Resumable stage by stage: a stage whose folder holds ``results.json`` is finished and skipped; an interrupted
+stage resumes from its latest checkpoint. Every stage's config is validated before anything runs, so a typo in
+the last stage fails before the first one trains.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..config import RunConfig, save_config
+from ..errors import TunelabError
+from .log import console
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
+    """[(name, stage config, source stage name or None for the configured model)], all validated."""
+    root = Path(cfg.output_dir)
+    base = cfg.model_dump(mode="json", exclude={"stages"})
+    out, names, policies = [], [], []
+    for i, raw in enumerate(cfg.stages):
+        st = dict(raw)
+        name = str(st.pop("name", f"stage{i + 1}"))
+        src = st.pop("from", None)
+        where = f"stages[{i}] ({name})"
+        if name in names or not name or "/" in name:
+            raise TunelabError(f"{where}: stage names must be unique folder names")
+        for key in ("stages", "output_dir", "overwrite"):
+            if key in st:
+                raise TunelabError(f"{where}: '{key}' is set for the whole pipeline, not per stage")
+        try:
+            scfg = RunConfig.model_validate(_merge(base, st) | {"output_dir": str(root / name), "overwrite": False})
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            raise TunelabError(f"{where}: {'.'.join(str(x) for x in err['loc'])}: {msg}") from None
+        if src is None and "name" not in st.get("model", {}):
+            src = policies[-1] if policies else None
+        elif src == "base":
+            src = None
+        elif src is not None and src not in policies:
+            raise TunelabError(f"{where}: from: '{src}' is not an earlier policy (non-reward) stage "
+                               f"(have: {', '.join(policies) or 'none'})")
+        out.append((name, scfg, src))
+        names.append(name)
+        if scfg.objective != "reward":
+            policies.append(name)
+    return out
+
+
+def finished(out: Path) -> bool:
+    return (out / "results.json").exists()
+
+
+def stage_model(out: Path, cfg: RunConfig) -> Path:
+    """A loadable HF folder with the stage's trained model (merging the adapter once for adapter methods)."""
+    if (out / "model").exists():
+        return out / "model"
+    merged = out / "merged"
+    if (merged / "config.json").exists():
+        return merged
+    from transformers import AutoTokenizer
+
+    from ..adapters.base import get_method, merge
+    from ..models.load import load_model
+
+    model, _ = load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    get_method(cfg.method).load_peft(model, out / "adapter")
+    merge(model)
+    tmp = out / ".tmp-merged"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(out / "adapter")).save_pretrained(tmp)  # carries the run's chat template
+    tmp.rename(merged)
+    return merged
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    """Run every stage in order (skipping finished ones); returns the pipeline's root folder."""
+    from .run import train
+
+    stages = resolve_stages(cfg)
+    if not stages:
+        raise TunelabError("stages: empty pipeline")
+    root = Path(cfg.output_dir)
+    if cfg.overwrite and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "pipeline.yaml")
+    outputs: dict[str, Path] = {}
+    for name, scfg, src in stages:
+        if src is not None:
+            scfg.model.name = str(outputs[src])
+        out = Path(scfg.output_dir)
+        if finished(out):
+            console.print(f"[bold]stage {name}[/]: finished earlier, skipping ({out})")
+        else:
+            console.print(f"[bold]stage {name}[/]: {scfg.objective} from {scfg.model.name}")
+            train(scfg)
+        if scfg.objective != "reward":
+            outputs[name] = stage_model(out, scfg)
+        else:
+            outputs[name] = out
+    return root
