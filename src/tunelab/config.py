@@ -108,6 +108,7 @@ class RunConfig(Strict):
     output_dir: str = "runs/run"
     overwrite: bool = False
     resume: bool = True
+    # adapter methods: one options section each, named like the method (lora:, dora:, mora:, …)
     method: Literal["full", "lora"] = "lora"
     objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
     model: ModelConfig = ModelConfig()
@@ -127,6 +128,11 @@ class RunConfig(Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+
+def method_options(cfg: RunConfig):
+    """The options section of the run's method (`cfg.lora` for lora, `cfg.dora` for dora, …)."""
+    return getattr(cfg, cfg.method, None)
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.base import get_method
-from ..config import RunConfig, save_config
+from ..config import RunConfig, method_options, save_config
 from ..data.collate import collate
 from ..data.formats import to_sample
 from ..data.masking import encode_dataset
@@ -105,7 +105,7 @@ def _apply_method(model, cfg: RunConfig):
             p.requires_grad_(True)
         n = sum(p.numel() for p in model.parameters())
         return type("FullReport", (), {"summary": lambda self: f"full: trainable {n:,} / {n:,} (100.00%)"})()
-    return get_method(cfg.method).wrap(model, cfg.lora)
+    return get_method(cfg.method).wrap(model, method_options(cfg))
 
 
 def make_stream(examples, cfg: RunConfig, pad_id: int) -> BatchStream:
@@ -167,7 +167,7 @@ def save_artifacts(p: Prepared, cfg: RunConfig, out: Path) -> Path:
     if cfg.method == "full":
         p.model.save_pretrained(tmp)
     else:
-        get_method(cfg.method).export_peft(p.model, cfg.lora, tmp, base_model_name_or_path=cfg.model.name)
+        get_method(cfg.method).export_peft(p.model, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
     p.tokenizer.save_pretrained(tmp)
     (tmp / "tunelab_template.json").write_text(json.dumps({"name": p.template.name, "jinja": p.template.jinja}))
     shutil.rmtree(target, ignore_errors=True)
