@@ -15,7 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .adapters.dora import DoraConfig
 from .adapters.lora import LoraConfig
+from .adapters.loreft import LoreftConfig
+from .adapters.mora import MoraConfig
+from .adapters.partial import FreezeConfig
+from .adapters.qlora import QLoraConfig
 from .errors import TunelabError
 
 
@@ -91,6 +96,7 @@ class PrefConfig(Strict):
     desirable_weight: float = Field(1.0, gt=0)  # kto λ_D
     undesirable_weight: float = Field(1.0, gt=0)  # kto λ_U
     center_rewards: float = Field(0.0, ge=0.0)  # reward model: c in c·(r⁺ + r⁻)²
+    probe: int = Field(64, ge=0)  # training pairs scored before/after training (results.json "train")
 
 
 class ReferenceConfig(Strict):
@@ -109,11 +115,17 @@ class RunConfig(Strict):
     overwrite: bool = False
     resume: bool = True
     # adapter methods: one options section each, named like the method (lora:, dora:, mora:, …)
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "mora", "loreft", "freeze",
+                    "dora", "qlora"] = "lora"  # "partial" is accepted for "freeze"
     objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
+    dora: DoraConfig = DoraConfig()
+    qlora: QLoraConfig = QLoraConfig()
+    mora: MoraConfig = MoraConfig()
+    loreft: LoreftConfig = LoreftConfig()
+    freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     samples: SampleConfig = SampleConfig()
     pref: PrefConfig = PrefConfig()
@@ -121,6 +133,11 @@ class RunConfig(Strict):
     # Multi-stage pipeline: each item overrides this config (e.g. {name: dpo, objective: dpo, train: {lr: 5e-6}});
     # a stage trains from the previous stage's output (or `from: <stage name>`). See train/pipeline.py.
     stages: list[dict[str, Any]] = []
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_alias(cls, v):
+        return "freeze" if v == "partial" else v  # one method, one options section (freeze:)
 
     @field_validator("output_dir")
     @classmethod

@@ -24,7 +24,8 @@ def run_info(run_dir: Path) -> dict:
     if not cfg_path.is_file():
         raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
     cfg = yaml.safe_load(cfg_path.read_text())
-    art = run_dir / ("model" if cfg.get("method") == "full" else "adapter")
+    # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter
+    art = run_dir / ("model" if cfg.get("method") in ("full", "freeze") else "adapter")
     if not art.is_dir():
         raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
     return {"config": cfg, "artifact": art}
@@ -41,14 +42,17 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     info = run_info(run_dir)
     cfg, art = info["config"], info["artifact"]
     mcfg = cfg.get("model", {})
-    if cfg.get("method") == "full":
+    if cfg.get("method") in ("full", "freeze"):
         model, tok = load_model(str(art), dtype, device, mcfg.get("trust_remote_code", False))
     else:
         model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False))
         get_method(cfg["method"]).load_peft(model, art)
-        from .models.load import load_tokenizer
+        if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
+            from transformers import AutoTokenizer
 
-        tok = load_tokenizer(str(art)) if (art / "tokenizer_config.json").exists() else tok
+            tok = AutoTokenizer.from_pretrained(str(art))
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
     model.eval()
     meta = art / "tunelab_template.json"
     if meta.exists():
@@ -64,8 +68,9 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export: {out} exists and is not empty")
+    info = run_info(run_dir)  # a clear error if this is not a finished run
     model, tok, template = load_run(run_dir, device="cpu")
-    if (run_dir / "config.yaml").is_file() and run_info(run_dir)["config"].get("method") != "full":
+    if info["config"].get("method") not in ("full", "freeze"):
         merge(model)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)

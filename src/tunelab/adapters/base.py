@@ -53,6 +53,12 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 # Registry-free dispatch: method name -> module path. Adding a method is one line here.
 _METHODS = {
     "lora": "tunelab.adapters.lora",
+    "dora": "tunelab.adapters.dora",
+    "qlora": "tunelab.adapters.qlora",
+    "mora": "tunelab.adapters.mora",
+    "loreft": "tunelab.adapters.loreft",
+    "freeze": "tunelab.adapters.partial",
+    "partial": "tunelab.adapters.partial",
 }
 
 

@@ -22,6 +22,8 @@ from ..errors import TunelabError
 from .choice import score_continuations, score_encoded
 from .completion import complete
 
+_NOT_METRICS = {"sample_len", "sample_count", "samples"}  # bookkeeping entries in lm-eval's results
+
 
 class HarnessAdapter:
     """lm-eval's model interface over a (model, tokenizer[, template]) triple."""
@@ -140,7 +142,7 @@ def harness_results(raw: dict) -> dict:
     for task, vals in (raw or {}).get("results", {}).items():
         metrics = {}
         for key, v in vals.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or "_stderr" in key:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or "_stderr" in key or key in _NOT_METRICS:
                 continue
             name, _, filt = key.partition(",")
             metrics[name if filt in ("", "none") else key] = float(v)

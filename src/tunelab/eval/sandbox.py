@@ -15,7 +15,8 @@ than by design. Each program runs in a fresh ``python -I`` subprocess with these
    Python, that refuses: socket creation (no network), starting processes (``subprocess``, ``os.system``,
    ``fork``, ``exec*``), ``ctypes``, signalling other processes, changing rlimits, and *writing* anything
    outside the temp dir (``open`` for writing, remove, rename, mkdir, chmod, …). Reading is allowed: imports
-   need it.
+   need it. Importing ``_ctypes`` and ``_posixsubprocess`` raises ImportError, so ``import subprocess`` and
+   ``import ctypes`` fail while libraries that treat ctypes as optional (numpy) still import.
 6. **A network namespace** when the machine allows unprivileged ones (``unshare --user --net``): even a
    socket made some other way has no interface to reach anything through.
 
@@ -88,7 +89,7 @@ def _setup():
             if event.startswith(blocked):
                 raise PermissionError("sandbox: '%s' is not allowed" % event)
             if event == "import" and args[0] in blocked_imports:
-                raise PermissionError("sandbox: importing %s is not allowed" % args[0])
+                raise ImportError("sandbox: importing %s is not allowed" % args[0])
             if event == "open":
                 path, mode, flags = args
                 writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \

@@ -20,7 +20,8 @@ adapter weights* (initially the adapter at construction — zero-initialised LoR
 and the update is applied to that set; its log-probs are computed by swapping the set into the adapter modules
 for the no-grad forward and swapping the policy's weights back. The swap is safe because objectives compute the
 reference *before* the policy forward of a micro-batch, so no activation saved for backward sees the swap.
-Limitation: the moving reference is not checkpointed; a resumed run restarts it from the resumed policy.
+Limitation: the moving reference is not checkpointed; a resumed run restarts it from the initial reference
+(the base model / the policy at construction) and moves it again at the next scheduled sync.
 
 Precomputed log-probs (`fill_cache`): one no-grad pass over the data before training, stored as safetensors in
 the run directory with a fingerprint of the token ids, so a resumed run reuses it. Incompatible with a moving

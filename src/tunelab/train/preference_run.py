@@ -10,8 +10,8 @@ an error, since a preference loss compares log π(response | prompt).
 
 The run directory is run.py's, plus ``reference_logps.safetensors`` (with ``reference.precompute``) and, for a
 reward model, ``reward_head.safetensors``. results.json carries the objective's metrics before and after
-training on held-out pairs (``eval``) and on up to 64 training pairs (``train``), including the policy's own
-preference (``logp_margin``/``logp_accuracy``), which is informative before training too.
+training on held-out pairs (``eval``) and on the first ``pref.probe`` training pairs (``train``, default 64),
+including the policy's own preference (``logp_margin``/``logp_accuracy``), informative before training too.
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ from ..objectives.pairwise import evaluate_pairs
 from .checkpoint import latest_checkpoint
 from .log import console
 from .loop import BatchStream, fit, total_steps
-from .run import Prepared, _apply_method, _pair_samples, _samples, _split, _start_run_dir, save_artifacts
-
-TRAIN_PROBE = 64  # training pairs scored before/after (the "did it learn its data" check)
-
+from .run import (Prepared, _apply_method, _pair_samples, _samples, _split, _start_run_dir, save_artifacts,
+                  with_method)
 
 def _check(cfg: RunConfig) -> None:
     if not cfg.data.train:
@@ -81,6 +79,7 @@ def prepare_preference(cfg: RunConfig) -> Prepared:
             console.print(f"[yellow]warning: {warning}[/]")
     prompts = [template.generation_prompt(s.prompt) for s in eval_s[:cfg.samples.n_heldout]]
     prompts += [template.generation_prompt([{"role": "user", "content": p}]) for p in cfg.samples.prompts]
+    torch.manual_seed(cfg.train.seed)  # adapter (and reward head) init is random: same config, same weights
     report = _apply_method(model, cfg)
     if cfg.objective == "reward":
         from ..objectives.reward import add_reward_head
@@ -124,14 +123,10 @@ def build_reference(cfg: RunConfig, p: Prepared, out: Path):
     return None
 
 
-def _probe(examples: list) -> list:
-    return examples[:TRAIN_PROBE]
-
-
 def _measure(p: Prepared, objective, cfg: RunConfig) -> dict:
     pad = p.tokenizer.pad_token_id
     bs = max(cfg.train.batch_size, 4)
-    return {"train": evaluate_pairs(p.model, objective, _probe(p.train), pad, bs),
+    return {"train": evaluate_pairs(p.model, objective, p.train[:cfg.pref.probe], pad, bs),
             "eval": evaluate_pairs(p.model, objective, p.eval, pad, bs)}
 
 
@@ -163,12 +158,10 @@ def train_preference(cfg: RunConfig, stop_after: int | None = None) -> Path:
     out = _start_run_dir(cfg)
     save_config(cfg, out / "config.yaml")
     reference = build_reference(cfg, p, out)
-    objective = build_objective(cfg, reference)
+    objective = with_method(cfg, build_objective(cfg, reference))  # LoReFT: prompt positions per batch
     latest = latest_checkpoint(out / "checkpoints") if cfg.resume else None
-    if latest is not None and hasattr(objective, "steps"):
+    if latest is not None and hasattr(objective, "steps"):  # so a moving reference keeps its sync schedule
         objective.steps.start_step = json.loads((latest / "state.json").read_text())["step"]
-        if reference is not None and reference.sync_every:
-            reference.sync(1.0)  # the moving reference is not checkpointed: restart it from the resumed policy
     before = _measure(p, objective, cfg)
     console.print(f"before: {_summary(before['train'])}")
     samples_before = [] if latest is not None else _samples(p, cfg)

@@ -108,6 +108,13 @@ def _apply_method(model, cfg: RunConfig):
     return get_method(cfg.method).wrap(model, method_options(cfg))
 
 
+def with_method(cfg: RunConfig, objective):
+    """The objective, wrapped by the method's `wrap_objective` where the method needs to see each batch
+    (LoReFT: which prompt positions to intervene, from the batch's loss_mask)."""
+    hook = None if cfg.method == "full" else getattr(get_method(cfg.method), "wrap_objective", None)
+    return hook(objective) if hook else objective
+
+
 def make_stream(examples, cfg: RunConfig, pad_id: int) -> BatchStream:
     """Deterministic batches: pack once (if enabled), shuffle rows per epoch with (seed, epoch)."""
     rows = pack(examples, cfg.data.max_length) if cfg.data.packing else [[e] for e in examples]
@@ -124,13 +131,13 @@ def make_stream(examples, cfg: RunConfig, pad_id: int) -> BatchStream:
 
 
 @torch.no_grad()
-def eval_loss(model, examples, pad_id: int, batch_size: int = 8, chunk_size: int = 1024) -> float:
+def eval_loss(model, examples, pad_id: int, batch_size: int = 8, chunk_size: int = 1024, objective=None) -> float:
     """Mean NLL per loss token over `examples` (exp of it is the perplexity)."""
     if not examples:
         return float("nan")
     was = model.training
     model.eval()
-    obj, total, n = SFT(chunk_size), 0.0, 0
+    obj, total, n = objective or SFT(chunk_size), 0.0, 0
     device = next(model.parameters()).device
     for k in range(0, len(examples), batch_size):
         batch = {key: v.to(device) for key, v in collate(examples[k:k + batch_size], pad_id).items()}
@@ -161,10 +168,11 @@ def _start_run_dir(cfg: RunConfig) -> Path:
 def save_artifacts(p: Prepared, cfg: RunConfig, out: Path) -> Path:
     """adapter/ (PEFT format) or model/ (HF format), each with the tokenizer carrying the run's template."""
     p.tokenizer.chat_template = p.template.jinja
-    target = out / ("model" if cfg.method == "full" else "adapter")
+    full_model = cfg.method in ("full", "freeze")  # partial finetuning exports the whole model, like full
+    target = out / ("model" if full_model else "adapter")
     tmp = out / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method == "full":
+    if full_model:
         p.model.save_pretrained(tmp)
     else:
         get_method(cfg.method).export_peft(p.model, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
@@ -195,20 +203,21 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     out = _start_run_dir(cfg)
     save_config(cfg, out / "config.yaml")
     pad = p.tokenizer.pad_token_id
-    before = {"eval_loss": eval_loss(p.model, p.eval, pad, chunk_size=cfg.train.loss_chunk_size)}
+    objective = with_method(cfg, SFT(cfg.train.loss_chunk_size))
+    before = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
     resuming = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
     samples_before = [] if resuming else _samples(p, cfg)
     console.print(f"held-out loss before: {before['eval_loss']:.4f}")
     stream = make_stream(p.train, cfg, pad)
 
     def evaluate(step: int) -> dict:
-        return {"eval_loss": eval_loss(p.model, p.eval, pad, chunk_size=cfg.train.loss_chunk_size)}
+        return {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
 
-    res = fit(p.model, SFT(cfg.train.loss_chunk_size), stream, cfg.train, out, evaluate=evaluate,
+    res = fit(p.model, objective, stream, cfg.train, out, evaluate=evaluate,
               resume=cfg.resume, stop_after=stop_after)
     if stop_after is not None and res.steps < _total(cfg, stream):
         return out
-    after = {"eval_loss": eval_loss(p.model, p.eval, pad, chunk_size=cfg.train.loss_chunk_size)}
+    after = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
     samples_after = _samples(p, cfg)
     save_artifacts(p, cfg, out)
     results = {"method": cfg.method, "report": p.report.summary(), "data": p.stats,

@@ -1,0 +1,394 @@
+"""LoReFT: low-rank linear subspace representation finetuning (Wu et al. 2024, "ReFT: Representation
+Finetuning for Language Models", arXiv:2404.03592; reference implementation github.com/stanfordnlp/pyreft,
+`LoreftIntervention`, `get_intervention_locations`).
+
+Instead of changing weights, LoReFT edits the residual stream: the hidden state h ∈ R^d a decoder layer outputs,
+at a few prompt positions, is replaced by
+
+    Φ(h) = h + Rᵀ (W h + b − R h)          R ∈ R^{r×d} with orthonormal rows (R Rᵀ = I),  W ∈ R^{r×d}, b ∈ R^r
+
+i.e. inside the r-dimensional subspace spanned by R's rows, the coordinates R h are moved to W h + b; the
+orthogonal complement of h is untouched. 2·r·d + r parameters per intervention; the base model stays frozen
+and bit-for-bit untouched (no weight is replaced).
+
+Orthonormality: R = orthonormal_rows(A) for an unconstrained trainable A ∈ R^{r×d}: the Q factor of Aᵀ = QU
+with diag(U) > 0 (Gram–Schmidt on A's rows), so R Rᵀ = I holds to rounding after any update, and an A with
+orthonormal rows is its own R. We do not use torch's `parametrizations.orthogonal`: its Householder form stores
+±1 on the diagonal of the raw matrix and reads it with `.int()`, so the optimizer's weight decay (which applies
+to every matrix) shrinks those entries below 1 and silently zeroes rows of R. QR is scale-invariant, so weight
+decay on A is harmless. Init as pyreft: R random orthonormal, W/b as nn.Linear (so Φ ≠ id at step 0).
+Dropout acts on the edit, Φ(h) = h + Rᵀ·drop(W h + b − R h); pyreft drops the whole output instead, which
+would also zero parts of h itself at the intervened positions.
+
+Where (the paper's hyper-parameters `layers` and `positions`, e.g. "f7+l7"): the output of each chosen decoder
+block, at the first `f` and the last `l` tokens of the prompt. Prefix and suffix positions get separate
+interventions unless `share_weights`. If f + l exceeds a prompt's length P the two are capped so they never
+overlap: each side gets up to ⌈P/2⌉ / ⌊P/2⌋ and a side that needs less leaves the rest to the other (pyreft
+caps both at ⌊P/2⌋ and may leave a middle token out). Only prompt tokens are intervened, never generated ones:
+
+* training/scoring (`batch_positions`, `wrap_objective`): the prompt of each document (packed rows included,
+  via `seq_ids`) is its tokens before the first trained token (`loss_mask`);
+* otherwise (generation, plain `model(ids)`): the prompt is the attended input of a forward that starts with an
+  empty KV cache (the prefill); a forward continuing a non-empty cache (decoding) is not intervened. With the
+  KV cache this equals re-running the whole sequence with the prompt positions intervened (causality).
+
+Mechanics: each chosen block gets a child `loreft` (a `LoreftLayer` holding the interventions) and a forward
+hook that applies it to the block's output; the decoder body gets a forward pre-hook that works out the
+positions of each forward. Hooks find their state through the modules they are called with, so a deep copy of
+the model carries its own working interventions. Merging is impossible (a position-dependent edit of hidden
+states is no weight matrix): `merge` raises. Saved with `export_peft` in the tunelab format (safetensors + json).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import TunelabError
+from . import base
+from .base import (AdapterModule, AdapterReport, adapter_state_dict, disabled,  # noqa: F401 (re-exported)
+                   load_adapter_state_dict, set_enabled)
+from .lora import _adapter_dtype, as_config
+from .mora import CONFIG_FILE, WEIGHTS_FILE, read_folder
+
+_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+NOT_MERGEABLE = ("loreft cannot be merged: it edits hidden states at chosen prompt positions only, which no "
+                 "weight matrix can express; use the run with its adapter (tunelab generate/eval RUN_DIR)")
+
+
+def parse_positions(spec: str) -> tuple[int, int]:
+    """'f7+l7' → (7, 7); 'f3' → (3, 0); 'l5' → (0, 5)."""
+    m = _POSITIONS.match(spec.replace(" ", ""))
+    if not spec or m is None or (m.group(1) is None and m.group(2) is None):
+        raise ValueError(f"'{spec}' is not a position spec like f7+l7, f5 or l3")
+    return int(m.group(1) or 0), int(m.group(2) or 0)
+
+
+class LoreftConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: Literal["all"] | list[int] = Field("all", description="decoder blocks to intervene (index or 'all')")
+    positions: str = Field("f7+l7", description="first-N / last-M prompt tokens, e.g. f7+l7, f5, l3")
+    share_weights: bool = Field(False, description="one intervention for prefix and suffix positions")
+    r: int = Field(4, ge=1, description="rank of the intervened subspace")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the edit W h + b − R h")
+
+    @field_validator("positions")
+    @classmethod
+    def _valid_positions(cls, value: str) -> str:
+        f, last = parse_positions(value)
+        if f + last == 0:
+            raise ValueError("intervenes on no position; give e.g. f7+l7")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _nonempty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("empty list; give block indices or 'all'")
+        return value
+
+
+Config = LoreftConfig
+
+
+def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+    """Gram–Schmidt on the rows of `a` [r, d] (r ≤ d), differentiably: Q of the QR of aᵀ, diag(U) > 0."""
+    q, u = torch.linalg.qr(a.float().mT)
+    sign = torch.sign(torch.diagonal(u, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (q * sign.unsqueeze(-2)).mT.to(a.dtype)
+
+
+class LoreftIntervention(AdapterModule):
+    """Φ(h) = h + Rᵀ(W h + b − R h) on the last dimension of h."""
+
+    def __init__(self, d: int, r: int, dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if r > d:
+            raise TunelabError(f"loreft.r={r} exceeds the hidden size {d}")
+        self.rotate = nn.Parameter(nn.init.orthogonal_(torch.empty(r, d, device=device, dtype=dtype)))
+        self.learned_source = nn.Linear(d, r, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def R(self) -> torch.Tensor:  # noqa: N802 (the paper's name)
+        return orthonormal_rows(self.rotate)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.rotate.dtype)
+        R = self.R
+        edit = self.learned_source(x) - x @ R.T
+        return (x + self.dropout(edit) @ R).to(h.dtype)
+
+    def adapter_parameter_names(self) -> list[str]:
+        return ["rotate", "learned_source.weight", "learned_source.bias"]
+
+    def unwrap(self, in_place: bool = True) -> nn.Module:
+        raise TunelabError(NOT_MERGEABLE)
+
+    def extra_repr(self) -> str:
+        return f"d={self.rotate.shape[1]}, r={self.rotate.shape[0]}"
+
+
+class _State:
+    """Per-model settings and the positions of the forward in flight (codes [B, T]: 0 none, 1 prefix, 2 suffix)."""
+
+    def __init__(self, cfg: LoreftConfig, layer_ids: list[int], d: int):
+        self.cfg, self.layer_ids, self.d = cfg, layer_ids, d
+        self.first, self.last = parse_positions(cfg.positions)
+        self.explicit: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input_ids, codes) set by batch_positions
+        # Kept after the forward on purpose: gradient checkpointing re-runs the block hooks during backward.
+        self.current: torch.Tensor | None = None
+
+
+class LoreftLayer(nn.Module):
+    """The interventions of one decoder block, attached to it as `<block>.loreft`."""
+
+    def __init__(self, state: _State, device, dtype):
+        super().__init__()
+        self.state = state  # a plain attribute: deep copies of the model copy it along with this module
+        cfg, d = state.cfg, state.d
+        make = lambda: LoreftIntervention(d, cfg.r, cfg.dropout, device, dtype)  # noqa: E731
+        if cfg.share_weights:
+            self.shared = make()
+        else:
+            if state.first:
+                self.prefix = make()
+            if state.last:
+                self.suffix = make()
+
+    def apply(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if tuple(codes.shape) != tuple(h.shape[:2]):
+            raise RuntimeError(f"loreft: positions {tuple(codes.shape)} do not fit hidden states {tuple(h.shape)}")
+        out = h
+        if hasattr(self, "shared"):
+            parts = [(codes > 0, self.shared)]
+        else:
+            parts = [(codes == 1, getattr(self, "prefix", None)), (codes == 2, getattr(self, "suffix", None))]
+        for mask, iv in parts:
+            if iv is not None and iv.adapter_enabled and bool(mask.any()):
+                # torch.where, not a masked add: untouched positions stay bit-identical
+                out = torch.where(mask.unsqueeze(-1), iv(h), out)
+        return out
+
+
+def _block_hook(module, args, output):
+    state = module.loreft.state
+    if state.current is None:
+        return None
+    if isinstance(output, tuple):
+        return (module.loreft.apply(output[0], state.current), *output[1:])
+    return module.loreft.apply(output, state.current)
+
+
+def _body_pre_hook(module, args, kwargs):
+    state = module.__dict__["_tunelab_loreft"]
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    state.current = None if ref is None else _locate(state, ids, tuple(ref.shape[:2]), kwargs, ref.device)
+
+
+def _locate(state: _State, ids, shape: tuple, kwargs: dict, device) -> torch.Tensor | None:
+    if state.explicit:
+        for key, codes in state.explicit:
+            if key is ids:
+                return codes
+        same = [c for _, c in state.explicit if tuple(c.shape) == shape]
+        if len(same) == 1:  # the batch moved to another device (a reference copy): match by shape
+            return same[0].to(device)
+        raise TunelabError("loreft: a forward inside batch_positions() does not belong to the batch; "
+                           "cannot tell which prompt positions to intervene")
+    cache = kwargs.get("past_key_values")
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        return None  # decoding after the prefill: generated tokens are not intervened
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        seq_ids = (mask > 0).long() - 1  # left/right padding → -1
+    else:
+        seq_ids = torch.zeros(shape, dtype=torch.long, device=device)
+    return prompt_locations(seq_ids.to(device), None, state.first, state.last)
+
+
+def _cap(P: torch.Tensor, f: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, last) counts per prompt length P: as asked when f + l ≤ P, else split without overlap."""
+    f_t, l_t = torch.full_like(P, f), torch.full_like(P, last)
+    f1 = torch.minimum(f_t, (P + 1) // 2)
+    l1 = torch.minimum(l_t, P - f1)
+    f1 = torch.minimum(f_t, P - l1)  # give back what the suffix did not need
+    fits = f_t + l_t <= P
+    return torch.where(fits, f_t, f1), torch.where(fits, l_t, l1)
+
+
+def prompt_locations(seq_ids: torch.Tensor, loss_mask: torch.Tensor | None, first: int, last: int) -> torch.Tensor:
+    """Codes [B, T] (int8): 1 on the first `first`, 2 on the last `last` prompt tokens of every document.
+
+    `seq_ids` [B, T]: document index per token, -1 on padding. The prompt of a document is its tokens before its
+    first `loss_mask` token (all of it when `loss_mask` is None). Vectorised: no Python loop over documents."""
+    B, T = seq_ids.shape
+    dev = seq_ids.device
+    valid = seq_ids >= 0
+    prev = torch.cat([torch.full((B, 1), -2, dtype=seq_ids.dtype, device=dev), seq_ids[:, :-1]], dim=1)
+    new_doc = valid & (seq_ids != prev)
+    t = torch.arange(T, device=dev).expand(B, T)
+    start = torch.where(new_doc, t, torch.zeros_like(t)).cummax(dim=1).values
+    rel = t - start  # position within the document
+    if loss_mask is None:
+        prompt = valid
+    else:
+        lm = (loss_mask.to(dev).bool() & valid).long()
+        seen = lm.cumsum(dim=1)  # loss tokens at or before t
+        before_start = (seen - lm).gather(1, start)  # loss tokens before the document began
+        prompt = valid & (seen - before_start == 0)
+    doc = (new_doc.long().cumsum(dim=1) - 1).clamp(min=0)
+    n_docs = int(doc.max()) + 1 if T else 1
+    P = torch.zeros(B, n_docs, dtype=torch.long, device=dev).scatter_add(1, doc, prompt.long()).gather(1, doc)
+    f, l_ = _cap(P, first, last)
+    codes = torch.zeros(B, T, dtype=torch.int8, device=dev)
+    codes[prompt & (rel >= P - l_)] = 2
+    codes[prompt & (rel < f)] = 1
+    return codes
+
+
+def _state(model: nn.Module) -> _State | None:
+    for m in model.modules():
+        st = m.__dict__.get("_tunelab_loreft")
+        if st is not None:
+            return st
+    return None
+
+
+@contextmanager
+def batch_positions(model: nn.Module, batch: dict):
+    """Inside the block, forwards on this batch's `input_ids` (or any `<prefix>input_ids` with its
+    `<prefix>loss_mask`) intervene at each document's prompt positions. A no-op for models without LoReFT."""
+    state = _state(model)
+    if state is None:
+        yield model
+        return
+    entries = []
+    for key, ids in batch.items():
+        if not key.endswith("input_ids") or not torch.is_tensor(ids):
+            continue
+        p = key[: -len("input_ids")]
+        if batch.get(p + "loss_mask") is None:
+            continue
+        seq = batch.get(p + "seq_ids")
+        if seq is None:
+            mask = batch.get(p + "attention_mask")
+            seq = (mask > 0).long() - 1 if mask is not None and mask.dim() == 2 else torch.zeros_like(ids)
+        entries.append((ids, prompt_locations(seq, batch[p + "loss_mask"], state.first, state.last)))
+    before, state.explicit = state.explicit, entries
+    try:
+        yield model
+    finally:
+        state.explicit = before
+
+
+class PromptPositions:
+    """An objective whose `loss` runs inside `batch_positions` (train/run.py wraps objectives with it)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def loss(self, model, batch):
+        with batch_positions(model, batch):
+            return self.inner.loss(model, batch)
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def wrap_objective(objective):
+    return PromptPositions(objective)
+
+
+def wrap(model: nn.Module, cfg: LoreftConfig | dict | None = None) -> AdapterReport:
+    """Freeze `model` and add LoReFT interventions to the chosen decoder blocks (see the module docstring)."""
+    cfg = as_config(cfg, LoreftConfig)
+    base.ensure_no_adapter(model, "loreft")
+    stack_name = base.decoder_stack(model)
+    if stack_name is None:
+        raise TunelabError("loreft: the model has no decoder block list to intervene on")
+    blocks = model.get_submodule(stack_name)
+    n = len(blocks)
+    ids = list(range(n)) if cfg.layers == "all" else list(dict.fromkeys(cfg.layers))
+    bad = [i for i in ids if not -n <= i < n]
+    if bad:
+        raise TunelabError(f"loreft.layers: block {bad[0]} does not exist; the model has {n} (0..{n - 1})")
+    ids = sorted({i % n for i in ids})
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    d = int(text_cfg.hidden_size)
+    weight = model.get_input_embeddings().weight
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(body, nn.Module) or body is model:
+        raise TunelabError("loreft: cannot find the decoder body of the model (base_model_prefix)")
+    base.freeze(model)
+    state = _State(cfg.model_copy(update={"layers": ids}), ids, d)
+    for i in ids:
+        blocks[i].loreft = LoreftLayer(state, weight.device, _adapter_dtype(weight))
+        blocks[i].register_forward_hook(_block_hook)
+    body.__dict__["_tunelab_loreft"] = state
+    body.register_forward_pre_hook(_body_pre_hook, with_kwargs=True)
+    trainable, total = base.count_parameters(model)
+    per = 2 * cfg.r * d + cfg.r
+    count = len(ids) * (1 if cfg.share_weights else (state.first > 0) + (state.last > 0))
+    note = (f"positions f{state.first}+l{state.last} ({'shared' if cfg.share_weights else 'separate'} weights), "
+            f"{count} interventions × (2·r·d + r = {per:,})")
+    return AdapterReport(method="loreft", replaced=[f"{stack_name}.{i}" for i in ids], trainable=trainable,
+                         total=total, notes=[note])
+
+
+def merge(model: nn.Module) -> list[str]:
+    raise TunelabError(NOT_MERGEABLE)
+
+
+def export_peft(model: nn.Module, cfg: LoreftConfig | dict | None, path: str | Path,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write the tunelab LoReFT format (no pickle), a folder with two files:
+
+    * `tunelab_adapter.json`: {"format": "tunelab-adapter", "version": 1, "method": "loreft",
+      "base_model_name_or_path", "config": the LoreftConfig with `layers` resolved to indices, "hidden_size"};
+    * `adapter_model.safetensors`: per intervention `<block path>.loreft.<prefix|suffix|shared>.` +
+      `rotate` [r, d] (A; R = orthonormal_rows(A)), `learned_source.weight` [r, d] (W), `learned_source.bias`
+      [r] (b), and the derived `R` [r, d] for readers (ignored on load; pyreft's rotate_layer.weight is Rᵀ).
+    """
+    state = _state(model)
+    if state is None:
+        raise TunelabError("export: the model has no LoReFT interventions; wrap it first")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    for name, module in base.adapter_modules(model):
+        tensors[f"{name}.R"] = module.R.detach().to("cpu", copy=True).contiguous()
+    meta = {"format": "tunelab-adapter", "version": 1, "method": "loreft",
+            "base_model_name_or_path": base_model_name_or_path, "config": state.cfg.model_dump(mode="json"),
+            "hidden_size": state.d}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "method": "loreft"})
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
+    """Wrap `model` with the LoReFT interventions saved by `export_peft`; outputs are identical."""
+    meta, tensors = read_folder(path, "loreft")
+    try:
+        report = wrap(model, LoreftConfig(**meta.get("config", {})))
+    except TunelabError as e:
+        raise TunelabError(f"{path}: {e}") from None
+    sd = {k: t for k, t in tensors.items() if not k.endswith(".R")}
+    load_adapter_state_dict(model, sd, source=str(Path(path) / WEIGHTS_FILE))
+    report.notes.append(f"loaded tunelab LoReFT adapter {path}")
+    return report

@@ -1,0 +1,90 @@
+"""Code tasks: the pass@k estimator, the opt-in flag, scoring saved completions, and the sandbox's walls."""
+
+import json
+import os
+import uuid
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.eval.code import build_program, evaluate_code, pass_at_k
+from tunelab.eval.runner import run_tasks
+from tunelab.eval.sandbox import run_many
+from tunelab.eval.tasks import load_task
+
+
+@pytest.mark.parametrize("n, c, k, want", [(5, 2, 1, 0.4), (5, 2, 2, 0.7), (5, 0, 3, 0.0), (5, 4, 2, 1.0),
+                                           (1, 1, 1, 1.0), (10, 3, 5, 1 - 21 / 252)])
+def test_pass_at_k_unbiased_estimator(n, c, k, want):
+    # 1 - C(n-c, k) / C(n, k): e.g. n=5, c=2, k=2 → 1 - C(3,2)/C(5,2) = 1 - 3/10.
+    assert pass_at_k(n, c, k) == pytest.approx(want)
+
+
+def test_code_tasks_refuse_without_the_flag(tokenizer, tiny):
+    with pytest.raises(TunelabError, match="executes model-written code.*--allow-code-execution"):
+        run_tasks(tiny("llama"), tokenizer, "chatml", ["prose_loss", "humaneval"], limit=1, verbose=False)
+    with pytest.raises(TunelabError, match="allow_code_execution=True"):
+        evaluate_code(None, tokenizer, None, load_task("humaneval"), limit=1, completions=[["x"]])
+
+
+def _humaneval_task(make_task, n_samples, k):
+    rows = [r.data for r in load_task("humaneval").records(2)]
+    return rows, make_task(rows, kind="code", n_samples=n_samples, k=k, timeout=5.0)
+
+
+def test_scoring_saved_completions(make_task):
+    rows, task = _humaneval_task(make_task, 1, [1])
+    good = rows[0]["canonical_solution"]
+    res = evaluate_code(None, None, None, task, allow_code_execution=True, completions=[[good], ["    return 0\n"]])
+    assert res["metrics"] == {"pass@1": 0.5}
+    assert res["details"]["programs"] == {"passed": 1, "failed": 1, "timeout": 0}
+    rows, task = _humaneval_task(make_task, 2, [1, 2])
+    good0, good1 = rows[0]["canonical_solution"], rows[1]["canonical_solution"]
+    res = evaluate_code(None, None, None, task, allow_code_execution=True,
+                        completions=[[good0, "    return 0\n"], ["    pass\n", "    pass\n"]])
+    # problem 0: n=2, c=1 → pass@1 = 0.5, pass@2 = 1; problem 1: c=0 → 0, 0.
+    assert res["metrics"]["pass@1"] == pytest.approx(0.25) and res["metrics"]["pass@2"] == pytest.approx(0.5)
+    assert good1  # the second canonical solution exists but was not used
+
+
+def test_generation_path_on_tiny_model(tokenizer, tiny, make_task):
+    rows, _ = _humaneval_task(make_task, 1, [1])
+    task = make_task(rows[:1], kind="code", max_new_tokens=8, timeout=3.0)
+    res = run_tasks(tiny("llama"), tokenizer, "chatml", [task], allow_code_execution=True, verbose=False)
+    r = res[task.name]
+    assert r["n"] == 1 and r["metrics"]["pass@1"] == 0.0  # a random model does not solve HumanEval
+    assert sum(r["details"]["programs"].values()) == 1 and isinstance(r["samples"][0]["completion"], str)
+
+
+def test_sandbox_contains_bad_programs_and_passes_good_ones(tmp_path):
+    outside = f"/tmp/tunelab-escape-{uuid.uuid4().hex}.txt"
+    programs = {
+        "loop": "while True:\n    pass\n",
+        "memory": "x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n",
+        "socket": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', 9))\n",
+        "write_outside": f"open({outside!r}, 'w').write('escaped')\n",
+        "remove_outside": f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n",
+        "spawn": "import os\nos.system('true')\n",
+        "fake_success": "import os\nos._exit(0)\n",
+        "exit_zero": "raise SystemExit(0)\n",
+        "good": "import os\nopen('scratch.txt', 'w').write('ok')\nassert sum(range(5)) == 10\n"
+                "assert 'OPENAI_API_KEY' not in os.environ\n",
+    }
+    (tmp_path / "keep.txt").write_text("precious")
+    os.environ["OPENAI_API_KEY"] = "sk-test-not-real"
+    try:
+        results = dict(zip(programs, run_many(list(programs.values()), timeout=1.5, memory_mb=512, workers=4)))
+    finally:
+        del os.environ["OPENAI_API_KEY"]
+    assert results["good"].status == "passed", results["good"].output
+    assert results["loop"].status == "timeout"
+    assert results["memory"].status == "failed" and "MemoryError" in results["memory"].output
+    assert results["socket"].status == "failed" and "socket" in results["socket"].output
+    assert results["write_outside"].status == "failed" and not os.path.exists(outside)
+    assert results["remove_outside"].status == "failed" and (tmp_path / "keep.txt").read_text() == "precious"
+    assert results["spawn"].status == "failed" and "os.system" in results["spawn"].output
+    assert results["fake_success"].status == "failed" and results["exit_zero"].status == "failed"
+    # The harness is still fine afterwards.
+    prob = json.loads(load_task("humaneval").data_path.open().readline())
+    (after,) = run_many([build_program(prob, prob["canonical_solution"])], timeout=5.0)
+    assert after.passed
