@@ -1,0 +1,222 @@
+"""QLoRA/QDoRA: NF4 base layers, training, memory, merge, checkpoints, PEFT export, config."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from adapter_helpers import batch, logits, make, perturb
+from torch import nn
+
+from tunelab.adapters import base, dora, get_method, nf4, qlora
+from tunelab.errors import TunelabError
+from tunelab.models.tiny import tiny_model
+
+
+def train(model, ids, steps=8, lr=2e-2):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _dequantized_copy(model, arch="llama"):
+    """A float model whose targeted weights are replaced by their NF4 dequantisation: the quantised base."""
+    ref = make(arch)
+    with torch.no_grad():
+        for name, m in base.adapter_modules(model):
+            ref.get_submodule(name).weight.copy_(m.base_weight())
+    return ref
+
+
+def test_layer_state_keys_and_memory():
+    model = make("llama")
+    keys_before = set(model.state_dict())
+    report = qlora.wrap(model, qlora.QLoraConfig(r=4))
+    assert report.method == "qlora" and len(report.replaced) == 14 and "NF4" in report.notes[-1]
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, qlora.QLoraLinear) and "weight" not in q._parameters
+    assert q._base_layer.weight is None  # the float copy is gone
+    sd = model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight" not in sd
+    assert sd["model.layers.0.self_attn.q_proj.weight_nf4"].dtype == torch.uint8
+    assert {k.rpartition(".")[2] for k in set(sd) - keys_before} == {
+        "weight_nf4", "weight_absmax_q", "weight_absmax_scale", "weight_absmax_mean", "lora_magnitude_vector"
+    } - {"lora_magnitude_vector"} | {"weight"}  # ".weight" of lora_A/lora_B
+    # the trainable state (what checkpoints and adapter files hold) has no quantised tensors
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(qlora.adapter_state_dict(model))
+    assert all(".lora_" in k for k in trainable)
+    # total still counts the quantised weights; memory ≤ 0.3× their fp16 size
+    assert report.total == sum(p.numel() for p in make("llama").parameters()) + report.trainable
+    layers = [m for _, m in base.adapter_modules(model)]
+    q_bytes = sum(m.quantized_bytes() for m in layers)
+    fp16 = sum(2 * m.in_features * m.out_features for m in layers)
+    assert q_bytes <= 0.3 * fp16, q_bytes / fp16
+
+
+def test_starts_equal_to_quantised_base_and_disable():
+    ids = batch()
+    for use_dora in (False, True):
+        model = make("llama")
+        qlora.wrap(model, qlora.QLoraConfig(r=4, use_dora=use_dora))
+        ref = _dequantized_copy(model)
+        torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-5, rtol=0)
+        perturb(model)
+        with qlora.disabled(model):
+            torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-6, rtol=0)
+        # the quantised base is close to, not equal to, the float one
+        assert 0 < (logits(ref, ids) - logits(make("llama"), ids)).abs().max() < 0.5
+
+
+def test_nf4_matmul_gradients_and_no_saved_weight():
+    lin = nn.Linear(64, 32)
+    layer = qlora.QLoraLinear(lin, 4, 8, 0.0, False, qlora.QLoraConfig(double_quant=False))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    w = layer.base_weight()
+    w_ref = w.clone().requires_grad_(False)
+    y = layer(x)
+    ref = F.linear(x, w_ref, layer.bias) + layer.lora_forward(x)
+    torch.testing.assert_close(y, ref)
+    gx = torch.autograd.grad(y.square().sum(), x)[0]
+    gx_ref = torch.autograd.grad(ref.square().sum(), x)[0]
+    torch.testing.assert_close(gx, gx_ref)
+    # the autograd graph keeps no float weight: only x for the LoRA path and the layer reference
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        layer.base_forward(x)
+    assert (32, 64) not in saved and (64, 32) not in saved
+
+
+def test_qlora_trains_and_roundtrips(tmp_path):
+    ids = batch(t=12)
+    model = tiny_model("llama", vocab_size=128).eval()
+    cfg = qlora.QLoraConfig(r=4, alpha=8)
+    qlora.wrap(model, cfg)
+    losses = train(model, ids)
+    assert losses[-1] < losses[0] - 0.25, losses
+    want = logits(model, ids)
+
+    qlora.export_peft(model, cfg, tmp_path, base_model_name_or_path="tiny-llama")
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    quant = json.loads((tmp_path / qlora.QUANT_FILE).read_text())
+    assert conf["use_dora"] is False and conf["base_model_name_or_path"] == "tiny-llama"
+    assert quant["quantization"] == "nf4" and quant["block_size"] == 64 and quant["double_quant"] is True
+    back = make("llama")
+    report = qlora.load_peft(back, tmp_path)  # re-quantises the float base, then loads the adapter
+    assert report.method == "qlora" and isinstance(back.model.layers[1].mlp.up_proj, qlora.QLoraLinear)
+    torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
+
+    merged = qlora.merge(back)
+    assert len(merged) == 14 and not base.has_adapter(back)
+    up = back.model.layers[1].mlp.up_proj
+    assert type(up) is nn.Linear and up.weight.dtype == torch.float32 and not up.weight.requires_grad
+    torch.testing.assert_close(logits(back, ids), want, atol=1e-5, rtol=0)
+
+
+def test_qdora_runs_trains_and_merges(tmp_path):
+    ids = batch(t=12)
+    model = make("llama")
+    cfg = qlora.QLoraConfig(r=4, alpha=8, use_dora=True, double_quant=False)
+    report = qlora.wrap(model, cfg)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, qlora.QDoraLinear) and isinstance(q, dora.DoraLinear) and "QDoRA" in report.notes[-1]
+    torch.testing.assert_close(q.lora_magnitude_vector, q.base_weight().norm(dim=1))  # norms of dequantised W0
+    losses = train(model, ids)
+    assert losses[-1] < losses[0] - 0.25, losses
+    want = logits(model, ids)
+    qlora.export_peft(model, cfg, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    back = make("llama")
+    qlora.load_peft(back, tmp_path)
+    assert isinstance(back.model.layers[0].self_attn.q_proj, qlora.QDoraLinear)
+    torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
+    qlora.merge(back)
+    torch.testing.assert_close(logits(back, ids), want, atol=1e-5, rtol=0)
+
+
+def test_peft_applies_the_export_to_the_dequantised_base(tmp_path):
+    """The exported adapter is plain PEFT: on the quantised base's float copy PEFT reproduces our outputs."""
+    peft = pytest.importorskip("peft")
+    ids = batch()
+    for use_dora in (False, True):
+        model = make("qwen2")
+        cfg = qlora.QLoraConfig(r=4, alpha=8, use_dora=use_dora)
+        qlora.wrap(model, cfg)
+        perturb(model)
+        out = tmp_path / str(use_dora)
+        qlora.export_peft(model, cfg, out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(_dequantized_copy(model, "qwen2"), out).eval()
+        torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_dtype_and_bf16_base():
+    ids = batch()
+    model = make("llama")
+    qlora.wrap(model, qlora.QLoraConfig(r=4, compute_dtype="bfloat16"))
+    perturb(model)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.base_weight().dtype == torch.bfloat16 and q.lora_A.weight.dtype == torch.float32
+    out = logits(model, ids)
+    assert torch.isfinite(out).all()
+    qlora.merge(model)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the original dtype
+
+    half = make("llama").to(torch.bfloat16)
+    qlora.wrap(half, qlora.QLoraConfig(r=4))
+    q = half.model.layers[0].self_attn.q_proj
+    assert q.compute_dtype == torch.bfloat16 and q.lora_B.weight.dtype == torch.float32
+    assert logits(half, ids).dtype == torch.bfloat16
+
+
+def test_tied_weight_is_refused_and_errors():
+    with pytest.raises(TunelabError, match="lm_head shares its weight"):
+        qlora.wrap(make("gemma"), qlora.QLoraConfig(target_modules=["q_proj", "lm_head"]))
+    model = make("llama")
+    qlora.wrap(model, qlora.QLoraConfig(r=4))
+    with pytest.raises(TunelabError, match="already has an adapter"):
+        qlora.wrap(model, qlora.QLoraConfig(r=4))
+    with pytest.raises(TunelabError, match="no quantised"):
+        qlora.export_peft(make("llama"), None, "/nonexistent")
+    assert get_method("qlora") is qlora
+
+
+def test_run_config_sections():
+    from tunelab.config import load_config
+
+    cfg = load_config(None, ["method=qlora", "qlora.r=4", "qlora.use_dora=true", "qlora.compute_dtype=bfloat16"])
+    assert cfg.method == "qlora" and cfg.qlora.use_dora and cfg.qlora.block_size == 64 and cfg.qlora.double_quant
+    assert load_config(None, ["method=dora", "dora.r=2"]).dora.r == 2
+    for bad, msg in [("qlora.block_size=63", "must be even"), ("qlora.compute_dtype=int8", "compute_dtype"),
+                     ("dora.use_dora=true", "unknown key")]:
+        with pytest.raises(TunelabError, match=msg):
+            load_config(None, [bad])
+
+
+def test_quant_settings_survive_export(tmp_path):
+    ids = batch()
+    model = make("llama")
+    cfg = qlora.QLoraConfig(r=4, block_size=128, double_quant=False, target_modules=["q_proj", "v_proj"])
+    qlora.wrap(model, cfg)
+    perturb(model)
+    qlora.export_peft(model, cfg, tmp_path)
+    back = make("llama")
+    qlora.load_peft(back, tmp_path)
+    q = back.model.layers[0].self_attn.q_proj
+    assert q.block_size == 128 and not q.double_quant and q.weight_nf4.numel() == 64 * 64 // 2
+    assert q.weight_absmax.numel() == 64 * 64 // 128
+    torch.testing.assert_close(logits(back, ids), logits(model, ids), atol=0, rtol=0)
+    assert nf4.storage_bytes(q.quant_state()) == q.quantized_bytes()
