@@ -81,7 +81,7 @@ def test_full_finetune_writes_hf_model(tmp_path, tokenizer):
     model_dir = save_tiny_model(tmp_path / "tiny", tokenizer)
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
     cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), method="full",
-                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
+                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64, "eval_fraction": 0.25},
                        train={"max_steps": 3, "batch_size": 2, "lr": 1e-3}, samples={"n_heldout": 0})
     assert main(["train", str(cfg)]) == 0
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")

@@ -59,17 +59,20 @@ from .base import (AdapterModule, AdapterReport, adapter_state_dict, disabled,  
 from .lora import _adapter_dtype, as_config
 from .mora import CONFIG_FILE, WEIGHTS_FILE, read_folder
 
-_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+_POSITIONS = re.compile(r"^[fl](\d+)$")
 NOT_MERGEABLE = ("loreft cannot be merged: it edits hidden states at chosen prompt positions only, which no "
                  "weight matrix can express; use the run with its adapter (tunelab generate/eval RUN_DIR)")
 
 
 def parse_positions(spec: str) -> tuple[int, int]:
-    """'f7+l7' → (7, 7); 'f3' → (3, 0); 'l5' → (0, 5)."""
-    m = _POSITIONS.match(spec.replace(" ", ""))
-    if not spec or m is None or (m.group(1) is None and m.group(2) is None):
-        raise ValueError(f"'{spec}' is not a position spec like f7+l7, f5 or l3")
-    return int(m.group(1) or 0), int(m.group(2) or 0)
+    """'f7+l7' → (7, 7); 'f3' → (3, 0); 'l5' → (0, 5) (either order, each side at most once)."""
+    counts = {"f": None, "l": None}
+    for part in spec.replace(" ", "").split("+"):
+        m = _POSITIONS.match(part)
+        if m is None or counts[part[0]] is not None:
+            raise ValueError(f"'{spec}' is not a position spec like f7+l7, f5 or l3")
+        counts[part[0]] = int(m.group(1))
+    return counts["f"] or 0, counts["l"] or 0
 
 
 class LoreftConfig(BaseModel):

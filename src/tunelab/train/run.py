@@ -226,6 +226,7 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
                "total_seconds": time.perf_counter() - t0,
                "samples": _pair_samples(samples_before, samples_after)}
+    results = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     console.print(f"held-out loss: {before['eval_loss']:.4f} → {after['eval_loss']:.4f}; "
                   f"{res.steps} steps, {results['tokens_per_s']:,.0f} tokens/s, {res.seconds:.0f}s")
