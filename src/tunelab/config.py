@@ -82,6 +82,7 @@ class SampleConfig(Strict):
     prompts: list[str] = []
     n_heldout: int = Field(2, ge=0)
     max_new_tokens: int = Field(96, ge=1)
+    at_eval: bool = True  # also generate at every `train.eval_every` evaluation (→ samples.jsonl)
 
 
 class PrefConfig(Strict):

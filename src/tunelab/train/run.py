@@ -211,7 +211,12 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     stream = make_stream(p.train, cfg, pad)
 
     def evaluate(step: int) -> dict:
-        return {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
+        row = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
+        if cfg.samples.at_eval and step < _total(cfg, stream):  # the final samples go to results.json
+            with (out / "samples.jsonl").open("a") as f:
+                for s_ in _samples(p, cfg):
+                    f.write(json.dumps({"step": step, **s_}) + "\n")
+        return row
 
     res = fit(p.model, objective, stream, cfg.train, out, evaluate=evaluate,
               resume=cfg.resume, stop_after=stop_after)
