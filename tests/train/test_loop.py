@@ -129,3 +129,17 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tiny, tmp_path, mo
     assert state["loop"]["micro"] == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny, tmp_path):
+    examples = _examples(4)
+    batches = [collate(examples, pad_id=0)]
+    out = {}
+    for gc in (False, True):
+        model = tiny("llama")
+        cfg = TrainConfig(max_steps=1, batch_size=4, optimizer="SGD", lr=1.0, max_grad_norm=None,
+                          warmup_steps=0, scheduler="constant", gradient_checkpointing=gc)
+        res = fit(model, SFT(), BatchStream(lambda e: batches, 1), cfg, tmp_path / f"gc{gc}")
+        out[gc] = (res.last_loss, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-6)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.base import get_method
+from ..adapters.base import AdapterReport, get_method
 from ..config import RunConfig, method_options, save_config
 from ..data.collate import collate
 from ..data.formats import to_sample
@@ -104,7 +104,7 @@ def _apply_method(model, cfg: RunConfig):
         for p in model.parameters():
             p.requires_grad_(True)
         n = sum(p.numel() for p in model.parameters())
-        return type("FullReport", (), {"summary": lambda self: f"full: trainable {n:,} / {n:,} (100.00%)"})()
+        return AdapterReport(method="full", replaced=[], trainable=n, total=n)
     return get_method(cfg.method).wrap(model, method_options(cfg))
 
 
@@ -225,7 +225,8 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     after = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
     samples_after = _samples(p, cfg)
     save_artifacts(p, cfg, out)
-    results = {"method": cfg.method, "report": p.report.summary(), "data": p.stats,
+    results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(),
+               "trainable_params": p.report.trainable, "total_params": p.report.total, "data": p.stats,
                "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
