@@ -5,6 +5,8 @@
     tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--max-new-tokens 128] [--sample]
     tunelab export RUN_DIR --merged OUT_DIR
     tunelab demo [--out runs/demo]
+    tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
+    tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]
 
 A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
 """
@@ -101,6 +103,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .lab.compare import compare_main
+
+    return compare_main(args.sweep, args.overrides, dry_run=args.dry_run, scale=args.scale)
+
+
+def cmd_report(args) -> int:
+    from .lab.report import report_main
+
+    return report_main(args.run_dirs, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs; measure what they learn and forget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo")
     m.add_argument("overrides", nargs="*")
     m.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("compare", help="train every variant of a sweep file (resumable), then write a report")
+    c.add_argument("sweep", help="sweep YAML (base config + grid/variants), e.g. examples/studies/masking.yaml")
+    c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant, e.g. model.name=...")
+    c.add_argument("--dry-run", action="store_true", help="validate and list the variants; train nothing")
+    c.add_argument("--scale", action="store_true", help="apply the sweep's `scale:` section (real-model sizes)")
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")
+    r.add_argument("run_dirs", nargs="+", help="run directories and/or sweep folders")
+    r.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -20,10 +20,10 @@ def test_arch_trains_and_roundtrips(arch, tmp_path):
     report = partial.wrap(model, cfg)
     assert report.replaced and all(n.startswith("model.layers.1.") for n in report.replaced)
     assert "lm_head" in report.extras
-    frozen = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    frozen = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
     losses = train(model, ids, lr=1e-2)
     assert losses[-1] < losses[0] - 0.25, losses
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, frozen)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, frozen)
     want = logits(model, ids)
 
     model.save_pretrained(tmp_path / "hf")  # what a run writes to model/

@@ -7,8 +7,8 @@ at a few prompt positions, is replaced by
 
     Φ(h) = h + Rᵀ (W h + b − R h)          R ∈ R^{r×d} with orthonormal rows (R Rᵀ = I),  W ∈ R^{r×d}, b ∈ R^r
 
-i.e. inside the r-dimensional subspace spanned by R's rows, the coordinates R h are moved to W h + b; the
-orthogonal complement of h is untouched. 2·r·d + r parameters per intervention; the base model stays frozen
+i.e. the coordinates R h of h in the r-dimensional subspace spanned by R's rows move to W h + b; the component
+of h orthogonal to that subspace is untouched. 2·r·d + r parameters per intervention; the base model stays frozen
 and bit-for-bit untouched (no weight is replaced).
 
 Orthonormality: R = orthonormal_rows(A) for an unconstrained trainable A ∈ R^{r×d}: the Q factor of Aᵀ = QU
@@ -30,7 +30,8 @@ caps both at ⌊P/2⌋ and may leave a middle token out). Only prompt tokens are
   via `seq_ids`) is its tokens before the first trained token (`loss_mask`);
 * otherwise (generation, plain `model(ids)`): the prompt is the attended input of a forward that starts with an
   empty KV cache (the prefill); a forward continuing a non-empty cache (decoding) is not intervened. With the
-  KV cache this equals re-running the whole sequence with the prompt positions intervened (causality).
+  KV cache this equals re-running the whole sequence with the prompt positions intervened (causality). So
+  scoring a full prompt+response sequence without `batch_positions` would treat all of it as the prompt.
 
 Mechanics: each chosen block gets a child `loreft` (a `LoreftLayer` holding the interventions) and a forward
 hook that applies it to the block's output; the decoder body gets a forward pre-hook that works out the

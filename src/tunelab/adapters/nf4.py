@@ -89,7 +89,8 @@ def quantize(w: torch.Tensor, block_size: int = BLOCK_SIZE, double_quant: bool =
         amax = blocks.abs().amax(dim=1)
         absmax[start // block_size:stop // block_size] = amax
         scaled = blocks / torch.where(amax > 0, amax, torch.ones_like(amax)).unsqueeze(1)
-        idx = torch.bucketize(scaled, mids).to(torch.uint8).view(-1)  # nearest code (ties go up)
+        # nearest code; a value exactly between two codes takes the lower one, as in bitsandbytes
+        idx = torch.bucketize(scaled, mids).to(torch.uint8).view(-1)
         packed[start // 2:stop // 2] = (idx[0::2] << 4) | idx[1::2]
     if not double_quant:
         return {"nf4": packed, "absmax": absmax}

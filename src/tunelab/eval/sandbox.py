@@ -52,9 +52,12 @@ import os, sys, resource, traceback
 def _setup():
     cpu, mem, fsize = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     nonce = sys.stdin.readline().strip()
-    for lim, val in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
-                     (resource.RLIMIT_CORE, 0)):
+    for lim, val in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(lim, (val, val))
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    except (ValueError, OSError):
+        pass  # macOS cannot cap the address space; the CPU and wall-clock limits still stop runaway programs
     root = os.path.realpath(os.getcwd())
     with open("program.py", encoding="utf-8") as f:
         code = compile(f.read(), "program.py", "exec")

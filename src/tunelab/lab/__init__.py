@@ -1,0 +1,24 @@
+"""The lab: train many variants of one config and compare what each learned and forgot.
+
+=================  ==========================================================================  =============
+what               how                                                                         module
+=================  ==========================================================================  =============
+sweep file         base config + common overrides + grid (cartesian product) and/or variants   `sweep`
+running a sweep    one run directory per variant, finished runs skipped, killed runs resumed   `compare`
+reading runs       config.yaml / metrics.jsonl / results.json → `RunInfo`, comparison table    `results`
+figures            loss curves, learning vs forgetting (Pareto front), metrics vs parameters   `plots`
+report             results.md, results.csv and a single-file index.html                        `report`
+=================  ==========================================================================  =============
+
+CLI: ``tunelab compare SWEEP.yaml [--dry-run]`` and ``tunelab report RUN_DIRS... [--out DIR]``.
+Ready-made studies (LoRA vs full, loss masking, MoRA vs LoRA, DoRA vs LoRA): ``examples/studies/``.
+"""
+
+from .compare import run_status, run_sweep, write_sweep_report
+from .plots import pareto_front, plot_all
+from .report import build_report
+from .results import RunInfo, build_table, collect, scores
+from .sweep import Sweep, Variant, load_sweep
+
+__all__ = ["RunInfo", "Sweep", "Variant", "build_report", "build_table", "collect", "load_sweep", "pareto_front",
+           "plot_all", "run_status", "run_sweep", "scores", "write_sweep_report"]

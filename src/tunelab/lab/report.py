@@ -1,0 +1,211 @@
+"""The comparison report: a table (Markdown + CSV), figures (PNG) and one self-contained HTML page.
+
+    report/
+      index.html            everything in one file: table, figures (embedded as base64 PNG), per-run details
+      results.md            the table, for pasting into notes or a pull request
+      results.csv           the table at full precision, plus every task's base/final metric and any error
+      curves.png  learning_forgetting.png  params.png   (each only when there is data for it)
+
+The HTML page has no external references (no scripts, fonts or stylesheets to fetch), so it can be mailed,
+archived or opened offline years later and still look the same. Every run-provided string is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from datetime import datetime
+from pathlib import Path
+
+from .plots import pareto_front, plot_all
+from .results import RunInfo, build_table, config_differences, flatten, fmt, to_csv, to_markdown
+
+_CAPTIONS = {
+    "curves": "Training loss and held-out loss against optimizer steps, one line per run (other panels: metrics "
+              "logged at evaluation steps).",
+    "learning_forgetting": "Learning (target tasks improved, higher is better) against forgetting (source tasks got "
+                           "worse, lower is better). Ringed runs are on the Pareto front: no other run learns more "
+                           "while forgetting less.",
+    "params": "Learning, forgetting and final held-out loss against the number of trainable parameters (log "
+              "scale); runs of the same method are joined.",
+}
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
+ color:#1d2330;padding:0 16px;line-height:1.45}
+h1{margin-bottom:4px}.sub{color:#5b6475;margin-top:0}
+table{border-collapse:collapse;font-size:13px;margin:8px 0 4px;display:block;overflow-x:auto}
+th,td{border-bottom:1px solid #e3e6ec;padding:5px 8px;text-align:right;white-space:nowrap}
+th{background:#f3f5f9;position:sticky;top:0}td.t,th.t{text-align:left}
+tr.front td:first-child{font-weight:600}tr.front td:first-child::before{content:"★ ";color:#c48a00}
+.pos{color:#137333}.neg{color:#b3261e}.failed{color:#b3261e;font-weight:600}
+figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e6ec;border-radius:6px}
+figcaption{color:#5b6475;font-size:13px}
+details{border:1px solid #e3e6ec;border-radius:6px;margin:8px 0;padding:6px 12px}
+summary{cursor:pointer;font-weight:600}
+pre{background:#f6f8fa;padding:8px;border-radius:4px;white-space:pre-wrap;word-break:break-word;
+ max-height:260px;overflow:auto;font-size:12px}
+.note{font-size:13px;color:#5b6475}.err{background:#fdecea;border-radius:4px;padding:6px 10px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:10px}
+"""
+
+
+def build_report(runs: list[RunInfo], out_dir: str | Path, title: str = "tunelab report",
+                 description: str = "") -> Path:
+    """Write the table, figures and index.html for `runs` into `out_dir`; returns index.html's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols, rows = build_table(runs)
+    (out / "results.md").write_text(f"# {title}\n\n{description}\n\n" + to_markdown(cols, rows) + _legend(runs))
+    (out / "results.csv").write_text(to_csv(cols, rows, runs))
+    for stale in ("curves", "learning_forgetting", "params"):
+        (out / f"{stale}.png").unlink(missing_ok=True)  # a figure that has no data this time must not linger
+    figures = plot_all(runs, out)
+    page = render_html(runs, cols, rows, figures, title, description)
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out / "index.html")
+    return out / "index.html"
+
+
+def _legend(runs: list[RunInfo]) -> str:
+    notes = ["", "learning ↑: mean relative improvement on the target tasks (positive = better); forgetting ↓: "
+                 "mean relative worsening on the source tasks (positive = worse)."]
+    fallback = [r.label for r in runs if r.scores["learning_from"] == "eval loss"]
+    if fallback:
+        notes.append("Runs without task evaluation (" + ", ".join(fallback) + "): learning = relative drop of the "
+                     "held-out loss, (before − after) / before; forgetting unknown.")
+    failed = [r for r in runs if r.status == "failed"]
+    notes += [f"- **{r.label}** failed: {r.error}" for r in failed]
+    return "\n".join(notes) + "\n"
+
+
+def _e(s) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title: str, description: str) -> str:
+    front = {runs[i].label for i in pareto_front([(r.scores["learning"], r.scores["forgetting"]) for r in runs])}
+    done = sum(r.status == "done" for r in runs)
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+             f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>",
+             f"<h1>{_e(title)}</h1>",
+             f"<p class='sub'>{done} of {len(runs)} runs finished · generated "
+             f"{datetime.now().strftime('%Y-%m-%d %H:%M')} by tunelab</p>"]
+    if description:
+        parts.append(f"<p>{_e(description)}</p>")
+    parts.append(_summary(runs, front))
+    parts.append("<h2>Results</h2>" + _table_html(cols, rows, front))
+    parts.append("<p class='note'>" + _e(_legend(runs).strip().splitlines()[0]) + " ★ = on the Pareto front. "
+                 + _fallback_note(runs) + "</p>")
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        for name, path in figures.items():
+            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            parts.append(f"<figure><img alt='{_e(name)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{_e(_CAPTIONS.get(name, name))}</figcaption></figure>")
+    if "learning_forgetting" not in figures:
+        parts.append("<p class='note'>No learning-vs-forgetting figure: no run evaluated source tasks "
+                     "(configure <code>eval: {target: [...], source: [...]}</code>).</p>")
+    parts.append("<h2>Runs</h2>" + "".join(_run_details(r, runs) for r in runs))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _fallback_note(runs: list[RunInfo]) -> str:
+    fb = [r.label for r in runs if r.scores["learning_from"] == "eval loss"]
+    if not fb:
+        return ""
+    who = "all runs" if len(fb) == len(runs) else ", ".join(fb)
+    return _e(f"Without task evaluation ({who}), learning is the relative drop of the held-out loss.")
+
+
+def _summary(runs: list[RunInfo], front: set[str]) -> str:
+    items = []
+    scored = [r for r in runs if r.scores["learning"] is not None]
+    if scored:
+        best = max(scored, key=lambda r: r.scores["learning"])
+        items.append(f"most learning: <b>{_e(best.label)}</b> ({fmt(best.scores['learning'], 'signed')})")
+    forgot = [r for r in runs if r.scores["forgetting"] is not None]
+    if forgot:
+        least = min(forgot, key=lambda r: r.scores["forgetting"])
+        items.append(f"least forgetting: <b>{_e(least.label)}</b> ({fmt(least.scores['forgetting'], 'signed')})")
+    if front:
+        items.append("Pareto front: " + ", ".join(f"<b>{_e(x)}</b>" for x in sorted(front)))
+    failed = [r for r in runs if r.status == "failed"]
+    if failed:
+        items.append(f"<span class='failed'>{len(failed)} failed</span>: "
+                     + ", ".join(_e(r.label) for r in failed))
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
+
+
+def _table_html(cols, rows, front: set[str]) -> str:
+    head = "".join(f"<th class='{'t' if c.kind == 'text' else ''}'>{_e(c.header)}</th>" for c in cols)
+    body = []
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c.key)
+            cls = "t" if c.kind == "text" else ""
+            if c.kind == "signed" and isinstance(v, (int, float)) and v:
+                good = v > 0 if not c.key.startswith("forget") else v < 0
+                cls = "pos" if good else "neg"
+            if c.key == "status" and v == "failed":
+                cls = "t failed"
+            cells.append(f"<td class='{cls}'>{_e(fmt(v, c.kind))}</td>")
+        tr = " class='front'" if row["variant"] in front else ""
+        body.append(f"<tr{tr}>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _run_details(r: RunInfo, runs: list[RunInfo]) -> str:
+    res = r.results or {}
+    flat = flatten(r.config)
+    diff = config_differences(runs)
+    lines = [f"<details{' open' if r.status == 'failed' else ''}><summary>{_e(r.label)} "
+             f"<span class='note'>· {_e(r.status)} · {_e(r.path)}</span></summary>"]
+    if r.error:
+        lines.append(f"<p class='err'>{_e(r.error)}</p>")
+    if res.get("report"):
+        lines.append(f"<p>{_e(res['report'])}</p>")
+    if diff:
+        lines.append("<p class='note'>" + " · ".join(f"{_e(k)} = {_e(flat.get(k))}" for k in diff) + "</p>")
+    ev = r.scores["eval"]
+    if ev.get("final"):
+        lines.append(_eval_table(ev))
+    data = res.get("data") or {}
+    if data:
+        lines.append("<p class='note'>data: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in data.items()) + "</p>")
+    for s in res.get("samples") or []:
+        lines.append("<p class='note'>prompt</p><pre>" + _e(s.get("prompt", "")) + "</pre><div class='pair'>"
+                     f"<div><p class='note'>before</p><pre>{_e(s.get('before', '—'))}</pre></div>"
+                     f"<div><p class='note'>after</p><pre>{_e(s.get('after', '—'))}</pre></div></div>")
+    if r.status == "done" and not res.get("samples"):
+        lines.append("<p class='note'>no sample generations (samples.n_heldout: 0 and no samples.prompts)</p>")
+    lines.append("</details>")
+    return "\n".join(lines)
+
+
+def _eval_table(ev: dict) -> str:
+    """Per task and metric: base → final."""
+    base, final = ev.get("base") or {}, ev.get("final") or {}
+    rows = []
+    for task, metrics in final.items():
+        for m, v in (metrics or {}).items() if isinstance(metrics, dict) else ():
+            b = (base.get(task) or {}).get(m) if isinstance(base.get(task), dict) else None
+            rows.append(f"<tr><td class='t'>{_e(task)}</td><td class='t'>{_e(m)}</td>"
+                        f"<td>{_e(fmt(b))}</td><td>{_e(fmt(v))}</td></tr>")
+    return ("<table><thead><tr><th class='t'>task</th><th class='t'>metric</th><th>base</th><th>final</th></tr>"
+            "</thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def report_main(paths: list[str], out: str) -> int:
+    """`tunelab report`: the report of run directories and/or sweep folders (one sweep keeps its title)."""
+    from .results import collect, sweep_meta
+
+    runs = collect(paths)
+    meta = sweep_meta(Path(paths[0])) if len(paths) == 1 else {}
+    index = build_report(runs, out, title=meta.get("name") or "tunelab report",
+                         description=meta.get("description") or "")
+    print(f"{len(runs)} runs; report: {index}")
+    return 0

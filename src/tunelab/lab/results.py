@@ -1,0 +1,282 @@
+"""Reading finished (or unfinished) runs back, and turning them into one comparison table.
+
+A run directory is read through three files, any of which may be missing: ``config.yaml`` (what was asked),
+``metrics.jsonl`` (the curves) and ``results.json`` (what came out). A sweep folder (with ``sweep.json``)
+expands to its variants in sweep order, failed ones included, so the report shows what went wrong too.
+
+**Learning and forgetting.** When a run evaluated tasks, ``results.json`` holds ``learning_score`` and
+``forgetting_score`` (unitless: mean relative improvement on the target tasks, and mean relative worsening on
+the source tasks — positive learning = the target improved, positive forgetting = the source got worse) and
+per-task ``learning``/``forgetting`` deltas. Without them, learning falls back to the relative drop of the
+held-out loss, ``(before − after) / before`` — the same sign convention — and forgetting is unknown.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import TunelabError
+
+STATE_FILE = "sweep.json"
+_NOT_A_DIFFERENCE = {"output_dir", "overwrite", "resume", "method"}  # method has its own column
+MAX_DIFF_COLUMNS = 8
+
+
+@dataclass
+class RunInfo:
+    label: str
+    path: Path
+    config: dict = field(default_factory=dict)
+    results: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    status: str = "new"  # done | incomplete | failed | new
+    error: str | None = None
+
+    @property
+    def train_rows(self) -> list[dict]:
+        return [r for r in self.metrics if "loss" in r]
+
+    @property
+    def eval_rows(self) -> list[dict]:
+        return [r for r in self.metrics if "loss" not in r and len(r) > 1]
+
+    @property
+    def scores(self) -> dict:
+        return scores(self.results)
+
+
+def flatten(node: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-4}}`` → ``{"train.lr": 1e-4}`` (lists stay values)."""
+    out: dict = {}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def is_run_dir(p: Path) -> bool:
+    return p.is_dir() and any((p / f).exists() for f in ("results.json", "config.yaml", "metrics.jsonl"))
+
+
+def load_run(path: Path, label: str | None = None) -> RunInfo:
+    """One run directory; unreadable lines of metrics.jsonl (a run killed mid-write) are skipped."""
+    path = Path(path)
+    info = RunInfo(label or path.name, path)
+    if (path / "config.yaml").exists():
+        info.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if (path / "results.json").exists():
+        info.results = json.loads((path / "results.json").read_text())
+    if (path / "metrics.jsonl").exists():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                info.metrics.append(json.loads(line))
+            except ValueError:
+                continue
+    info.status = "done" if info.results is not None else ("incomplete" if info.metrics or info.config else "new")
+    return info
+
+
+def collect(paths) -> list[RunInfo]:
+    """Runs from run directories and/or sweep folders, labels made unique."""
+    runs: list[RunInfo] = []
+    for p in map(Path, paths):
+        if (p / STATE_FILE).exists():
+            runs += _sweep_runs(p)
+        elif is_run_dir(p):
+            runs.append(load_run(p))
+        elif (p / "runs").is_dir():
+            runs += [load_run(d) for d in sorted((p / "runs").iterdir()) if is_run_dir(d)]
+        else:
+            raise TunelabError(f"{p}: neither a run directory (config.yaml, metrics.jsonl, results.json) nor a "
+                               "sweep folder (sweep.json)")
+    seen: dict[str, int] = {}
+    for r in runs:  # two runs named "run" from different folders: qualify with the parent folder
+        seen[r.label] = seen.get(r.label, 0) + 1
+    for r in runs:
+        if seen[r.label] > 1:
+            r.label = f"{r.path.parent.name}/{r.label}"
+    return runs
+
+
+def sweep_meta(path: Path) -> dict:
+    """name and description recorded in a sweep folder's sweep.json ({} when it is not a sweep folder)."""
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sweep_runs(folder: Path) -> list[RunInfo]:
+    out = []
+    for row in sweep_meta(folder).get("variants", []):
+        run_dir = folder / "runs" / Path(row["run_dir"]).name  # the folder may have been moved since
+        info = load_run(run_dir, row["name"]) if is_run_dir(run_dir) else RunInfo(row["name"], run_dir)
+        if row.get("status") == "failed" and info.status != "done":
+            info.status, info.error = "failed", row.get("error")
+        out.append(info)
+    return out
+
+
+def delta_value(delta) -> float | None:
+    """A per-task delta as one number: a number as is, or a `task_delta` dict's relative (else absolute)
+    improvement."""
+    if isinstance(delta, bool):
+        return None
+    if isinstance(delta, (int, float)):
+        return float(delta)
+    if isinstance(delta, dict):
+        for key in ("relative", "improvement", "delta", "value"):
+            if isinstance(delta.get(key), (int, float)) and not isinstance(delta.get(key), bool):
+                return float(delta[key])
+    return None
+
+
+def scores(results: dict | None) -> dict:
+    """learning, forgetting (None when unknown), where learning came from, and per-task deltas."""
+    r = results or {}
+    learn_tasks = r.get("learning") if isinstance(r.get("learning"), dict) else {}
+    forget_tasks = r.get("forgetting") if isinstance(r.get("forgetting"), dict) else {}
+    learning = _num(r.get("learning_score"))
+    if learning is None and not isinstance(r.get("learning"), dict):
+        learning = _num(r.get("learning"))
+    forgetting = _num(r.get("forgetting_score"))
+    if forgetting is None and not isinstance(r.get("forgetting"), dict):
+        forgetting = _num(r.get("forgetting"))
+    source = "tasks" if learning is not None else None
+    before, after = _num(r.get("eval_loss_before")), _num(r.get("eval_loss_after"))
+    if learning is None and before and after is not None:
+        learning, source = (before - after) / before, "eval loss"
+    return {"learning": learning, "forgetting": forgetting, "learning_from": source,
+            "learn": {t: delta_value(d) for t, d in learn_tasks.items()},
+            "forget": {t: delta_value(d) for t, d in forget_tasks.items()},
+            "eval": r.get("eval") if isinstance(r.get("eval"), dict) else {}}
+
+
+def _num(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return None if math.isnan(v) else float(v)
+
+
+@dataclass
+class Column:
+    key: str
+    header: str
+    kind: str = "float"  # text | int | float | signed | params
+
+
+def config_differences(runs: list[RunInfo]) -> list[str]:
+    """Dotted config keys whose values differ between runs (what the comparison is about)."""
+    flat = [flatten(r.config) for r in runs if r.config]
+    if len(flat) < 2:
+        return []
+    keys = {k for f in flat for k in f}
+    diff = [k for k in keys if k.split(".")[0] not in _NOT_A_DIFFERENCE
+            and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+    first = list(flat[0])  # keep the config file's order, which groups keys by section
+    diff.sort(key=lambda k: (first.index(k) if k in first else len(first), k))
+    return diff[:MAX_DIFF_COLUMNS]
+
+
+def build_table(runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
+    """One row per run: what differs, parameters, losses, learning/forgetting (+ per task), speed."""
+    diff = config_differences(runs)
+    learn_tasks = sorted({t for r in runs for t in r.scores["learn"]})
+    forget_tasks = sorted({t for r in runs for t in r.scores["forget"]})
+    cols = [Column("variant", "variant", "text"), Column("status", "status", "text"),
+            Column("method", "method", "text")]
+    cols += [Column(f"cfg:{k}", k, "text") for k in diff]
+    cols += [Column("trainable_params", "trainable params", "params"), Column("trainable_pct", "trainable %"),
+             Column("eval_loss_before", "eval loss before"), Column("eval_loss_after", "eval loss after"),
+             Column("learning", "learning ↑", "signed"), Column("forgetting", "forgetting ↓", "signed")]
+    cols += [Column(f"learn:{t}", f"learn · {t}", "signed") for t in learn_tasks]
+    cols += [Column(f"forget:{t}", f"forget · {t}", "signed") for t in forget_tasks]
+    cols += [Column("steps", "steps", "int"), Column("tokens_per_s", "tokens/s", "int"),
+             Column("train_seconds", "train s", "int"), Column("total_seconds", "total s", "int")]
+    rows = []
+    for r in runs:
+        res, s, flat = r.results or {}, r.scores, flatten(r.config)
+        total = res.get("total_params")
+        row = {"variant": r.label, "status": r.status, "method": res.get("method") or r.config.get("method"),
+               "trainable_params": res.get("trainable_params"),
+               "trainable_pct": 100.0 * res["trainable_params"] / total if total and res.get("trainable_params")
+               is not None else None,
+               "eval_loss_before": res.get("eval_loss_before"), "eval_loss_after": res.get("eval_loss_after"),
+               "learning": s["learning"], "forgetting": s["forgetting"], "learning_from": s["learning_from"],
+               **{f"cfg:{k}": _short_value(flat.get(k)) for k in diff},
+               **{f"learn:{t}": v for t, v in s["learn"].items()},
+               **{f"forget:{t}": v for t, v in s["forget"].items()},
+               **{k: res.get(k) for k in ("steps", "tokens_per_s", "train_seconds", "total_seconds")}}
+        rows.append(row)
+    return cols, rows
+
+
+def _short_value(v) -> str:
+    if isinstance(v, str) and "/" in v:
+        return Path(v).name  # a data path: its file name is what tells variants apart
+    return "—" if v is None else str(v) if not isinstance(v, list) else ",".join(map(str, v))
+
+
+def fmt(value, kind: str = "float") -> str:
+    """A cell as text: 4 significant digits, signed deltas, parameter counts as 1.2M; missing is an em dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if kind == "text" or isinstance(value, str):
+        return str(value)
+    if kind == "params":
+        v = float(value)
+        for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if v >= size:
+                return f"{v / size:.3g}{unit}"
+        return f"{int(v)}"
+    if kind == "int":
+        return f"{int(round(value)):,}"
+    if kind == "signed":
+        return f"{value:+.4g}"
+    return f"{value:.4g}"
+
+
+def to_markdown(cols: list[Column], rows: list[dict]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(cell(c.header) for c in cols) + " |"
+    rule = "|" + "|".join("---:" if c.kind != "text" else "---" for c in cols) + "|"
+    body = ["| " + " | ".join(cell(fmt(r.get(c.key), c.kind)) for c in cols) + " |" for r in rows]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def to_csv(cols: list[Column], rows: list[dict], runs: list[RunInfo] | None = None) -> str:
+    """Full-precision values; with `runs`, also every evaluated task's base and final metrics and the error."""
+    extra: list[str] = []
+    if runs:
+        for r in runs:
+            for phase in ("base", "final"):
+                for task, metrics in (r.scores["eval"].get(phase) or {}).items():
+                    for m in (metrics or {}) if isinstance(metrics, dict) else ():
+                        key = f"{phase}:{task}:{m}"
+                        if key not in extra:
+                            extra.append(key)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([c.key for c in cols] + ["learning_from"] + extra + (["error"] if runs else []))
+    for i, row in enumerate(rows):
+        values = [row.get(c.key) for c in cols] + [row.get("learning_from")]
+        if runs:
+            ev = runs[i].scores["eval"]
+            for key in extra:
+                phase, task, m = key.split(":", 2)
+                values.append(((ev.get(phase) or {}).get(task) or {}).get(m))
+            values.append(runs[i].error)
+        w.writerow(["" if v is None else v for v in values])
+    return buf.getvalue()

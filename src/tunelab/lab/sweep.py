@@ -1,0 +1,250 @@
+"""Sweep files: one base run config, and the variants to train from it.
+
+A sweep is a YAML file::
+
+    name: lora_vs_full              # default: the file name without .yaml
+    description: LoRA learns less and forgets less (Biderman et al. 2024)
+    output_dir: runs/studies/lora_vs_full   # the sweep folder; default runs/sweeps/<name>
+    base: ../lora.yaml              # a run config: a path relative to THIS file, or an inline mapping
+    overrides:                      # dotted key → value, applied to every variant
+      train.max_steps: 40
+    grid:                           # cartesian product of dotted key → list of values
+      method: [lora, dora]
+      lora.r: [8, 64]
+    variants:                       # and/or an explicit list (each crossed with the grid)
+      - name: full
+        overrides: {method: full, train.lr: 2.0e-5}
+    scale:                          # optional: a partial sweep merged on top with `--scale`
+      output_dir: runs/studies/lora_vs_full-1b
+      overrides: {model.name: meta-llama/Llama-3.2-1B, train.max_steps: 2000}
+
+Each variant's config is ``base`` + ``overrides`` + its own overrides + its grid point, in that order (later
+wins). ``${SWEEP_DIR}`` anywhere in the file means the folder holding the sweep file (so bundled study data
+can be found from any working directory); ``${ASSETS}`` means tunelab's bundled assets as in run configs.
+Relative data paths inside a run config stay relative to the working directory, as for `tunelab train`.
+
+Variant names are readable and stable — the explicit ``name`` and/or the grid point written as
+``method=lora,lora.r=8`` (paths shortened to their file stem) — because they name the run folders
+``<output_dir>/runs/<name>`` that make a sweep resumable.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..config import load_config, parse_override
+from ..errors import TunelabError
+
+
+class VariantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    overrides: dict[str, Any] = {}
+
+
+class SweepSpec(BaseModel):
+    """The validated sweep file (see the module docstring for what each key means)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    description: str = ""
+    output_dir: str | None = None
+    base: str | dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
+    variants: list[VariantSpec] = []
+    scale: dict[str, Any] | None = None
+
+
+@dataclass
+class Variant:
+    """One run of a sweep: its name, the overrides that define it, and its merged (unvalidated) config."""
+
+    name: str
+    overrides: dict[str, Any]  # the variant's own overrides + grid point (what distinguishes it)
+    raw: dict[str, Any]  # base + common + own overrides, output_dir set
+    run_dir: Path
+
+
+@dataclass
+class Sweep:
+    name: str
+    description: str
+    path: Path | None
+    output_dir: Path
+    variants: list[Variant] = field(default_factory=list)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.output_dir / "runs"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.output_dir / "report"
+
+
+def load_sweep(path: str | Path, overrides: list[str] = (), scale: bool = False) -> Sweep:
+    """Read and validate a sweep file; `overrides` (``key=value``) apply to every variant's run config.
+
+    Only the sweep's structure is checked here; each variant's run config is validated by `resolve`.
+    """
+    path = Path(path)
+    spec = load_config(path, schema=SweepSpec)  # file:line errors, ${ASSETS}, "1e-4" floats, like run configs
+    raw_spec = _substitute(spec.model_dump(), "${SWEEP_DIR}", str(path.resolve().parent))
+    if scale:
+        if not raw_spec.get("scale"):
+            raise TunelabError(f"{path}: --scale given but the sweep has no `scale:` section")
+        raw_spec = _merge_scale(raw_spec, raw_spec["scale"], path)
+    try:
+        spec = SweepSpec.model_validate(raw_spec)
+    except ValidationError as e:  # only reachable through `scale:`; the file itself was validated above
+        err = e.errors()[0]
+        raise TunelabError(f"{path}: scale: {'.'.join(map(str, err['loc']))}: {err['msg']}")
+    common = dict(spec.overrides)
+    for item in overrides:
+        keys, value = parse_override(item)
+        common[".".join(keys)] = value
+    return build_sweep(spec, common, path)
+
+
+def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
+    """Expand a validated spec into variants (the product of `variants` and `grid`)."""
+    name = spec.name or (path.stem if path else "sweep")
+    out = Path(spec.output_dir) if spec.output_dir else Path("runs") / "sweeps" / name
+    base = _base_config(spec.base, path)
+    points = [dict(zip(spec.grid, combo)) for combo in itertools.product(*spec.grid.values())]
+    listed = spec.variants or [VariantSpec()]
+    if not spec.grid and not spec.variants:
+        raise TunelabError(f"{path or 'sweep'}: nothing to compare: give `grid:` and/or `variants:`")
+    sweep = Sweep(name, spec.description.strip(), path, out)
+    seen: dict[str, str] = {}
+    for v in listed:
+        for point in points:
+            own = {**v.overrides, **point}
+            label = ",".join(x for x in (v.name, variant_name(point)) if x) or variant_name(v.overrides) or "base"
+            folder = safe_dirname(label)
+            if folder in seen:
+                raise TunelabError(f"{path or 'sweep'}: two variants are both named '{folder}'; give them "
+                                   "distinct `name:`s")
+            seen[folder] = label
+            raw = copy.deepcopy(base)
+            for key, value in {**common, **own}.items():
+                set_dotted(raw, key, value)
+            run_dir = sweep.runs_dir / folder
+            raw["output_dir"] = str(run_dir)  # the sweep owns where runs go: that is what makes it resumable
+            raw["overwrite"] = False
+            sweep.variants.append(Variant(label, own, raw, run_dir))
+    return sweep
+
+
+def resolve(sweep: Sweep, variant: Variant):
+    """Validate one variant's run config: written to ``<sweep>/configs/<name>.yaml`` and loaded from there,
+    so errors name a real file and line, and any variant can be rerun by hand with `tunelab train`."""
+    from ..config import RunConfig
+
+    raw = copy.deepcopy(variant.raw)
+    if "eval" in raw and "eval" not in RunConfig.model_fields:
+        # The task-evaluation schema (`eval: {target, source}`) is newer than this RunConfig: train without
+        # it rather than refuse; the report then falls back to held-out loss as the learning signal.
+        raw.pop("eval")
+    cfg_dir = sweep.output_dir / "configs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = cfg_dir / f"{variant.run_dir.name}.yaml"
+    text = f"# variant '{variant.name}' of sweep '{sweep.name}' (written by tunelab compare)\n" + \
+        yaml.safe_dump(raw, sort_keys=False)
+    if not cfg_path.exists() or cfg_path.read_text() != text:  # unchanged files keep their mtime
+        cfg_path.write_text(text)
+    return load_config(cfg_path)
+
+
+def variant_name(overrides: dict[str, Any]) -> str:
+    """``{"method": "lora", "lora.r": 8}`` → ``method=lora,lora.r=8``."""
+    return ",".join(f"{k}={_short(v)}" for k, v in overrides.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return Path(value).stem  # data.train=${SWEEP_DIR}/data/code.jsonl → data.train=code
+    if isinstance(value, (list, tuple)):
+        return "[" + "+".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + variant_name(value) + "}"
+    return str(value)
+
+
+def safe_dirname(label: str) -> str:
+    """A folder name for a variant label: readable characters kept, the rest replaced by ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._=,+@\-\[\]{}]", "_", label).strip(".") or "variant"
+    return name[:150]  # file systems cap names at 255 bytes
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping; a mapping value is merged into an existing section."""
+    keys = key.split(".")
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise TunelabError(f"override '{key}': {k} is not a section")
+        node = nxt
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        for k, v in value.items():
+            set_dotted(node[last], k, v)
+    else:
+        node[last] = copy.deepcopy(value)
+
+
+def _base_config(base: str | dict, path: Path | None) -> dict:
+    if isinstance(base, dict):
+        raw: dict = {}
+        for k, v in base.items():  # dotted keys are allowed in an inline base too
+            set_dotted(raw, k, v)
+        return raw
+    p = Path(base)
+    if not p.is_absolute() and path is not None:
+        p = path.parent / p
+    if not p.is_file():
+        raise TunelabError(f"{path or 'sweep'}: base: run config not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TunelabError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})")
+    if not isinstance(raw, dict):
+        raise TunelabError(f"{p}: the config must be a mapping of keys to values")
+    return _substitute(raw, "${SWEEP_DIR}", str(path.resolve().parent) if path else ".")
+
+
+def _merge_scale(spec: dict, scale: dict, path: Path) -> dict:
+    """`scale:` replaces top-level keys, except `overrides` and `grid`, which it extends."""
+    out = {k: v for k, v in spec.items() if k != "scale"}
+    for key, value in scale.items():
+        if key not in SweepSpec.model_fields or key == "scale":
+            raise TunelabError(f"{path}: scale.{key}: unknown key")
+        if key in ("overrides", "grid") and isinstance(value, dict):
+            out[key] = {**(out.get(key) or {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _substitute(node, token: str, value: str):
+    if isinstance(node, dict):
+        return {k: _substitute(v, token, value) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, token, value) for v in node]
+    return node.replace(token, value) if isinstance(node, str) else node
