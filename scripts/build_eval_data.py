@@ -109,7 +109,7 @@ def stdlib_chunks(max_lines: int = 60) -> list[dict]:
     return rows
 
 
-def _distinct(answer: str, candidates: list[str], rng: random.Random, n: int = 3) -> list[str]:
+def _distinct(answer: str, candidates: list[str], n: int = 3) -> list[str]:
     out = []
     for c in candidates:
         if c != answer and c not in out:
@@ -123,7 +123,7 @@ def _numeric_distractors(answer: int, rng: random.Random, first: list[int] = ())
     offsets = [1, -1, 2, -2, 10, -10, 3, -3]
     rng.shuffle(offsets)
     cands = [str(x) for x in first] + [str(answer + o) for o in offsets] + [str(-answer)]
-    return _distinct(str(answer), cands, rng)
+    return _distinct(str(answer), cands)
 
 
 def _left_to_right(expr: str) -> int:
@@ -159,7 +159,7 @@ def mc_questions(per_source: int = 50) -> list[dict]:
             i = rng.randrange(len(ans) - 1)
             cands.append(ans[:i] + ans[i + 1] + ans[i] + ans[i + 2:])
         cands.append(ans[1:] + ans[0])
-        rows.append(("spell_backward", it["question"], ans, _distinct(ans, cands, rng)))
+        rows.append(("spell_backward", it["question"], ans, _distinct(ans, cands)))
     out = []
     for source, question, answer, distractors in rows:
         choices = [answer] + list(distractors)

@@ -103,6 +103,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval import list_tasks, load_task, print_results, run_tasks, save_results, validate_tasks
+    from .export import load_run
+
+    if args.list:
+        for name in list_tasks():
+            task = load_task(name)
+            print(f"{name:14s} {task.kind:10s} {task.spec.description}")
+        return 0
+    if not args.model or not args.tasks:
+        raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
+    tasks = [t for s in args.tasks for t in s.split(",") if t]
+    validate_tasks(tasks, args.allow_code_execution)  # fail before loading the model
+    model, tok, template = load_run(args.model, device=args.device, dtype=args.dtype)
+    res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit)
+    print_results(res, title=f"evaluation of {args.model}")
+    if args.output:
+        save_results(res, args.output, model=args.model)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .lab.compare import compare_main
 
@@ -151,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo")
     m.add_argument("overrides", nargs="*")
     m.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("eval", help="evaluate a model or run on tasks (loss, multiple choice, exact match, code)")
+    v.add_argument("model", nargs="?", help="run directory or model reference")
+    v.add_argument("--tasks", nargs="+", default=[], help="bundled task names or task YAML files (comma-separated ok)")
+    v.add_argument("--limit", type=int, default=None, help="items per task")
+    v.add_argument("--allow-code-execution", action="store_true",
+                   help="code tasks EXECUTE MODEL-WRITTEN CODE (in a sandboxed subprocess); opt in explicitly")
+    v.add_argument("--output", help="write results as JSON here")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--dtype", default="auto")
+    v.add_argument("--list", action="store_true", help="list the bundled tasks")
+    v.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("compare", help="train every variant of a sweep file (resumable), then write a report")
     c.add_argument("sweep", help="sweep YAML (base config + grid/variants), e.g. examples/studies/masking.yaml")

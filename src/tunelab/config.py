@@ -111,6 +111,13 @@ class ReferenceConfig(Strict):
     sync_alpha: float = Field(0.6, gt=0.0, le=1.0)  # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy)
 
 
+class EvalConfig(Strict):
+    target: list[str] = []  # tasks the run should learn (bundled names or task YAML paths)
+    source: list[str] = []  # tasks it should not forget
+    limit: int | None = Field(None, ge=1)  # items per task
+    allow_code_execution: bool = False  # code tasks run model-written code (sandboxed); opt in explicitly
+
+
 class RunConfig(Strict):
     output_dir: str = "runs/run"
     overwrite: bool = False
@@ -129,6 +136,7 @@ class RunConfig(Strict):
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     samples: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
     pref: PrefConfig = PrefConfig()
     reference: ReferenceConfig = ReferenceConfig()
     # Multi-stage pipeline: each item overrides this config (e.g. {name: dpo, objective: dpo, train: {lr: 5e-6}});

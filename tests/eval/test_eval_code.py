@@ -39,12 +39,11 @@ def test_scoring_saved_completions(make_task):
     assert res["metrics"] == {"pass@1": 0.5}
     assert res["details"]["programs"] == {"passed": 1, "failed": 1, "timeout": 0}
     rows, task = _humaneval_task(make_task, 2, [1, 2])
-    good0, good1 = rows[0]["canonical_solution"], rows[1]["canonical_solution"]
+    good0 = rows[0]["canonical_solution"]
     res = evaluate_code(None, None, None, task, allow_code_execution=True,
                         completions=[[good0, "    return 0\n"], ["    pass\n", "    pass\n"]])
     # problem 0: n=2, c=1 → pass@1 = 0.5, pass@2 = 1; problem 1: c=0 → 0, 0.
     assert res["metrics"]["pass@1"] == pytest.approx(0.25) and res["metrics"]["pass@2"] == pytest.approx(0.5)
-    assert good1  # the second canonical solution exists but was not used
 
 
 def test_generation_path_on_tiny_model(tokenizer, tiny, make_task):
@@ -60,7 +59,7 @@ def test_sandbox_contains_bad_programs_and_passes_good_ones(tmp_path):
     outside = f"/tmp/tunelab-escape-{uuid.uuid4().hex}.txt"
     programs = {
         "loop": "while True:\n    pass\n",
-        "memory": "x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n",
+        "memory": "x, n = [], 2**20\nwhile True:\n    x.append(bytearray(n))\n    n *= 2\n",  # doubling: fails fast
         "socket": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', 9))\n",
         "write_outside": f"open({outside!r}, 'w').write('escaped')\n",
         "remove_outside": f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n",
@@ -73,7 +72,7 @@ def test_sandbox_contains_bad_programs_and_passes_good_ones(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     os.environ["OPENAI_API_KEY"] = "sk-test-not-real"
     try:
-        results = dict(zip(programs, run_many(list(programs.values()), timeout=1.5, memory_mb=512, workers=4)))
+        results = dict(zip(programs, run_many(list(programs.values()), timeout=3.0, memory_mb=512, workers=5)))
     finally:
         del os.environ["OPENAI_API_KEY"]
     assert results["good"].status == "passed", results["good"].output

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tunelab.eval import runner
-from tunelab.eval.forgetting import EvalCache, learning_forgetting, model_fingerprint, task_delta
+from tunelab.eval.forgetting import EvalCache, learning_forgetting, model_fingerprint, run_results_fields, task_delta
 from tunelab.eval.runner import results_table, run_tasks, save_results
 
 
@@ -39,6 +39,9 @@ def test_learning_and_forgetting():
     assert out["forgetting"] == pytest.approx(0.10)
     assert out["target"]["t_zero"]["improvement"] == pytest.approx(0.1)
     assert learning_forgetting(BASE, BASE, ["t_acc"], ["s_acc"])["forgetting"] == 0
+    fields = run_results_fields(BASE, TRAINED, ["t_loss", "t_acc"], ["s_acc"])
+    assert fields["learning_score"] == pytest.approx(0.375) and fields["forgetting_score"] == pytest.approx(0.1)
+    assert fields["eval"]["final"]["s_acc"] == {"acc": 0.45} and set(fields["forgetting"]) == {"s_acc"}
     with pytest.raises(KeyError, match="nope"):
         learning_forgetting(BASE, TRAINED, ["nope"], [])
 

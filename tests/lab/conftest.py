@@ -1,12 +1,9 @@
 """Lab tests: tiny models on a shared 2-core machine, so one intra-op thread (no spin-wait oversubscription:
 a 3-step tiny run drops from ~8 s to ~2 s under load); and hand-made run directories for report tests."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
+from lab_helpers import fake_runs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,38 +16,4 @@ def _one_thread():
 
 @pytest.fixture
 def fake_run(tmp_path):
-    """fake_run(name, method, trainable, learning, forgetting, steps=4, **results) -> a finished run directory
-    with config.yaml, metrics.jsonl and a results.json carrying task-evaluation keys (as the lead's runs will)."""
-
-    def make(name: str, method: str = "lora", trainable: int = 1000, learning: float | None = 0.1,
-             forgetting: float | None = 0.05, steps: int = 4, r: int = 8, **extra) -> Path:
-        d = tmp_path / "runs" / name
-        d.mkdir(parents=True)
-        cfg = {"output_dir": str(d), "method": method, "model": {"name": "tiny"}, "lora": {"r": r},
-               "train": {"max_steps": steps, "lr": 1e-3}}
-        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-        rows = []
-        for s in range(1, steps + 1):
-            rows.append({"step": s, "loss": 3.0 - 0.2 * s * (1 + (learning or 0)), "lr": 1e-3, "tokens_per_s": 100})
-            if s % 2 == 0:
-                rows.append({"step": s, "eval_loss": 3.1 - 0.1 * s, "eval/uuid:exact_match": 0.1 * s})
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r_) + "\n" for r_ in rows))
-        results = {"method": method, "objective": "sft", "report": f"{method}: trainable {trainable:,}",
-                   "trainable_params": trainable, "total_params": 100_000, "data": {"n_examples": 10},
-                   "eval_loss_before": 3.0, "eval_loss_after": 2.5, "steps": steps, "train_tokens": 1000,
-                   "train_seconds": 10.0, "tokens_per_s": 100.0, "final_train_loss": 2.2, "total_seconds": 12.0,
-                   "samples": [{"prompt": "<|im_start|>user\nWhat is 2+2? <b>bold?</b><|im_end|>",
-                                "before": "fish", "after": "4"}]}
-        if learning is not None:
-            results.update({
-                "eval": {"base": {"code_loss": {"loss": 2.0}, "prose_loss": {"loss": 3.0}},
-                         "final": {"code_loss": {"loss": 2.0 * (1 - learning)},
-                                   "prose_loss": {"loss": 3.0 * (1 + (forgetting or 0))}}},
-                "learning": {"code_loss": {"metric": "loss", "relative": learning, "improvement": 2.0 * learning}},
-                "forgetting": {"prose_loss": forgetting},
-                "learning_score": learning, "forgetting_score": forgetting})
-        results.update(extra)
-        (d / "results.json").write_text(json.dumps(results))
-        return d
-
-    return make
+    return fake_runs(tmp_path)

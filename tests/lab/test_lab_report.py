@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from lab_helpers import fake_runs
 from tunelab.cli import main
 
 
-@pytest.fixture
-def runs(fake_run):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    fake_run = fake_runs(tmp_path_factory.mktemp("runs"))
     return [fake_run("full", "full", trainable=100_000, learning=0.30, forgetting=0.20),
             fake_run("lora-r8", r=8, trainable=1_000, learning=0.10, forgetting=0.01),
             fake_run("lora-r64", r=64, trainable=8_000, learning=0.20, forgetting=0.05),
@@ -23,9 +25,15 @@ def runs(fake_run):
             fake_run("no-tasks", r=4, trainable=700, learning=None)]  # results.json without eval keys
 
 
-def test_report_table_figures_and_html(runs, tmp_path):
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def report(runs):
+    out = runs[0].parent.parent / "report"
     assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    return out
+
+
+def test_report_table_figures_and_html(report):
+    out = report
     for name in ("index.html", "results.md", "results.csv", "curves.png", "learning_forgetting.png", "params.png"):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -37,7 +45,7 @@ def test_report_table_figures_and_html(runs, tmp_path):
     assert float(rows[4]["learning"]) == pytest.approx(1 / 6) and rows[4]["forgetting"] == ""
     assert rows[4]["learning_from"] == "eval loss" and rows[0]["learning_from"] == "tasks"
     md = (out / "results.md").read_text()
-    assert "| lora-r8 | done | lora | 8 |" in md and "Runs without task evaluation (no-tasks)" in md
+    assert "| lora-r8 | done | lora | 8 |" in md and "| full | done | full | — |" in md and "Runs without task evaluation (no-tasks)" in md
     page = (out / "index.html").read_text()
     # the Pareto front of (learning, forgetting): full, lora-r64, lora-r8 — lora-bad is dominated by lora-r64
     front = [line.split("<td class='t'>")[1].split("<")[0] for line in page.split("<tr class='front'>")[1:]]
@@ -79,9 +87,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="chromium not installed (apt-get install -y chromium)")
-def test_html_report_renders_in_headless_chromium(runs, tmp_path):
-    out = tmp_path / "report"
-    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+def test_html_report_renders_in_headless_chromium(report, tmp_path):
+    out = report
     shot = tmp_path / "report.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run",

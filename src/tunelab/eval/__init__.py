@@ -18,15 +18,15 @@ Task YAML schema: see `tunelab.eval.tasks`; bundled tasks: `list_tasks()`.
 from .choice import Score, score_continuations
 from .code import pass_at_k
 from .exact import extract_answer, normalize
-from .forgetting import EvalCache, learning_forgetting, model_fingerprint, task_delta
+from .forgetting import EvalCache, learning_forgetting, model_fingerprint, run_results_fields, task_delta
 from .harness import HarnessAdapter, make_lm, run_harness
-from .runner import print_results, results_table, run_tasks, save_results
+from .runner import print_results, results_table, run_tasks, save_results, validate_tasks
 from .sandbox import SandboxResult, run_sandboxed
 from .tasks import KINDS, Task, TaskSpec, list_tasks, load_task, task_from_dict
 
 __all__ = [
     "KINDS", "EvalCache", "HarnessAdapter", "SandboxResult", "Score", "Task", "TaskSpec", "extract_answer",
     "learning_forgetting", "list_tasks", "load_task", "make_lm", "model_fingerprint", "normalize", "pass_at_k",
-    "print_results", "results_table", "run_harness", "run_sandboxed", "run_tasks", "save_results",
-    "score_continuations", "task_delta", "task_from_dict",
+    "print_results", "results_table", "run_harness", "run_results_fields", "run_sandboxed", "run_tasks",
+    "save_results", "score_continuations", "task_delta", "task_from_dict", "validate_tasks",
 ]

@@ -80,6 +80,20 @@ def learning_forgetting(base: dict, trained: dict, target: list[str] = (), sourc
                           "got worse (relative to the base value)"}
 
 
+def run_results_fields(base: dict, trained: dict, target: list[str] = (), source: list[str] = ()) -> dict:
+    """The learning/forgetting entries a training run writes into its ``results.json`` (read by `tunelab.lab`).
+
+    ``learning_score``/``forgetting_score`` are `learning_forgetting`'s summary numbers; ``learning`` and
+    ``forgetting`` map each target/source task to its `task_delta` (``improvement > 0`` = better, for both);
+    ``eval`` holds every task's metrics before (``base``) and after (``final``) training.
+    """
+    lf = learning_forgetting(base, trained, target, source)
+    return {"learning_score": lf["learning"], "forgetting_score": lf["forgetting"],
+            "learning": lf["target"], "forgetting": lf["source"],
+            "eval": {"base": {t: r["metrics"] for t, r in base.items()},
+                     "final": {t: r["metrics"] for t, r in trained.items()}}}
+
+
 def model_fingerprint(ref: str, extra: str = "") -> str:
     """A stable id for a model reference: local files by name, size and mtime; hub ids/aliases by name.
 

@@ -41,6 +41,24 @@ def _evaluate(model, tokenizer, template, task: Task, limit, allow_code_executio
     return evaluate_code(model, tokenizer, template, task, limit, allow_code_execution=allow_code_execution)
 
 
+def validate_tasks(tasks, allow_code_execution: bool = False) -> tuple[list[Task], list[str]]:
+    """Load every task (raising `TunelabError` for any problem) → (tunelab tasks, lm-eval task names).
+
+    Cheap (no model): call it before a training run starts so a typo in ``eval.target`` fails in seconds.
+    """
+    names = [t.name if isinstance(t, Task) else str(t) for t in tasks]
+    harness = [n[len(HARNESS_PREFIX):] for n in names if n.startswith(HARNESS_PREFIX)]
+    loaded = [load_task(t) for t, n in zip(tasks, names) if not n.startswith(HARNESS_PREFIX)]
+    seen = set()
+    for task in loaded:
+        if task.name in seen:
+            raise TunelabError(f"task '{task.name}' is listed twice")
+        seen.add(task.name)
+        if task.kind == "code":
+            require_code_execution(task.name, allow_code_execution)
+    return loaded, harness
+
+
 def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow_code_execution: bool = False,
               limit: int | None = None, cache: EvalCache | None = None, model_key: str | None = None,
               harness_include_path: str | None = None, verbose: bool = True) -> dict:
@@ -57,16 +75,7 @@ def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow
         raise ValueError("run_tasks: a cache needs a model_key (e.g. forgetting.model_fingerprint(ref))")
     if not isinstance(template, Template):
         template = get_template(template or "auto", tokenizer)
-    names = [str(t) if not isinstance(t, Task) else t.name for t in tasks]
-    harness = [n[len(HARNESS_PREFIX):] for n in names if n.startswith(HARNESS_PREFIX)]
-    loaded = [load_task(t) for t, n in zip(tasks, names) if not n.startswith(HARNESS_PREFIX)]
-    seen = set()
-    for task in loaded:
-        if task.name in seen:
-            raise TunelabError(f"task '{task.name}' is listed twice")
-        seen.add(task.name)
-        if task.kind == "code":
-            require_code_execution(task.name, allow_code_execution)
+    loaded, harness = validate_tasks(tasks, allow_code_execution)
     results: dict = {}
     for task in loaded:
         tpl = get_template(task.spec.template, tokenizer) if task.spec.template else template

@@ -157,7 +157,8 @@ def print_plan(sweep: Sweep, configs: list) -> None:
 
     table = Table(title=f"sweep {sweep.name}: {len(configs)} variants → {sweep.output_dir}")
     for col in ("#", "variant", "method", "state", "steps", "≤ train tokens"):
-        table.add_column(col, justify="right" if col in ("#", "steps", "≤ train tokens") else "left")
+        table.add_column(col, justify="right" if col in ("#", "steps", "≤ train tokens") else "left",
+                         overflow="fold")  # a variant's name is its folder name: show all of it
     total = 0
     for i, (v, cfg) in enumerate(zip(sweep.variants, configs), 1):
         steps = cfg.train.max_steps

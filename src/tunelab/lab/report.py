@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .plots import pareto_front, plot_all
-from .results import RunInfo, build_table, config_differences, flatten, fmt, to_csv, to_markdown
+from .results import RunInfo, applies, build_table, config_differences, flatten, fmt, to_csv, to_markdown
 
 _CAPTIONS = {
     "curves": "Training loss and held-out loss against optimizer steps, one line per run (other panels: metrics "
@@ -169,7 +169,8 @@ def _run_details(r: RunInfo, runs: list[RunInfo]) -> str:
     if res.get("report"):
         lines.append(f"<p>{_e(res['report'])}</p>")
     if diff:
-        lines.append("<p class='note'>" + " · ".join(f"{_e(k)} = {_e(flat.get(k))}" for k in diff) + "</p>")
+        lines.append("<p class='note'>" + " · ".join(f"{_e(k)} = {_e(flat.get(k))}" for k in diff
+                                                 if applies(k, r.config)) + "</p>")
     ev = r.scores["eval"]
     if ev.get("final"):
         lines.append(_eval_table(ev))

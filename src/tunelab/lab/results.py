@@ -175,14 +175,32 @@ class Column:
     kind: str = "float"  # text | int | float | signed | params
 
 
+def _method_sections() -> set[str]:
+    from typing import get_args
+
+    from ..config import RunConfig
+
+    return set(get_args(RunConfig.model_fields["method"].annotation))
+
+
+def applies(key: str, config: dict, sections: set[str] | None = None) -> bool:
+    """False for another method's options (``lora.r`` of a full-finetuning run): shown as —, never a difference."""
+    section = key.split(".")[0]
+    return section not in (sections if sections is not None else _method_sections()) or \
+        section == config.get("method")
+
+
 def config_differences(runs: list[RunInfo]) -> list[str]:
-    """Dotted config keys whose values differ between runs (what the comparison is about)."""
-    flat = [flatten(r.config) for r in runs if r.config]
-    if len(flat) < 2:
+    """Dotted config keys whose values differ between the runs they apply to (what the comparison is about)."""
+    configs = [r.config for r in runs if r.config]
+    if len(configs) < 2:
         return []
+    sections = _method_sections()
+    flat = [flatten(c) for c in configs]
     keys = {k for f in flat for k in f}
     diff = [k for k in keys if k.split(".")[0] not in _NOT_A_DIFFERENCE
-            and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+            and len({json.dumps(f.get(k), sort_keys=True, default=str)
+                     for f, c in zip(flat, configs) if applies(k, c, sections)}) > 1]
     first = list(flat[0])  # keep the config file's order, which groups keys by section
     diff.sort(key=lambda k: (first.index(k) if k in first else len(first), k))
     return diff[:MAX_DIFF_COLUMNS]
@@ -213,7 +231,7 @@ def build_table(runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
                is not None else None,
                "eval_loss_before": res.get("eval_loss_before"), "eval_loss_after": res.get("eval_loss_after"),
                "learning": s["learning"], "forgetting": s["forgetting"], "learning_from": s["learning_from"],
-               **{f"cfg:{k}": _short_value(flat.get(k)) for k in diff},
+               **{f"cfg:{k}": _short_value(flat.get(k)) if applies(k, r.config) else None for k in diff},
                **{f"learn:{t}": v for t, v in s["learn"].items()},
                **{f"forget:{t}": v for t, v in s["forget"].items()},
                **{k: res.get(k) for k in ("steps", "tokens_per_s", "train_seconds", "total_seconds")}}

@@ -128,17 +128,20 @@ def evaluate_pairs(model, objective, examples: list, pad_id: int, batch_size: in
     model.eval()
     device = next(model.parameters()).device
     paired = hasattr(examples[0], "chosen")
+    core = objective
+    while hasattr(core, "inner"):  # a method's wrapper around the objective (LoReFT's PromptPositions)
+        core = core.inner
     sums: dict[str, float] = {}
     total = 0
     for k in range(0, len(examples), batch_size):
         chunk = examples[k:k + batch_size]
         batch = (collate_pairs if paired else collate_unpaired)(chunk, pad_id)
         batch = {key: v.to(device) for key, v in batch.items()}
-        objective.last = None
+        core.last = None
         ls, n, m = objective.loss(model, batch)
         m["loss"] = float(ls) / max(int(n), 1)
-        if paired and getattr(objective, "last", None) is not None:
-            lc, lr, nc, nr = objective.last
+        if paired and getattr(core, "last", None) is not None:
+            lc, lr, nc, nr = core.last
             d, da = lc - lr, lc / nc - lr / nr
             m.update(logp_margin=float(d.mean()), logp_accuracy=float((d > 0).float().mean()),
                      avg_logp_margin=float(da.mean()), avg_logp_accuracy=float((da > 0).float().mean()))

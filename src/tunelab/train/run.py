@@ -35,6 +35,7 @@ from ..models.load import load_model
 from ..objectives.sft import SFT
 from .log import console
 from .loop import BatchStream, fit
+from .task_eval import check_tasks, evaluate_base, evaluate_final
 
 
 @dataclass
@@ -65,6 +66,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and validate everything; nothing is written to disk."""
     if not cfg.data.train:
         raise TunelabError("data.train: no training data given (a .jsonl/.json/.csv/.parquet file or a dataset name)")
+    check_tasks(cfg)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation)
     template = get_template(cfg.data.template, tok)
@@ -208,6 +210,8 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     resuming = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
     samples_before = [] if resuming else _samples(p, cfg)
     console.print(f"held-out loss before: {before['eval_loss']:.4f}")
+    base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template)
+    torch.manual_seed(cfg.train.seed)  # task evaluation may sample; training randomness must not depend on it
     stream = make_stream(p.train, cfg, pad)
 
     def evaluate(step: int) -> dict:
@@ -224,6 +228,7 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
         return out
     after = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
     samples_after = _samples(p, cfg)
+    task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
     save_artifacts(p, cfg, out)
     results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(),
                "trainable_params": p.report.trainable, "total_params": p.report.total, "data": p.stats,
@@ -231,7 +236,7 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
                "total_seconds": time.perf_counter() - t0,
-               "samples": _pair_samples(samples_before, samples_after)}
+               "samples": _pair_samples(samples_before, samples_after), **task_fields}
     results = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     console.print(f"held-out loss: {before['eval_loss']:.4f} → {after['eval_loss']:.4f}; "

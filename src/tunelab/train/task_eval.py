@@ -1,0 +1,54 @@
+"""Learning and forgetting, measured in every run that declares `eval.target` / `eval.source` tasks.
+
+Before training, the *base* model is evaluated on every task — with the adapter switched off
+(`adapters.base.disabled`), so methods whose initialisation is not an exact identity (LoReFT) still measure the
+true base — and the result is cached on disk per (base model, task, task data, limit), so a sweep of twenty
+variants evaluates the base once. After training the same tasks run on the trained model, and the run's
+`results.json` records
+
+    learning  = mean relative improvement on the target tasks   (> 0: the run learned)
+    forgetting = mean relative degradation on the source tasks  (> 0: the run forgot)
+
+with per-task deltas under `learning` / `forgetting` and raw numbers under `eval.base` / `eval.final`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..adapters.base import disabled, has_adapter
+from ..eval import (EvalCache, load_task, model_fingerprint, print_results, run_results_fields, run_tasks,
+                    validate_tasks)
+
+
+def task_names(cfg) -> list[str]:
+    return list(dict.fromkeys([*cfg.eval.target, *cfg.eval.source]))
+
+
+def check_tasks(cfg) -> None:
+    """Fail fast (before anything is written) on an unknown task or missing --allow-code-execution."""
+    if task_names(cfg):
+        validate_tasks(task_names(cfg), cfg.eval.allow_code_execution)
+
+
+def evaluate_base(cfg, model, tokenizer, template) -> dict | None:
+    if not task_names(cfg):
+        return None
+    key = model_fingerprint(cfg.model.name, f"{cfg.model.dtype}|{cfg.model.device}")
+    ctx = disabled(model) if has_adapter(model) else contextlib.nullcontext()
+    with ctx:
+        return run_tasks(model, tokenizer, template, task_names(cfg), allow_code_execution=cfg.eval.allow_code_execution,
+                         limit=cfg.eval.limit, cache=EvalCache(), model_key=key)
+
+
+def evaluate_final(cfg, model, tokenizer, template, base: dict | None) -> dict:
+    """Fields for results.json (empty when the run declares no tasks)."""
+    if base is None:
+        return {}
+    final = run_tasks(model, tokenizer, template, task_names(cfg), allow_code_execution=cfg.eval.allow_code_execution,
+                      limit=cfg.eval.limit)
+    print_results(final, base=base, title="learning (target) and forgetting (source)")
+    name = {t: load_task(t).name for t in task_names(cfg)}  # results are keyed by task name, not YAML path
+    fields = run_results_fields(base, final, [name[t] for t in cfg.eval.target], [name[t] for t in cfg.eval.source])
+    fields["eval"]["base_cached"] = all(r.get("cached", False) for r in base.values())
+    return fields
