@@ -236,3 +236,18 @@ def test_bf16_base_keeps_fp32_adapter():
     ref = F.linear(x.float(), w.float(), b.float())
     torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=1e-2)
     assert layer.unwrap().weight.dtype == torch.bfloat16
+
+
+def test_eval_norm_cache_follows_in_place_updates():
+    layer = _layer().eval()
+    x = torch.randn(2, 8)
+    first = layer.weight_norm()
+    assert layer.weight_norm() is first  # cached between forwards in eval mode
+    with torch.no_grad():
+        layer.lora_B.weight.add_(0.5)  # an optimizer step or a weight load: in place, version bumps
+    n = (layer.weight + layer.delta_weight()).norm(dim=1)
+    torch.testing.assert_close(layer.weight_norm(), n)
+    assert not torch.allclose(n, first)
+    layer.train()
+    assert layer.weight_norm() is not layer.weight_norm()  # never cached while training
+    torch.testing.assert_close(layer(x), F.linear(x, *layer.linear_params()))

@@ -221,3 +221,18 @@ def test_quant_settings_survive_export(tmp_path):
     assert q.weight_absmax.numel() == 64 * 64 // 128
     torch.testing.assert_close(logits(back, ids), logits(model, ids), atol=0, rtol=0)
     assert nf4.storage_bytes(q.quant_state()) == q.quantized_bytes()
+
+
+def test_reload_quantises_from_the_training_dtype(tmp_path):
+    trained = make("llama").to(torch.bfloat16)  # e.g. trained on a GPU in bf16 ...
+    cfg = qlora.QLoraConfig(r=4, target_modules=["q_proj"])
+    qlora.wrap(trained, cfg)
+    perturb(trained)
+    qlora.export_peft(trained, cfg, tmp_path)
+    assert json.loads((tmp_path / qlora.QUANT_FILE).read_text())["quantized_from_dtype"] == "bfloat16"
+    back = make("llama")  # ... and loaded in fp32 on a CPU to export
+    qlora.load_peft(back, tmp_path)
+    a, b = trained.model.layers[0].self_attn.q_proj, back.model.layers[0].self_attn.q_proj
+    for key, t in a.quant_state().items():
+        assert torch.equal(t, b.quant_state()[key]), key  # the very codes the adapter was trained against
+    assert b.compute_dtype == torch.float32 and b.base_dtype == torch.float32

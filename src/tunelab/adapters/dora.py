@@ -64,11 +64,24 @@ class DoraLinear(LoraLinear):
         return F.linear(x, self.base_weight(), self.bias if with_bias else None)
 
     def weight_norm(self) -> torch.Tensor:
-        """n = ‖W0 + s·BA‖ over dim 1, in the adapter dtype, detached (no graph is built for it)."""
+        """n = ‖W0 + s·BA‖ over dim 1, in the adapter dtype, detached (no graph is built for it).
+
+        Outside training n is cached, because generation runs every layer once per token and n costs as much
+        as the matmul. The cache key is each tensor's storage and version counter, so any in-place update
+        (optimizer step, loading weights) or move to another device recomputes it."""
+        key = None
+        if not self.training:
+            key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+            cached = self.__dict__.get("_norm_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
         with torch.no_grad():
             dtype = self.lora_A.weight.dtype
             w = self.base_weight().to(dtype) + self.delta_weight()
-            return torch.linalg.vector_norm(w, dim=1)
+            n = torch.linalg.vector_norm(w, dim=1)
+        if key is not None:
+            self.__dict__["_norm_cache"] = (key, n)  # a plain attribute: never in the state dict
+        return n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled:

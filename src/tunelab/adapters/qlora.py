@@ -108,14 +108,18 @@ class _NF4Base:
     """Mixin that swaps a LoRA-family layer's float base weight for NF4 buffers (MRO: before the layer)."""
 
     def __init__(self, linear: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool,
-                 quant: QLoraConfig):
+                 quant: QLoraConfig, quantize_from: torch.dtype | None = None):
         super().__init__(linear, r, alpha, dropout, use_rslora)
         w = self.weight
         self.weight_shape = tuple(w.shape)
         self.base_dtype = w.dtype
         self.compute_dtype = _DTYPES.get(quant.compute_dtype, w.dtype)
         self.block_size, self.dq_block_size = quant.block_size, quant.double_quant_block_size
-        state = nf4.quantize(w, quant.block_size, quant.double_quant, quant.double_quant_block_size)
+        # Loading a run quantises from the dtype training did (bf16 on GPU, fp32 on CPU), so the codes and
+        # absmax values are the ones the adapter was trained against, whatever dtype the base loads in now.
+        self.quantized_from = quantize_from or w.dtype
+        state = nf4.quantize(w.to(self.quantized_from), quant.block_size, quant.double_quant,
+                             quant.double_quant_block_size)
         # Drop every reference to the float weight so its memory is freed; unwrap() creates the merged one.
         del self.weight
         linear.weight = None
@@ -219,6 +223,7 @@ def _quant_settings(layers: list[_NF4Base], cfg: QLoraConfig | None) -> dict:
     return {"quantization": "nf4", "block_size": first.block_size, "double_quant": first.double_quant,
             "double_quant_block_size": first.dq_block_size,
             "compute_dtype": cfg.compute_dtype if cfg is not None else "auto",
+            "quantized_from_dtype": str(first.quantized_from).removeprefix("torch."),
             "note": "trained against the NF4-quantised base model; tunelab re-quantises the base on load"}
 
 
@@ -259,11 +264,12 @@ def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
     tied = _shared_weights(model, names)
     if tied:
         raise TunelabError(f"{path}: {tied[0]} shares its weight with another module; it cannot be quantised")
+    source = _DTYPES.get(settings.get("quantized_from_dtype"))
     for name in names:
         old = model.get_submodule(name)
         cls = QDoraLinear if isinstance(old, DoraLinear) else QLoraLinear
         p = float(getattr(old.lora_dropout, "p", 0.0))
-        new = cls(old._base_layer, old.r, old.alpha, p, old.use_rslora, quant)
+        new = cls(old._base_layer, old.r, old.alpha, p, old.use_rslora, quant, quantize_from=source)
         new.lora_A, new.lora_B = old.lora_A, old.lora_B  # the loaded adapter tensors, moved over as they are
         if isinstance(old, DoraLinear):
             new.lora_magnitude_vector = old.lora_magnitude_vector
