@@ -29,14 +29,15 @@ def fake_runs(root: Path):
                    "train_seconds": 10.0, "tokens_per_s": 100.0, "final_train_loss": 2.2, "total_seconds": 12.0,
                    "samples": [{"prompt": "<|im_start|>user\nWhat is 2+2? <b>bold?</b><|im_end|>",
                                 "before": "fish", "after": "4"}]}
-        if learning is not None:
-            results.update({
-                "eval": {"base": {"code_loss": {"loss": 2.0}, "prose_loss": {"loss": 3.0}},
-                         "final": {"code_loss": {"loss": 2.0 * (1 - learning)},
-                                   "prose_loss": {"loss": 3.0 * (1 + (forgetting or 0))}}},
-                "learning": {"code_loss": {"metric": "loss", "relative": learning, "improvement": 2.0 * learning}},
-                "forgetting": {"prose_loss": forgetting},
-                "learning_score": learning, "forgetting_score": forgetting})
+        if learning is not None:  # the fields a run with eval.target/source writes, made by the same function
+            from tunelab.eval.forgetting import run_results_fields
+
+            def task(loss):
+                return {"metrics": {"loss": loss, "perplexity": 2.718 ** loss}, "primary": "loss"}
+
+            base = {"code_loss": task(2.0), "prose_loss": task(3.0)}
+            final = {"code_loss": task(2.0 * (1 - learning)), "prose_loss": task(3.0 * (1 + (forgetting or 0)))}
+            results.update(run_results_fields(base, final, ["code_loss"], ["prose_loss"]))
         results.update(extra)
         (d / "results.json").write_text(json.dumps(results))
         return d

@@ -16,7 +16,15 @@ from tunelab.lab.sweep import load_sweep
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tokenizer):
     tmp = tmp_path_factory.mktemp("lab")
-    return save_tiny_model(tmp / "tiny", tokenizer), write_jsonl(tmp / "d.jsonl", alpaca_rows(12)), tmp
+    data = write_jsonl(tmp / "d.jsonl", alpaca_rows(12))
+    # two tiny tasks: the training task's loss (target) and plain-text loss (source)
+    write_jsonl(tmp / "prose.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."},
+                                      {"text": "It was the best of times, it was the worst of times."}])
+    (tmp / "target.yaml").write_text("kind: perplexity\ndata: d.jsonl\nformat: alpaca\nlimit: 3\n")
+    (tmp / "source.yaml").write_text("kind: perplexity\ndata: prose.jsonl\nformat: text\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNELAB_CACHE", str(tmp / "cache"))  # the base-model eval cache stays out of ~/.cache
+        yield save_tiny_model(tmp / "tiny", tokenizer), data, tmp
 
 
 def write_sweep(path, model, data, out, **extra):
@@ -25,8 +33,8 @@ def write_sweep(path, model, data, out, **extra):
                       "data": {"train": str(data), "max_length": 64, "eval_fraction": 0.25},
                       "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 1, "save_every": 1},
                       "samples": {"n_heldout": 1, "max_new_tokens": 4, "at_eval": False},
-                      # the task-evaluation section: used when the run config knows it, skipped otherwise
-                      "eval": {"target": ["gsm_loss"], "source": ["prose_loss"]}},
+                      "eval": {"target": [str(data.parent / "target.yaml")],
+                               "source": [str(data.parent / "source.yaml")]}},
              "overrides": {"lora.r": 2, "dora.r": 2}, **extra}
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
@@ -61,7 +69,13 @@ def test_sweep_trains_variants_and_writes_report(sweep):
     assert rows["method=lora"]["method"] == "lora" and rows["method=dora"]["method"] == "dora"
     assert int(rows["method=dora"]["trainable_params"]) > int(rows["method=lora"]["trainable_params"])
     assert float(rows["method=lora"]["eval_loss_after"]) < float(rows["method=lora"]["eval_loss_before"])
-    assert rows["method=lora"]["learning_from"] in ("eval loss", "tasks")
+    assert rows["method=lora"]["learning_from"] == "tasks"  # from the target task, not the held-out loss
+    for name in ("method=lora", "method=dora"):
+        for key in ("learning", "forgetting", "learn:target", "forget:source", "base:target:loss",
+                    "final:source:loss"):
+            assert rows[name][key] != "", (name, key)
+    assert float(rows["method=lora"]["learning"]) > 0  # 2 steps at lr 1e-3 lower the training task's loss
+    assert (report / "learning_forgetting.png").exists()
     assert rows["broken,method=lora"]["status"] == "failed"
     page = (report / "index.html").read_text()
     assert "<h1>tiny-sweep</h1>" in page and "matches no module" in page and "before</p>" in page

@@ -7,7 +7,8 @@ expands to its variants in sweep order, failed ones included, so the report show
 **Learning and forgetting.** When a run evaluated tasks, ``results.json`` holds ``learning_score`` and
 ``forgetting_score`` (unitless: mean relative improvement on the target tasks, and mean relative worsening on
 the source tasks — positive learning = the target improved, positive forgetting = the source got worse) and
-per-task ``learning``/``forgetting`` deltas. Without them, learning falls back to the relative drop of the
+per-task ``learning``/``forgetting`` deltas (`tunelab.eval.task_delta` dicts; the table shows each source
+task's *worsening*, so every forgetting number reads the same way). Without them, learning falls back to the relative drop of the
 held-out loss, ``(before − after) / before`` — the same sign convention — and forgetting is unknown.
 """
 
@@ -127,17 +128,23 @@ def _sweep_runs(folder: Path) -> list[RunInfo]:
     return out
 
 
-def delta_value(delta) -> float | None:
-    """A per-task delta as one number: a number as is, or a `task_delta` dict's relative (else absolute)
-    improvement."""
+def delta_value(delta, worse_is_positive: bool = False) -> float | None:
+    """A per-task delta as one number.
+
+    tunelab's runs write `tunelab.eval.task_delta` dicts, whose ``improvement`` is > 0 when the task got *better*
+    (and ``relative`` = improvement / |base|, None when the base is 0) — for source tasks too. Forgetting reads
+    the other way (> 0 = worse), so ``worse_is_positive=True`` flips a dict's sign. A bare number is taken to be
+    in the caller's convention already.
+    """
     if isinstance(delta, bool):
         return None
     if isinstance(delta, (int, float)):
         return float(delta)
     if isinstance(delta, dict):
-        for key in ("relative", "improvement", "delta", "value"):
-            if isinstance(delta.get(key), (int, float)) and not isinstance(delta.get(key), bool):
-                return float(delta[key])
+        for key in ("relative", "improvement"):
+            v = delta.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return -float(v) if worse_is_positive else float(v)
     return None
 
 
@@ -158,7 +165,7 @@ def scores(results: dict | None) -> dict:
         learning, source = (before - after) / before, "eval loss"
     return {"learning": learning, "forgetting": forgetting, "learning_from": source,
             "learn": {t: delta_value(d) for t, d in learn_tasks.items()},
-            "forget": {t: delta_value(d) for t, d in forget_tasks.items()},
+            "forget": {t: delta_value(d, worse_is_positive=True) for t, d in forget_tasks.items()},
             "eval": r.get("eval") if isinstance(r.get("eval"), dict) else {}}
 
 
