@@ -21,3 +21,8 @@ def tiny():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tests run two pytest-xdist workers on a 2-core machine: one torch thread each avoids oversubscription
+# (with 2 threads per worker, small matmuls slow down by an order of magnitude under contention).
+torch.set_num_threads(1)

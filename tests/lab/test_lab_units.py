@@ -101,3 +101,20 @@ def test_config_drift_names_changed_keys(tmp_path):
     other = RunConfig.model_validate({"output_dir": str(tmp_path), "train": {"lr": 2e-3}})
     assert config_drift(tmp_path, other) == ["train.lr: 0.001 → 0.002"]
     assert config_drift(tmp_path / "nothing", other) == []
+
+
+@pytest.mark.parametrize("study", ["lora_vs_full", "masking", "mora_vs_lora", "dora_vs_lora"])
+def test_bundled_studies_validate(study, tmp_path, monkeypatch):
+    """Every variant of every study (and of its --scale version) is a valid run config with loadable tasks."""
+    from pathlib import Path
+
+    from tunelab.lab.compare import run_sweep
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "studies" / f"{study}.yaml"
+    monkeypatch.chdir(tmp_path)  # the dry run writes <output_dir>/configs, relative to the working directory
+    for scale in (False, True):
+        sweep = load_sweep(path, scale=scale)
+        outcomes = run_sweep(sweep, dry_run=True)
+        assert outcomes and all(o.status == "planned" for o in outcomes)
+        for v in sweep.variants:
+            assert (tmp_path / sweep.output_dir / "configs" / f"{v.run_dir.name}.yaml").exists()

@@ -95,19 +95,17 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     killed sweep leaves an accurate record.
     """
     from ..train.log import console
+    from ..train.task_eval import check_tasks
 
     runner = runner or _default_runner
     configs = []
     for v in sweep.variants:  # validate everything first: a typo must not surface after hours of training
         try:
-            configs.append(resolve(sweep, v))
+            cfg = resolve(sweep, v)
+            check_tasks(cfg)  # every eval task file exists and parses
+            configs.append(cfg)
         except TunelabError as e:
             raise TunelabError(f"variant '{v.name}': {e}") from None
-    from ..config import RunConfig
-
-    if "eval" not in RunConfig.model_fields and any("eval" in v.raw for v in sweep.variants):
-        console.print("[yellow]note: this tunelab's run config has no `eval:` section yet; the sweep's task "
-                      "evaluation is skipped and learning falls back to held-out loss[/]")
     outcomes = [Outcome(v.name, str(v.run_dir), v.overrides, "planned") for v in sweep.variants]
     if dry_run:
         print_plan(sweep, configs)
@@ -117,8 +115,10 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
         state = run_status(v.run_dir)
         drift = config_drift(v.run_dir, cfg)
         if drift:
-            out.status, out.error = "failed", (f"{v.run_dir} holds a run with a different config ({'; '.join(drift[:3])}"
-                                               f"{' …' if len(drift) > 3 else ''}); delete it to retrain")
+            more = " …" if len(drift) > 3 else ""
+            out.status = "failed"
+            out.error = (f"{v.run_dir} holds a run with a different config ({'; '.join(drift[:3])}{more}); "
+                         "delete it to retrain")
             console.print(f"[red]✗ {v.name}: {out.error}[/]")
         elif state == "done":
             out.status = "skipped"
@@ -130,8 +130,8 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
                 runner(cfg)
                 out.status = "done"
             except _recoverable() as e:
-                out.status, out.error = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, TunelabError) \
-                    else str(e)
+                out.status = "failed"
+                out.error = str(e) if isinstance(e, TunelabError) else f"{type(e).__name__}: {e}"
                 console.print(f"[red]✗ {v.name} failed: {out.error}[/] — going on with the next variant")
             out.seconds = time.perf_counter() - t0
         _save_state(sweep, outcomes)

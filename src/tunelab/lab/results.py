@@ -8,8 +8,9 @@ expands to its variants in sweep order, failed ones included, so the report show
 ``forgetting_score`` (unitless: mean relative improvement on the target tasks, and mean relative worsening on
 the source tasks — positive learning = the target improved, positive forgetting = the source got worse) and
 per-task ``learning``/``forgetting`` deltas (`tunelab.eval.task_delta` dicts; the table shows each source
-task's *worsening*, so every forgetting number reads the same way). Without them, learning falls back to the relative drop of the
-held-out loss, ``(before − after) / before`` — the same sign convention — and forgetting is unknown.
+task's *worsening*, so every forgetting number reads the same way). Without them, learning falls back to the
+relative drop of the held-out loss, ``(before − after) / before`` — the same sign convention — and forgetting
+is unknown.
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def build_table(runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
     cols += [Column(f"learn:{t}", f"learn · {t}", "signed") for t in learn_tasks]
     cols += [Column(f"forget:{t}", f"forget · {t}", "signed") for t in forget_tasks]
     cols += [Column("steps", "steps", "int"), Column("tokens_per_s", "tokens/s", "int"),
-             Column("train_seconds", "train s", "int"), Column("total_seconds", "total s", "int")]
+             Column("train_seconds", "train s"), Column("total_seconds", "total s")]
     rows = []
     for r in runs:
         res, s, flat = r.results or {}, r.scores, flatten(r.config)

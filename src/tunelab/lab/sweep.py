@@ -150,18 +150,11 @@ def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
 def resolve(sweep: Sweep, variant: Variant):
     """Validate one variant's run config: written to ``<sweep>/configs/<name>.yaml`` and loaded from there,
     so errors name a real file and line, and any variant can be rerun by hand with `tunelab train`."""
-    from ..config import RunConfig
-
-    raw = copy.deepcopy(variant.raw)
-    if "eval" in raw and "eval" not in RunConfig.model_fields:
-        # The task-evaluation schema (`eval: {target, source}`) is newer than this RunConfig: train without
-        # it rather than refuse; the report then falls back to held-out loss as the learning signal.
-        raw.pop("eval")
     cfg_dir = sweep.output_dir / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = cfg_dir / f"{variant.run_dir.name}.yaml"
     text = f"# variant '{variant.name}' of sweep '{sweep.name}' (written by tunelab compare)\n" + \
-        yaml.safe_dump(raw, sort_keys=False)
+        yaml.safe_dump(variant.raw, sort_keys=False)
     if not cfg_path.exists() or cfg_path.read_text() != text:  # unchanged files keep their mtime
         cfg_path.write_text(text)
     return load_config(cfg_path)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..adapters.base import linear_params
+from ..adapters.loreft import batch_positions
 
 
 def decoder(model):
@@ -29,8 +30,10 @@ def decoder(model):
 
 def forward_hidden(model, batch: dict) -> tuple[torch.Tensor, object]:
     """Hidden states [B, T, H] of the last layer (after the final norm) and the raw body output."""
-    out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch.get("position_ids"), use_cache=False)
+    # LoReFT intervenes on prompt positions only, which it reads off this batch's loss mask (no-op otherwise)
+    with batch_positions(model, batch):
+        out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), use_cache=False)
     return out.last_hidden_state, out
 
 
