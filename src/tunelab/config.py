@@ -116,6 +116,7 @@ class EvalConfig(Strict):
     source: list[str] = []  # tasks it should not forget
     limit: int | None = Field(None, ge=1)  # items per task
     allow_code_execution: bool = False  # code tasks run model-written code (sandboxed); opt in explicitly
+    during_training: bool = False  # also evaluate the target tasks at every train.eval_every (→ metrics.jsonl)
 
 
 class RunConfig(Strict):

@@ -173,7 +173,7 @@ def plot_vs_params(runs: list[RunInfo], path: Path) -> Path | None:
                 xs, ys = zip(*sorted(pts))
                 ax.plot(xs, ys, color="0.6", lw=1, zorder=1)
         ax.set_xscale("log")
-        ax.margins(x=0.25, y=0.12)
+        ax.margins(x=0.4, y=0.12)  # room for the run labels written right of each point
         _plain_y(ax)
         ax.set_xlabel("trainable parameters")
         ax.set_title(title)

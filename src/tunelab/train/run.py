@@ -35,7 +35,7 @@ from ..models.load import load_model
 from ..objectives.sft import SFT
 from .log import console
 from .loop import BatchStream, fit
-from .task_eval import check_tasks, evaluate_base, evaluate_final
+from .task_eval import check_tasks, evaluate_base, evaluate_during, evaluate_final
 
 
 @dataclass
@@ -215,7 +215,8 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     stream = make_stream(p.train, cfg, pad)
 
     def evaluate(step: int) -> dict:
-        row = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective)}
+        row = {"eval_loss": eval_loss(p.model, p.eval, pad, objective=objective),
+               **evaluate_during(cfg, p.model, p.tokenizer, p.template)}
         if cfg.samples.at_eval and step < _total(cfg, stream):  # the final samples go to results.json
             with (out / "samples.jsonl").open("a") as f:
                 for s_ in _samples(p, cfg):

@@ -52,3 +52,14 @@ def evaluate_final(cfg, model, tokenizer, template, base: dict | None) -> dict:
     fields = run_results_fields(base, final, [name[t] for t in cfg.eval.target], [name[t] for t in cfg.eval.source])
     fields["eval"]["base_cached"] = all(r.get("cached", False) for r in base.values())
     return fields
+
+
+def evaluate_during(cfg, model, tokenizer, template) -> dict:
+    """Target-task metrics at an `eval_every` step, flattened for metrics.jsonl (`task/metric`: value),
+    so curves like "exact-match recall vs steps" come straight from the log (`eval.during_training`)."""
+    if not (cfg.eval.during_training and cfg.eval.target):
+        return {}
+    res = run_tasks(model, tokenizer, template, cfg.eval.target, allow_code_execution=cfg.eval.allow_code_execution,
+                    limit=cfg.eval.limit, verbose=False)
+    return {f"{name}/{k}": v for name, r in res.items() for k, v in r["metrics"].items()
+            if isinstance(v, (int, float))}
