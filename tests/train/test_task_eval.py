@@ -25,11 +25,15 @@ def test_run_records_learning_and_forgetting(tmp_path, tokenizer, monkeypatch):
     def run(out):
         cfg = write_config(tmp_path / f"{out}.yaml", output_dir=str(tmp_path / out), method="lora",
                            model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
-                           lora={"r": 8}, train={"max_steps": 8, "batch_size": 4, "lr": 2e-2},
-                           samples={"n_heldout": 0}, eval={"target": [target], "source": [source]})
+                           lora={"r": 8}, train={"max_steps": 8, "batch_size": 4, "lr": 2e-2, "eval_every": 4},
+                           samples={"n_heldout": 0},
+                           eval={"target": [target], "source": [source], "during_training": True})
         return json.loads((train(load_config(cfg)) / "results.json").read_text())
 
     res = run("a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    during = [r for r in rows if "target_loss/loss" in r]
+    assert [r["step"] for r in during] == [4, 8]  # the target task's curve is in the log
     base, final = res["eval"]["base"], res["eval"]["final"]
     assert set(base) == {"target_loss", "source_loss"}
     assert final["target_loss"]["loss"] < base["target_loss"]["loss"]
