@@ -54,11 +54,32 @@ def cmd_inspect(args) -> int:
         raise TunelabError("data.train: no training data given")
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     d = cfg.data
+    if _is_preference_data(cfg):  # chosen and rejected (or unpaired completions), each with its mask
+        from .data.preference import inspect_pairs
+        from .data.sources import load_records
+        from .data.templates import get_template
+
+        records = load_records(d.train, split=d.split, limit=max(args.n, 1))
+        examples = inspect_pairs(tok, get_template(d.template, tok), records, d.max_length, n=args.n)
+        inspect_examples(examples, tok, n=len(examples), as_json=args.json)
+        return 0
     examples, stats, _ = build_examples(d.train, tok, fmt=d.format, template=d.template, mode=d.masking,
                                         turns=d.turns, max_length=d.max_length, split=d.split,
                                         limit=d.limit if d.limit else max(args.n, 1) * 50)
     inspect_examples(examples, tok, n=args.n, stats=stats, as_json=args.json)
     return 0
+
+
+def _is_preference_data(cfg) -> bool:
+    from .data.preference import is_preference, is_unpaired
+    from .data.sources import load_records
+
+    if cfg.data.format in ("preference", "unpaired"):
+        return True
+    if cfg.data.format != "auto":
+        return False
+    first = load_records(cfg.data.train, split=cfg.data.split, limit=1)
+    return bool(first) and (is_preference(first[0].data) or is_unpaired(first[0].data))
 
 
 def cmd_generate(args) -> int:
@@ -111,6 +132,14 @@ def cmd_eval(args) -> int:
         for name in list_tasks():
             task = load_task(name)
             print(f"{name:14s} {task.kind:10s} {task.spec.description}")
+        return 0
+    if args.pairs:  # a reward-model run: pairwise accuracy on preference pairs
+        from .objectives.reward import load_reward_model
+
+        acc = load_reward_model(args.model, device=args.device).accuracy(args.pairs, limit=args.limit)
+        print(json.dumps(acc))
+        if args.output:
+            Path(args.output).write_text(json.dumps(acc, indent=2))
         return 0
     if not args.model or not args.tasks:
         raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
@@ -183,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto")
     v.add_argument("--dtype", default="auto")
     v.add_argument("--list", action="store_true", help="list the bundled tasks")
+    v.add_argument("--pairs", help="reward-model run: pairwise accuracy on this preference file")
     v.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("compare", help="train every variant of a sweep file (resumable), then write a report")
