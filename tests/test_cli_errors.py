@@ -92,3 +92,15 @@ def test_inspect_json_flags_match_masking(tmp_path, capsys, model_dir, tokenizer
     assert len(first["input_ids"]) == len(first["tokens"]) == len(first["loss"])
     trained = tokenizer.decode([i for i, f in zip(first["input_ids"], first["loss"]) if f])
     assert trained == alpaca_rows(3)[0]["output"] + "<|im_end|>"
+
+
+def test_inspect_shows_chosen_and_rejected(tmp_path, capsys, model_dir):
+    rows = [{"prompt": "2 + 2?", "chosen": "4", "rejected": "5"}]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = _cfg(tmp_path, model_dir, data)
+    assert main(["data", "inspect", str(cfg), "--n", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["origin"].split()[-1] for r in out] == ["chosen", "rejected"]
+    for r, want in zip(out, ["4", "5"]):
+        trained = "".join(t for t, f in zip(r["tokens"], r["loss"]) if f)
+        assert trained.startswith(want) and trained.endswith("<|im_end|>")
