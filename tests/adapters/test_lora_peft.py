@@ -140,8 +140,8 @@ def test_import_errors(tmp_path):
     _write(tmp_path / "ia3", {"peft_type": "IA3"}, {})
     with pytest.raises(TunelabError, match="peft_type 'IA3'"):
         peft_format.load_peft(model, tmp_path / "ia3")
-    _write(tmp_path / "dora", {"peft_type": "LORA", "use_dora": True}, {})
-    with pytest.raises(TunelabError, match="use_dora"):
+    _write(tmp_path / "dora", {"peft_type": "LORA", "use_dora": True}, {})  # routed to DoRA, which finds no tensors
+    with pytest.raises(TunelabError, match="no lora_A/lora_B tensors"):
         peft_format.load_peft(model, tmp_path / "dora")
     _write(tmp_path / "fifo", {"peft_type": "LORA", "fan_in_fan_out": True}, {})
     with pytest.raises(TunelabError, match="fan_in_fan_out"):

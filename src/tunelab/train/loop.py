@@ -46,7 +46,7 @@ class BatchStream:
 class LoopResult:
     steps: int
     tokens: int
-    seconds: float
+    seconds: float  # training time, periodic evaluations excluded
     last_loss: float
     resumed_from: int | None
 
@@ -91,6 +91,7 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
 
     model.train()
     last_loss = float("nan")
+    eval_seconds = 0.0  # kept out of the training throughput
     t_start = time.perf_counter()
     with progress_bar(total, step) as bar:
         task = bar.task_ids[0]
@@ -132,11 +133,13 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
                            "n_loss_units": n_sum, **metrics})
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{step_tokens / dt:,.0f}")
             if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                t_eval = time.perf_counter()
                 log.write({"step": step, **evaluate(step)})
                 model.train()
+                eval_seconds += time.perf_counter() - t_eval
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_checkpoint(ckpt_dir, step, model, optimizer, scheduler,
                                 {"micro": micro, "tokens": tokens}, cfg.keep_last)
     if evaluate and step == total:
         log.write({"step": step, **evaluate(step)})
-    return LoopResult(step, tokens, time.perf_counter() - t_start, last_loss, resumed)
+    return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)
