@@ -251,3 +251,22 @@ def test_eval_norm_cache_follows_in_place_updates():
     layer.train()
     assert layer.weight_norm() is not layer.weight_norm()  # never cached while training
     torch.testing.assert_close(layer(x), F.linear(x, *layer.linear_params()))
+
+
+def test_incomplete_dora_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from tunelab.errors import TunelabError
+
+    def write(path, tensors):
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4}))
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+
+    write(tmp_path / "empty", {})
+    with pytest.raises(TunelabError, match="no lora_A/lora_B tensors"):
+        peft_format.load_peft(make("llama"), tmp_path / "empty")
+    key = "base_model.model.model.layers.0.self_attn.q_proj."
+    write(tmp_path / "nomag", {key + "lora_A.weight": torch.zeros(4, 64), key + "lora_B.weight": torch.zeros(64, 4)})
+    with pytest.raises(TunelabError, match="missing key .*lora_magnitude_vector"):
+        peft_format.load_peft(make("llama"), tmp_path / "nomag")
