@@ -45,3 +45,18 @@ def test_run_records_learning_and_forgetting(tmp_path, tokenizer, monkeypatch):
     res2 = run("b")
     assert res["eval"]["base_cached"] is False and res2["eval"]["base_cached"] is True
     assert res2["eval"]["base"]["target_loss"] == base["target_loss"]
+
+
+def test_preference_run_records_learning_and_forgetting(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    model_dir = save_tiny_model(tmp_path / "tiny", tokenizer)
+    pairs = [{"prompt": f"{i} + {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."} for i in range(12)]
+    data = write_jsonl(tmp_path / "p.jsonl", pairs)
+    source = _task(tmp_path, "source_loss", [{"text": "The quick brown fox jumps over the lazy dog."}] * 2, "text")
+    cfg = write_config(tmp_path / "dpo.yaml", output_dir=str(tmp_path / "dpo"), method="lora", objective="dpo",
+                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
+                       lora={"r": 4}, train={"max_steps": 2, "batch_size": 2, "lr": 1e-2},
+                       samples={"n_heldout": 0}, eval={"target": [source], "source": [source]})
+    res = json.loads((train(load_config(cfg)) / "results.json").read_text())
+    assert set(res["eval"]["base"]) == {"source_loss"}
+    assert isinstance(res["learning_score"], float) and res["forgetting_score"] == -res["learning_score"]

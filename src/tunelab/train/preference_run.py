@@ -34,6 +34,7 @@ from ..objectives import build_objective, needs_reference
 from ..objectives.pairwise import evaluate_pairs
 from .checkpoint import latest_checkpoint
 from .log import console
+from .task_eval import check_tasks, evaluate_base, evaluate_final
 from .loop import BatchStream, fit, total_steps
 from .run import (Prepared, _apply_method, _pair_samples, _samples, _split, _start_run_dir, save_artifacts,
                   with_method)
@@ -58,6 +59,7 @@ def _check(cfg: RunConfig) -> None:
 def prepare_preference(cfg: RunConfig) -> Prepared:
     """Load and validate model and data for a preference run; nothing is written to disk."""
     _check(cfg)
+    check_tasks(cfg)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation)
     template = get_template(cfg.data.template, tok)
@@ -165,6 +167,9 @@ def train_preference(cfg: RunConfig, stop_after: int | None = None) -> Path:
     before = _measure(p, objective, cfg)
     console.print(f"before: {_summary(before['train'])}")
     samples_before = [] if latest is not None else _samples(p, cfg)
+    # learning/forgetting on eval.target/source, as in SFT runs (a reward model is not a generator: skipped)
+    base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template) if cfg.objective != "reward" else None
+    torch.manual_seed(cfg.train.seed)
     pad = p.tokenizer.pad_token_id
     stream = make_pair_stream(p.train, cfg, pad)
 
@@ -179,12 +184,13 @@ def train_preference(cfg: RunConfig, stop_after: int | None = None) -> Path:
     after = _measure(p, objective, cfg)
     console.print(f"after:  {_summary(after['train'])}")
     samples_after = _samples(p, cfg)
+    task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
     _save(p, cfg, out)
     results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(), "data": p.stats,
                "before": before, "after": after, "steps": res.steps, "train_tokens": res.tokens,
                "train_seconds": res.seconds, "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
                "final_train_loss": res.last_loss, "total_seconds": time.perf_counter() - t0,
-               "samples": _pair_samples(samples_before, samples_after)}
+               "samples": _pair_samples(samples_before, samples_after), **task_fields}
     if cfg.objective == "reward" and p.eval:
         from ..objectives.reward import pairwise_accuracy
 
