@@ -30,3 +30,20 @@ def perturb(model, seed=2, scale=0.05):
         for p in base.adapter_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
+
+def train(model, ids, steps=10, lr=2e-2):
+    """A plain LM step loop (next-token CE over the whole sequence, AdamW); returns the losses."""
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses

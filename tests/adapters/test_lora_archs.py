@@ -10,8 +10,7 @@ What "all-linear" covers per architecture (transformers 5.23):
 
 import pytest
 import torch
-import torch.nn.functional as F
-from adapter_helpers import batch, logits, make
+from adapter_helpers import batch, logits, make, train
 from safetensors.torch import load_file, save_file
 
 from tunelab.adapters import lora
@@ -24,19 +23,6 @@ EXPECTED = {
 }
 
 
-def train(model, ids, steps=10, lr=2e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        out = model(input_ids=ids).logits[:, :-1]
-        loss = F.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 @pytest.mark.parametrize("arch", ARCHS)

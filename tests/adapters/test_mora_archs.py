@@ -2,27 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from adapter_helpers import batch, logits, make
+from adapter_helpers import batch, logits, make, train
 
 from tunelab.adapters import base, mora
 from tunelab.models.tiny import ARCHS
 
 
-def train(model, ids, steps=10, lr=2e-2):
-    """Next-token loss on the whole sequence (a plain LM step, as the LoRA arch tests)."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        out = model(input_ids=ids).logits[:, :-1]
-        loss = F.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_helpers import batch, logits, make, perturb
+from adapter_helpers import batch, logits, make, perturb, train
 from torch import nn
 
 from tunelab.adapters import base, dora, get_method, nf4, qlora
@@ -14,19 +14,6 @@ from tunelab.errors import TunelabError
 from tunelab.models.tiny import tiny_model
 
 
-def train(model, ids, steps=8, lr=2e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        out = model(input_ids=ids).logits[:, :-1]
-        loss = F.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def _dequantized_copy(model, arch="llama"):
@@ -105,7 +92,7 @@ def test_qlora_trains_and_roundtrips(tmp_path):
     model = tiny_model("llama", vocab_size=128).eval()
     cfg = qlora.QLoraConfig(r=4, alpha=8)
     qlora.wrap(model, cfg)
-    losses = train(model, ids)
+    losses = train(model, ids, steps=8)
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
 
@@ -134,7 +121,7 @@ def test_qdora_runs_trains_and_merges(tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, qlora.QDoraLinear) and isinstance(q, dora.DoraLinear) and "QDoRA" in report.notes[-1]
     torch.testing.assert_close(q.lora_magnitude_vector, q.base_weight().norm(dim=1))  # norms of dequantised W0
-    losses = train(model, ids)
+    losses = train(model, ids, steps=8)
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
     qlora.export_peft(model, cfg, tmp_path)
