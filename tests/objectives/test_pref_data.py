@@ -90,9 +90,9 @@ def test_bundled_files_parse(tokenizer):
     from importlib.resources import files
 
     data = files("tunelab") / "assets" / "data"
-    for name in ("gsm_pref.jsonl", "humaneval_pref.jsonl"):
+    for name, at_least in (("gsm_pref.jsonl", 100), ("humaneval_pref.jsonl", 60)):
         recs = load_records(str(data / name))
-        assert len(recs) > 100
+        assert len(recs) > at_least
         rows = [json.loads(line) for line in (data / name).read_text().splitlines()[:20]]
         assert all(r["chosen"] != r["rejected"] for r in rows)
         to_pair(recs[0])

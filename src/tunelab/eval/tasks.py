@@ -12,6 +12,7 @@ Kinds and their fields (``*`` = required)::
     data*: data/my.jsonl     # relative to this file
     description: "..."
     limit: 200               # default cap on records (the caller's `limit` overrides it)
+    skip: 0                  # leave out the first `skip` records (e.g. the ones a training split used)
     batch_size: 8
     template: null           # null: the model's own template (the one passed in); or a name (chatml, ...)
 
@@ -70,7 +71,7 @@ TASKS_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks"
 KINDS = ("perplexity", "choice", "exact", "code")
 CODE_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the Codex paper's (Chen et al. 2021) stop set
 
-_COMMON = {"name", "kind", "data", "description", "limit", "batch_size", "template"}
+_COMMON = {"name", "kind", "data", "description", "limit", "skip", "batch_size", "template"}
 KIND_FIELDS = {
     "perplexity": _COMMON | {"format", "masking", "turns", "max_length"},
     "choice": _COMMON | {"prompt", "choices_field", "answer_field", "target_delimiter", "chat", "max_length"},
@@ -91,6 +92,7 @@ class TaskSpec(BaseModel):
     data: str
     description: str = ""
     limit: int | None = Field(None, ge=1)
+    skip: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     template: str | None = None
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
@@ -157,10 +159,15 @@ class Task:
         return h.hexdigest()[:16]
 
     def records(self, limit: int | None = None):
-        """The task's records, the first `limit` of them (the caller's limit, else the task's own)."""
+        """The task's records after the first `skip`, the first `limit` of them (the caller's limit, else the
+        task's own)."""
         from ..data.sources import load_records
 
-        return load_records(str(self.data_path), limit=limit or self.spec.limit)
+        limit, skip = limit or self.spec.limit, self.spec.skip
+        records = load_records(str(self.data_path), limit=None if limit is None else skip + limit)[skip:]
+        if not records:
+            raise TunelabError(f"{self.path or self.data_path}: skip={skip} leaves no records")
+        return records
 
 
 def list_tasks() -> list[str]:
