@@ -14,7 +14,7 @@ gsm_answer_train.jsonl / gsm_answer_eval.jsonl
                       instructions as gsm_sft.jsonl, ~20x longer than their responses (the masking study's
                       "long instruction, short response" regime; the bundled worked solutions are the ~1:1 one).
 gsm_worked_eval.jsonl the first 24 held-out GSM problems with their worked solutions.
-uuid_pairs.jsonl      48 random UUID → UUID pairs (seeded RNG, uuid4 layout), the MoRA paper's memorisation task:
+uuid_pairs.jsonl      24 random UUID → UUID pairs (seeded RNG, uuid4 layout), the MoRA paper's memorisation task:
                       {"instruction": key, "output": value, "answer": value}. Nothing about a value can be
                       inferred from its key, so the only way to answer is to have memorised the pair.
 
@@ -113,7 +113,7 @@ def gsm_data() -> None:
     write(OUT / "gsm_worked_eval.jsonl", held)
 
 
-def uuid_pairs(n: int = 48, seed: int = 2024) -> list[dict]:
+def uuid_pairs(n: int = 24, seed: int = 2024) -> list[dict]:
     rng = random.Random(seed)  # uuid.uuid4() reads os.urandom: not reproducible, so draw the 128 bits ourselves
 
     def draw() -> str:

@@ -39,6 +39,16 @@ def test_normalisation_keeps_differences():
     assert is_correct("the answer is 72", "72", "gsm8k") == (False, None)
 
 
+def test_char_accuracy_counts_positions():
+    gold = "b938451e-e325"
+    assert exact.char_accuracy(gold, gold) == 1.0
+    assert exact.char_accuracy("b938451e-e3XX", gold) == pytest.approx(11 / 13)
+    assert exact.char_accuracy("b938", gold) == pytest.approx(4 / 13)           # too short: the rest is missing
+    assert exact.char_accuracy(gold + "-extra", gold) == 1.0                    # trailing text is ignored
+    assert exact.char_accuracy("x" + gold, gold) == 0.0                          # shifted: positions, not overlap
+    assert exact.char_accuracy("", "") == 1.0 and exact.char_accuracy("a", "") == 0.0
+
+
 def test_gold_with_full_gsm8k_solution_is_reduced():
     from tunelab.data.sources import Record
 
@@ -62,6 +72,7 @@ def test_scoring_with_stubbed_generation(tokenizer, tiny, make_task, monkeypatch
     assert res["n"] == 3
     assert res["metrics"]["exact_match"] == pytest.approx(1 / 3)
     assert res["metrics"]["answer_found"] == pytest.approx(2 / 3)
+    assert res["metrics"]["char_accuracy"] == pytest.approx(1 / 3)  # 1, 0 ('5' vs '4'), 0 ('I think…' vs '6')
     p = seen["prompts"][0]
     # Rendered with the template, the question in, the reference answer out, ready for the assistant turn.
     assert p.startswith("<|im_start|>user\nSolve.") and "What is 1 + 1?" in p and "#### 2" not in p

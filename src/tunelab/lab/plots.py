@@ -19,6 +19,7 @@ from .results import RunInfo
 
 _SKIP_EVAL_KEYS = {"step", "epoch", "tokens", "seconds", "eval_seconds"}
 MAX_EXTRA_PANELS = 4
+_REDUNDANT_SUFFIXES = ("/perplexity", "/answer_found")  # exp(loss), and a diagnostic: not worth a panel
 
 
 def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[int]:
@@ -77,7 +78,8 @@ def plot_curves(runs: list[RunInfo], path: Path) -> Path | None:
     for r in runs:
         for row in r.eval_rows:
             for k, v in row.items():
-                if k not in _SKIP_EVAL_KEYS and k != "eval_loss" and isinstance(v, (int, float)) and k not in extra:
+                if (k not in _SKIP_EVAL_KEYS and k != "eval_loss" and not k.endswith(_REDUNDANT_SUFFIXES)
+                        and isinstance(v, (int, float)) and k not in extra):
                     extra.append(k)
     panels = [("loss", "train loss", lambda r: r.train_rows), ("eval_loss", "eval loss", lambda r: r.eval_rows)]
     panels += [(k, k, lambda r: r.eval_rows) for k in extra[:MAX_EXTRA_PANELS]]
