@@ -28,8 +28,8 @@ def needs_reference(objective: str) -> bool:
 def build_objective(cfg, reference=None):
     """The objective of RunConfig `cfg`; `reference` (a `reference.Reference`) only for dpo/kto, and may be None
     when reference log-probs are precomputed into the batches."""
-    p, chunk, accum = cfg.pref, cfg.train.loss_chunk_size, cfg.train.grad_accum
-    common = dict(chunk_size=chunk, grad_accum=accum)
+    p, chunk = cfg.pref, cfg.train.loss_chunk_size
+    common = dict(chunk_size=chunk)
     if cfg.objective == "sft":
         from .sft import SFT
 

@@ -19,3 +19,9 @@ class Objective(Protocol):
     name: str
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]: ...
+
+
+# Optional hooks, for objectives with state of their own (a moving DPO/KTO reference):
+#   on_step(step)          called by the loop after optimizer step `step` (1-based), before any evaluation
+#   state_dict()           tensors saved with every checkpoint (`objective.safetensors`), so resume is exact
+#   load_state_dict(sd)    restores them when a run resumes from that checkpoint

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from .logprobs import sequence_logprobs, token_logprobs
-from .pairwise import StepTracker
-from .reference import view
+from .reference import ReferenceHooks, view
 
 
 def kto_losses(logps, ref_logps, labels, z0, beta: float = 0.1, desirable_weight: float = 1.0,
@@ -53,23 +52,21 @@ def weight_warning(n_desirable: int, n_undesirable: int, desirable_weight: float
             f"try pref.desirable_weight in [{lo:.2f}, {lo * 4 / 3:.2f}]")
 
 
-class KTO:
+class KTO(ReferenceHooks):
     name = "kto"
     needs_reference = True
     default_beta = 0.1
 
     def __init__(self, beta: float | None = None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 reference=None, chunk_size: int = 1024, grad_accum: int = 1):
+                 reference=None, chunk_size: int = 1024):
         self.beta = self.default_beta if beta is None else beta
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.reference, self.chunk_size = reference, chunk_size
-        self.steps = StepTracker(reference, grad_accum)
 
     def _logps(self, model, batch):
         return sequence_logprobs(token_logprobs(model, batch, self.chunk_size), batch)[0]
 
     def loss(self, model, batch: dict):
-        self.steps.tick(model)
         if "ref_logps" in batch:
             ref, ref_kl = batch["ref_logps"].float(), batch["ref_kl_logps"].float()
         else:

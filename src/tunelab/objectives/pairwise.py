@@ -33,41 +33,20 @@ import torch
 
 from ..errors import TunelabError
 from .logprobs import sequence_logprobs, token_logprobs
+from .reference import ReferenceHooks
 
 
-class StepTracker:
-    """Tells a moving reference when an optimizer step has happened, from inside `loss`.
-
-    The loop calls `loss` `grad_accum` times per step; a training call (grad enabled, model in train mode)
-    that starts a new step means the previous step's optimizer update is done. Evaluation calls (no grad)
-    are not counted. `start_step` is the step a resumed run starts from.
-    """
-
-    def __init__(self, reference, grad_accum: int = 1, start_step: int = 0):
-        self.reference, self.grad_accum, self.start_step, self.calls = reference, grad_accum, start_step, 0
-
-    def tick(self, model) -> None:
-        if self.reference is None or not self.reference.sync_every:
-            return
-        if not (torch.is_grad_enabled() and model.training):
-            return
-        if self.calls and self.calls % self.grad_accum == 0:
-            self.reference.on_step(self.start_step + self.calls // self.grad_accum)
-        self.calls += 1
-
-
-class PairwiseObjective:
+class PairwiseObjective(ReferenceHooks):
     name = "pairwise"
     needs_reference = True
     default_beta = 0.1
 
     def __init__(self, beta: float | None = None, reference=None, sft_weight: float = 0.0,
-                 chunk_size: int = 1024, grad_accum: int = 1):
+                 chunk_size: int = 1024):
         self.beta = self.default_beta if beta is None else beta
         self.reference = reference if self.needs_reference else None
         self.sft_weight = sft_weight
         self.chunk_size = chunk_size
-        self.steps = StepTracker(self.reference, grad_accum)
 
     # Subclasses implement the per-pair formula.
     def pair_losses(self, lc, lr, nc, nr, rc, rr, batch):
@@ -87,7 +66,6 @@ class PairwiseObjective:
         return logps, lens.to(logps.dtype).clamp(min=1)
 
     def loss(self, model, batch: dict):
-        self.steps.tick(model)
         P = batch["input_ids"].shape[0] // 2
         ref = self.reference_logps(batch) if self.needs_reference else None  # before the policy forward
         logps, lens = self.policy_logps(model, batch)

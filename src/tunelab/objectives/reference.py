@@ -20,8 +20,8 @@ adapter weights* (initially the adapter at construction — zero-initialised LoR
 and the update is applied to that set; its log-probs are computed by swapping the set into the adapter modules
 for the no-grad forward and swapping the policy's weights back. The swap is safe because objectives compute the
 reference *before* the policy forward of a micro-batch, so no activation saved for backward sees the swap.
-Limitation: the moving reference is not checkpointed; a resumed run restarts it from the initial reference
-(the base model / the policy at construction) and moves it again at the next scheduled sync.
+The loop calls ``on_step`` after every optimizer step (through the objective's `ReferenceHooks`), and the
+moved weights go into every checkpoint (`state_dict`), so a resumed run continues with the reference it had.
 
 Precomputed log-probs (`fill_cache`): one no-grad pass over the data before training, stored as safetensors in
 the run directory with a fingerprint of the token ids, so a resumed run reuses it. Incompatible with a moving
@@ -124,6 +124,23 @@ class Reference:
                     p.copy_(saved[k])
 
     # ---------------------------------------------------------------------------------------------- update
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a moving reference has moved (empty for a fixed reference: nothing to save)."""
+        if not self.sync_every:
+            return {}
+        if self.mode == "copy":
+            return {f"copy.{n}": p.detach() for n, p in self.model.named_parameters()}
+        return {f"adapter.{k}": t for k, t in self._ref_adapter.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        mine = self.state_dict()
+        if set(sd) != set(mine):
+            raise TunelabError("the checkpoint's reference weights do not match this run's reference "
+                               f"(mode={self.mode}, sync_every={self.sync_every}); start a new run or fix the config")
+        for k, t in sd.items():
+            mine[k].copy_(t)
+
     def on_step(self, step: int) -> bool:
         """Call after optimizer step `step` (1-based); syncs when due. Returns whether it synced."""
         if not self.sync_every or step % self.sync_every:
@@ -147,6 +164,25 @@ class Reference:
     def release(self) -> None:
         """Drop the copy (after precomputing): its memory is the reason to precompute."""
         self.model = None
+
+
+class ReferenceHooks:
+    """The loop's objective hooks (see `objectives.base`) for objectives holding a `self.reference`."""
+
+    reference: Reference | None
+
+    def on_step(self, step: int) -> None:
+        if self.reference is not None:
+            self.reference.on_step(step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.reference.state_dict() if self.reference is not None else {}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if self.reference is not None:
+            self.reference.load_state_dict(sd)
+        elif sd:
+            raise TunelabError("the checkpoint holds reference weights but this run has no reference model")
 
 
 @contextmanager

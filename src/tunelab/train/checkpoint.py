@@ -6,6 +6,7 @@ A checkpoint `checkpoints/step-000120/` holds everything needed to continue *exa
     optimizer.pt            optimizer state (tensors + numbers; loaded with weights_only=True)
     state.json              step, data position, scheduler state, tokens seen, Python/NumPy RNG
     rng.safetensors         torch CPU (and CUDA) RNG states
+    objective.safetensors   the objective's own state, when it has any (a moving DPO reference)
     COMPLETE                written last
 
 It is written into a temporary `.tmp-…` folder and renamed into place, so a process killed at any moment
@@ -61,7 +62,8 @@ def _set_rng(tensors: dict, py: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop_state: dict, keep_last: int) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop_state: dict, keep_last: int,
+                    objective_state: dict[str, torch.Tensor] | None = None) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
@@ -71,6 +73,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng_t, rng_py = _rng_state()
     save_file(rng_t, str(tmp / "rng.safetensors"))
+    if objective_state:
+        save_file({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
+                  str(tmp / "objective.safetensors"))
     state = {"step": step, "loop": loop_state, "scheduler": scheduler.state_dict(), "rng": rng_py}
     (tmp / "state.json").write_text(json.dumps(state))
     (tmp / "COMPLETE").write_text("ok\n")
@@ -106,8 +111,12 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None) -> dict:
+    """Restore model, optimizer, scheduler, RNGs (and `objective`'s own state) in place; returns state.json."""
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    if objective is not None and hasattr(objective, "load_state_dict"):
+        saved = path / "objective.safetensors"
+        objective.load_state_dict(load_file(str(saved)) if saved.exists() else {})
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])

@@ -5,8 +5,9 @@ Per optimizer step:
   2. for each, `loss_sum, n, metrics = objective.loss(model, batch)` and backpropagate the *unnormalised* sum;
   3. divide all gradients by N = Σ n (tokens or pairs) of the accumulated micro-batches — the gradient of
      the mean over every unit, identical to one big batch (not a mean of per-micro-batch means);
-  4. clip the global gradient norm, optimizer step, scheduler step;
-  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every`.
+  4. clip the global gradient norm, optimizer step, scheduler step, then the objective's `on_step` hook (a
+     moving reference syncs here);
+  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
 
 Determinism: batch order is a pure function of (seed, epoch); dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
@@ -80,7 +81,7 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
     step, micro, tokens, resumed = 0, 0, 0, None
     latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler)
+        state = load_checkpoint(latest, model, optimizer, scheduler, objective)
         step, micro, tokens = state["step"], state["loop"]["micro"], state["loop"]["tokens"]
         resumed = step
         console.print(f"resumed from {latest} (step {step})")
@@ -90,6 +91,7 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
                 and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
 
     model.train()
+    on_step = getattr(objective, "on_step", None)
     last_loss = float("nan")
     eval_seconds = 0.0  # kept out of the training throughput
     t_start = time.perf_counter()
@@ -124,6 +126,8 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if on_step is not None:
+                on_step(step)
             tokens += step_tokens
             dt = time.perf_counter() - t0
             last_loss = loss_sum / denom
@@ -138,8 +142,8 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
                 model.train()
                 eval_seconds += time.perf_counter() - t_eval
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler,
-                                {"micro": micro, "tokens": tokens}, cfg.keep_last)
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, {"micro": micro, "tokens": tokens},
+                                cfg.keep_last, objective.state_dict() if hasattr(objective, "state_dict") else None)
     if evaluate and step == total:
         log.write({"step": step, **evaluate(step)})
     return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)

@@ -162,8 +162,6 @@ def train_preference(cfg: RunConfig, stop_after: int | None = None) -> Path:
     reference = build_reference(cfg, p, out)
     objective = with_method(cfg, build_objective(cfg, reference))  # LoReFT: prompt positions per batch
     latest = latest_checkpoint(out / "checkpoints") if cfg.resume else None
-    if latest is not None and hasattr(objective, "steps"):  # so a moving reference keeps its sync schedule
-        objective.steps.start_step = json.loads((latest / "state.json").read_text())["step"]
     before = _measure(p, objective, cfg)
     console.print(f"before: {_summary(before['train'])}")
     samples_before = [] if latest is not None else _samples(p, cfg)
