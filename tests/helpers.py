@@ -34,3 +34,9 @@ def write_config(path: Path, **sections) -> Path:
 
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, training loss) of every training row in a run's metrics.jsonl."""
+    rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]

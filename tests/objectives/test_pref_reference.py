@@ -13,6 +13,7 @@ from tunelab.objectives.logprobs import sequence_logprobs, token_logprobs
 from tunelab.objectives.reference import Reference, fill_cache
 
 from pref_helpers import pair_rows
+from tests.helpers import train_losses
 
 
 def _examples(tokenizer, n=4):
@@ -114,10 +115,7 @@ def test_reference_free_objectives_build_no_reference(monkeypatch, tiny_dir, pai
 
 
 def _losses(run_dir):
-    import json
-
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [loss for _, loss in train_losses(run_dir)]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -1,13 +1,12 @@
 """The loop: loss normalisation across gradient accumulation, chunked loss, schedules, resume, atomicity."""
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import alpaca_rows, save_tiny_model, write_config, write_jsonl
+from tests.helpers import alpaca_rows, save_tiny_model, train_losses, write_config, write_jsonl
 from tunelab.config import TrainConfig, load_config
 from tunelab.data.collate import collate
 from tunelab.data.masking import Encoded
@@ -85,11 +84,6 @@ def _run_cfg(tmp_path, tokenizer, out, **train):
     return load_config(cfg)
 
 
-def _losses(run_dir):
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
 def test_resume_reproduces_the_uninterrupted_curve(tmp_path, tokenizer):
     from tunelab.train.run import train
 
@@ -98,7 +92,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tmp_path, tokenizer):
     train(cfg, stop_after=3)  # "killed" after step 3; last checkpoint is step 2
     assert ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-000002"
     resumed = train(cfg)
-    a, b = _losses(full), _losses(resumed)
+    a, b = train_losses(full), train_losses(resumed)
     assert [s for s, _ in b] == list(range(1, 7))
     assert [l for _, l in a] == pytest.approx([l for _, l in b], abs=1e-6, rel=0)
     assert len(ckpt.complete_checkpoints(tmp_path / "cut" / "checkpoints")) == 2  # keep_last
