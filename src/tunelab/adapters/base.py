@@ -9,6 +9,8 @@ An *adapter method* (LoRA, DoRA, MoRA, LoReFT, QLoRA…) is one module in this p
     load_adapter_state_dict(model, sd)
     set_enabled(model, flag) / disabled(model)  # run the frozen base model (e.g. the DPO reference)
     export_peft(model, cfg, path)             # PEFT's on-disk format where PEFT has one
+    wrap_objective(objective)   (optional)   # an objective whose loss sees each batch (LoReFT's positions)
+    check_examples(examples)    (optional)   # refuse encoded data the method cannot train on, before a run
 
 Most of that is method-independent and lives here, because every adapter module subclasses
 `AdapterModule`: a module that (1) knows which of its parameters are adapter parameters, (2) can be switched

@@ -24,10 +24,13 @@ Where (the paper's hyper-parameters `layers` and `positions`, e.g. "f7+l7"): the
 block, at the first `f` and the last `l` tokens of the prompt. Prefix and suffix positions get separate
 interventions unless `share_weights`. If f + l exceeds a prompt's length P the two are capped so they never
 overlap: each side gets up to ⌈P/2⌉ / ⌊P/2⌋ and a side that needs less leaves the rest to the other (pyreft
-caps both at ⌊P/2⌋ and may leave a middle token out). Only prompt tokens are intervened, never generated ones:
+caps both at ⌊P/2⌋ and may leave a middle token out). Only prompt tokens are intervened, never generated ones,
+and "the prompt" is the same text in training and generation, whatever `data.masking` trains on
+(loreft_positions.py has the details):
 
-* training/scoring (`batch_positions`, `wrap_objective`): the prompt of each document (packed rows included,
-  via `seq_ids`) is its tokens before the first trained token (`loss_mask`);
+* training/scoring (`batch_positions`, `wrap_objective`): the batch's `prompt_mask` marks each document's prompt
+  span (packed rows: per document) — the rendered conversation before the first trained assistant response,
+  i.e. what `Template.generation_prompt` renders for it. Data without a prompt (plain text) is refused;
 * otherwise (generation, plain `model(ids)`): the prompt is the attended input of a forward that starts with an
   empty KV cache (the prefill); a forward continuing a non-empty cache (decoding) is not intervened. With the
   KV cache this equals re-running the whole sequence with the prompt positions intervened (causality). So
@@ -58,6 +61,8 @@ from . import base
 from .base import (AdapterModule, AdapterReport, adapter_state_dict, disabled,  # noqa: F401 (re-exported)
                    load_adapter_state_dict, set_enabled)
 from .lora import _adapter_dtype, as_config
+from .loreft_positions import (NO_PROMPT, batch_codes, forward_codes, forward_kwargs,  # noqa: F401
+                               prompt_locations)
 from .mora import CONFIG_FILE, WEIGHTS_FILE, read_folder
 
 _POSITIONS = re.compile(r"^[fl](\d+)$")
@@ -196,70 +201,23 @@ def _block_hook(module, args, output):
 
 def _body_pre_hook(module, args, kwargs):
     state = module.__dict__["_tunelab_loreft"]
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    kwargs = forward_kwargs(module, args, kwargs)
+    ids = kwargs.get("input_ids")
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
     state.current = None if ref is None else _locate(state, ids, tuple(ref.shape[:2]), kwargs, ref.device)
 
 
 def _locate(state: _State, ids, shape: tuple, kwargs: dict, device) -> torch.Tensor | None:
-    if state.explicit:
-        for key, codes in state.explicit:
-            if key is ids:
-                return codes
-        same = [c for _, c in state.explicit if tuple(c.shape) == shape]
-        if len(same) == 1:  # the batch moved to another device (a reference copy): match by shape
-            return same[0].to(device)
-        raise TunelabError("loreft: a forward inside batch_positions() does not belong to the batch; "
-                           "cannot tell which prompt positions to intervene")
-    cache = kwargs.get("past_key_values")
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-        return None  # decoding after the prefill: generated tokens are not intervened
-    mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        seq_ids = (mask > 0).long() - 1  # left/right padding → -1
-    else:
-        seq_ids = torch.zeros(shape, dtype=torch.long, device=device)
-    return prompt_locations(seq_ids.to(device), None, state.first, state.last)
-
-
-def _cap(P: torch.Tensor, f: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first, last) counts per prompt length P: as asked when f + l ≤ P, else split without overlap."""
-    f_t, l_t = torch.full_like(P, f), torch.full_like(P, last)
-    f1 = torch.minimum(f_t, (P + 1) // 2)
-    l1 = torch.minimum(l_t, P - f1)
-    f1 = torch.minimum(f_t, P - l1)  # give back what the suffix did not need
-    fits = f_t + l_t <= P
-    return torch.where(fits, f_t, f1), torch.where(fits, l_t, l1)
-
-
-def prompt_locations(seq_ids: torch.Tensor, loss_mask: torch.Tensor | None, first: int, last: int) -> torch.Tensor:
-    """Codes [B, T] (int8): 1 on the first `first`, 2 on the last `last` prompt tokens of every document.
-
-    `seq_ids` [B, T]: document index per token, -1 on padding. The prompt of a document is its tokens before its
-    first `loss_mask` token (all of it when `loss_mask` is None). Vectorised: no Python loop over documents."""
-    B, T = seq_ids.shape
-    dev = seq_ids.device
-    valid = seq_ids >= 0
-    prev = torch.cat([torch.full((B, 1), -2, dtype=seq_ids.dtype, device=dev), seq_ids[:, :-1]], dim=1)
-    new_doc = valid & (seq_ids != prev)
-    t = torch.arange(T, device=dev).expand(B, T)
-    start = torch.where(new_doc, t, torch.zeros_like(t)).cummax(dim=1).values
-    rel = t - start  # position within the document
-    if loss_mask is None:
-        prompt = valid
-    else:
-        lm = (loss_mask.to(dev).bool() & valid).long()
-        seen = lm.cumsum(dim=1)  # loss tokens at or before t
-        before_start = (seen - lm).gather(1, start)  # loss tokens before the document began
-        prompt = valid & (seen - before_start == 0)
-    doc = (new_doc.long().cumsum(dim=1) - 1).clamp(min=0)
-    n_docs = int(doc.max()) + 1 if T else 1
-    P = torch.zeros(B, n_docs, dtype=torch.long, device=dev).scatter_add(1, doc, prompt.long()).gather(1, doc)
-    f, l_ = _cap(P, first, last)
-    codes = torch.zeros(B, T, dtype=torch.int8, device=dev)
-    codes[prompt & (rel >= P - l_)] = 2
-    codes[prompt & (rel < f)] = 1
-    return codes
+    if not state.explicit:
+        return forward_codes(kwargs, shape, device, state.first, state.last)
+    for key, codes in state.explicit:
+        if key is ids:
+            return codes
+    same = [c for _, c in state.explicit if tuple(c.shape) == shape]
+    if len(same) == 1:  # the batch moved to another device (a reference copy): match by shape
+        return same[0].to(device)
+    raise TunelabError("loreft: a forward inside batch_positions() does not belong to the batch; "
+                       "cannot tell which prompt positions to intervene")
 
 
 def _state(model: nn.Module) -> _State | None:
@@ -273,24 +231,13 @@ def _state(model: nn.Module) -> _State | None:
 @contextmanager
 def batch_positions(model: nn.Module, batch: dict):
     """Inside the block, forwards on this batch's `input_ids` (or any `<prefix>input_ids` with its
-    `<prefix>loss_mask`) intervene at each document's prompt positions. A no-op for models without LoReFT."""
+    `<prefix>loss_mask`) intervene at each document's prompt positions (`<prefix>prompt_mask`, see
+    loreft_positions.batch_codes). A no-op for models without LoReFT."""
     state = _state(model)
     if state is None:
         yield model
         return
-    entries = []
-    for key, ids in batch.items():
-        if not key.endswith("input_ids") or not torch.is_tensor(ids):
-            continue
-        p = key[: -len("input_ids")]
-        if batch.get(p + "loss_mask") is None:
-            continue
-        seq = batch.get(p + "seq_ids")
-        if seq is None:
-            mask = batch.get(p + "attention_mask")
-            seq = (mask > 0).long() - 1 if mask is not None and mask.dim() == 2 else torch.zeros_like(ids)
-        entries.append((ids, prompt_locations(seq, batch[p + "loss_mask"], state.first, state.last)))
-    before, state.explicit = state.explicit, entries
+    before, state.explicit = state.explicit, batch_codes(batch, state.first, state.last)
     try:
         yield model
     finally:
@@ -315,6 +262,13 @@ class PromptPositions:
 
 def wrap_objective(objective):
     return PromptPositions(objective)
+
+
+def check_examples(examples) -> None:
+    """Refuse encoded examples without a prompt span (plain text) before a run starts: nowhere to intervene."""
+    for ex in examples:
+        if ex.prompt_mask is not None and not any(ex.prompt_mask):
+            raise TunelabError(f"{ex.origin or 'example'}: {NO_PROMPT}")
 
 
 def wrap(model: nn.Module, cfg: LoreftConfig | dict | None = None) -> AdapterReport:

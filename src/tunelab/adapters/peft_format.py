@@ -2,11 +2,11 @@
 
 A PEFT adapter folder holds two files (checked against PEFT 0.21's own `save_pretrained`):
 
-* `adapter_config.json` — `peft_type: "LORA"`, `task_type: "CAUSAL_LM"`, `r`, `lora_alpha`, `lora_dropout`,
-  `use_rslora` (scale s = lora_alpha/r, or lora_alpha/sqrt(r)), `target_modules` (we write the full module
-  paths, as PEFT itself does for "all-linear"), `modules_to_save`, `rank_pattern`/`alpha_pattern`
-  (per-module r and alpha; key k matches module n when re.match(r"(.*\\.)?(k)$", n)), `ensure_weight_tying`,
-  and the fixed `bias: "none"`, `fan_in_fan_out: false`, `init_lora_weights: true`, `use_dora: false`.
+* `adapter_config.json` — `peft_type: "LORA"`, `task_type: "CAUSAL_LM"`, `base_model_name_or_path`, `r`,
+  `lora_alpha`, `lora_dropout`, `use_rslora` (scale s = lora_alpha/r, or lora_alpha/sqrt(r)), `target_modules`,
+  `modules_to_save`, `rank_pattern`/`alpha_pattern` (per-module r and alpha; key k matches module n when
+  re.match(r"(.*\\.)?(k)$", n)), `ensure_weight_tying`, and the fixed `bias: "none"`, `fan_in_fan_out: false`,
+  `init_lora_weights: true`, `use_dora: false`.
 * `adapter_model.safetensors` — keys `base_model.model.<module path>.lora_A.weight` [r, in] and
   `.lora_B.weight` [out, r] (the adapter name "default" is dropped), plus, for each module in
   modules_to_save, its full trained tensors under `base_model.model.<module path>.<param>` (PEFT saves its
@@ -15,6 +15,19 @@ A PEFT adapter folder holds two files (checked against PEFT 0.21's own `save_pre
 
 tunelab keys are PEFT keys minus the `base_model.model.` prefix, so conversion is a prefix change. Only
 safetensors is read or written; a pickle `adapter_model.bin` is refused.
+
+Written so the rest of the ecosystem (`PeftModel`, `AutoPeftModelForCausalLM`, vLLM) takes the folder as is:
+
+* `base_model_name_or_path` is what `from_pretrained` resolves outside tunelab (`models.load.ecosystem_ref`):
+  the hub id of an alias (`smollm2-135m` → `HuggingFaceTB/SmolLM2-135M-Instruct`), the absolute path of a local
+  folder, a hub id unchanged. tunelab never reads it: a run's base comes from its config.yaml (`model.name`,
+  the alias itself), which loads offline.
+* `target_modules` is written compactly, as PEFT writes it (`target_modules_value`): the leaf names
+  (`["down_proj", …, "v_proj"]`) when they select exactly the trained modules under PEFT's rule (module name n
+  matches target t when n == t or n ends with "." + t), else a full-match regex over layer indices and
+  sub-paths (PEFT reads a str target as `re.fullmatch`), checked the same way, else the full module paths.
+  Every candidate is checked against all module names of the base model, so loading in PEFT adapts exactly
+  the modules tunelab trained.
 """
 
 from __future__ import annotations
@@ -53,6 +66,64 @@ def _mode(values):
     return max(values, key=values.count)  # ties go to the first layer in model order
 
 
+def base_module_names(model: nn.Module) -> list[str]:
+    """Module names of the model as it was before wrapping: adapter modules count as the module they replaced
+    (their own children — lora_A, lora_B … — are not base modules)."""
+    names, inside = [], None
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if inside is not None and name.startswith(inside):
+            continue
+        names.append(name)
+        inside = name + "." if isinstance(module, base.AdapterModule) else None
+    return names
+
+
+def _peft_selects(target, names: list[str]) -> set[str]:
+    """The names PEFT adapts for `target_modules=target` (tuners_utils.check_target_module_exists)."""
+    if isinstance(target, str):
+        return {n for n in names if re.fullmatch(target, n)}
+    wanted = set(target)
+    return {n for n in names if n in wanted or any(n.endswith("." + t) for t in wanted)}
+
+
+def _alternatives(items) -> str:
+    items = sorted(set(items), key=lambda x: (len(x), x) if x.isdigit() else (0, x))
+    return items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
+
+
+def _layer_regexes(targets: list[str]) -> list[str]:
+    """Candidate regexes `prefix\\.(?:i|j…)\\.(…)` when the targets are every (layer index × sub-path)
+    combination under one prefix (some layers, the same modules in each): by leaf name, then by sub-path."""
+    split = []
+    for t in targets:
+        parts = t.split(".")
+        k = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if k is None or k == len(parts) - 1:
+            return []
+        split.append((".".join(parts[:k]), parts[k], ".".join(parts[k + 1:])))
+    prefixes = {p for p, _, _ in split}
+    idx, rests = {i for _, i, _ in split}, {r for _, _, r in split}
+    if len(prefixes) != 1 or len(idx) * len(rests) != len(set(targets)):
+        return []
+    head = re.escape(prefixes.pop()) + r"\." + _alternatives(idx) + r"\."
+    leaves = {r.rpartition(".")[2] for r in rests}
+    return [head + r"(?:.*\.)?" + _alternatives(re.escape(x) for x in leaves),
+            head + _alternatives(re.escape(r) for r in rests)]
+
+
+def target_modules_value(model: nn.Module, targets) -> list[str] | str:
+    """The `target_modules` to write for LoRA layers at the full module paths `targets` (see the module doc)."""
+    targets = sorted(targets)
+    want, names = set(targets), base_module_names(model)
+    leaves = sorted({t.rpartition(".")[2] for t in targets})
+    for candidate in [leaves, *_layer_regexes(targets)]:
+        if _peft_selects(candidate, names) == want:
+            return candidate
+    return targets
+
+
 def peft_config_dict(model: nn.Module, cfg=None, base_model_name_or_path: str | None = None,
                      overrides: dict | None = None) -> dict:
     """The adapter_config.json contents for the LoRA-family adapter currently in `model`.
@@ -74,6 +145,10 @@ def peft_config_dict(model: nn.Module, cfg=None, base_model_name_or_path: str | 
     alpha_pattern = {re.escape(n): m.alpha for n, m in targets.items() if m.alpha != alpha}
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if base_model_name_or_path:
+        from ..models.load import ecosystem_ref
+
+        base_model_name_or_path = ecosystem_ref(base_model_name_or_path)
     conf = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -82,7 +157,7 @@ def peft_config_dict(model: nn.Module, cfg=None, base_model_name_or_path: str | 
         "lora_alpha": alpha,
         "lora_dropout": _mode(float(getattr(m.lora_dropout, "p", 0.0)) for m in layers),
         "use_rslora": bool(layers[0].use_rslora),
-        "target_modules": sorted(targets),
+        "target_modules": target_modules_value(model, targets),
         "modules_to_save": sorted(extra_names) or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

@@ -6,6 +6,9 @@ dtype, every forward and again in the backward pass:
 
     y = dequant(W_nf4) x + b + s · B A dropout(x)                         (LoRA on top; DoRA: see dora.py)
 
+The matmul runs in the compute dtype; each layer returns its input's dtype, like the nn.Linear it replaces
+(and bitsandbytes' Linear4bit), so a compute dtype other than the model's changes rounding, not dtypes.
+
 The backward pass needs W only to propagate gradients to x (W is frozen), so a custom autograd function
 re-dequantises W there instead of saving a float copy per layer: activations are all that training keeps.
 On CUDA, bitsandbytes' fused kernel does the dequantisation when installed; otherwise (and on CPU) the
@@ -143,8 +146,12 @@ class _NF4Base:
                               self.block_size, self.dq_block_size)
 
     def base_forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        # The matmul runs in the compute dtype, but the result comes back in the input's dtype (as
+        # bitsandbytes' Linear4bit does): the layer stays a drop-in nn.Linear whatever compute_dtype is.
+        # Returning the compute dtype instead breaks models that mix the outputs of several linears with
+        # other tensors, e.g. bf16 q/k upcast by fp32 rotary cos/sin next to a bf16 v in attention.
         bias = self.bias.to(self.compute_dtype) if with_bias and self.bias is not None else None
-        return _NF4Matmul.apply(x.to(self.compute_dtype), bias, self)
+        return _NF4Matmul.apply(x.to(self.compute_dtype), bias, self).to(x.dtype)
 
     @contextmanager
     def _fp32_base(self):

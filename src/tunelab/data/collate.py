@@ -14,6 +14,10 @@ Keys:
                     False on padding and on every document's first token: in a packed row the previous
                     position belongs to another document, so that "prediction" would leak across documents.
 ``seq_ids``         long ``[B, T]``: document index within the row, -1 on padding.
+``prompt_mask``     bool ``[B, T]``: the document's prompt span (`Encoded.prompt_mask`, see masking.py) — what
+                    generation would be given for it, whatever the loss trains on; per document in a packed
+                    row, all False for plain text. Examples without one (built by hand, eval scoring) take
+                    their tokens before the first target. Read by methods that act on prompt positions (LoReFT).
 
 With these, a packed batch gives the same per-token losses as the same examples run one by one (tested to
 1e-5 in fp32 on a tiny Llama). Transformers accepts the 4D boolean mask as-is for eager/SDPA attention.
@@ -44,6 +48,7 @@ def collate(items, pad_id: int, packed: bool = False, pad_to_multiple_of: int | 
     loss_mask = torch.zeros((B, T), dtype=torch.bool)
     position_ids = torch.zeros((B, T), dtype=torch.long)
     seq_ids = torch.full((B, T), -1, dtype=torch.long)
+    prompt_mask = torch.zeros((B, T), dtype=torch.bool)
     for b, row in enumerate(rows):
         pos = 0
         for doc, ex in enumerate(row):
@@ -53,13 +58,21 @@ def collate(items, pad_id: int, packed: bool = False, pad_to_multiple_of: int | 
             loss_mask[b, pos] = False  # a document's first token has no in-document predecessor
             position_ids[b, pos: pos + n] = torch.arange(n)
             seq_ids[b, pos: pos + n] = doc
+            prompt_mask[b, pos: pos + n] = torch.tensor(_prompt_of(ex), dtype=torch.bool)
             pos += n
     if packed:
         attention_mask = block_causal_mask(seq_ids)
     else:
         attention_mask = (seq_ids >= 0).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "loss_mask": loss_mask, "seq_ids": seq_ids}
+            "loss_mask": loss_mask, "seq_ids": seq_ids, "prompt_mask": prompt_mask}
+
+
+def _prompt_of(ex: Encoded) -> list[bool]:
+    if ex.prompt_mask is not None:
+        return ex.prompt_mask
+    first = next((i for i, m in enumerate(ex.loss_mask) if m and i > 0), len(ex))
+    return [i < first for i in range(len(ex))]
 
 
 def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,12 @@ before the content (mistral's ``[/INST] answer``).
 ``template`` mode they are still trained, being prompt). Plain-text samples (continued pretraining) train on
 every token whatever the mode: the tokenizer's bos is prepended only if the tokenizer itself adds one by default
 (Llama-style; SmolLM2 does not), and eos is appended and trained so documents learn to end.
+
+**Prompt span** (``prompt_mask``, independent of the mode): the tokens before the first *trained* assistant
+response — the system/user content and template text the model conditions on, assistant header included; with
+``turns="last"`` earlier turns are part of it. This is what `Template.generation_prompt` renders for the
+conversation up to that response, so methods that act on prompt positions (LoReFT) see the same tokens in
+training and generation, whether the loss trains on the prompt or not. Plain-text samples have no prompt.
 """
 
 from __future__ import annotations
@@ -44,13 +50,15 @@ TURNS = ("all", "last")
 
 @dataclass
 class Encoded:
-    """One tokenized example: ids, per-token target flags, whether it was cut, how many targets it has."""
+    """One tokenized example: ids, per-token target flags, whether it was cut, how many targets it has, and
+    its prompt span (see the module docstring; None = unknown, readers take the tokens before the first target)."""
 
     input_ids: list[int]
     loss_mask: list[bool]
     truncated: bool = False
     n_trained: int = 0
     origin: str = ""
+    prompt_mask: list[bool] | None = None
 
     def __len__(self):
         return len(self.input_ids)
@@ -107,9 +115,17 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def _prompt_end(segments: list[Segment], turns: str) -> int:
+    """Index of the first segment of the first trained assistant turn (len(segments) if there is none)."""
+    assistant = [s.turn for s in segments if s.kind in ("response", "eot")]
+    last = max(assistant, default=-1)
+    return next((i for i, s in enumerate(segments) if s.kind in ("response", "eot")
+                 and (turns == "all" or s.turn == last)), len(segments))
+
+
 def _assign(segments: list[Segment], ids: list[int], offsets, mode: str, turns: str,
-            max_length: int | None, special: set[int]) -> tuple[list[int], list[bool], bool]:
-    """Loss mask for chat `ids` of the concatenated `segments` text, then truncation."""
+            max_length: int | None, special: set[int]) -> tuple[list[int], list[bool], list[bool], bool]:
+    """Loss mask and prompt span for chat `ids` of the concatenated `segments` text, then truncation."""
     text = "".join(s.text for s in segments)
     starts, pos = [], 0
     for s in segments:
@@ -121,33 +137,38 @@ def _assign(segments: list[Segment], ids: list[int], offsets, mode: str, turns: 
         return bisect.bisect_right(starts, c) - 1
 
     flags = _trained_kinds(segments, mode, turns)
-    mask = []
+    end = _prompt_end(segments, turns)
+    mask, prompt = [], []
     for tok_id, (a, b) in zip(ids, offsets):
         # First non-whitespace character of the token decides; fall back to its first character.
         first = next((c for c in range(a, b) if not text[c].isspace()), a)
-        trained, eot = flags[owner(min(first, len(text) - 1))]
+        seg = owner(min(first, len(text) - 1))
+        trained, eot = flags[seg]
         if mode == "none" and tok_id in special and not eot:
             trained = False
         mask.append(trained)
-    return _finish(ids, mask, max_length)
+        prompt.append(seg < end)
+    return _finish(ids, mask, prompt, max_length)
 
 
-def _finish(ids: list[int], mask: list[bool], max_length: int | None) -> tuple[list[int], list[bool], bool]:
+def _finish(ids: list[int], mask: list[bool], prompt: list[bool],
+            max_length: int | None) -> tuple[list[int], list[bool], list[bool], bool]:
     truncated = max_length is not None and len(ids) > max_length
-    if truncated:
-        ids, mask = ids[:max_length], mask[:max_length]  # keep the left part: the prompt comes first
+    if truncated:  # keep the left part: the prompt comes first
+        ids, mask, prompt = ids[:max_length], mask[:max_length], prompt[:max_length]
     if mask:
         mask[0] = False  # nothing precedes token 0, so it can never be predicted
-    return ids, mask, truncated
+    return ids, mask, prompt, truncated
 
 
-def _encode_text(tokenizer, text: str, max_length: int | None, bos: bool) -> tuple[list[int], list[bool], bool]:
+def _encode_text(tokenizer, text: str, max_length: int | None,
+                 bos: bool) -> tuple[list[int], list[bool], list[bool], bool]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if bos:
         ids = [tokenizer.bos_token_id] + ids
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
-    return _finish(ids, [True] * len(ids), max_length)
+    return _finish(ids, [True] * len(ids), [False] * len(ids), max_length)  # plain text: no prompt
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -178,10 +199,10 @@ def _encode_many(tokenizer, seg_lists: list[list[Segment]], mode: str, turns: st
     for i, segs in enumerate(seg_lists):
         if i in tokenized:
             ids, offsets = tokenized[i]
-            ids, mask, cut = _assign(segs, ids, offsets, mode, turns, max_length, special)
+            ids, mask, prompt, cut = _assign(segs, ids, offsets, mode, turns, max_length, special)
         else:
-            ids, mask, cut = _encode_text(tokenizer, "".join(s.text for s in segs), max_length, bos)
-        out.append(Encoded(ids, mask, cut, sum(mask), origins[i]))
+            ids, mask, prompt, cut = _encode_text(tokenizer, "".join(s.text for s in segs), max_length, bos)
+        out.append(Encoded(ids, mask, cut, sum(mask), origins[i], prompt))
     return out
 
 

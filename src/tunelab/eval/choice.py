@@ -22,12 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..data.collate import collate
 from ..data.masking import Encoded, _adds_bos
 from ..errors import TunelabError
-from ..objectives.logprobs import forward_hidden, token_logprobs
+from ..objectives.logprobs import forward_hidden, head_logits, output_head, token_logprobs
 from .tasks import Task, format_prompt
 
 
@@ -69,7 +68,8 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int | No
 def _scores_with_greedy(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, T] and "target is the argmax" flags [B, T] on loss positions.
 
-    The same chunked lm_head as `logprobs.head_logprobs`, but keeping the argmax too (lm-eval's is_greedy).
+    The same chunked lm_head as `logprobs.head_logprobs` (adapter-aware, with the model's own logit transform),
+    but keeping the argmax too (lm-eval's is_greedy).
     """
     hidden, _ = forward_hidden(model, batch)
     mask = batch["loss_mask"].clone()
@@ -77,13 +77,10 @@ def _scores_with_greedy(model, batch: dict, chunk_size: int) -> tuple[torch.Tens
     pos = mask.nonzero(as_tuple=True)
     h = hidden[pos[0], pos[1] - 1]
     targets = batch["input_ids"][pos]
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    weight, bias, transform = output_head(model)
     lps, hits = [], []
     for i in range(0, h.shape[0], chunk_size):
-        logits = F.linear(h[i:i + chunk_size], head.weight, head.bias).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head_logits(h[i:i + chunk_size], weight, bias, transform)
         t = targets[i:i + chunk_size]
         lps.append(logits.log_softmax(-1).gather(1, t[:, None])[:, 0])
         hits.append(logits.argmax(-1) == t)

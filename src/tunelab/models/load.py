@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TunelabError
-from .aliases import ALIASES, alias_gguf
+from .aliases import ALIASES, HUB_IDS, alias_gguf
 
 
 def cache_dir() -> Path:
@@ -94,6 +94,21 @@ def resolve(ref: str) -> str:
     if looks_local or ref.count("/") != 1:
         raise TunelabError(f"model not found: '{ref}' is not an alias ({', '.join(ALIASES)}), "
                            "a folder, a .gguf file or a hub id like org/name")
+    return ref
+
+
+def ecosystem_ref(ref: str) -> str:
+    """The base-model reference to write where other tools read it (a PEFT `base_model_name_or_path`): what
+    `AutoModelForCausalLM.from_pretrained` resolves outside tunelab. An alias becomes its hub id, a local folder
+    its absolute path, a .gguf file the absolute path of its converted folder; a hub id (or anything else)
+    stays as given. Never touches the network."""
+    if ref in HUB_IDS:
+        return HUB_IDS[ref]
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(gguf_to_folder(path).resolve())
+    if path.is_dir():
+        return str(path.resolve())
     return ref
 
 

@@ -47,7 +47,7 @@ def build_objective(cfg, reference=None):
     if cfg.objective == "orpo":
         from .orpo import ORPO
 
-        return ORPO(p.beta, sft_weight=p.sft_weight, **common)
+        return ORPO(p.beta, prompt_loss=p.orpo_prompt_loss, sft_weight=p.sft_weight, **common)
     if cfg.objective == "kto":
         from .kto import KTO
 

@@ -11,9 +11,17 @@ Instead we
 
 The result is exact (same math as `F.cross_entropy` on full logits), which tests check.
 Shared by SFT, the preference objectives, evaluation and RL.
+
+Some architectures do more than `lm_head(h)` to get their logits: Granite divides by `logits_scaling`, Cohere
+multiplies by `logit_scale`, Gemma 2 soft-caps with `final_logit_softcapping`, … `logit_transform(model)`
+says what the model's own forward does (`LogitTransform`), every head here applies it, and an architecture
+whose head does something else that is not reproduced here is refused rather than scored wrongly.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters.base import linear_params
 from ..adapters.loreft import batch_positions
+from ..errors import TunelabError
 
 
 def decoder(model):
@@ -28,43 +37,159 @@ def decoder(model):
     return getattr(model, model.base_model_prefix)
 
 
-def forward_hidden(model, batch: dict) -> tuple[torch.Tensor, object]:
-    """Hidden states [B, T, H] of the last layer (after the final norm) and the raw body output."""
+def forward_hidden(model, batch: dict, router_logits: bool = False) -> tuple[torch.Tensor, object]:
+    """Hidden states [B, T, H] of the last layer (after the final norm) and the raw body output.
+
+    `router_logits`: also return a mixture-of-experts body's router logits (`out.router_logits`), which real
+    checkpoints do not by default (`output_router_logits: false`); the SFT load-balancing loss needs them."""
+    extra = {"output_router_logits": True} if router_logits else {}
     # LoReFT intervenes on prompt positions only, which it reads off this batch's loss mask (no-op otherwise)
     with batch_positions(model, batch):
         out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch.get("position_ids"), use_cache=False)
+                             position_ids=batch.get("position_ids"), use_cache=False, **extra)
     return out.last_hidden_state, out
 
 
-def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, softcap: float | None):
-    logits = F.linear(h, weight, bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return -F.cross_entropy(logits, targets, reduction="none")
+# ------------------------------------------------------------------------------ the model's own output head
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM's forward does around its lm_head, as transformers' modeling code does it:
+
+        logits = softcap( lm_head(h / hidden_divisor) · multiplier / divisor ),   softcap(z) = c · tanh(z / c)
+
+    Neutral values (1, 1, 1, None) are the plain `lm_head(h)` of most architectures."""
+
+    hidden_divisor: float = 1.0   # MiniCPM3: h / logits_scaling before the head
+    multiplier: float = 1.0       # Cohere: logit_scale; Falcon-H1: lm_head_multiplier; HyperCLOVA X: logits_scaling
+    divisor: float = 1.0          # Granite family: logits_scaling
+    softcap: float | None = None  # Gemma 2 & co: final_logit_softcapping; RecurrentGemma: logits_soft_cap
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.hidden_divisor == 1 else h / self.hidden_divisor
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiplier != 1:
+            logits = logits * self.multiplier
+        if self.divisor != 1:
+            logits = logits / self.divisor
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# model_type → the transform its *ForCausalLM / *ForConditionalGeneration applies (read off transformers' code)
+_DIVIDE_BY_LOGITS_SCALING = {"granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
+                             "granitemoehybrid", "granite4_vision", "granite_docling"}
+_COHERE = {"cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"}
+_IGNORES_SOFTCAP = {"gemma3"}  # Gemma3ForConditionalGeneration never applies final_logit_softcapping
+_REFUSED = {
+    "inkling_text": "divides the hidden states by logits_mup_width_multiplier and drops padded vocabulary logits",
+    "inkling_mm_model": "divides the hidden states by logits_mup_width_multiplier and drops padded vocabulary logits",
+    "modernbert-decoder": "runs a dense+norm prediction head before its output projection",
+}
+# Config fields that transform logits in some architecture, with their neutral value. One that is set on a
+# model whose rule above does not consume it means a transform tunelab would silently skip: refused.
+_TRANSFORM_FIELDS = {"logits_scaling": 1, "logit_scale": 1, "lm_head_multiplier": 1, "output_multiplier": 1,
+                     "logits_mup_width_multiplier": 1, "final_logit_softcapping": None, "logits_soft_cap": None,
+                     "output_logit_soft_cap": None, "dim_model_base": None}
+
+
+def _number(value, field: str, model_type: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TunelabError(f"{model_type}: config field {field}={value!r} is not a number; cannot apply the "
+                           "model's logit transform") from None
+    if not math.isfinite(out) or out == 0:
+        raise TunelabError(f"{model_type}: config field {field}={value!r} is not a usable logit scale")
+    return out
+
+
+def logit_transform(model) -> LogitTransform:
+    """The transform `model`'s own forward applies to its lm_head output (see `LogitTransform`).
+
+    Raises TunelabError for an architecture whose head does something else, so that log-probs are never
+    computed from a different distribution than the model's."""
+    config = model.config
+    model_type = getattr(config, "model_type", "") or type(model).__name__
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if model_type in _REFUSED:
+        raise TunelabError(f"{model_type}: its output head {_REFUSED[model_type]}, which tunelab's chunked "
+                           "log-probs do not reproduce")
+    head = model.get_output_embeddings()
+    if head is None or not any(child is head for child in model.children()):
+        raise TunelabError(f"{model_type}: the output projection is not applied directly to the decoder's "
+                           "hidden states, which tunelab's chunked log-probs assume")
+    kw, used = {}, set()
+    if model_type in _DIVIDE_BY_LOGITS_SCALING:
+        kw["divisor"], used = _number(text.logits_scaling, "logits_scaling", model_type), {"logits_scaling"}
+    elif model_type in _COHERE:
+        scale = getattr(model, "logit_scale", getattr(text, "logit_scale", None))  # the module's own copy
+        kw["multiplier"] = 1.0 if scale is None else _number(scale, "logit_scale", model_type)
+        used = {"logit_scale"}
+    elif model_type == "hyperclovax":
+        kw["multiplier"], used = _number(text.logits_scaling, "logits_scaling", model_type), {"logits_scaling"}
+    elif model_type == "falcon_h1":
+        mult = getattr(decoder(model), "lm_head_multiplier", text.lm_head_multiplier)
+        kw["multiplier"], used = _number(mult, "lm_head_multiplier", model_type), {"lm_head_multiplier"}
+    elif model_type == "minicpm3":
+        kw["hidden_divisor"] = _number(text.logits_scaling, "logits_scaling", model_type)
+        used = {"logits_scaling", "dim_model_base"}
+    elif model_type == "mpt":
+        used = {"logit_scale"}  # MptForCausalLM ignores it (only MosaicML's remote code applied it)
+    cap_field = "logits_soft_cap" if model_type == "recurrent_gemma" else "final_logit_softcapping"
+    used = used | {cap_field}
+    cap = getattr(text, cap_field, None)
+    if cap is not None and model_type not in _IGNORES_SOFTCAP:
+        kw["softcap"] = _number(cap, cap_field, model_type)
+    for field, neutral in _TRANSFORM_FIELDS.items():
+        value = getattr(text, field, None)
+        if field in used or value is None or value == neutral:
+            continue
+        if field == "dim_model_base" and value == getattr(text, "hidden_size", None):
+            continue
+        raise TunelabError(f"{model_type}: config field {field}={value!r} changes the model's logits in a way "
+                           "tunelab's chunked log-probs do not reproduce")
+    return LogitTransform(**kw)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, transform: LogitTransform) -> torch.Tensor:
+    """fp32 logits of the rows of `hidden`, exactly as the model's forward makes them (`transform`)."""
+    return transform(F.linear(transform.hidden(hidden), weight, bias).float())
+
+
+def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransform]:
+    """(weight, bias, transform) of the model's output head, adapter-aware: a LoRA on lm_head, or a fully
+    trained head under `disabled()`, is respected."""
+    weight, bias = linear_params(model.get_output_embeddings())
+    return weight, bias, logit_transform(model)
+
+
+def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, transform: LogitTransform):
+    return -F.cross_entropy(head_logits(h, weight, bias, transform), targets, reduction="none")
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log p(target) for rows of `hidden` [N, H] → [N] (fp32), the lm_head applied chunk by chunk."""
-    # adapter-aware: a LoRA on lm_head, or a fully trained head under `disabled()`, must be respected
-    weight, bias = linear_params(model.get_output_embeddings())
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    weight, bias, transform = output_head(model)
     outs = []
     for i in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, softcap, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, use_reentrant=False))
         else:
-            outs.append(_chunk_logp(h, t, weight, bias, softcap))
+            outs.append(_chunk_logp(h, t, weight, bias, transform))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bool = False):
+def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bool = False,
+                   router_logits: bool = False):
     """Log-probs of each target token, as a [B, T] fp32 tensor (0 where `loss_mask` is False).
 
     `loss_mask[b, t]` True means token t is predicted from position t-1 (the first token never is).
+    `router_logits`: see `forward_hidden` (only for a mixture-of-experts model).
     """
-    hidden, out = forward_hidden(model, batch)
+    hidden, out = forward_hidden(model, batch, router_logits)
     mask = batch["loss_mask"].clone()
     mask[:, 0] = False
     pos = mask.nonzero(as_tuple=True)

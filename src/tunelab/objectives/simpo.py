@@ -5,7 +5,9 @@
 The reward is the length-normalised log-likelihood β·L_θ(y)/|y| (no reference model: none is built or
 loaded), and γ is a target reward margin. With ``pref.label_smoothing`` ε > 0 the conservative form
 −(1−ε) log σ(z) − ε log σ(−z) of the reference code is used. No NLL term unless ``pref.sft_weight`` > 0 (CPO's
-``cpo_alpha``). Defaults follow the SimPO reference code (beta=2.0, gamma_beta_ratio=0.5); TRL implements the
+``cpo_alpha``). Defaults: β = 2.0 and γ/β = 0.5, the values of the reference repo's Llama-3-8B-base recipe
+(princeton-nlp/SimPO ``training_configs/llama-3-8b-base-simpo.yaml``); its ``SimPOConfig`` dataclass defaults to
+γ/β = 0.25 (β = 2.0). TRL implements the
 same loss as `CPOTrainer(loss_type="simpo")`, which the tests compare against.
 """
 

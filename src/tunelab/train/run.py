@@ -81,6 +81,7 @@ def prepare(cfg: RunConfig) -> Prepared:
                     for s in eval_samples[:cfg.samples.n_heldout] if s.messages]
     eval_prompts += [template.generation_prompt([{"role": "user", "content": p}]) for p in cfg.samples.prompts]
     torch.manual_seed(cfg.train.seed)  # adapter init is random: same config, same initial weights
+    check_method_data(cfg, train + evals)
     report = _apply_method(model, cfg)
     return Prepared(model, tok, template, train, evals, eval_prompts, stats.as_dict(), report)
 
@@ -110,9 +111,16 @@ def _apply_method(model, cfg: RunConfig):
     return get_method(cfg.method).wrap(model, method_options(cfg))
 
 
+def check_method_data(cfg: RunConfig, examples) -> None:
+    """The method's optional `check_examples` refuses data it cannot train on (LoReFT: plain text, no prompt)."""
+    check = None if cfg.method == "full" else getattr(get_method(cfg.method), "check_examples", None)
+    if check:
+        check(examples)
+
+
 def with_method(cfg: RunConfig, objective):
     """The objective, wrapped by the method's `wrap_objective` where the method needs to see each batch
-    (LoReFT: which prompt positions to intervene, from the batch's loss_mask)."""
+    (LoReFT: which prompt positions to intervene, from the batch's prompt_mask)."""
     hook = None if cfg.method == "full" else getattr(get_method(cfg.method), "wrap_objective", None)
     return hook(objective) if hook else objective
 

@@ -1,0 +1,47 @@
+"""The locked set (requirements.lock) and the oldest set (requirements-oldest.txt) agree with pyproject.toml.
+
+`make test` installs the lock; `make test-oldest` installs the oldest set, so a lower bound in pyproject.toml is
+only honest if the oldest set pins exactly that version (then the suite ran against it)."""
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins(name: str) -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{name}: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = Version(spec.version)
+    return pins
+
+
+def _direct_requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+
+
+def test_lock_satisfies_every_range():
+    lock = _pins("requirements.lock")
+    for req in _direct_requirements():
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{req.name} missing from requirements.lock"
+        assert req.specifier.contains(lock[name], prereleases=True), f"lock {name}=={lock[name]} outside {req}"
+
+
+def test_oldest_set_pins_each_lower_bound():
+    oldest = _pins("requirements-oldest.txt")
+    for req in _direct_requirements():
+        lower = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        assert lower, f"{req.name}: pyproject.toml gives no lower bound"
+        assert oldest[canonicalize_name(req.name)] == lower[0], (
+            f"{req.name}: pyproject lower bound {lower[0]} but requirements-oldest.txt tests "
+            f"{oldest[canonicalize_name(req.name)]}")
