@@ -35,7 +35,7 @@ def _quiet() -> None:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train.run import train
+    from .train.launch import train
 
     cfg = load_config(args.config, args.overrides)
     out = train(cfg)
@@ -104,13 +104,13 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .train.run import train
+    from .train.launch import train
 
     cfg_path = Path(__file__).parent / "assets" / "demo.yaml"
     cfg = load_config(cfg_path, [f"output_dir={args.out}", "overwrite=true", *args.overrides])
     out = train(cfg)
     res = json.loads((out / "results.json").read_text())
-    from .train.log import console
+    from .console import console
 
     console.rule("[bold]demo results")
     console.print(f"held-out loss {res['eval_loss_before']:.4f} → {res['eval_loss_after']:.4f} | "

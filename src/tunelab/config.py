@@ -113,6 +113,33 @@ class ReferenceConfig(Strict):
     sync_alpha: float = Field(0.6, gt=0.0, le=1.0)  # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy)
 
 
+class RLConfig(Strict):
+    """Online RL (`objective` grpo, rloo, rejection_sampling, online_dpo); see rl/rollout.py and objectives/grpo.py.
+
+    One rollout round: `prompts_per_step` prompts × `group_size` completions sampled from the current policy,
+    scored by `rewards`, then served to the loop for `ppo_epochs` passes in micro-batches of `train.batch_size`
+    rows (`train.grad_accum` micro-batches per optimizer step)."""
+
+    group_size: int = Field(4, ge=1)  # G completions per prompt
+    prompts_per_step: int = Field(2, ge=1)  # prompts per rollout round
+    ppo_epochs: int = Field(1, ge=1)  # passes over each round's rollouts
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, ge=1)
+    stop: list[str] = []  # extra stop strings (the template's end of turn always stops)
+    # rewards: [{name: exact_match, weight: 1.0, ...options}] — see rl/rewards.py for names and options
+    rewards: list[dict[str, Any]] = [{"name": "exact_match"}]
+    advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None  # None: the objective's own (grpo / rloo)
+    beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    epsilon: float = Field(0.2, gt=0.0)  # clip range (low)
+    epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
+    loss_agg: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
+    keep_threshold: float = 1.0
+    eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)
+
+
 class EvalConfig(Strict):
     target: list[str] = []  # tasks the run should learn (bundled names or task YAML paths)
     source: list[str] = []  # tasks it should not forget
@@ -128,7 +155,8 @@ class RunConfig(Strict):
     # adapter methods: one options section each, named like the method (lora:, dora:, mora:, …)
     method: Literal["full", "lora", "mora", "loreft", "freeze",
                     "dora", "qlora"] = "lora"  # "partial" is accepted for "freeze"
-    objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
+    objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward",
+                       "grpo", "rloo", "rejection_sampling", "online_dpo"] = "sft"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
@@ -142,6 +170,7 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     pref: PrefConfig = PrefConfig()
     reference: ReferenceConfig = ReferenceConfig()
+    rl: RLConfig = RLConfig()
     # Multi-stage pipeline: each item overrides this config (e.g. {name: dpo, objective: dpo, train: {lr: 5e-6}});
     # a stage trains from the previous stage's output (or `from: <stage name>`). See train/pipeline.py.
     stages: list[dict[str, Any]] = []

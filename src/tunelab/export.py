@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .adapters.base import get_method, merge
+from .adapters.base import load_method, merge, saves_full_model
 from .errors import TunelabError
 from .models.load import load_model
 
@@ -25,7 +25,7 @@ def run_info(run_dir: Path) -> dict:
         raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
     cfg = yaml.safe_load(cfg_path.read_text())
     # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter
-    art = run_dir / ("model" if cfg.get("method") in ("full", "freeze") else "adapter")
+    art = run_dir / ("model" if saves_full_model(cfg.get("method", "lora")) else "adapter")
     if not art.is_dir():
         raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
     return {"config": cfg, "artifact": art}
@@ -42,11 +42,11 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     info = run_info(run_dir)
     cfg, art = info["config"], info["artifact"]
     mcfg = cfg.get("model", {})
-    if cfg.get("method") in ("full", "freeze"):
+    if art.name == "model":
         model, tok = load_model(str(art), dtype, device, mcfg.get("trust_remote_code", False))
     else:
         model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False))
-        get_method(cfg["method"]).load_peft(model, art)
+        load_method(model, cfg.get("method", "lora"), art)
         if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
             from transformers import AutoTokenizer
 
@@ -68,10 +68,9 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export: {out} exists and is not empty")
-    info = run_info(run_dir)  # a clear error if this is not a finished run
+    run_info(run_dir)  # a clear error if this is not a finished run
     model, tok, template = load_run(run_dir, device="cpu")
-    if info["config"].get("method") not in ("full", "freeze"):
-        merge(model)
+    merge(model)  # a no-op for a whole saved model (full, freeze)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.chat_template = template.jinja

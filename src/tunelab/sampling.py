@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 
 from .errors import TunelabError
+from .models.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -268,16 +269,12 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     rows = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
 
-    was_training = model.training
-    model.eval()
     parts = []
-    try:
+    with eval_mode(model):
         for k in range(0, len(rows), batch_size):
             parts.append(_sample_batch(model, rows[k:k + batch_size], pad_id=pad_id, stop_ids=stop_ids, stops=stops,
                                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        generator=generator, device=device))
-    finally:
-        model.train(was_training)
 
     width = max((p[0].shape[1] for p in parts), default=0)
     grow = lambda x, v: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=v)  # noqa: E731

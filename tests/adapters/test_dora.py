@@ -177,14 +177,14 @@ def test_export_loads_in_peft_and_back(tmp_path, arch, extras):
     cfg = dora.DoraConfig(r=4, alpha=16, modules_to_save=extras, rank_pattern={"v_proj": 2})
     dora.wrap(ours, cfg)
     perturb(ours)
-    dora.export_peft(ours, cfg, tmp_path)
+    dora.export(ours, cfg, tmp_path)
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
     assert conf["use_dora"] is True and conf["peft_type"] == "LORA"
     theirs = PeftModel.from_pretrained(make(arch), tmp_path).eval()
     torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), atol=ATOL, rtol=0)
 
     back = make(arch)
-    report = dora.load_peft(back, tmp_path)
+    report = dora.load(back, tmp_path)
     assert report.method == "dora"
     assert isinstance(back.model.layers[0].self_attn.q_proj, dora.DoraLinear)
     assert back.model.layers[0].self_attn.v_proj.r == 2

@@ -26,9 +26,9 @@ def test_dora_arch_trains_and_roundtrips(arch, tmp_path):
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
 
-    dora.export_peft(model, cfg, tmp_path)
+    dora.export(model, cfg, tmp_path)
     back = make(arch)
-    dora.load_peft(back, tmp_path)
+    dora.load(back, tmp_path)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
 
     dora.merge(back)

@@ -49,9 +49,9 @@ def test_arch_trains_and_roundtrips(arch, tmp_path):
     torch.testing.assert_close(logits(again, ids), want, atol=0, rtol=0)
 
     # PEFT format
-    lora.export_peft(model, cfg, tmp_path / "peft")
+    lora.export(model, cfg, tmp_path / "peft")
     third = make(arch)
-    lora.load_peft(third, tmp_path / "peft")
+    lora.load(third, tmp_path / "peft")
     torch.testing.assert_close(logits(third, ids), want, atol=0, rtol=0)
 
     lora.merge(again)
@@ -71,9 +71,9 @@ def test_mixtral_experts_as_extras(tmp_path):
     assert losses[-1] < losses[0]
     assert not torch.equal(experts.gate_up_proj, before)
     want = logits(model, ids)
-    lora.export_peft(model, cfg, tmp_path)
+    lora.export(model, cfg, tmp_path)
     back = make("mixtral")
-    lora.load_peft(back, tmp_path)
+    lora.load(back, tmp_path)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
     lora.merge(back)
     torch.testing.assert_close(logits(back, ids), want, atol=1e-5, rtol=0)

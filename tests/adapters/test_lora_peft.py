@@ -54,7 +54,7 @@ def test_export_loads_in_peft(tmp_path, arch, rslora, extras):
     cfg = lora.LoraConfig(r=4, alpha=16, use_rslora=rslora, modules_to_save=extras)
     lora.wrap(ours, cfg)
     perturb(ours)
-    lora.export_peft(ours, cfg, tmp_path)
+    lora.export(ours, cfg, tmp_path)
 
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["task_type"] == "CAUSAL_LM" and conf["use_rslora"] == rslora
@@ -113,9 +113,9 @@ def test_roundtrip_through_peft_files(tmp_path):
     cfg = lora.LoraConfig(r=4, alpha=4, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2})
     lora.wrap(ours, cfg)
     perturb(ours)
-    lora.export_peft(ours, cfg, tmp_path)
+    lora.export(ours, cfg, tmp_path)
     back = make("mistral")
-    lora.load_peft(back, tmp_path)
+    lora.load(back, tmp_path)
     torch.testing.assert_close(logits(back, ids), logits(ours, ids), atol=0, rtol=0)
     assert back.model.layers[0].mlp.down_proj.r == 2
 
@@ -160,8 +160,8 @@ def test_reexport_after_import_needs_no_config(tmp_path):
                          rank_pattern={"v_proj": 2})
     theirs.save_pretrained(tmp_path / "a")
     ours = make("llama")
-    lora.load_peft(ours, tmp_path / "a")
-    lora.export_peft(ours, None, tmp_path / "b")
+    lora.load(ours, tmp_path / "a")
+    lora.export(ours, None, tmp_path / "b")
     conf = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert (conf["r"], conf["lora_alpha"], conf["lora_dropout"]) == (4, 8, 0.1)
     again = PeftModel.from_pretrained(make("llama"), tmp_path / "b").eval()

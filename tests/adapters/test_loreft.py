@@ -7,7 +7,7 @@ import torch
 from adapter_helpers import VOCAB, batch, logits, make, perturb
 from pydantic import ValidationError
 
-from tunelab.adapters import base, loreft, loreft_positions
+from tunelab.adapters import base, loreft, loreft_positions, native_format
 from tunelab.errors import TunelabError
 from tunelab.objectives.sft import SFT
 
@@ -87,7 +87,7 @@ def test_only_chosen_positions_and_layers_change(layers):
             model(input_ids=ids)
 
     def intervened():
-        with loreft.batch_positions(model, b):
+        with loreft.batch_context(model, b):
             model(input_ids=ids)
 
     base_out, new_out = block_outputs(model, plain), block_outputs(model, intervened)
@@ -98,7 +98,7 @@ def test_only_chosen_positions_and_layers_change(layers):
         torch.testing.assert_close(new_out[i], base_out[i], atol=0, rtol=0)
     changed = (new_out[li] - base_out[li]).abs().amax(-1) > 0
     assert changed.equal(chosen.expand(2, 12))
-    # auto mode (no batch_positions, empty cache): the whole input is the prompt → last 3 of all 12 tokens
+    # auto mode (no batch_context, empty cache): the whole input is the prompt → last 3 of all 12 tokens
     auto = block_outputs(model, lambda: model(input_ids=ids))
     auto_changed = (auto[li] - base_out[li]).abs().amax(-1) > 0
     assert auto_changed[0].nonzero().flatten().tolist() == [0, 1, 9, 10, 11]
@@ -123,7 +123,7 @@ def test_R_stays_orthonormal_through_training_with_weight_decay():
     ids = batch(t=12)
     model = make("llama")
     loreft.wrap(model, {"r": 4, "positions": "f3+l3"})
-    obj = loreft.wrap_objective(SFT())
+    obj = SFT()
     b = sft_batch(ids, 6)
     mods = [m for _, m in base.adapter_modules(model)]
     start = [m.R.detach().clone() for m in mods]
@@ -150,17 +150,17 @@ def test_save_load_identical_and_merge_refused(tmp_path):
     loreft.wrap(model, cfg)
     perturb(model)
     b = sft_batch(ids, 6)
-    with loreft.batch_positions(model, b):
+    with loreft.batch_context(model, b):
         want = logits(model, ids)
     want_auto = logits(model, ids)
-    out = loreft.export_peft(model, cfg, tmp_path / "ad")
-    meta, tensors = loreft.read_folder(out, "loreft")
+    out = loreft.export(model, cfg, tmp_path / "ad")
+    meta, tensors = native_format.load_native(out, "loreft")
     assert meta["config"]["layers"] == [1] and meta["hidden_size"] == model.config.hidden_size
     R = tensors["model.layers.1.loreft.shared.R"]
     torch.testing.assert_close(R @ R.T, torch.eye(3), atol=1e-5, rtol=0)
     back = make("gemma")
-    loreft.load_peft(back, out)
-    with loreft.batch_positions(back, b):
+    loreft.load(back, out)
+    with loreft.batch_context(back, b):
         torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
     torch.testing.assert_close(logits(back, ids), want_auto, atol=0, rtol=0)
     with pytest.raises(TunelabError, match="loreft cannot be merged"):
@@ -189,7 +189,7 @@ def test_generation_with_kv_cache_equals_no_cache_reference():
     for i, p in enumerate(prompts):
         seq = p.unsqueeze(0)
         for _ in range(5):  # no cache: full recompute, prompt positions intervened, generated ones not
-            with torch.no_grad(), loreft.batch_positions(model, sft_batch(seq, len(p))):
+            with torch.no_grad(), loreft.batch_context(model, sft_batch(seq, len(p))):
                 nxt = model(input_ids=seq, use_cache=False).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
         assert out[i, T:].tolist() == seq[0, len(p):].tolist()
@@ -210,7 +210,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         torch.manual_seed(1)
-        ls, n, _ = loreft.wrap_objective(SFT()).loss(model, sft_batch(ids, 6))
+        ls, n, _ = SFT().loss(model, sft_batch(ids, 6))
         ls.backward()
         grads.append({k: p.grad.clone() for k, p in base.adapter_parameters(model).items()})
     for k in grads[0]:
@@ -227,7 +227,7 @@ def test_config_validation():
     with pytest.raises(TunelabError, match="block 5 does not exist"):
         loreft.wrap(make(), {"layers": [5]})
     with pytest.raises(TunelabError, match="not a tunelab loreft adapter"):
-        loreft.load_peft(make(), "/nonexistent")
+        loreft.load(make(), "/nonexistent")
 
 
 # ---------------------------------------------------------- prompt positions on real encoded data
@@ -287,7 +287,7 @@ def test_training_positions_equal_generation_positions_for_every_masking(masking
     enc = encode(tokenizer, template.segments(CHAT), mode=masking)
     assert enc.input_ids[:P] == gen_ids.tolist() and enc.prompt_mask == [i < P for i in range(len(enc))]
     b = collate([enc], tokenizer.pad_token_id)
-    seen = forward_codes(chat_model, lambda: loreft.wrap_objective(SFT()).loss(chat_model, b))
+    seen = forward_codes(chat_model, lambda: SFT().loss(chat_model, b))
     assert len(seen) == 1
     train_codes = seen[0][0]
     assert train_codes[:P].equal(gen_codes) and not train_codes[P:].any()
@@ -301,7 +301,7 @@ def test_packed_rows_use_each_documents_own_prompt(chat_model, tokenizer):
     template = get_template("chatml", tokenizer)
     encs = [encode(tokenizer, template.segments(c), mode="none") for c in (CHAT, CHAT2)]
     packed = collate([encs], tokenizer.pad_token_id, packed=True, pad_to_multiple_of=64)
-    seen = forward_codes(chat_model, lambda: loreft.wrap_objective(SFT()).loss(chat_model, packed))
+    seen = forward_codes(chat_model, lambda: SFT().loss(chat_model, packed))
     codes, pos = seen[0][0], 0
     for conv, enc in zip((CHAT, CHAT2), encs):
         _, gen_codes = generation_codes(chat_model, tokenizer, template, conv)
@@ -328,7 +328,7 @@ def test_plain_text_data_is_refused_in_one_line(chat_model, tokenizer, tmp_path,
         loreft.check_examples(encs)
     b = collate(encs, tokenizer.pad_token_id)
     with pytest.raises(TunelabError, match="no prompt") as e:  # a batch built around the check: refused too
-        loreft.wrap_objective(SFT()).loss(chat_model, b)
+        SFT().loss(chat_model, b)
     assert "\n" not in str(e.value)
 
     # the CLI: one line, exit status 2, nothing written

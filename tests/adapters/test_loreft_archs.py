@@ -20,7 +20,7 @@ def test_arch_trains_and_roundtrips(arch, tmp_path):
     model = make(arch)
     cfg = loreft.LoreftConfig(r=4, positions="f3+l3")
     loreft.wrap(model, cfg)
-    objective = loreft.wrap_objective(SFT())
+    objective = SFT()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()
     losses = []
@@ -32,11 +32,11 @@ def test_arch_trains_and_roundtrips(arch, tmp_path):
         losses.append(float(ls.detach() / n))
     model.eval()
     assert losses[-1] < losses[0] - 0.1, losses
-    with loreft.batch_positions(model, b):
+    with loreft.batch_context(model, b):
         want = logits(model, ids)
 
-    loreft.export_peft(model, cfg, tmp_path)
+    loreft.export(model, cfg, tmp_path)
     back = make(arch)
-    loreft.load_peft(back, tmp_path)
-    with loreft.batch_positions(back, b):
+    loreft.load(back, tmp_path)
+    with loreft.batch_context(back, b):
         torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)

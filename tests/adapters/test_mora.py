@@ -9,7 +9,7 @@ from adapter_helpers import batch, logits, make, perturb
 from pydantic import ValidationError
 from torch import nn
 
-from tunelab.adapters import base, lora, mora
+from tunelab.adapters import base, lora, mora, native_format
 from tunelab.errors import TunelabError
 
 SHAPES = [(64, 64), (64, 32), (32, 96), (96, 20), (10, 70)]  # square, wide, tall, ragged, r̂ > in
@@ -131,13 +131,13 @@ def test_tunelab_format_roundtrip_and_merged_save(tmp_path):
     assert report.tied
     perturb(model)
     want = logits(model, ids)
-    out = mora.export_peft(model, cfg, tmp_path / "ad", base_model_name_or_path="tiny-gemma")
-    meta, tensors = mora.read_folder(out, "mora")
+    out = mora.export(model, cfg, tmp_path / "ad", base_model_name_or_path="tiny-gemma")
+    meta, tensors = native_format.load_native(out, "mora")
     assert meta["config"]["type"] == "sharing" and meta["base_model_name_or_path"] == "tiny-gemma"
     assert set(meta["modules"]) == set(report.replaced)
     assert all(k.endswith(".mora_M") for k in tensors if "layers" in k)
     back = make("gemma")
-    mora.load_peft(back, out)
+    mora.load(back, out)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
     mora.merge(back)
     back.save_pretrained(tmp_path / "merged")
@@ -169,4 +169,4 @@ def test_config_validation_and_errors(tmp_path):
     with pytest.raises(TunelabError, match="matches no module"):
         mora.wrap(make(), {"target_modules": ["nope_proj"]})
     with pytest.raises(TunelabError, match="not a tunelab mora adapter"):
-        mora.load_peft(make(), tmp_path)
+        mora.load(make(), tmp_path)

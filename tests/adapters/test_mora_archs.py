@@ -21,9 +21,9 @@ def test_arch_trains_roundtrips_and_merges(arch, tmp_path):
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
 
-    mora.export_peft(model, cfg, tmp_path)
+    mora.export(model, cfg, tmp_path)
     back = make(arch)
-    mora.load_peft(back, tmp_path)
+    mora.load(back, tmp_path)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
 
     mora.merge(back)

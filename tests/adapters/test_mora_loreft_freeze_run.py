@@ -22,7 +22,9 @@ def model_dir(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("method", sorted(OPTIONS))
 def test_run_saves_loads_and_exports(method, tmp_path, model_dir, capsys):
-    from tunelab.train.run import eval_loss, prepare, train, with_method
+    from tunelab.objectives.scoring import eval_loss
+    from tunelab.train.launch import train
+    from tunelab.train.prepare import prepare
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(24))
     path = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), method=method,
@@ -38,7 +40,7 @@ def test_run_saves_loads_and_exports(method, tmp_path, model_dir, capsys):
     model, tok, template = load_run(out, device="cpu")
     # the reloaded run scores the held-out set exactly as the trained model did, and generates the same text
     p = prepare(cfg)
-    loss = eval_loss(model, p.eval, tok.pad_token_id, objective=with_method(cfg, SFT()))
+    loss = eval_loss(model, p.eval, tok.pad_token_id, objective=SFT())  # LoReFT: positions via batch_context
     assert loss == pytest.approx(res["eval_loss_after"], abs=1e-5)
     sample = res["samples"][0]
     assert generate(model, tok, [sample["prompt"]], max_new_tokens=6, stop=template.stop_strings) == [sample["after"]]

@@ -30,9 +30,9 @@ def test_arch_trains_and_roundtrips(arch, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(logits(hf, ids), want, atol=0, rtol=0)
 
-    partial.export_peft(model, cfg, tmp_path / "ad")
+    partial.export(model, cfg, tmp_path / "ad")
     back = make(arch)
-    partial.load_peft(back, tmp_path / "ad")
+    partial.load(back, tmp_path / "ad")
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
     partial.merge(back)
     assert not base.has_adapter(back)

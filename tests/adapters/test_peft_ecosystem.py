@@ -42,7 +42,7 @@ def test_run_adapter_loads_with_peft_and_auto_peft(tmp_path, tokenizer, monkeypa
 
     from tunelab.config import load_config
     from tunelab.export import export_merged, load_run
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     monkeypatch.chdir(tmp_path)  # model.name is relative, as users write it: the adapter must not be
     save_tiny_model(tmp_path / "tiny", tokenizer)
@@ -86,7 +86,7 @@ def test_partial_selection_loads_in_peft(tmp_path, targets, form):
     ours = make("llama")
     report = lora.wrap(ours, lora.LoraConfig(r=4, alpha=8, target_modules=targets))
     perturb(ours)
-    lora.export_peft(ours, None, tmp_path / "ad", base_model_name_or_path=str(folder))
+    lora.export(ours, None, tmp_path / "ad", base_model_name_or_path=str(folder))
     conf = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     written = conf["target_modules"]
     if form is str:
@@ -141,7 +141,7 @@ def test_alias_adapter_resolves_from_the_hub_cache_offline(tmp_path):
     ours = make("llama")
     lora.wrap(ours, lora.LoraConfig(r=4, alpha=8))
     perturb(ours)
-    adapter = lora.export_peft(ours, None, tmp_path / "ad", base_model_name_or_path="smollm2-135m")
+    adapter = lora.export(ours, None, tmp_path / "ad", base_model_name_or_path="smollm2-135m")
     conf = json.loads((adapter / "adapter_config.json").read_text())
     hub_id = conf["base_model_name_or_path"]
     assert hub_id == HUB_IDS["smollm2-135m"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -96,13 +96,13 @@ def test_qlora_trains_and_roundtrips(tmp_path):
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
 
-    qlora.export_peft(model, cfg, tmp_path, base_model_name_or_path="tiny-llama")
+    qlora.export(model, cfg, tmp_path, base_model_name_or_path="tiny-llama")
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
     quant = json.loads((tmp_path / qlora.QUANT_FILE).read_text())
     assert conf["use_dora"] is False and conf["base_model_name_or_path"] == "tiny-llama"
     assert quant["quantization"] == "nf4" and quant["block_size"] == 64 and quant["double_quant"] is True
     back = make("llama")
-    report = qlora.load_peft(back, tmp_path)  # re-quantises the float base, then loads the adapter
+    report = qlora.load(back, tmp_path)  # re-quantises the float base, then loads the adapter
     assert report.method == "qlora" and isinstance(back.model.layers[1].mlp.up_proj, qlora.QLoraLinear)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
 
@@ -124,10 +124,10 @@ def test_qdora_runs_trains_and_merges(tmp_path):
     losses = train(model, ids, steps=8)
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
-    qlora.export_peft(model, cfg, tmp_path)
+    qlora.export(model, cfg, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
     back = make("llama")
-    qlora.load_peft(back, tmp_path)
+    qlora.load(back, tmp_path)
     assert isinstance(back.model.layers[0].self_attn.q_proj, qlora.QDoraLinear)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
     qlora.merge(back)
@@ -144,7 +144,7 @@ def test_peft_applies_the_export_to_the_dequantised_base(tmp_path):
         qlora.wrap(model, cfg)
         perturb(model)
         out = tmp_path / str(use_dora)
-        qlora.export_peft(model, cfg, out)
+        qlora.export(model, cfg, out)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             theirs = peft.PeftModel.from_pretrained(_dequantized_copy(model, "qwen2"), out).eval()
@@ -196,7 +196,7 @@ def test_tied_weight_is_refused_and_errors():
     with pytest.raises(TunelabError, match="already has an adapter"):
         qlora.wrap(model, qlora.QLoraConfig(r=4))
     with pytest.raises(TunelabError, match="no quantised"):
-        qlora.export_peft(make("llama"), None, "/nonexistent")
+        qlora.export(make("llama"), None, "/nonexistent")
     assert get_method("qlora") is qlora
 
 
@@ -218,9 +218,9 @@ def test_quant_settings_survive_export(tmp_path):
     cfg = qlora.QLoraConfig(r=4, block_size=128, double_quant=False, target_modules=["q_proj", "v_proj"])
     qlora.wrap(model, cfg)
     perturb(model)
-    qlora.export_peft(model, cfg, tmp_path)
+    qlora.export(model, cfg, tmp_path)
     back = make("llama")
-    qlora.load_peft(back, tmp_path)
+    qlora.load(back, tmp_path)
     q = back.model.layers[0].self_attn.q_proj
     assert q.block_size == 128 and not q.double_quant and q.weight_nf4.numel() == 64 * 64 // 2
     assert q.weight_absmax.numel() == 64 * 64 // 128
@@ -233,10 +233,10 @@ def test_reload_quantises_from_the_training_dtype(tmp_path):
     cfg = qlora.QLoraConfig(r=4, target_modules=["q_proj"])
     qlora.wrap(trained, cfg)
     perturb(trained)
-    qlora.export_peft(trained, cfg, tmp_path)
+    qlora.export(trained, cfg, tmp_path)
     assert json.loads((tmp_path / qlora.QUANT_FILE).read_text())["quantized_from_dtype"] == "bfloat16"
     back = make("llama")  # ... and loaded in fp32 on a CPU to export
-    qlora.load_peft(back, tmp_path)
+    qlora.load(back, tmp_path)
     a, b = trained.model.layers[0].self_attn.q_proj, back.model.layers[0].self_attn.q_proj
     for key, t in a.quant_state().items():
         assert torch.equal(t, b.quant_state()[key]), key  # the very codes the adapter was trained against

@@ -29,9 +29,9 @@ def test_qlora_arch_trains_and_roundtrips(arch, tmp_path):
     assert losses[-1] < losses[0] - 0.25, losses
     want = logits(model, ids)
 
-    qlora.export_peft(model, cfg, tmp_path)
+    qlora.export(model, cfg, tmp_path)
     back = make(arch)
-    qlora.load_peft(back, tmp_path)
+    qlora.load(back, tmp_path)
     torch.testing.assert_close(logits(back, ids), want, atol=0, rtol=0)
 
     qlora.merge(back)

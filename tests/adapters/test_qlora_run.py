@@ -21,7 +21,7 @@ def test_run_save_load_export(tmp_path, tokenizer, method, options):
 
     from tunelab.adapters import base
     from tunelab.export import export_merged, load_run
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     model_dir = save_tiny_model(tmp_path / "tiny", tokenizer)
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(24))

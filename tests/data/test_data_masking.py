@@ -108,7 +108,7 @@ def test_text_sample_trains_everything_and_appends_eos(tokenizer):
 
 
 def test_text_sample_gets_bos_when_the_tokenizer_adds_one(tokenizer, monkeypatch):
-    monkeypatch.setattr(masking, "_adds_bos", lambda tok: True)  # a Llama-style tokenizer
+    monkeypatch.setattr(masking, "adds_bos", lambda tok: True)  # a Llama-style tokenizer
     enc = encode(tokenizer, [Segment("Once upon a time", "text", 0)], mode="none")
     assert enc.input_ids[0] == tokenizer.bos_token_id and enc.input_ids[-1] == tokenizer.eos_token_id
     assert enc.loss_mask[0] is False and all(enc.loss_mask[1:])

@@ -9,7 +9,7 @@ from tunelab.data.formats import to_sample
 from tunelab.data.masking import encode_dataset
 from tunelab.data.templates import get_template
 from tunelab.eval.perplexity import evaluate_perplexity
-from tunelab.train.run import eval_loss
+from tunelab.objectives.scoring import eval_loss
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "In the year 2889, people live in fairyland and " * 3]
 

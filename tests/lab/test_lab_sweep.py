@@ -113,7 +113,7 @@ def test_config_errors_stop_the_sweep_before_training(assets, tmp_path, capsys):
 
 
 def test_killed_sweep_resumes_where_it_stopped(assets, tmp_path):
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     model, data, _ = assets
     path = write_sweep(tmp_path / "s.yaml", model, data, tmp_path / "out", grid={"method": ["lora", "dora"]})

@@ -98,7 +98,7 @@ def test_moving_reference(tiny, tokenizer):
 def test_reference_free_objectives_build_no_reference(monkeypatch, tiny_dir, pairs_file, tmp_path):
     from tunelab.config import RunConfig
     from tunelab.objectives import build_objective, reference
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     def boom(*a, **k):
         raise AssertionError("a reference model was built")
@@ -125,7 +125,7 @@ def test_moving_reference_is_checkpointed_and_resumes_exactly(tiny_dir, pairs_fi
     from safetensors.torch import load_file
 
     from tunelab.config import RunConfig
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     def cfg(name):
         return RunConfig.model_validate({
@@ -150,7 +150,7 @@ def test_moving_reference_is_checkpointed_and_resumes_exactly(tiny_dir, pairs_fi
 
 
 def _losses_without_sync(tmp_path, cfg):
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     c = cfg("nosync")
     c.reference.sync_every = None

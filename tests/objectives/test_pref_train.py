@@ -14,8 +14,8 @@ from tunelab.data.sources import Record
 from tunelab.data.templates import get_template
 from tunelab.objectives.pairwise import evaluate_pairs
 from tunelab.train.loop import fit
-from tunelab.train.preference_run import make_pair_stream
-from tunelab.train.run import train
+from tunelab.data.kinds import data_kind
+from tunelab.train.launch import train
 
 
 def _cfg(tmp_path, tiny_dir, data, **over):
@@ -35,7 +35,7 @@ def _examples(tokenizer, n=8):
 def _fit(model, objective, examples, tokenizer, tmp_path, steps=8, lr=5e-3, **cfg):
     rc = RunConfig.model_validate({"train": {"max_steps": steps, "batch_size": 4, "lr": lr, "warmup_steps": 0,
                                              "scheduler": "constant", **cfg}})
-    fit(model, objective, make_pair_stream(examples, rc, tokenizer.pad_token_id), rc.train, tmp_path, resume=False)
+    fit(model, objective, data_kind("pairs").batches(examples, rc, tokenizer.pad_token_id), rc.train, tmp_path, resume=False)
 
 
 def test_dpo_raises_the_margin(tiny, tokenizer, tmp_path):
@@ -109,7 +109,7 @@ def test_pipeline_chains_and_resumes(tiny_dir, pairs_file, tmp_path, monkeypatch
     import tunelab.train.run as run_mod
 
     calls = []
-    monkeypatch.setattr(run_mod, "train", lambda c, *a, **k: calls.append(c))
+    monkeypatch.setattr(run_mod, "run", lambda c, *a, **k: calls.append(c))
     from tunelab.train.pipeline import run_pipeline
 
     run_pipeline(cfg)  # both stages finished: nothing reruns

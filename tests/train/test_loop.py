@@ -13,7 +13,8 @@ from tunelab.data.masking import Encoded
 from tunelab.objectives.logprobs import token_logprobs
 from tunelab.objectives.sft import SFT
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.loop import BatchStream, fit
+from tunelab.data.batches import StaticBatches
+from tunelab.train.loop import fit
 from tunelab.train.optim import lr_lambda
 
 
@@ -47,7 +48,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, tmp_path):
         batches = [collate(examples[k:k + bs], pad_id=0) for k in range(0, 8, bs)]
         cfg = TrainConfig(max_steps=1, batch_size=bs, grad_accum=accum, optimizer="SGD", lr=1.0,
                           max_grad_norm=None, warmup_steps=0, scheduler="constant")
-        fit(model, SFT(), BatchStream(lambda e: batches, len(batches)), cfg, tmp_path / f"r{accum}")
+        fit(model, SFT(), StaticBatches(lambda e: batches, len(batches)), cfg, tmp_path / f"r{accum}")
         params[accum] = torch.cat([p.detach().flatten() for p in model.parameters()])
     base = torch.cat([p.detach().flatten() for p in tiny("llama").parameters()])
     assert (params[1] - base).abs().max() > 1e-4  # the step did something
@@ -85,7 +86,7 @@ def _run_cfg(tmp_path, tokenizer, out, **train):
 
 
 def test_resume_reproduces_the_uninterrupted_curve(tmp_path, tokenizer):
-    from tunelab.train.run import train
+    from tunelab.train.launch import train
 
     full = train(_run_cfg(tmp_path, tokenizer, "full"))
     cfg = _run_cfg(tmp_path, tokenizer, "cut")
@@ -133,7 +134,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny, tmp_path):
         model = tiny("llama")
         cfg = TrainConfig(max_steps=1, batch_size=4, optimizer="SGD", lr=1.0, max_grad_norm=None,
                           warmup_steps=0, scheduler="constant", gradient_checkpointing=gc)
-        res = fit(model, SFT(), BatchStream(lambda e: batches, 1), cfg, tmp_path / f"gc{gc}")
+        res = fit(model, SFT(), StaticBatches(lambda e: batches, 1), cfg, tmp_path / f"gc{gc}")
         out[gc] = (res.last_loss, torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
     assert torch.allclose(out[True][1], out[False][1], atol=1e-6)

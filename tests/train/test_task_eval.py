@@ -4,7 +4,7 @@ import json
 
 from tests.helpers import alpaca_rows, save_tiny_model, write_config, write_jsonl
 from tunelab.config import load_config
-from tunelab.train.run import train
+from tunelab.train.launch import train
 
 
 def _task(tmp_path, name, rows, fmt):

@@ -1,6 +1,6 @@
-"""The uniform adapter interface and the helpers every method shares.
+"""The uniform adapter interface, the helpers every method shares, and the calls a run makes.
 
-An *adapter method* (LoRA, DoRA, MoRA, LoReFT, QLoRA…) is one module in this package exposing::
+An *adapter method* (full, LoRA, DoRA, MoRA, LoReFT, QLoRA, freeze…) is one module in this package exposing::
 
     Config                                   # pydantic model of the method's settings
     wrap(model, cfg) -> AdapterReport         # swap target modules for adapter modules, freeze the base
@@ -8,9 +8,18 @@ An *adapter method* (LoRA, DoRA, MoRA, LoReFT, QLoRA…) is one module in this p
     adapter_state_dict(model) -> dict         # trainable adapter tensors only, our own key names
     load_adapter_state_dict(model, sd)
     set_enabled(model, flag) / disabled(model)  # run the frozen base model (e.g. the DPO reference)
-    export_peft(model, cfg, path)             # PEFT's on-disk format where PEFT has one
-    wrap_objective(objective)   (optional)   # an objective whose loss sees each batch (LoReFT's positions)
+    export(model, cfg, path, base_model_name_or_path=None)  # PEFT's format where PEFT has the method,
+                                             # tunelab's own (native_format.py) otherwise
+    load(model, path) -> AdapterReport        # wrap `model` like the saved adapter and load its tensors
+    SAVES_FULL_MODEL = True     (optional)   # a run saves the whole HF model (full, freeze), not `export`
     check_examples(examples)    (optional)   # refuse encoded data the method cannot train on, before a run
+    batch_context(model, batch) (optional)   # context manager around a scoring forward that needs to see the
+                                             # batch (LoReFT: which prompt positions to intervene)
+
+What a run calls (by method name, so no caller special-cases a method): `apply_method`, `check_method_data`,
+`saves_full_model`, `export_method`, `load_method`; and every scoring forward runs inside `batch_context(model,
+batch)`, which enters the `batch_context` of each registered method whose layers are in the model (a method's
+layers are the `AdapterModule` classes its module defines). Objectives never import a method module.
 
 Most of that is method-independent and lives here, because every adapter module subclasses
 `AdapterModule`: a module that (1) knows which of its parameters are adapter parameters, (2) can be switched
@@ -18,42 +27,27 @@ off, and (3) can `unwrap()` itself back into the plain module it replaced. `merg
 `disabled`, `adapter_state_dict` and `load_adapter_state_dict` below work for any such module, so a new
 method only writes its layer class and a `wrap`.
 
-Target matching
----------------
-`match_modules(model, patterns, what=...)` resolves user patterns to full module names. A pattern matches a
-module name when ANY of these hold (so users can write what they are used to):
-
-* suffix on a dot boundary: ``q_proj`` matches ``model.layers.0.self_attn.q_proj``; a full name matches itself;
-* fnmatch glob over the full name: ``model.layers.1*.mlp.*``;
-* regex ``re.fullmatch`` over the full name: ``.*\\.(q|v)_proj``.
-
-The preset ``"all-linear"`` means every `nn.Linear` inside the decoder stack (the `nn.ModuleList` holding
-the most parameters, e.g. ``model.layers``), so the output head ``lm_head`` is excluded, and MoE routers
-(leaf names ``gate``, ``router``, ``shared_expert_gate``) are excluded as well: a low-rank update to a
-router reshuffles expert choice, rarely what one wants. Explicit patterns are never filtered.
-A pattern that matches nothing is a user error naming the pattern.
+Target patterns (`match_modules`, the "all-linear" preset) are resolved in targets.py.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
-import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import TunelabError
-
-ALL_LINEAR = "all-linear"
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+from .targets import (ALL_LINEAR, decoder_stack, is_router, match_modules, pattern_matches,  # noqa: F401
+                      pattern_value)
 
 # Registry-free dispatch: method name -> module path. Adding a method is one line here.
 _METHODS = {
+    "full": "tunelab.adapters.full",
     "lora": "tunelab.adapters.lora",
     "dora": "tunelab.adapters.dora",
     "qlora": "tunelab.adapters.qlora",
@@ -73,6 +67,60 @@ def get_method(name: str) -> ModuleType:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+# ------------------------------------------------------------------------------------- what a run calls
+def apply_method(model: nn.Module, method: str, options) -> AdapterReport:
+    """Wrap `model` in place with `method` (any method, `full` included); `options` is the method's Config,
+    a dict of its fields, or None for its defaults (`config.method_options(cfg)`)."""
+    return get_method(method).wrap(model, options)
+
+
+def check_method_data(method: str, examples) -> None:
+    """Refuse encoded examples `method` cannot train on (its optional `check_examples`; LoReFT: no prompt)."""
+    check = getattr(get_method(method), "check_examples", None)
+    if check is not None:
+        check(examples)
+
+
+def saves_full_model(method: str) -> bool:
+    """Does a run with `method` save the whole HF model (`model/`: full, freeze) rather than `export_method`'s
+    adapter folder (`adapter/`)?"""
+    return bool(getattr(get_method(method), "SAVES_FULL_MODEL", False))
+
+
+def export_method(model: nn.Module, method: str, options, path, base_model_name_or_path: str | None = None):
+    """Write the adapter of the `method`-wrapped `model` to folder `path`: PEFT's format where PEFT has the
+    method, tunelab's own otherwise (native_format.py). Returns the folder's Path."""
+    return get_method(method).export(model, options, path, base_model_name_or_path=base_model_name_or_path)
+
+
+def load_method(model: nn.Module, method: str, path) -> AdapterReport:
+    """Wrap the base `model` with the `method` adapter saved in folder `path` (the inverse of `export_method`)."""
+    return get_method(method).load(model, path)
+
+
+def _batch_hooks(model: nn.Module) -> list:
+    """The `batch_context` hooks of the registered methods whose layers are in `model` (none for most)."""
+    registered = set(_METHODS.values())
+    present = {type(m).__module__ for m in model.modules() if isinstance(m, AdapterModule)} & registered
+    hooks = (getattr(importlib.import_module(name), "batch_context", None) for name in sorted(present))
+    return [h for h in hooks if h is not None]
+
+
+@contextmanager
+def batch_context(model: nn.Module, batch: dict):
+    """Inside the block, forwards of `model` on `batch` see what their methods need from the batch (LoReFT: the
+    prompt positions from `batch["prompt_mask"]`). A no-op for a model without such a method. Every scoring
+    forward (objectives.logprobs.forward_hidden) runs inside it."""
+    hooks = _batch_hooks(model)
+    if not hooks:
+        yield model
+        return
+    with ExitStack() as stack:
+        for hook in hooks:
+            stack.enter_context(hook(model, batch))
+        yield model
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -270,85 +318,3 @@ def untie_config(model: nn.Module) -> None:
     for cfg in configs:
         if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False
-
-
-def pattern_value(patterns: dict, name: str, default):
-    """PEFT's `rank_pattern`/`alpha_pattern` lookup: the first key `k` with re.match(r'(.*\\.)?(k)$', name)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-# ----------------------------------------------------------------------------------------- matching
-def pattern_matches(pattern: str, name: str) -> bool:
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:  # a glob like "layers.[0" is not a valid regex; that interpretation just fails
-        return False
-
-
-def decoder_stack(model: nn.Module) -> str | None:
-    """Name of the `nn.ModuleList` with the most parameters: the decoder blocks in every HF causal LM."""
-    best, best_n = None, -1
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            n = sum(p.numel() for p in module.parameters())
-            if n > best_n:
-                best, best_n = name, n
-    return best
-
-
-def is_router(name: str) -> bool:
-    return name.rpartition(".")[2] in ROUTER_NAMES
-
-
-def _example_leaves(model: nn.Module, kinds: tuple[type, ...], limit: int = 8) -> str:
-    leaves: list[str] = []
-    for name, module in model.named_modules():
-        leaf = name.rpartition(".")[2]
-        if name and not leaf.isdigit() and isinstance(module, kinds) and leaf not in leaves:
-            leaves.append(leaf)
-    return ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
-
-
-def match_modules(model: nn.Module, patterns: str | Iterable[str], *, what: str,
-                  kinds: tuple[type, ...] | None = (nn.Linear,)) -> list[str]:
-    """Resolve `patterns` (or "all-linear") to full module names, in model order.
-
-    `kinds` restricts matches to module types the method can wrap (None = any module). Each pattern must
-    match at least one module of those kinds, else TunelabError names the pattern and lists real names.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
-    if not patterns:
-        raise TunelabError(f"{what}: empty list; give module names like q_proj or '{ALL_LINEAR}'")
-    named = [(n, m) for n, m in model.named_modules() if n]
-    chosen: dict[str, None] = {}  # ordered set
-    for pattern in patterns:
-        if pattern == ALL_LINEAR:
-            stack = decoder_stack(model)
-            prefix = f"{stack}." if stack else ""
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            hits = [n for n, m in named if isinstance(m, nn.Linear) and n.startswith(prefix)
-                    and not is_router(n) and m is not head]
-        else:
-            hits = [n for n, m in named if pattern_matches(pattern, n)]
-            typed = [n for n in hits if kinds is None or isinstance(model.get_submodule(n), kinds)]
-            if hits and not typed:
-                kind = type(model.get_submodule(hits[0])).__name__
-                raise TunelabError(f"{what}: pattern '{pattern}' matches only modules this method cannot wrap "
-                                   f"({hits[0]} is a {kind}); linear modules are e.g. "
-                                   f"{_example_leaves(model, kinds or (nn.Linear,))}")
-            hits = typed
-        if not hits:
-            sort = "linear" if kinds == (nn.Linear,) else "matching"
-            raise TunelabError(f"{what}: pattern '{pattern}' matches no module; {sort} modules are e.g. "
-                               f"{_example_leaves(model, kinds or (nn.Module,))}")
-        chosen.update(dict.fromkeys(hits))
-    return list(chosen)

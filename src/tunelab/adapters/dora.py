@@ -133,8 +133,8 @@ def wrap(model: nn.Module, cfg: DoraConfig | dict | None = None) -> AdapterRepor
                   make_layer=lambda m, _n, r, a: DoraLinear(m, r, a, cfg.dropout, cfg.use_rslora))
 
 
-def export_peft(model: nn.Module, cfg: DoraConfig | dict | None, path: str | Path,
-                base_model_name_or_path: str | None = None) -> Path:
+def export(model: nn.Module, cfg: DoraConfig | dict | None, path: str | Path,
+           base_model_name_or_path: str | None = None) -> Path:
     """Write a PEFT LoRA adapter with `use_dora: true` (config + safetensors incl. magnitude vectors)."""
     from .peft_format import save_peft
 
@@ -143,7 +143,7 @@ def export_peft(model: nn.Module, cfg: DoraConfig | dict | None, path: str | Pat
                      overrides={"use_dora": True})
 
 
-def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
+def load(model: nn.Module, path: str | Path) -> AdapterReport:
     """Wrap `model` with the PEFT adapter in folder `path` (`use_dora: true` ones come back as DoRA)."""
     from .peft_format import load_peft as _load
 

@@ -74,7 +74,7 @@ Config = LoraConfig
 PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight")
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # fp32 adapters on 16-bit or quantized (integer-stored) bases; otherwise follow the base.
     if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
@@ -95,7 +95,7 @@ class LoraLinear(AdapterModule):
         self.register_parameter("bias", linear.bias)  # None stays a registered None, like nn.Linear
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
-        kw = dict(bias=False, device=linear.weight.device, dtype=_adapter_dtype(linear.weight))
+        kw = dict(bias=False, device=linear.weight.device, dtype=adapter_dtype(linear.weight))
         self.lora_A = nn.Linear(self.in_features, r, **kw)
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -219,8 +219,8 @@ def wrap(model: nn.Module, cfg: LoraConfig | dict | None = None) -> AdapterRepor
                   make_layer=lambda m, _n, r, a: LoraLinear(m, r, a, cfg.dropout, cfg.use_rslora))
 
 
-def export_peft(model: nn.Module, cfg: LoraConfig | dict | None, path: str | Path,
-                base_model_name_or_path: str | None = None) -> Path:
+def export(model: nn.Module, cfg: LoraConfig | dict | None, path: str | Path,
+           base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` loadable by `PeftModel.from_pretrained`.
 
     `cfg` (optional) names the default r/alpha; everything else is read off the built layers."""
@@ -230,7 +230,7 @@ def export_peft(model: nn.Module, cfg: LoraConfig | dict | None, path: str | Pat
     return save_peft(model, cfg, path, base_model_name_or_path=base_model_name_or_path)
 
 
-def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
+def load(model: nn.Module, path: str | Path) -> AdapterReport:
     """Wrap `model` with the PEFT LoRA adapter stored in folder `path` (safetensors only). A DoRA adapter
     (`use_dora: true`) is dispatched to the dora method."""
     from .peft_format import load_peft as _load

@@ -28,24 +28,25 @@ caps both at ⌊P/2⌋ and may leave a middle token out). Only prompt tokens are
 and "the prompt" is the same text in training and generation, whatever `data.masking` trains on
 (loreft_positions.py has the details):
 
-* training/scoring (`batch_positions`, `wrap_objective`): the batch's `prompt_mask` marks each document's prompt
+* training/scoring (`batch_context`, the method's per-batch hook, which `objectives.logprobs` enters around every
+  scoring forward through `adapters.base.batch_context`): the batch's `prompt_mask` marks each document's prompt
   span (packed rows: per document) — the rendered conversation before the first trained assistant response,
   i.e. what `Template.generation_prompt` renders for it. Data without a prompt (plain text) is refused;
 * otherwise (generation, plain `model(ids)`): the prompt is the attended input of a forward that starts with an
   empty KV cache (the prefill); a forward continuing a non-empty cache (decoding) is not intervened. With the
   KV cache this equals re-running the whole sequence with the prompt positions intervened (causality). So
-  scoring a full prompt+response sequence without `batch_positions` would treat all of it as the prompt.
+  scoring a full prompt+response sequence with a plain `model(ids)` (outside `batch_context`) would treat all of
+  it as the prompt.
 
 Mechanics: each chosen block gets a child `loreft` (a `LoreftLayer` holding the interventions) and a forward
 hook that applies it to the block's output; the decoder body gets a forward pre-hook that works out the
 positions of each forward. Hooks find their state through the modules they are called with, so a deep copy of
 the model carries its own working interventions. Merging is impossible (a position-dependent edit of hidden
-states is no weight matrix): `merge` raises. Saved with `export_peft` in the tunelab format (safetensors + json).
+states is no weight matrix): `merge` raises. Saved with `export` in the tunelab format (native_format.py).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,17 +54,16 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import TunelabError
 from . import base
 from .base import (AdapterModule, AdapterReport, adapter_state_dict, disabled,  # noqa: F401 (re-exported)
                    load_adapter_state_dict, set_enabled)
-from .lora import _adapter_dtype, as_config
+from .lora import adapter_dtype, as_config
 from .loreft_positions import (NO_PROMPT, batch_codes, forward_codes, forward_kwargs,  # noqa: F401
                                prompt_locations)
-from .mora import CONFIG_FILE, WEIGHTS_FILE, read_folder
+from .native_format import WEIGHTS_FILE, base_model_name, load_native, save_native
 
 _POSITIONS = re.compile(r"^[fl](\d+)$")
 NOT_MERGEABLE = ("loreft cannot be merged: it edits hidden states at chosen prompt positions only, which no "
@@ -154,7 +154,7 @@ class _State:
     def __init__(self, cfg: LoreftConfig, layer_ids: list[int], d: int):
         self.cfg, self.layer_ids, self.d = cfg, layer_ids, d
         self.first, self.last = parse_positions(cfg.positions)
-        self.explicit: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input_ids, codes) set by batch_positions
+        self.explicit: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input_ids, codes) set by batch_context
         # Kept after the forward on purpose: gradient checkpointing re-runs the block hooks during backward.
         self.current: torch.Tensor | None = None
 
@@ -216,7 +216,7 @@ def _locate(state: _State, ids, shape: tuple, kwargs: dict, device) -> torch.Ten
     same = [c for _, c in state.explicit if tuple(c.shape) == shape]
     if len(same) == 1:  # the batch moved to another device (a reference copy): match by shape
         return same[0].to(device)
-    raise TunelabError("loreft: a forward inside batch_positions() does not belong to the batch; "
+    raise TunelabError("loreft: a forward inside batch_context() does not belong to the batch; "
                        "cannot tell which prompt positions to intervene")
 
 
@@ -229,8 +229,9 @@ def _state(model: nn.Module) -> _State | None:
 
 
 @contextmanager
-def batch_positions(model: nn.Module, batch: dict):
-    """Inside the block, forwards on this batch's `input_ids` (or any `<prefix>input_ids` with its
+def batch_context(model: nn.Module, batch: dict):
+    """The method's per-batch hook (`adapters.base.batch_context`, entered by `objectives.logprobs` around every
+    scoring forward): inside the block, forwards on this batch's `input_ids` (or any `<prefix>input_ids` with its
     `<prefix>loss_mask`) intervene at each document's prompt positions (`<prefix>prompt_mask`, see
     loreft_positions.batch_codes). A no-op for models without LoReFT."""
     state = _state(model)
@@ -242,26 +243,6 @@ def batch_positions(model: nn.Module, batch: dict):
         yield model
     finally:
         state.explicit = before
-
-
-class PromptPositions:
-    """An objective whose `loss` runs inside `batch_positions` (train/run.py wraps objectives with it)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def loss(self, model, batch):
-        with batch_positions(model, batch):
-            return self.inner.loss(model, batch)
-
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-def wrap_objective(objective):
-    return PromptPositions(objective)
 
 
 def check_examples(examples) -> None:
@@ -294,7 +275,7 @@ def wrap(model: nn.Module, cfg: LoreftConfig | dict | None = None) -> AdapterRep
     base.freeze(model)
     state = _State(cfg.model_copy(update={"layers": ids}), ids, d)
     for i in ids:
-        blocks[i].loreft = LoreftLayer(state, weight.device, _adapter_dtype(weight))
+        blocks[i].loreft = LoreftLayer(state, weight.device, adapter_dtype(weight))
         blocks[i].register_forward_hook(_block_hook)
     body.__dict__["_tunelab_loreft"] = state
     body.register_forward_pre_hook(_body_pre_hook, with_kwargs=True)
@@ -311,12 +292,12 @@ def merge(model: nn.Module) -> list[str]:
     raise TunelabError(NOT_MERGEABLE)
 
 
-def export_peft(model: nn.Module, cfg: LoreftConfig | dict | None, path: str | Path,
-                base_model_name_or_path: str | None = None) -> Path:
-    """Write the tunelab LoReFT format (no pickle), a folder with two files:
+def export(model: nn.Module, cfg: LoreftConfig | dict | None, path: str | Path,
+           base_model_name_or_path: str | None = None) -> Path:
+    """Write the tunelab LoReFT format (PEFT has none; native_format.py writes the folder). Fields:
 
-    * `tunelab_adapter.json`: {"format": "tunelab-adapter", "version": 1, "method": "loreft",
-      "base_model_name_or_path", "config": the LoreftConfig with `layers` resolved to indices, "hidden_size"};
+    * `tunelab_adapter.json`: the format header ({"format": "tunelab-adapter", "version": 1, "method": "loreft",
+      "base_model_name_or_path"}) plus "config": the LoreftConfig with `layers` resolved to indices, "hidden_size";
     * `adapter_model.safetensors`: per intervention `<block path>.loreft.<prefix|suffix|shared>.` +
       `rotate` [r, d] (A; R = orthonormal_rows(A)), `learned_source.weight` [r, d] (W), `learned_source.bias`
       [r] (b), and the derived `R` [r, d] for readers (ignored on load; pyreft's rotate_layer.weight is Rᵀ).
@@ -324,24 +305,16 @@ def export_peft(model: nn.Module, cfg: LoreftConfig | dict | None, path: str | P
     state = _state(model)
     if state is None:
         raise TunelabError("export: the model has no LoReFT interventions; wrap it first")
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = dict(adapter_state_dict(model))
     for name, module in base.adapter_modules(model):
-        tensors[f"{name}.R"] = module.R.detach().to("cpu", copy=True).contiguous()
-    meta = {"format": "tunelab-adapter", "version": 1, "method": "loreft",
-            "base_model_name_or_path": base_model_name_or_path, "config": state.cfg.model_dump(mode="json"),
-            "hidden_size": state.d}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "method": "loreft"})
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+        tensors[f"{name}.R"] = module.R.detach()
+    fields = {"config": state.cfg.model_dump(mode="json"), "hidden_size": state.d}
+    return save_native(path, "loreft", fields, tensors, base_model_name(model, base_model_name_or_path))
 
 
-def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
-    """Wrap `model` with the LoReFT interventions saved by `export_peft`; outputs are identical."""
-    meta, tensors = read_folder(path, "loreft")
+def load(model: nn.Module, path: str | Path) -> AdapterReport:
+    """Wrap `model` with the LoReFT interventions `export` saved in folder `path`; outputs are identical."""
+    meta, tensors = load_native(path, "loreft")
     try:
         report = wrap(model, LoreftConfig(**meta.get("config", {})))
     except TunelabError as e:

@@ -10,7 +10,7 @@
   key (hand-built, or examples encoded without segments) fall back to the tokens before each document's first
   `loss_mask` token. A document whose prompt is empty (plain-text / continued-pretraining data) is refused:
   LoReFT has nowhere to intervene on it.
-* a forward outside `batch_positions` (generate, plain `model(ids)`) that starts with an empty KV cache is a
+* a forward outside `batch_context` (generate, plain `model(ids)`) that starts with an empty KV cache is a
   prefill: its attended input is the prompt. A forward continuing a non-empty cache is a decoding step: its
   tokens are generated ones and are not intervened. By causality this equals re-running the whole sequence with
   only the prompt positions intervened. The cache is recognised under either keyword transformers has used for
@@ -146,7 +146,7 @@ def continues_cache(kwargs: dict, n_new: int) -> bool:
 
 
 def forward_codes(kwargs: dict, shape: tuple, device, first: int, last: int) -> torch.Tensor | None:
-    """Codes for a forward outside `batch_positions`: the prefill's attended input is the prompt; None (no
+    """Codes for a forward outside `batch_context`: the prefill's attended input is the prompt; None (no
     intervention) for a decoding step."""
     if continues_cache(kwargs, shape[1]):
         return None

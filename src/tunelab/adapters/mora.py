@@ -29,13 +29,12 @@ The types (reference numbers in brackets; the reference recommends 1 for large r
 
 Merging materialises ΔW by applying the update operator to the identity (columns ΔW[:, j] = op(e_j)), so the
 merged weight is by construction the map the forward computed. There is no PEFT format for MoRA:
-`export_peft` writes the documented tunelab format (see `export_peft`); `tunelab export --merged` gives a plain
+`export` writes the documented tunelab format (see `export`); `tunelab export --merged` gives a plain
 HF model. M is fp32 on 16-bit bases, as LoRA's adapters.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,14 +43,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import TunelabError
 from . import base
 from .base import (AdapterModule, AdapterReport, adapter_state_dict, disabled,  # noqa: F401 (re-exported)
                    load_adapter_state_dict, merge, set_enabled)
-from .lora import _adapter_dtype, as_config, inject
+from .lora import adapter_dtype, as_config, inject
+from .native_format import WEIGHTS_FILE, base_model_name, load_native, save_native
 
 MoraType = Literal["sharing", "group", "group_tile", "sharing_interleave", "rotation", "reshape", "truncation"]
 REFERENCE_TYPES = {1: "sharing", 2: "group", 3: "group_tile", 4: "sharing_interleave", 6: "rotation"}
@@ -59,9 +58,6 @@ REFERENCE_TYPES = {1: "sharing", 2: "group", 3: "group_tile", 4: "sharing_interl
 _PARTS = {"sharing": ("stride", "tile"), "group": ("group", "interleave"), "group_tile": ("group", "tile"),
           "sharing_interleave": ("stride", "interleave"), "truncation": ("truncate", "zeropad"),
           "rotation": ("blocks", "blocks"), "reshape": ("blocks", "blocks")}
-
-CONFIG_FILE = "tunelab_adapter.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class MoraConfig(BaseModel):
@@ -120,7 +116,7 @@ class MoraLinear(AdapterModule):
         self.register_parameter("bias", linear.bias)
         self.r_hat, self.kind = r_hat, kind
         dev = linear.weight.device
-        self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, device=dev, dtype=_adapter_dtype(linear.weight)))
+        self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, device=dev, dtype=adapter_dtype(linear.weight)))
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         comp, decomp = _PARTS[kind]
         self.n_blocks = -(-self.in_features // r_hat)  # blocks of r̂ in the wrap-padded input
@@ -234,7 +230,7 @@ def wrap(model: nn.Module, cfg: MoraConfig | dict | None = None, r_hats: dict[st
          ) -> AdapterReport:
     """Add MoRA to the modules `cfg.target_modules` selects; freeze the rest of the model.
 
-    `r_hats` (module name -> r̂) overrides the budget rule per module; `load_peft` uses it to rebuild exactly
+    `r_hats` (module name -> r̂) overrides the budget rule per module; `load` uses it to rebuild exactly
     the shapes that were saved."""
     cfg = as_config(cfg, MoraConfig)
     r_hats = r_hats or {}
@@ -252,13 +248,13 @@ def wrap(model: nn.Module, cfg: MoraConfig | dict | None = None, r_hats: dict[st
     return report
 
 
-def export_peft(model: nn.Module, cfg: MoraConfig | dict | None, path: str | Path,
-                base_model_name_or_path: str | None = None) -> Path:
-    """Write the tunelab MoRA format (PEFT has none), a folder with two files:
+def export(model: nn.Module, cfg: MoraConfig | dict | None, path: str | Path,
+           base_model_name_or_path: str | None = None) -> Path:
+    """Write the tunelab MoRA format (PEFT has none; native_format.py writes the folder). Fields:
 
-    * `tunelab_adapter.json`: {"format": "tunelab-adapter", "version": 1, "method": "mora",
-      "base_model_name_or_path", "config": the MoraConfig, "modules": {module path: {"r_hat", "type",
-      "in_features", "out_features"}}, "modules_to_save": [module paths trained fully]};
+    * `tunelab_adapter.json`: the format header ({"format": "tunelab-adapter", "version": 1, "method": "mora",
+      "base_model_name_or_path"}) plus "config": the MoraConfig, "modules": {module path: {"r_hat", "type",
+      "in_features", "out_features"}}, "modules_to_save": [module paths trained fully];
     * `adapter_model.safetensors`: `<module path>.mora_M` [r̂, r̂] per adapted module, plus the full tensors of
       modules trained fully (`lm_head.weight`; a tied pair once, under the first name in model order).
     """
@@ -266,40 +262,18 @@ def export_peft(model: nn.Module, cfg: MoraConfig | dict | None, path: str | Pat
     layers = {n: m for n, m in base.adapter_modules(model) if isinstance(m, MoraLinear)}
     if not layers:
         raise TunelabError("export: the model has no MoRA layers; wrap it first")
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     extras = [n for n, m in base.adapter_modules(model) if n not in layers]
-    meta = {"format": "tunelab-adapter", "version": 1, "method": "mora",
-            "base_model_name_or_path": base_model_name_or_path, "config": cfg.model_dump(mode="json"),
-            "modules": {n: {"r_hat": m.r_hat, "type": m.kind, "in_features": m.in_features,
-                            "out_features": m.out_features} for n, m in layers.items()},
-            "modules_to_save": extras}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "method": "mora"})
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    fields = {"config": cfg.model_dump(mode="json"),
+              "modules": {n: {"r_hat": m.r_hat, "type": m.kind, "in_features": m.in_features,
+                              "out_features": m.out_features} for n, m in layers.items()},
+              "modules_to_save": extras}
+    return save_native(path, "mora", fields, adapter_state_dict(model),
+                       base_model_name(model, base_model_name_or_path))
 
 
-def read_folder(path: str | Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a tunelab adapter folder written by `method`'s export_peft (safetensors only)."""
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not cfg_file.is_file() or not weights.is_file():
-        raise TunelabError(f"{path}: not a tunelab {method} adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if meta.get("method") != method:
-        raise TunelabError(f"{cfg_file}: holds a '{meta.get('method')}' adapter, not {method}")
-    return meta, load_file(str(weights))
-
-
-def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
-    """Wrap `model` with the MoRA adapter saved by `export_peft` in folder `path`; outputs are identical."""
-    meta, tensors = read_folder(path, "mora")
+def load(model: nn.Module, path: str | Path) -> AdapterReport:
+    """Wrap `model` with the MoRA adapter `export` saved in folder `path`; outputs are identical."""
+    meta, tensors = load_native(path, "mora")
     modules = meta.get("modules") or {}
     cfg = MoraConfig(**{**meta.get("config", {}), "target_modules": sorted(modules),
                         "modules_to_save": list(meta.get("modules_to_save") or [])})

@@ -22,17 +22,16 @@ for either the embeddings or the head trains the one shared matrix, and both sta
 named module trains, on its own copy, and the model is untied.
 
 `merge` puts the trained Parameters back into the plain modules. A run saves the full HF model (`model/`, as
-full finetuning); `export_peft` writes only the trained tensors in the tunelab format for a compact copy.
+full finetuning: `base.saves_full_model('freeze')` is True); `export` writes only the trained tensors in the
+tunelab format (native_format.py) for a compact copy, and `load` reads them back onto the base model.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import TunelabError
@@ -40,7 +39,10 @@ from . import base, extras
 from .base import (AdapterReport, adapter_state_dict, disabled, load_adapter_state_dict,  # noqa: F401
                    merge, set_enabled)
 from .lora import as_config
-from .mora import CONFIG_FILE, WEIGHTS_FILE, read_folder
+from .native_format import WEIGHTS_FILE, base_model_name, load_native, save_native
+
+
+SAVES_FULL_MODEL = True  # a run saves the whole HF model (model/), see base.saves_full_model
 
 
 class FreezeConfig(BaseModel):
@@ -106,33 +108,25 @@ def wrap(model: nn.Module, cfg: FreezeConfig | dict | None = None) -> AdapterRep
                          extras=[x for x in names if x not in in_blocks], tied=tied, notes=notes)
 
 
-def export_peft(model: nn.Module, cfg: FreezeConfig | dict | None, path: str | Path,
-                base_model_name_or_path: str | None = None) -> Path:
-    """Write only the trained tensors (tunelab format; runs save the full model instead):
+def export(model: nn.Module, cfg: FreezeConfig | dict | None, path: str | Path,
+           base_model_name_or_path: str | None = None) -> Path:
+    """Write only the trained tensors in the tunelab format (native_format.py; runs save the full model instead):
 
-    * `tunelab_adapter.json`: {"format": "tunelab-adapter", "version": 1, "method": "freeze",
-      "base_model_name_or_path", "modules": [module paths trained fully], "ensure_weight_tying"};
+    * `tunelab_adapter.json`: the format header ({"format": "tunelab-adapter", "version": 1, "method": "freeze",
+      "base_model_name_or_path"}) plus "modules": [module paths trained fully], "ensure_weight_tying";
     * `adapter_model.safetensors`: their tensors under the base model's own keys (a tied pair once).
     """
     mods = [n for n, _ in base.adapter_modules(model)]
     if not mods:
         raise TunelabError("export: the model has no partially trained modules; wrap it first")
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    tied = bool(extras.tied_groups(model, mods))
-    meta = {"format": "tunelab-adapter", "version": 1, "method": "freeze",
-            "base_model_name_or_path": base_model_name_or_path, "modules": mods, "ensure_weight_tying": tied}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "method": "freeze"})
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    fields = {"modules": mods, "ensure_weight_tying": bool(extras.tied_groups(model, mods))}
+    return save_native(path, "freeze", fields, adapter_state_dict(model),
+                       base_model_name(model, base_model_name_or_path))
 
 
-def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
+def load(model: nn.Module, path: str | Path) -> AdapterReport:
     """Wrap `model` like the saved run and load its trained tensors."""
-    meta, tensors = read_folder(path, "freeze")
+    meta, tensors = load_native(path, "freeze")
     cfg = FreezeConfig(layers="none", modules=list(meta.get("modules") or []),
                        ensure_weight_tying=bool(meta.get("ensure_weight_tying", True)))
     try:

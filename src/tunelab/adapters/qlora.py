@@ -37,7 +37,7 @@ quantised model that was trained, not the original float model.
 Export: a PEFT LoRA adapter (`use_dora: true` for QDoRA) whose base model is the original float model, plus
 `tunelab_quant.json` with the quantisation settings. Note that the adapter was trained against the
 NF4-quantised base: applied to the float base (as PEFT does by default) its outputs differ by the
-quantisation error; `load_peft` here re-quantises the base first and reproduces the trained model exactly.
+quantisation error; `load` here re-quantises the base first and reproduces the trained model exactly.
 """
 
 from __future__ import annotations
@@ -234,8 +234,8 @@ def _quant_settings(layers: list[_NF4Base], cfg: QLoraConfig | None) -> dict:
             "note": "trained against the NF4-quantised base model; tunelab re-quantises the base on load"}
 
 
-def export_peft(model: nn.Module, cfg: QLoraConfig | dict | None, path: str | Path,
-                base_model_name_or_path: str | None = None) -> Path:
+def export(model: nn.Module, cfg: QLoraConfig | dict | None, path: str | Path,
+           base_model_name_or_path: str | None = None) -> Path:
     """Write a PEFT LoRA adapter (QDoRA: `use_dora: true`) for the float base, plus `tunelab_quant.json`."""
     from .peft_format import save_peft
 
@@ -250,7 +250,7 @@ def export_peft(model: nn.Module, cfg: QLoraConfig | dict | None, path: str | Pa
     return out
 
 
-def load_peft(model: nn.Module, path: str | Path) -> AdapterReport:
+def load(model: nn.Module, path: str | Path) -> AdapterReport:
     """Wrap the float `model` with the adapter in `path`, quantising each adapted base weight to NF4.
 
     Settings come from `tunelab_quant.json` when present (QLoRA's defaults otherwise, e.g. for an adapter

@@ -2,6 +2,10 @@
 
 See docs/architecture.md ("Data contracts") and each module's docstring. The batch builder lives in
 `tunelab.data.collate.collate` (not re-exported here, so `tunelab.data.collate` stays the module).
+
+May import: torch, tokenizers/transformers (tokenizers only), datasets, pyarrow, tunelab.errors,
+tunelab.console; nothing from models/, adapters/, objectives/ or below. `kinds.py` turns records into each
+objective family's examples and batches; `batches.py` defines the batch-source interface the loop reads.
 """
 
 from .collate import block_causal_mask

@@ -84,7 +84,7 @@ def to_sample(record: Record, fmt: str = "auto", require_assistant: bool = True)
         key = "messages" if "messages" in record.data else "conversations"
         if key not in record.data:
             raise TunelabError(f"{origin}: missing field 'messages' (messages format)")
-        messages = _messages(record.data[key], f"{origin}: field '{key}'")
+        messages = chat_messages(record.data[key], f"{origin}: field '{key}'")
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise TunelabError(f"{origin}: conversation has no assistant turn, so nothing to train on")
     return Sample(messages, None, origin)
@@ -106,11 +106,11 @@ def _side(record: Record, key: str, role: str, fmt: str) -> list[dict]:
     """One side of a prompt/completion pair: a string (one message of `role`) or a list of messages."""
     value = record.data.get(key)
     if isinstance(value, list):
-        return _messages(value, f"{record.origin}: field '{key}'")
+        return chat_messages(value, f"{record.origin}: field '{key}'")
     return [{"role": role, "content": _field(record, key, fmt)}]
 
 
-def _messages(raw, where: str) -> list[dict]:
+def chat_messages(raw, where: str) -> list[dict]:
     """Validate and normalise a message list (role/content or ShareGPT from/value)."""
     if not isinstance(raw, list):
         raise TunelabError(f"{where} must be a list of messages, got {type(raw).__name__}")
@@ -134,3 +134,20 @@ def _messages(raw, where: str) -> list[dict]:
                                f"(expected {', '.join(ROLES)})")
         out.append({"role": role, "content": content})
     return out
+
+
+def prompt_of(record: Record, fmt: str = "auto") -> list[dict]:
+    """The conversation a model is prompted with: the record's messages up to its answer (trailing assistant
+    turns — the reference answer — removed). Evaluation (`eval.exact`) and RL prompts both use it."""
+    if fmt in ("auto", "prompt_completion") and "prompt" in record.data and "completion" not in record.data \
+            and not set(record.data) & {"chosen", "rejected", "messages", "instruction"}:
+        return _side(record, "prompt", "user", "prompt_completion")  # a prompt-only record (RL prompts)
+    sample = to_sample(record, fmt, require_assistant=False)
+    if sample.text is not None:
+        raise TunelabError(f"{record.origin}: a prompt needs instruction/prompt/messages fields, not plain text")
+    messages = list(sample.messages)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages:
+        raise TunelabError(f"{record.origin}: nothing left to prompt with after removing the answer")
+    return messages

@@ -106,7 +106,7 @@ def _trained_kinds(segments: list[Segment], mode: str, turns: str) -> list[tuple
     return out
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     """Does this tokenizer put bos in front by itself (and is bos a real start token, not eos)?"""
     bos = tokenizer.bos_token_id
     if bos is None or bos == tokenizer.eos_token_id:
@@ -192,7 +192,7 @@ def encode(tokenizer, segments: list[Segment], mode: str = "prompt", turns: str 
 def _encode_many(tokenizer, seg_lists: list[list[Segment]], mode: str, turns: str, max_length: int | None,
                  origins: list[str]) -> list[Encoded]:
     special = set(tokenizer.all_special_ids)
-    bos = any(s.kind == "text" for segs in seg_lists for s in segs) and _adds_bos(tokenizer)
+    bos = any(s.kind == "text" for segs in seg_lists for s in segs) and adds_bos(tokenizer)
     chat = [i for i, segs in enumerate(seg_lists) if not any(s.kind == "text" for s in segs)]
     tokenized = dict(zip(chat, _tokenize(tokenizer, ["".join(s.text for s in seg_lists[i]) for i in chat])))
     out = []

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import TunelabError
-from .formats import Sample, _messages
+from .formats import Sample, chat_messages
 from .masking import Encoded, encode
 from .sources import Record
 from .templates import Template, sample_segments
@@ -109,7 +109,7 @@ def _text(record: Record, key: str) -> str:
 def _as_messages(record: Record, key: str, role: str) -> list[dict]:
     value = record.data.get(key)
     if isinstance(value, list):
-        return _messages(value, f"{record.origin}: field '{key}'")
+        return chat_messages(value, f"{record.origin}: field '{key}'")
     return [{"role": role, "content": _text(record, key)}]
 
 
@@ -159,7 +159,7 @@ def to_pair(record: Record) -> PairSample:
         sides = []
         for key in PAIR_KEYS:
             v = d[key]
-            msgs = _hh_messages(v) if isinstance(v, str) else _messages(v, f"{origin}: field '{key}'")
+            msgs = _hh_messages(v) if isinstance(v, str) else chat_messages(v, f"{origin}: field '{key}'")
             if msgs is None:
                 raise TunelabError(f"{origin}: no prompt field and '{key}' is neither a message list nor an "
                                    "Anthropic HH transcript (\\n\\nHuman: … \\n\\nAssistant: …)")
@@ -216,7 +216,7 @@ def sft_samples(records: list[Record], fmt: str = "auto") -> list[Sample]:
 
 
 # ----------------------------------------------------------------------------------------------- encoding
-def _encode(tokenizer, template: Template, prompt, response, origin, max_length) -> Encoded:
+def encode_response(tokenizer, template: Template, prompt, response, origin, max_length) -> Encoded:
     segs = sample_segments(Sample(prompt + [response], None, origin), template)
     # Loss on the final answer only: earlier assistant turns of a multi-turn prompt are context.
     return encode(tokenizer, segs, mode="prompt", turns="last", max_length=max_length, origin=origin)
@@ -232,8 +232,8 @@ def encode_pairs(tokenizer, pairs: list[PairSample], template: Template,
                  max_length: int | None = None) -> tuple[list[PairExample], PrefStats]:
     stats, out = PrefStats(), []
     for p in pairs:
-        c = _encode(tokenizer, template, p.prompt, p.chosen, f"{p.origin} chosen", max_length)
-        r = _encode(tokenizer, template, p.prompt, p.rejected, f"{p.origin} rejected", max_length)
+        c = encode_response(tokenizer, template, p.prompt, p.chosen, f"{p.origin} chosen", max_length)
+        r = encode_response(tokenizer, template, p.prompt, p.rejected, f"{p.origin} rejected", max_length)
         if c.n_trained == 0 or r.n_trained == 0:
             stats.n_dropped += 1
             stats.dropped.append(p.origin)
@@ -258,7 +258,7 @@ def encode_unpaired(tokenizer, samples: list[UnpairedSample], template: Template
     example (as in TRL), so reference log-probs of the partner can be cached too."""
     stats, kept = PrefStats(), []
     for s in samples:
-        e = _encode(tokenizer, template, s.prompt, s.completion, s.origin, max_length)
+        e = encode_response(tokenizer, template, s.prompt, s.completion, s.origin, max_length)
         if e.n_trained == 0:
             stats.n_dropped += 1
             stats.dropped.append(s.origin)
@@ -296,12 +296,12 @@ def inspect_pairs(tokenizer, template: Template, records: list[Record], max_leng
     for r in recs:
         if is_preference(r.data):
             p = to_pair(r)
-            out.append(_encode(tokenizer, template, p.prompt, p.chosen, f"{p.origin} chosen", max_length))
-            out.append(_encode(tokenizer, template, p.prompt, p.rejected, f"{p.origin} rejected", max_length))
+            out.append(encode_response(tokenizer, template, p.prompt, p.chosen, f"{p.origin} chosen", max_length))
+            out.append(encode_response(tokenizer, template, p.prompt, p.rejected, f"{p.origin} rejected", max_length))
         else:
             u = to_unpaired(r)
             tag = "desirable" if u.label else "undesirable"
-            out.append(_encode(tokenizer, template, u.prompt, u.completion, f"{u.origin} {tag}", max_length))
+            out.append(encode_response(tokenizer, template, u.prompt, u.completion, f"{u.origin} {tag}", max_length))
     return out
 
 

@@ -13,6 +13,8 @@ Entry points: `run_tasks` (a list of task names/paths → results dict), `print_
 `learning_forgetting` (base vs trained on target and source tasks), `EvalCache` + `model_fingerprint`
 (base-model results computed once per sweep), `run_harness` (lm-eval-harness tasks; optional extra).
 Task YAML schema: see `tunelab.eval.tasks`; bundled tasks: `list_tasks()`.
+
+May import: data, models, adapters.base, objectives, sampling/generate; never train/ or lab/.
 """
 
 from .choice import Score, score_continuations

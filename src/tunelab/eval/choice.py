@@ -20,13 +20,15 @@ first continuation token is still predicted from something.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..data.collate import collate
-from ..data.masking import Encoded, _adds_bos
+from ..data.masking import Encoded, adds_bos
 from ..errors import TunelabError
 from ..objectives.logprobs import forward_hidden, head_logits, output_head, token_logprobs
+from ..objectives.scoring import score_rows
 from .tasks import Task, format_prompt
 
 
@@ -47,7 +49,7 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int | No
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
     prefix = []
-    if _adds_bos(tokenizer):
+    if adds_bos(tokenizer):
         prefix = [tokenizer.bos_token_id]
     elif not ctx:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -92,32 +94,27 @@ def _scores_with_greedy(model, batch: dict, chunk_size: int) -> tuple[torch.Tens
     return lp, greedy
 
 
-@torch.no_grad()
+def _row_scores(model, batch: dict, chunk_size: int, greedy: bool) -> list[Score]:
+    """One `Score` per row of `batch`: summed log-prob and count of its loss tokens (+ is_greedy)."""
+    mask = batch["loss_mask"].clone()
+    mask[:, 0] = False
+    if greedy:
+        lp, hit = _scores_with_greedy(model, batch, chunk_size)
+        flags = (hit | ~mask).all(-1).tolist()
+    else:
+        lp, flags = token_logprobs(model, batch, chunk_size), [None] * mask.shape[0]
+    sums, counts = lp.sum(-1).tolist(), mask.sum(-1).tolist()
+    return [Score(s, int(c), f) for s, c, f in zip(sums, counts, flags)]
+
+
 def score_encoded(model, examples: list[Encoded], pad_id: int, batch_size: int = 8, chunk_size: int = 1024,
                   greedy: bool = False) -> list[Score]:
-    """Score already-encoded (ids, loss_mask) examples; one `Score` per example, in input order."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths share a batch
-    out: list[Score | None] = [None] * len(examples)
-    try:
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            batch = {key: v.to(device) for key, v in collate([examples[i] for i in idx], pad_id).items()}
-            mask = batch["loss_mask"].clone()
-            mask[:, 0] = False
-            if greedy:
-                lp, hit = _scores_with_greedy(model, batch, chunk_size)
-                flags = (hit | ~mask).all(-1).tolist()
-            else:
-                lp, flags = token_logprobs(model, batch, chunk_size), [None] * len(idx)
-            sums, counts = lp.sum(-1).tolist(), mask.sum(-1).tolist()
-            for row, i in enumerate(idx):
-                out[i] = Score(sums[row], int(counts[row]), flags[row])
-    finally:
-        model.train(was)
-    return out
+    """Score already-encoded (ids, loss_mask) examples; one `Score` per example, in input order.
+
+    Longest first, so similar lengths share a batch (and an out-of-memory error comes at the first batch)."""
+    return score_rows(model, examples, partial(collate, pad_id=pad_id),
+                      partial(_row_scores, chunk_size=chunk_size, greedy=greedy),
+                      batch_size=batch_size, sort_key=lambda e: -len(e))
 
 
 def score_continuations(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,

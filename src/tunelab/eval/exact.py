@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from ..data.formats import to_sample
+from ..data.formats import prompt_of
 from ..errors import TunelabError
 from ..generate import generate
 from .tasks import Task, format_prompt
@@ -98,15 +98,7 @@ def build_prompt(record, task: Task, template) -> str:
     if spec.prompt is not None:
         text = format_prompt(spec.prompt, record, task.name)
         return template.generation_prompt([{"role": "user", "content": text}]) if spec.use_chat else text
-    sample = to_sample(record, spec.format, require_assistant=False)
-    if sample.text is not None:
-        raise TunelabError(f"{record.origin}: an exact-match task needs a prompt: give the task a `prompt:` "
-                           "or use records with instruction/prompt/messages fields")
-    messages = list(sample.messages)
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()  # the reference answer is not part of the prompt
-    if not messages:
-        raise TunelabError(f"{record.origin}: nothing left to prompt with after removing the answer")
+    messages = prompt_of(record, spec.format)
     return template.generation_prompt(messages)
 
 

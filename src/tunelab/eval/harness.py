@@ -17,7 +17,7 @@ task folders (``include_path``) are supported; whether a task downloads a hub da
 
 from __future__ import annotations
 
-from ..data.masking import Encoded, _adds_bos
+from ..data.masking import Encoded, adds_bos
 from ..errors import TunelabError
 from .choice import score_continuations, score_encoded
 from .completion import complete
@@ -86,7 +86,7 @@ class HarnessAdapter:
         """Windows predicting every token of `text` once, each with up to `max_length` tokens of input."""
         tok = self.tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        start = tok.bos_token_id if _adds_bos(tok) or tok.eos_token_id is None else tok.eos_token_id
+        start = tok.bos_token_id if adds_bos(tok) or tok.eos_token_id is None else tok.eos_token_id
         seq, L = [start] + ids, self.max_length
         windows, a = [], 1  # seq[0] is the prefix token: never a target
         while a < len(seq):

@@ -7,7 +7,7 @@ is the same quantity the training loss measures, on data the model did not train
     perplexity = exp(loss)
 
 Both are *token-weighted over the whole dataset* (a long example counts more than a short one), which is how
-the held-out loss of a run is computed too (`train.run.eval_loss`). Only the loss tokens chosen by the
+the held-out loss of a run is computed too (`objectives.scoring.eval_loss`). Only the loss tokens chosen by the
 masking mode count: with ``masking: prompt`` on an instruction set this is the loss on the responses.
 Log-probabilities come from `objectives.logprobs.token_logprobs`, which applies the lm_head in chunks to the
 selected positions only, so a 49k-token vocabulary never materialises as ``[B, T, V]`` logits.
@@ -19,37 +19,30 @@ model and its fine-tunes do).
 from __future__ import annotations
 
 import math
-
-import torch
+from functools import partial
 
 from ..data.collate import collate
 from ..data.formats import to_sample
 from ..data.masking import encode_dataset
 from ..objectives.logprobs import token_logprobs
+from ..objectives.scoring import score_rows
 from .tasks import Task
 
 
-@torch.no_grad()
+def _nll_rows(model, batch: dict, chunk_size: int) -> list[tuple[float, int]]:
+    """(−Σ log p, number of loss tokens) of each row of `batch`."""
+    lp = token_logprobs(model, batch, chunk_size)
+    mask = batch["loss_mask"].clone()
+    mask[:, 0] = False
+    return [(-float(lp[row].sum()), int(mask[row].sum())) for row in range(lp.shape[0])]
+
+
 def nll_sums(model, examples, pad_id: int, batch_size: int = 8, chunk_size: int = 1024) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, number of loss tokens) per `Encoded` example, in input order."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    # Batch neighbours of similar length so little compute is spent on padding; results go back in order.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    try:
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            batch = {key: v.to(device) for key, v in collate([examples[i] for i in idx], pad_id).items()}
-            lp = token_logprobs(model, batch, chunk_size)
-            mask = batch["loss_mask"].clone()
-            mask[:, 0] = False
-            for row, i in enumerate(idx):
-                out[i] = (-float(lp[row].sum()), int(mask[row].sum()))
-    finally:
-        model.train(was)
-    return out
+    """(summed negative log-likelihood, number of loss tokens) per `Encoded` example, in input order.
+
+    Neighbours of similar length share a batch (shortest first), so little compute is spent on padding."""
+    return score_rows(model, examples, partial(collate, pad_id=pad_id), partial(_nll_rows, chunk_size=chunk_size),
+                      batch_size=batch_size, sort_key=len)
 
 
 def evaluate_perplexity(model, tokenizer, template, task: Task, limit: int | None = None) -> dict:

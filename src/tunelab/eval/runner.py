@@ -104,7 +104,7 @@ def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow
 
 
 def _say(res: dict) -> None:
-    from ..train.log import console
+    from ..console import console
 
     m = res["primary"]
     how = "cached" if res.get("cached") else f"{res.get('seconds', 0):.1f}s"

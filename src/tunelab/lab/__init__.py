@@ -12,6 +12,8 @@ report             results.md, results.csv and a single-file index.html         
 
 CLI: ``tunelab compare SWEEP.yaml [--dry-run]`` and ``tunelab report RUN_DIRS... [--out DIR]``.
 Ready-made studies (LoRA vs full, loss masking, MoRA vs LoRA, DoRA vs LoRA): ``examples/studies/``.
+
+May import every layer (it trains variants through `train.launch.train`); nothing imports lab/ except the CLI.
 """
 
 from .compare import run_status, run_sweep, write_sweep_report

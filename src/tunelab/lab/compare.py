@@ -74,7 +74,7 @@ def config_drift(run_dir: Path, cfg) -> list[str]:
 
 
 def _default_runner(cfg) -> Path:
-    from ..train.run import train
+    from ..train.launch import train
 
     return train(cfg)
 
@@ -90,11 +90,11 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
               report: bool = True) -> list[Outcome]:
     """Train the sweep's unfinished variants one after another, then build its report.
 
-    `runner(cfg) -> run_dir` trains one variant (default: `tunelab.train.run.train`); tests pass their own.
+    `runner(cfg) -> run_dir` trains one variant (default: `tunelab.train.launch.train`); tests pass their own.
     Returns one `Outcome` per variant, in sweep order; ``sweep.json`` is rewritten after every variant so a
     killed sweep leaves an accurate record.
     """
-    from ..train.log import console
+    from ..console import console
     from ..train.task_eval import check_tasks
 
     runner = runner or _default_runner
@@ -153,7 +153,7 @@ def print_plan(sweep: Sweep, configs: list) -> None:
     """The dry run: each variant, its state on disk and an upper bound of its training tokens."""
     from rich.table import Table
 
-    from ..train.log import console
+    from ..console import console
 
     table = Table(title=f"sweep {sweep.name}: {len(configs)} variants → {sweep.output_dir}")
     for col in ("#", "variant", "method", "state", "steps", "≤ train tokens"):

@@ -1,4 +1,4 @@
-"""The objective interface the training loop calls.
+"""The objective interface the training loop and the run orchestrator call.
 
     loss_sum, n, metrics = objective.loss(model, batch)
 
@@ -6,13 +6,20 @@
 pairs for preference losses). The loop adds both over all accumulated micro-batches (and devices) and divides
 once, so 4 micro-batches of 2 give exactly the gradient of one batch of 8 — not a mean of per-batch means,
 which over-weights tokens of short batches.
+
+Everything else that differs per objective is declared on the objective (`RunHooks`), so the orchestrator
+(`train/run.py`) never branches on an objective's name. Adding an objective = one module with a class that
+sets these and implements `loss`, plus one line in `objectives/__init__.py`'s registry.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
+
+from ..errors import TunelabError
 
 
 class Objective(Protocol):
@@ -25,3 +32,47 @@ class Objective(Protocol):
 #   on_step(step)          called by the loop after optimizer step `step` (1-based), before any evaluation
 #   state_dict()           tensors saved with every checkpoint (`objective.safetensors`), so resume is exact
 #   load_state_dict(sd)    restores them when a run resumes from that checkpoint
+
+
+class RunHooks:
+    """What a run needs to know about an objective, with the defaults of a plain generative objective.
+
+    Class attributes: ``data_kind`` (a `data.kinds` name: sft | pairs | unpaired), ``needs_reference`` (a
+    frozen/adapter-off reference model is built for it), ``generator`` (the trained model generates text, so
+    learning/forgetting tasks run on it; a reward model does not). Class-level checks run before anything is
+    written; instance hooks run during the run. Measures come from `scoring.HeldOutLoss` (SFT) or `pairwise.PairMetrics` (preference objectives).
+    """
+
+    data_kind = "sft"
+    needs_reference = False
+    generator = True
+
+    @classmethod
+    def wants_reference(cls, cfg) -> bool:
+        """Whether this run builds a reference model (an objective may need one only for some settings)."""
+        return cls.needs_reference
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse config combinations this objective cannot run (one `TunelabError` line)."""
+        r = cfg.reference
+        if cls.needs_reference and r.precompute and r.sync_every:
+            raise TunelabError("reference.precompute cannot be combined with reference.sync_every "
+                               "(a moving reference makes cached log-probs stale)")
+
+    @classmethod
+    def check_data(cls, stats: dict, cfg) -> None:
+        """Look at the encoded data's statistics (warn about imbalance, …)."""
+
+    @classmethod
+    def prepare_model(cls, model) -> None:
+        """Add what the objective trains beyond the method's parameters (a reward head), after the method."""
+
+    def saving(self, model, out):
+        """Context around writing adapter/ or model/: save the objective's own artifacts, keep them out of the
+        plain causal-LM folder."""
+        return contextlib.nullcontext()
+
+    def extra_results(self, model, evals: list, pad_id: int) -> dict:
+        """Fields for results.json beyond the measures before/after."""
+        return {}

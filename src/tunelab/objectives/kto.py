@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from ..console import console
+from .base import RunHooks
 from .logprobs import sequence_logprobs, token_logprobs
+from .pairwise import PairMetrics
 from .reference import ReferenceHooks, view
 
 
@@ -52,10 +55,24 @@ def weight_warning(n_desirable: int, n_undesirable: int, desirable_weight: float
             f"try pref.desirable_weight in [{lo:.2f}, {lo * 4 / 3:.2f}]")
 
 
-class KTO(ReferenceHooks):
+class KTO(PairMetrics, ReferenceHooks, RunHooks):
     name = "kto"
+    data_kind = "unpaired"
     needs_reference = True
     default_beta = 0.1
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.train.batch_size < 2:
+            console.print("[yellow]kto with train.batch_size=1: the KL estimate z0 uses a single mismatched pair[/]")
+
+    @classmethod
+    def check_data(cls, stats: dict, cfg) -> None:
+        warning = weight_warning(stats["n_desirable"], stats["n_undesirable"], cfg.pref.desirable_weight,
+                                 cfg.pref.undesirable_weight)
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/]")
 
     def __init__(self, beta: float | None = None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  reference=None, chunk_size: int = 1024):

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters.base import linear_params
-from ..adapters.loreft import batch_positions
+from ..adapters.base import batch_context, linear_params
 from ..errors import TunelabError
 
 
@@ -43,8 +42,8 @@ def forward_hidden(model, batch: dict, router_logits: bool = False) -> tuple[tor
     `router_logits`: also return a mixture-of-experts body's router logits (`out.router_logits`), which real
     checkpoints do not by default (`output_router_logits: false`); the SFT load-balancing loss needs them."""
     extra = {"output_router_logits": True} if router_logits else {}
-    # LoReFT intervenes on prompt positions only, which it reads off this batch's loss mask (no-op otherwise)
-    with batch_positions(model, batch):
+    # a method that needs to see the batch gets it here (LoReFT: the prompt positions to intervene); no-op otherwise
+    with batch_context(model, batch):
         out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch.get("position_ids"), use_cache=False, **extra)
     return out.last_hidden_state, out
@@ -165,36 +164,45 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransfor
     return weight, bias, logit_transform(model)
 
 
-def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, transform: LogitTransform):
-    return -F.cross_entropy(head_logits(h, weight, bias, transform), targets, reduction="none")
+def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, transform: LogitTransform,
+                temperature: float = 1.0):
+    logits = head_logits(h, weight, bias, transform)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")
 
 
-def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(target) for rows of `hidden` [N, H] → [N] (fp32), the lm_head applied chunk by chunk."""
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) for rows of `hidden` [N, H] → [N] (fp32), the lm_head applied chunk by chunk.
+
+    `temperature`: log_softmax(logits / temperature), the model's own logits (after its transform) divided as
+    the sampler divides them — what online RL scores its samples with (1: the plain distribution)."""
     weight, bias, transform = output_head(model)
     outs = []
     for i in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, temperature, use_reentrant=False))
         else:
-            outs.append(_chunk_logp(h, t, weight, bias, transform))
+            outs.append(_chunk_logp(h, t, weight, bias, transform, temperature))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bool = False,
-                   router_logits: bool = False):
+                   router_logits: bool = False, temperature: float = 1.0):
     """Log-probs of each target token, as a [B, T] fp32 tensor (0 where `loss_mask` is False).
 
     `loss_mask[b, t]` True means token t is predicted from position t-1 (the first token never is).
     `router_logits`: see `forward_hidden` (only for a mixture-of-experts model).
+    `temperature`: see `head_logprobs` (online RL scores samples at the sampling temperature).
     """
     hidden, out = forward_hidden(model, batch, router_logits)
     mask = batch["loss_mask"].clone()
     mask[:, 0] = False
     pos = mask.nonzero(as_tuple=True)
     h = hidden[pos[0], pos[1] - 1]
-    logp = head_logprobs(model, h, batch["input_ids"][pos], chunk_size)
+    logp = head_logprobs(model, h, batch["input_ids"][pos], chunk_size, temperature)
     full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     full = full.index_put(pos, logp)
     return (full, out) if return_output else full

@@ -29,14 +29,47 @@ KL(π_θ ‖ π_ref) = E_y~π_θ[Δ(y)] — exact in expectation only for on-pol
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..errors import TunelabError
+from .base import RunHooks
 from .logprobs import sequence_logprobs, token_logprobs
 from .reference import ReferenceHooks
+from .scoring import score_batches
 
 
-class PairwiseObjective(ReferenceHooks):
+def _probe_batch(cfg) -> int:
+    return max(cfg.train.batch_size, 4)
+
+
+class PairMetrics:
+    """Run measures of preference objectives (dpo, simpo, orpo, kto, reward): the objective's own metrics
+    (`evaluate_pairs`) on the held-out pairs (``eval``) and on the first ``pref.probe`` training pairs
+    (``train``) — informative before training too; results.json gets ``before`` / ``after``."""
+
+    SUMMARY_KEYS = ("reward_margin", "pref_accuracy", "logp_margin", "logp_accuracy")
+
+    def measure(self, model, train: list, evals: list, pad_id: int, cfg) -> dict:
+        bs = _probe_batch(cfg)
+        return {"train": evaluate_pairs(model, self, train[:cfg.pref.probe], pad_id, bs),
+                "eval": evaluate_pairs(model, self, evals, pad_id, bs)}
+
+    def measure_during(self, model, evals: list, pad_id: int, cfg) -> dict:
+        if not evals:
+            return {}
+        return {f"eval_{k}": v for k, v in evaluate_pairs(model, self, evals, pad_id, _probe_batch(cfg)).items()}
+
+    def result_fields(self, before: dict, after: dict) -> dict:
+        return {"before": before, "after": after}
+
+    def describe(self, m: dict) -> str:
+        return ", ".join(f"{k} {m['train'][k]:.3f}" for k in self.SUMMARY_KEYS if k in m["train"])
+
+
+class PairwiseObjective(PairMetrics, ReferenceHooks, RunHooks):
+    data_kind = "pairs"
     name = "pairwise"
     needs_reference = True
     default_beta = 0.1
@@ -92,7 +125,6 @@ def pair_metrics(lc, lr, wc, wr, rc=None, rr=None) -> dict[str, float]:
     return m
 
 
-@torch.no_grad()
 def evaluate_pairs(model, objective, examples: list, pad_id: int, batch_size: int = 8) -> dict[str, float]:
     """Objective metrics averaged over `examples` (pairs or unpaired), weighted by pairs, plus the policy's own
     preference: ``logp_margin`` = mean L(y⁺) − L(y⁻), ``logp_accuracy`` = share with L(y⁺) > L(y⁻), and the
@@ -102,19 +134,11 @@ def evaluate_pairs(model, objective, examples: list, pad_id: int, batch_size: in
 
     if not examples:
         return {}
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
     paired = hasattr(examples[0], "chosen")
     core = objective
-    while hasattr(core, "inner"):  # a method's wrapper around the objective (LoReFT's PromptPositions)
-        core = core.inner
-    sums: dict[str, float] = {}
-    total = 0
-    for k in range(0, len(examples), batch_size):
-        chunk = examples[k:k + batch_size]
-        batch = (collate_pairs if paired else collate_unpaired)(chunk, pad_id)
-        batch = {key: v.to(device) for key, v in batch.items()}
+
+    def metrics(model, batch: dict) -> tuple[dict[str, float], int]:
+        """The batch's metrics and its number of examples (pairs: half the rows)."""
         core.last = None
         ls, n, m = objective.loss(model, batch)
         m["loss"] = float(ls) / max(int(n), 1)
@@ -123,8 +147,14 @@ def evaluate_pairs(model, objective, examples: list, pad_id: int, batch_size: in
             d, da = lc - lr, lc / nc - lr / nr
             m.update(logp_margin=float(d.mean()), logp_accuracy=float((d > 0).float().mean()),
                      avg_logp_margin=float(da.mean()), avg_logp_accuracy=float((da > 0).float().mean()))
+        rows = batch["input_ids"].shape[0]
+        return m, rows // 2 if paired else rows
+
+    collate_fn = partial(collate_pairs if paired else collate_unpaired, pad_id=pad_id)
+    sums: dict[str, float] = {}
+    total = 0
+    for m, size in score_batches(model, examples, collate_fn, metrics, batch_size=batch_size):
         for key, v in m.items():
-            sums[key] = sums.get(key, 0.0) + v * len(chunk)
-        total += len(chunk)
-    model.train(was)
+            sums[key] = sums.get(key, 0.0) + v * size
+        total += size
     return {k: v / total for k, v in sums.items()}

@@ -40,6 +40,8 @@ import torch
 from ..adapters.base import adapter_parameters, disabled, has_adapter
 from ..errors import TunelabError
 from .logprobs import sequence_logprobs, token_logprobs
+from ..models.modes import eval_mode
+from .scoring import score_batches
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,16 +51,6 @@ def view(batch: dict, prefix: str) -> dict:
     if not prefix:
         return batch
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
-
-
-@contextmanager
-def eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 class Reference:
@@ -81,24 +73,25 @@ class Reference:
                 p.requires_grad_(False)
             if device or dtype:
                 self.model.to(device=device, dtype=_DTYPES[dtype] if dtype else None)
-            self.model.eval()
         elif sync_every:
             # The moving adapter reference: a second set of adapter weights, starting at the current adapter.
             self._ref_adapter = {k: p.detach().clone() for k, p in adapter_parameters(model).items()}
 
     # -------------------------------------------------------------------------------------------- forward
     @torch.no_grad()
-    def token_logprobs(self, batch: dict) -> torch.Tensor:
-        """log π_ref of every target token, [B, T] fp32 on the batch's device (0 off the loss mask)."""
+    def token_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """log π_ref of every target token, [B, T] fp32 on the batch's device (0 off the loss mask);
+        `temperature` as in `logprobs.token_logprobs` (online RL's KL at the sampling temperature)."""
         if self.mode == "copy":
             if self.model is None:
                 raise RuntimeError("the reference copy was released after precomputing its log-probs")
             dev = next(self.model.parameters()).device
             moved = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
             with eval_mode(self.model):
-                return token_logprobs(self.model, moved, self.chunk_size).to(batch["input_ids"].device)
+                return token_logprobs(self.model, moved, self.chunk_size,
+                                      temperature=temperature).to(batch["input_ids"].device)
         with eval_mode(self.policy), self._adapter_weights(), disabled_unless(self.policy, self._ref_adapter):
-            return token_logprobs(self.policy, batch, self.chunk_size)
+            return token_logprobs(self.policy, batch, self.chunk_size, temperature=temperature)
 
     def logps(self, batch: dict, prefix: str = "") -> torch.Tensor:
         """Σ_t log π_ref(y_t | x, y_<t) over each row's response tokens → [B] fp32."""
@@ -210,20 +203,24 @@ def fingerprint(sets: dict[str, list], extra: str = "") -> str:
     return h.hexdigest()[:32]
 
 
-@torch.no_grad()
 def compute_pairs(reference: Reference, examples: list, pad_id: int, batch_size: int = 8,
                   device=None) -> torch.Tensor:
-    """[N, 2] reference log-probs of each example's two sequences (chosen/rejected, or completion/KL partner)."""
+    """[N, 2] reference log-probs of each example's two sequences (chosen/rejected, or completion/KL partner).
+
+    Each batch stacks the chunk's first sequences, then its second ones (one forward, like `collate_pairs`).
+    Batches go to `device` (default: stay on the CPU; a ``copy`` reference moves them to its own device)."""
     from ..data.collate import collate
 
-    rows = []
-    for k in range(0, len(examples), batch_size):
-        chunk = examples[k:k + batch_size]
-        batch = collate([_pair_of(e)[0] for e in chunk] + [_pair_of(e)[1] for e in chunk], pad_id)
-        if device is not None:
-            batch = {key: v.to(device) for key, v in batch.items()}
+    def both(chunk: list) -> dict:
+        return collate([_pair_of(e)[0] for e in chunk] + [_pair_of(e)[1] for e in chunk], pad_id)
+
+    def logps(_policy, batch: dict) -> torch.Tensor:
         lp = reference.logps(batch).cpu()
-        rows.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], dim=1))
+        n = lp.shape[0] // 2
+        return torch.stack([lp[:n], lp[n:]], dim=1)
+
+    rows = score_batches(reference.policy, examples, both, logps, batch_size=batch_size,
+                         device=torch.device("cpu") if device is None else device)
     return torch.cat(rows) if rows else torch.zeros(0, 2)
 
 
@@ -249,3 +246,28 @@ def fill_cache(path: Path, reference: Reference, sets: dict[str, list], pad_id: 
         for ex, (a, b) in zip(exs, tensors[name].tolist()):
             ex.ref = (a, b)
     return loaded
+
+
+def build_reference(cfg, model, sets: dict[str, list], pad_id: int, run_dir: Path) -> Reference | None:
+    """The run's Reference when its objective needs one, else None. With ``reference.precompute`` the
+    log-probs of every example in `sets` are cached (``reference_logps.safetensors`` in `run_dir`, reused on
+    resume), stored on the examples (`ex.ref`), and the reference itself is released — so None again."""
+    import time
+
+    from ..console import console
+    from . import objective_class
+
+    if not objective_class(cfg.objective).wants_reference(cfg):
+        return None
+    r = cfg.reference
+    ref = Reference(model, r.mode, r.device, r.dtype, r.sync_every, r.sync_alpha, cfg.train.loss_chunk_size)
+    if not r.precompute:
+        return ref
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    loaded = fill_cache(run_dir / "reference_logps.safetensors", ref, {k: v for k, v in sets.items() if v}, pad_id,
+                        batch_size=max(cfg.train.batch_size, 4), tag=f"{cfg.model.name}|{ref.mode}", device=device)
+    console.print(f"reference log-probs {'loaded from cache' if loaded else 'precomputed'} "
+                  f"({time.perf_counter() - t0:.0f}s)")
+    ref.release()
+    return None

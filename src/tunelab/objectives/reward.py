@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import RunHooks
 from .logprobs import forward_hidden
+from .pairwise import PairMetrics
+from .scoring import score_batches
 
 HEAD = "reward_head"
 HEAD_FILE = "reward_head.safetensors"
@@ -46,9 +50,27 @@ def rewards(model, batch: dict) -> torch.Tensor:
     return getattr(model, HEAD)(h.float()).squeeze(-1)
 
 
-class RewardModelObjective:
+class RewardModelObjective(PairMetrics, RunHooks):
+    """Bradley–Terry reward model: the LM with a scalar head on the last token's hidden state. Not a generator
+    (no learning/forgetting tasks); the head is saved beside the adapter/model folder, which stays a plain LM."""
+
     name = "reward"
+    data_kind = "pairs"
     needs_reference = False
+    generator = False
+
+    @classmethod
+    def prepare_model(cls, model) -> None:
+        add_reward_head(model)
+
+    @contextmanager
+    def saving(self, model, out: Path):
+        save_reward_head(model, out)
+        with head_detached(model):
+            yield
+
+    def extra_results(self, model, evals: list, pad_id: int) -> dict:
+        return {"eval_pairwise_accuracy": pairwise_accuracy(model, evals, pad_id)} if evals else {}
 
     def __init__(self, center_rewards: float = 0.0):
         self.center = center_rewards
@@ -91,44 +113,40 @@ def save_reward_head(model, out: Path) -> Path:
     return out / HEAD_FILE
 
 
-@torch.no_grad()
 def pairwise_accuracy(model, examples: list, pad_id: int, batch_size: int = 8) -> dict[str, float]:
     """Share of pairs the reward model orders correctly (r⁺ > r⁻), and the mean margin r⁺ − r⁻."""
     from ..data.preference import collate_pairs
 
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    diffs = []
-    for k in range(0, len(examples), batch_size):
-        chunk = examples[k:k + batch_size]
-        batch = {key: v.to(device) for key, v in collate_pairs(chunk, pad_id).items()}
-        r = rewards(model, batch)
-        diffs.append((r[:len(chunk)] - r[len(chunk):]).cpu())
-    model.train(was)
+    def margins(model, batch: dict) -> torch.Tensor:
+        r = rewards(model, batch)  # rows [chosen_1..chosen_P, rejected_1..rejected_P]
+        P = r.shape[0] // 2
+        return (r[:P] - r[P:]).cpu()
+
+    diffs = score_batches(model, examples, partial(collate_pairs, pad_id=pad_id), margins, batch_size=batch_size)
     d = torch.cat(diffs) if diffs else torch.zeros(0)
     return {"accuracy": float((d > 0).float().mean()) if len(d) else float("nan"),
             "margin": float(d.mean()) if len(d) else float("nan"), "n_pairs": len(d)}
 
 
 class RewardModel:
-    """A trained reward model: `score(prompt_messages, response)` → r(x, y)."""
+    """A trained reward model: `score(prompt_messages, response)` → r(x, y).
+
+    Both `score` and `accuracy` run the model through `scoring.score_batches` (no gradients, eval mode, the
+    model's training flag restored afterwards), so the model needs no ``eval()`` of its own."""
 
     def __init__(self, model, tokenizer, template):
         self.model, self.tokenizer, self.template = model, tokenizer, template
 
-    @torch.no_grad()
     def score(self, prompt: list[dict] | str, response: str) -> float:
         from ..data.collate import collate
-        from ..data.preference import _encode
+        from ..data.preference import encode_response
 
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        enc = _encode(self.tokenizer, self.template, prompt, {"role": "assistant", "content": response}, "", None)
-        batch = collate([enc], self.tokenizer.pad_token_id)
-        dev = next(self.model.parameters()).device
-        with torch.no_grad():
-            return float(rewards(self.model.eval(), {k: v.to(dev) for k, v in batch.items()})[0])
+        enc = encode_response(self.tokenizer, self.template, prompt, {"role": "assistant", "content": response}, "", None)
+        [r] = score_batches(self.model, [enc], partial(collate, pad_id=self.tokenizer.pad_token_id), rewards,
+                            batch_size=1)
+        return float(r[0])
 
     def accuracy(self, source: str, max_length: int | None = None, limit: int | None = None) -> dict[str, float]:
         """`pairwise_accuracy` on a preference file or dataset."""
@@ -145,7 +163,7 @@ def load_reward_model(run_dir: str | Path, device: str = "auto") -> RewardModel:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from ..adapters.base import get_method
+    from ..adapters.base import load_method
     from ..config import load_config
     from ..data.templates import get_template
     from ..errors import TunelabError
@@ -159,12 +177,11 @@ def load_reward_model(run_dir: str | Path, device: str = "auto") -> RewardModel:
         model, tok = load_model(str(run_dir / "model"), cfg.model.dtype, device)
     else:
         model, _ = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code)
-        get_method(cfg.method).load_peft(model, run_dir / "adapter")
+        load_method(model, cfg.method, run_dir / "adapter")
         tok = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
     head = add_reward_head(model)
     with torch.no_grad():
         head.weight.copy_(load_file(str(run_dir / HEAD_FILE))["weight"])
-    model.eval()
     return RewardModel(model, tok, get_template("auto", tok))

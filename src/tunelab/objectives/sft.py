@@ -24,7 +24,9 @@ from typing import Callable
 import torch
 
 from ..errors import TunelabError
+from .base import RunHooks
 from .logprobs import token_logprobs
+from .scoring import HeldOutLoss
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,9 @@ def router_aux_loss(model, out, batch, aux: RouterAux | None = None) -> torch.Te
     return aux(tuple(logits), mask)
 
 
-class SFT:
+class SFT(HeldOutLoss, RunHooks):
     name = "sft"
+    data_kind = "sft"
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size

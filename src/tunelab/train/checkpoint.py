@@ -7,6 +7,7 @@ A checkpoint `checkpoints/step-000120/` holds everything needed to continue *exa
     state.json              step, data position, scheduler state, tokens seen, Python/NumPy RNG
     rng.safetensors         torch CPU (and CUDA) RNG states
     objective.safetensors   the objective's own state, when it has any (a moving DPO reference)
+    source.safetensors      the batch source's tensors, when it has any (the current rollout round)
     COMPLETE                written last
 
 It is written into a temporary `.tmp-…` folder and renamed into place, so a process killed at any moment
@@ -76,6 +77,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop
     if objective_state:
         save_file({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
                   str(tmp / "objective.safetensors"))
+    source = loop_state.get("source") or {}
+    if source.get("tensors"):  # a batch source's tensors (a rollout round) go to their own safetensors file
+        save_file({k: v.detach().contiguous().cpu() for k, v in source["tensors"].items()},
+                  str(tmp / "source.safetensors"))
+        loop_state = {**loop_state, "source": {k: v for k, v in source.items() if k != "tensors"}}
     state = {"step": step, "loop": loop_state, "scheduler": scheduler.state_dict(), "rng": rng_py}
     (tmp / "state.json").write_text(json.dumps(state))
     (tmp / "COMPLETE").write_text("ok\n")
@@ -121,4 +127,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None) -> 
     state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     _set_rng(load_file(str(path / "rng.safetensors")), state["rng"])
+    if (path / "source.safetensors").exists():
+        state["loop"]["source"]["tensors"] = load_file(str(path / "source.safetensors"))
     return state

@@ -1,7 +1,8 @@
 """THE training loop — one loop for every objective (SFT now; preference and RL objectives plug in).
 
 Per optimizer step:
-  1. take `grad_accum` micro-batches from the deterministic batch stream;
+  1. take `grad_accum` micro-batches from the batch source (`data.batches`: a static dataset or, for online
+     RL, rollouts — the loop does not know which);
   2. for each, `loss_sum, n, metrics = objective.loss(model, batch)` and backpropagate the *unnormalised* sum;
   3. divide all gradients by N = Σ n (tokens or pairs) of the accumulated micro-batches — the gradient of
      the mean over every unit, identical to one big batch (not a mean of per-micro-batch means);
@@ -9,7 +10,8 @@ Per optimizer step:
      moving reference syncs here);
   5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
 
-Determinism: batch order is a pure function of (seed, epoch); dropout draws from the torch RNG that each
+Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
+(`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
 """
 
@@ -18,29 +20,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..data.batches import BatchSource
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
-
-
-@dataclass
-class BatchStream:
-    """Micro-batches in a deterministic order: `make(epoch)` returns that epoch's list of batches."""
-
-    make: Callable[[int], list[dict]]
-    per_epoch: int
-    _cache: dict = field(default_factory=dict)
-
-    def get(self, epoch: int, index: int) -> dict:
-        if epoch not in self._cache:
-            self._cache = {epoch: self.make(epoch)}
-        return self._cache[epoch][index]
 
 
 @dataclass
@@ -62,7 +51,7 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
+def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         evaluate: Callable[[int], dict] | None = None, resume: bool = True,
         stop_after: int | None = None) -> LoopResult:
     """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints."""
@@ -83,6 +72,8 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler, objective)
         step, micro, tokens = state["step"], state["loop"]["micro"], state["loop"]["tokens"]
+        if hasattr(stream, "load_state_dict"):
+            stream.load_state_dict(state["loop"].get("source", {}))
         resumed = step
         console.print(f"resumed from {latest} (step {step})")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
@@ -106,8 +97,10 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
                 epoch, index = divmod(micro, stream.per_epoch)
                 batch = _to(stream.get(epoch, index), device)
                 micro += 1
+                source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
                 with autocast:
                     ls, n, m = objective.loss(model, batch)
+                m = {**source_metrics, **m}
                 ls.backward()
                 loss_sum += float(ls.detach())
                 n_sum += int(n)
@@ -138,12 +131,18 @@ def fit(model, objective, stream: BatchStream, cfg, run_dir: Path, *,
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{step_tokens / dt:,.0f}")
             if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 t_eval = time.perf_counter()
-                log.write({"step": step, **evaluate(step)})
+                row = evaluate(step)
+                if row:  # an objective with nothing held out and no tasks measures nothing
+                    log.write({"step": step, **row})
                 model.train()
                 eval_seconds += time.perf_counter() - t_eval
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, {"micro": micro, "tokens": tokens},
+                loop_state = {"micro": micro, "tokens": tokens,
+                              **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state,
                                 cfg.keep_last, objective.state_dict() if hasattr(objective, "state_dict") else None)
     if evaluate and step == total:
-        log.write({"step": step, **evaluate(step)})
+        row = evaluate(step)
+        if row:
+            log.write({"step": step, **row})
     return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)

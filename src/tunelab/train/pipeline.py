@@ -26,9 +26,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..adapters.base import load_method, merge
 from ..config import RunConfig, save_config
+from ..console import console
 from ..errors import TunelabError
-from .log import console
+from ..models.load import load_model
+from ..objectives import objective_class
+from . import run as single_run
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -68,7 +72,7 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
                                f"(have: {', '.join(policies) or 'none'})")
         out.append((name, scfg, src))
         names.append(name)
-        if scfg.objective != "reward":
+        if objective_class(scfg.objective).generator:
             policies.append(name)
     return out
 
@@ -86,11 +90,8 @@ def stage_model(out: Path, cfg: RunConfig) -> Path:
         return merged
     from transformers import AutoTokenizer
 
-    from ..adapters.base import get_method, merge
-    from ..models.load import load_model
-
     model, _ = load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
-    get_method(cfg.method).load_peft(model, out / "adapter")
+    load_method(model, cfg.method, out / "adapter")
     merge(model)
     tmp = out / ".tmp-merged"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,8 +103,6 @@ def stage_model(out: Path, cfg: RunConfig) -> Path:
 
 def run_pipeline(cfg: RunConfig) -> Path:
     """Run every stage in order (skipping finished ones); returns the pipeline's root folder."""
-    from .run import train
-
     stages = resolve_stages(cfg)
     if not stages:
         raise TunelabError("stages: empty pipeline")
@@ -121,8 +120,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
             console.print(f"[bold]stage {name}[/]: finished earlier, skipping ({out})")
         else:
             console.print(f"[bold]stage {name}[/]: {scfg.objective} from {scfg.model.name}")
-            train(scfg)
-        if scfg.objective != "reward":
+            single_run.run(scfg)
+        if objective_class(scfg.objective).generator:
             outputs[name] = stage_model(out, scfg)
         else:
             outputs[name] = out

@@ -1,0 +1,161 @@
+"""Data kinds: how each objective's records become training examples, generation prompts and batches.
+
+An objective names its kind (``Objective.data_kind``); the run orchestrator asks the kind, never the objective's
+name, so adding an objective that trains on existing data touches no orchestration code.
+
+=============  =======================================  ==========================================  ==========
+kind           examples                                 batches                                      objectives
+=============  =======================================  ==========================================  ==========
+``sft``        `masking.Encoded` (any SFT format; the   packed (``data.packing``) or one example     sft
+               prompt + chosen of preference data)      per row, `collate.collate`
+``pairs``      `preference.PairExample`                 `train.batch_size` pairs, `collate_pairs`     dpo, simpo,
+                                                                                                     orpo, reward
+``unpaired``   `preference.UnpairedExample`             `train.batch_size` completions + KL partners kto
+``prompts``    `rl.prompts.PromptExample` (registered   rollouts of the current policy               grpo, rloo,
+               by tunelab.rl)                           (`rl.rollout.RolloutSource`)                 rejection_sampling, online_dpo
+=============  =======================================  ==========================================  ==========
+
+`batches(examples, cfg, pad_id, context)` gets the run's context (model, tokenizer, template, objective) for
+kinds that generate their batches (rollouts); static kinds ignore it and reshuffle their rows per epoch from
+(seed, epoch) (`batches.shuffled_batches`). Preference kinds
+score only the response, so they accept only ``data.masking: prompt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import TunelabError
+from .batches import StaticBatches, shuffled_batches
+from .collate import collate
+from .formats import to_sample
+from .masking import encode_dataset
+from .packing import pack
+from .preference import (collate_pairs, collate_unpaired, encode_pairs, encode_unpaired, is_preference,
+                         is_unpaired, sft_samples, to_pair, to_unpaired)
+
+
+@dataclass
+class EncodedData:
+    """A run's encoded data: training and held-out examples, held-out generation prompts (rendered), stats."""
+
+    train: list
+    eval: list
+    eval_prompts: list[str]
+    stats: dict
+
+
+def _user_prompts(cfg, template) -> list[str]:
+    return [template.generation_prompt([{"role": "user", "content": p}]) for p in cfg.samples.prompts]
+
+
+def prompt_part(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) its last assistant turn."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+class SFTData:
+    """Instruction / chat / plain-text examples with the configured loss mask."""
+
+    name, unit = "sft", "examples"
+
+    def check(self, cfg) -> None:
+        pass
+
+    def samples(self, records, fmt: str):
+        if fmt in ("preference", "unpaired") or (fmt == "auto" and records and (
+                is_preference(records[0].data) or is_unpaired(records[0].data))):
+            return sft_samples(records, fmt)
+        return [to_sample(r, fmt) for r in records]
+
+    def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
+        d = cfg.data
+        options = dict(template=template, mode=d.masking, turns=d.turns, max_length=d.max_length)
+        train_s = self.samples(train_records, d.format)
+        eval_s = self.samples(eval_records, d.format) if eval_records else []
+        train, stats = encode_dataset(tokenizer, train_s, **options)
+        evals, _ = encode_dataset(tokenizer, eval_s, **options) if eval_s else ([], None)
+        prompts = [template.generation_prompt(prompt_part(s.messages))
+                   for s in eval_s[:cfg.samples.n_heldout] if s.messages]
+        return EncodedData(train, evals, prompts + _user_prompts(cfg, template), stats.as_dict())
+
+    def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
+        packed = cfg.data.packing
+        rows = pack(examples, cfg.data.max_length) if packed else [[e] for e in examples]
+        return shuffled_batches(rows, cfg.train.batch_size, cfg.train.seed,
+                                lambda chunk: collate(chunk, pad_id, packed=packed))
+
+    def summary(self, stats: dict, n_eval: int) -> str:
+        return (f"data: {stats['n_examples']} train examples ({stats['trained_tokens']:,} loss tokens of "
+                f"{stats['total_tokens']:,}), {n_eval} held out; truncated {stats['n_truncated']}, "
+                f"fully masked (dropped) {stats['n_fully_masked']}")
+
+
+class PairData:
+    """Preference pairs (prompt, chosen, rejected): one row per response, the prompt masked."""
+
+    name, unit = "pairs", "pairs"
+    format = "preference"
+
+    def check(self, cfg) -> None:
+        if cfg.data.masking != "prompt":
+            raise TunelabError(f"data.masking={cfg.data.masking}: preference objectives score only the response "
+                               "(use prompt)")
+        if cfg.data.format not in ("auto", self.format):
+            raise TunelabError(f"data.format={cfg.data.format}: objective {cfg.objective} needs {self.format} data")
+
+    def parse(self, record):
+        return to_pair(record)
+
+    def encode_samples(self, tokenizer, samples, template, max_length):
+        return encode_pairs(tokenizer, samples, template, max_length)
+
+    def collate(self, items, pad_id: int) -> dict:
+        return collate_pairs(items, pad_id)
+
+    def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
+        train_s, eval_s = [self.parse(r) for r in train_records], [self.parse(r) for r in eval_records]
+        train, stats = self.encode_samples(tokenizer, train_s, template, cfg.data.max_length)
+        evals, _ = self.encode_samples(tokenizer, eval_s, template, cfg.data.max_length) if eval_s else ([], None)
+        prompts = [template.generation_prompt(s.prompt) for s in eval_s[:cfg.samples.n_heldout]]
+        return EncodedData(train, evals, prompts + _user_prompts(cfg, template), stats.as_dict())
+
+    def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
+        return shuffled_batches(examples, cfg.train.batch_size, cfg.train.seed,
+                                lambda chunk: self.collate(chunk, pad_id))
+
+    def summary(self, stats: dict, n_eval: int) -> str:
+        return (f"data: {stats['n_examples']} training {self.unit} ({stats['trained_tokens']:,} response tokens "
+                f"of {stats['total_tokens']:,}), {n_eval} held out; truncated {stats['n_truncated']}, "
+                f"dropped {stats['n_dropped']}")
+
+
+class UnpairedData(PairData):
+    """Single completions labelled desirable / undesirable (KTO), each with a fixed mismatched KL partner."""
+
+    name, unit = "unpaired", "examples"
+    format = "unpaired"
+
+    def parse(self, record):
+        return to_unpaired(record)
+
+    def encode_samples(self, tokenizer, samples, template, max_length):
+        return encode_unpaired(tokenizer, samples, template, max_length)
+
+    def collate(self, items, pad_id: int) -> dict:
+        return collate_unpaired(items, pad_id)
+
+
+KINDS = {k.name: k for k in (SFTData(), PairData(), UnpairedData())}
+
+
+def register_kind(kind) -> None:
+    """Add a data kind defined further down the path (online RL's ``prompts``, in `rl/prompts.py`)."""
+    KINDS[kind.name] = kind
+
+
+def data_kind(name: str):
+    if name not in KINDS:
+        raise ValueError(f"unknown data kind {name!r} (known: {', '.join(KINDS)}); is its module imported?")
+    return KINDS[name]

@@ -1,0 +1,214 @@
+"""The clipped policy-gradient objective of GRPO and RLOO (one loss; the estimator differs, not the loss).
+
+Online RL trains on completions the policy itself sampled. The rollout source (rl/rollout.py) samples G
+completions per prompt, scores them (rl/rewards.py) and turns the rewards into one advantage per completion
+(rl/advantages.py: ``grpo`` group-normalised, ``dr_grpo``, ``rloo`` leave-one-out — picked from the objective's
+`advantage_estimator` unless ``rl.advantage`` says otherwise). This objective only sees the result:
+
+Batch (B rows = completions, T = prompt + completion length; one sequence per row, never packed):
+    input_ids       [B, T] long  — prompt followed by its completion; the prompt may be left-padded, the
+                                   completion right-padded: nothing here assumes either
+    attention_mask  [B, T] long  — 1 on real tokens
+    position_ids    [B, T] long  — optional; default attention_mask.cumsum(-1) − 1 (the sampler's positions,
+                                   so left padding does not shift them)
+    loss_mask       [B, T] bool  — True at completion tokens: token t is a target predicted from position t−1
+                                   (tunelab's convention, `logprobs.token_logprobs`)
+    advantages      [B]    fp32  — one advantage per completion, from an estimator
+    old_logprobs    [B, T] fp32  — optional; log π_old(y_t) of the policy that sampled the rows (the sampler's
+                                   log-probs, at the sampling temperature), aligned like loss_mask, 0 off it.
+                                   Absent: logp.detach() — the ratio is exactly 1 (TRL's shortcut when each
+                                   rollout is used for one optimizer step)
+    ref_logprobs    [B, T] fp32  — optional; log π_ref(y_t), aligned the same way. Absent and β > 0: computed
+                                   here by the run's `Reference` (before the policy forward, as DPO does)
+
+Per completion token t of row i (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, eq. 3; PPO's clipped
+surrogate, Schulman et al. 2017; asymmetric clip ε_high from DAPO, Yu et al. 2025, arXiv:2503.14476):
+
+    ρ_t   = exp(log π_θ(y_t) − log π_old(y_t))
+    pg_t  = − min(ρ_t · A_i,  clip(ρ_t, 1 − ε_low, 1 + ε_high) · A_i)
+    ℓ_t   = pg_t + β · KL_t,    KL_t = exp(d) − d − 1,  d = log π_ref(y_t) − log π_θ(y_t)   (``k3``)
+                               KL_t = −d = log π_θ(y_t) − log π_ref(y_t)                    (``k1``)
+
+k3 is Schulman's unbiased, non-negative approximator of KL(π_θ ‖ π_ref) ("Approximating KL Divergence",
+2020) that GRPO adds to the loss (eq. 4); k1 is the plain log-ratio. β = 0 skips the reference altogether.
+Log-probs are those of softmax(logits / temperature) at the sampling temperature (as TRL and verl score them),
+so that π_θ = π_old exactly before the first update.
+
+Aggregation ``loss_agg`` → (loss_sum, n); the loop divides Σ loss_sum by Σ n over all micro-batches and ranks:
+
+``token_mean``     DAPO (TRL 1.16's default ``loss_type="dapo"``): every completion token of the optimizer
+                   batch weighs the same.  loss_sum = Σ_i Σ_t ℓ_t,  n = number of completion tokens.
+``sequence_mean``  original GRPO (TRL ``"grpo"``): mean over each completion's tokens, then over completions.
+                   loss_sum = Σ_i (1/|y_i|) Σ_t ℓ_t,  n = B.  Favours short correct and long wrong answers.
+``constant``       Dr. GRPO (Liu et al. 2025, arXiv:2503.20783; TRL ``"dr_grpo"``): a fixed normaliser.
+                   loss_sum = Σ_i Σ_t ℓ_t / L,  n = B,  L = max_completion_length (``rl.max_new_tokens``).
+
+Metrics (micro-batch; token means over completion tokens): ``kl`` (mean KL_t, when β > 0), ``clip_fraction``
+(share of tokens whose clip is active, i.e. the gradient is cut: ρ < 1−ε_low with A < 0 or ρ > 1+ε_high with
+A > 0 — TRL's clip_ratio/region_mean), ``ratio`` (mean ρ), ``adv_mean``/``adv_std`` over rows,
+``completion_len`` (mean completion tokens). Entropy is not computed (it would need the full softmax per token).
+Reference implementation: TRL 1.16 `GRPOTrainer._compute_loss`, which the tests run on identical inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TunelabError
+from .base import RunHooks
+from .logprobs import token_logprobs
+from .reference import ReferenceHooks
+
+LOSS_AGGS = ("token_mean", "sequence_mean", "constant")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def targets(batch: dict) -> torch.Tensor:
+    """The completion tokens scored: `loss_mask` without position 0 (never predicted), [B, T] bool."""
+    mask = batch["loss_mask"].bool().clone()
+    mask[:, 0] = False
+    return mask
+
+
+def with_positions(batch: dict) -> dict:
+    """The batch with `position_ids` = running count of real tokens − 1 when it has none (left padding safe)."""
+    if batch.get("position_ids") is not None:
+        return batch
+    am = batch["attention_mask"].long()
+    return {**batch, "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}
+
+
+def token_kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from log π_θ and log π_ref of the sampled tokens."""
+    d = ref - logp
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    if estimator == "k1":
+        return -d
+    raise TunelabError(f"unknown KL estimator {estimator!r}; choose {', '.join(KL_ESTIMATORS)}")
+
+
+def clipped_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
+               eps_high: float | None = None):
+    """(pg [B, T], ratio [B, T], clipped [B, T] bool): −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) per token."""
+    eps_high = eps_low if eps_high is None else eps_high
+    A = advantages.unsqueeze(-1)
+    ratio = torch.exp(logp - old_logp)
+    pg = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    return pg, ratio, clipped
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean",
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, n) of per-token losses [B, T] over `mask` for the loop's Σ loss_sum / Σ n (see module doc)."""
+    m = mask.to(per_token.dtype)
+    per_row = (per_token * m).sum(-1)
+    B = torch.tensor(per_token.shape[0], device=per_token.device)
+    if loss_agg == "token_mean":
+        return per_row.sum(), mask.sum()
+    if loss_agg == "sequence_mean":
+        return (per_row / m.sum(-1).clamp(min=1)).sum(), B
+    if loss_agg == "constant":
+        if not max_completion_length:
+            raise TunelabError("loss_agg=constant (Dr. GRPO) needs max_completion_length (rl.max_new_tokens)")
+        return per_row.sum() / max_completion_length, B
+    raise TunelabError(f"unknown loss_agg {loss_agg!r}; choose {', '.join(LOSS_AGGS)}")
+
+
+class GRPO(ReferenceHooks, RunHooks):
+    """GRPO's clipped policy-gradient loss (see the module docstring); `RLOO` is the same loss."""
+
+    name = "grpo"
+    data_kind = "prompts"
+    # The run builds a Reference from this class attribute; with beta == 0 the loss never calls it.
+    needs_reference = True
+    generator = True
+    advantage_estimator = "grpo"  # rl/advantages.py ESTIMATORS name the rollout source uses by default
+    rollout = "policy_gradient"  # rl/rollout.py: rows with advantages, the sampler's log-probs as π_old
+
+    @classmethod
+    def wants_reference(cls, cfg) -> bool:
+        return cfg.rl.beta > 0  # no KL term: no reference model at all (a full-finetune copy costs memory)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if getattr(cfg.reference, "precompute", False):
+            raise TunelabError(f"reference.precompute does not apply to {cls.name}: its completions are sampled "
+                               "during training (the rollout source can pass ref_logprobs instead)")
+
+    def __init__(self, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
+                 loss_agg: str = "token_mean", kl_estimator: str = "k3", max_completion_length: int | None = None,
+                 temperature: float = 1.0, reference=None, chunk_size: int = 1024):
+        if loss_agg not in LOSS_AGGS:
+            raise TunelabError(f"unknown loss_agg {loss_agg!r}; choose {', '.join(LOSS_AGGS)}")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise TunelabError(f"unknown KL estimator {kl_estimator!r}; choose {', '.join(KL_ESTIMATORS)}")
+        if loss_agg == "constant" and not max_completion_length:
+            raise TunelabError("loss_agg=constant (Dr. GRPO) needs max_completion_length (rl.max_new_tokens)")
+        self.beta, self.epsilon = beta, epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.loss_agg, self.kl_estimator = loss_agg, kl_estimator
+        self.max_completion_length = max_completion_length
+        self.temperature = temperature if temperature and temperature > 0 else 1.0  # greedy: plain log-probs
+        self.reference, self.chunk_size = reference, chunk_size
+
+    def reference_logprobs(self, batch: dict) -> torch.Tensor:
+        if batch.get("ref_logprobs") is not None:
+            return batch["ref_logprobs"].float()
+        if self.reference is None:
+            raise TunelabError(f"{self.name}: beta > 0 needs a reference model or precomputed ref_logprobs")
+        return self.reference.token_logprobs(batch, temperature=self.temperature)
+
+    def loss(self, model, batch: dict):
+        batch = with_positions(batch)
+        mask = targets(batch)
+        ref = self.reference_logprobs(batch).masked_fill(~mask, 0.0) if self.beta else None  # before the policy
+        logp = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature)
+        old = batch.get("old_logprobs")
+        old = logp.detach() if old is None else old.float().masked_fill(~mask, 0.0)
+        adv = batch["advantages"].float().to(logp.device)
+        per_token, ratio, clipped = clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+        kl = token_kl(logp, ref, self.kl_estimator) if self.beta else None
+        if kl is not None:
+            per_token = per_token + self.beta * kl
+        loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
+        return loss_sum, n, self.metrics(mask, ratio, clipped, adv, kl)
+
+    @staticmethod
+    def metrics(mask, ratio, clipped, adv, kl=None) -> dict[str, float]:
+        m = mask.float()
+        tokens = m.sum().clamp(min=1)
+
+        def mean(x):
+            return float((x.detach().float() * m).sum() / tokens)
+
+        out = {"clip_fraction": mean(clipped), "ratio": mean(ratio), "adv_mean": float(adv.mean()),
+               "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+               "completion_len": float(m.sum(-1).mean())}
+        if kl is not None:
+            out["kl"] = mean(kl)
+        return out
+
+    # ---------------------------------------------------------------------------------------- run measures
+    # The held-out measure of an RL run is the mean reward on held-out prompts, which needs the rollout
+    # machinery (rl/); the orchestrator wires it. Until then these measure nothing.
+    def measure(self, model, train: list, evals: list, pad_id: int, cfg) -> dict:
+        return {}
+
+    def measure_during(self, model, evals: list, pad_id: int, cfg) -> dict:
+        return {}
+
+    def result_fields(self, before: dict, after: dict) -> dict:
+        return {}
+
+    def describe(self, m: dict) -> str:
+        return ""
+
+
+class RLOO(GRPO):
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740): the same clipped loss on leave-one-out advantages."""
+
+    name = "rloo"
+    advantage_estimator = "rloo"

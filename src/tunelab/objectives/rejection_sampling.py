@@ -1,0 +1,21 @@
+"""Rejection sampling (best-of-N fine-tuning), as in Llama 2 (Touvron et al. 2023, arXiv:2307.09288, §3.2.3)
+and the Llama 3 post-training recipe (Dubey et al. 2024, arXiv:2407.21783, §4.2):
+
+    for each round:  y_1..y_N ~ π_θ(· | x)  for each prompt x;   keep y* = argmax_i r(x, y_i)
+                     (or every y_i with r(x, y_i) ≥ τ:  ``rl.keep: threshold``, ``rl.keep_threshold``)
+                     minimise  −log π_θ(y* | x)  over the kept completions (plain SFT, prompt masked)
+
+The sampling, scoring and selection happen in the rollout source (`rl/rollout.py`, mode ``best_of_n``), which
+also writes every kept completion to ``selected.jsonl`` in the run directory (prompt, completion, reward, round)
+so the selected set can be inspected and reused as an SFT dataset. The loss is SFT's, unchanged.
+"""
+
+from __future__ import annotations
+
+from .sft import SFT
+
+
+class RejectionSampling(SFT):
+    name = "rejection_sampling"
+    data_kind = "prompts"
+    rollout = "best_of_n"

@@ -1,0 +1,153 @@
+"""Advantage estimators: pure tensor functions from per-completion rewards to per-completion advantages.
+
+Outcome rewards (one scalar per completion) for G completions sampled per prompt. Notation: a *group* is the G
+completions of one prompt, r_i the reward of completion i, r̄_g and s_g the mean and standard deviation of the
+rewards of i's group g. Every estimator takes
+
+    rewards      [B] float — one reward per completion (finite)
+    group_index  [B] int   — the group (prompt) of each row, any integer labels; or instead
+    group_size   G         — rows of a group adjacent: rows [k·G, (k+1)·G) are group k (what `sampling.sample`
+                             returns with n = G); B must be a multiple of G
+
+and returns advantages [B] in the rewards' float dtype (float32 for integer rewards). `ESTIMATORS` maps a name
+to the function (the rollout source picks one by `rl.advantage`); `compute(name, rewards, ...)` looks it up.
+Groups may differ in size when `group_index` is given.
+
+``grpo``     GRPO (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300, §4.1.2, outcome supervision):
+
+                 A_i = (r_i − r̄_g) / (s_g + ε)        ε = 1e-6 (verl's default; TRL 1.16 adds 1e-4)
+
+             s_g is the *unbiased* (Bessel-corrected, ÷(G−1)) standard deviation, as `torch.std` and TRL's
+             GRPOTrainer (`nanstd`) and verl compute it. `scale_by_std=False` drops the division (= dr_grpo).
+``dr_grpo``  Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783, §3.1):
+
+                 A_i = r_i − r̄_g
+
+             dividing by s_g weights prompts by how (in)consistently they are solved — a question-level
+             difficulty bias; TRL's ``scale_rewards="none"``.
+``rloo``     REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740, eq. 5;
+             Kool et al. 2019): the baseline of completion i is the mean of the *other* G − 1 of its group,
+
+                 A_i = r_i − (1/(G−1)) Σ_{j≠i} r_j  =  G/(G−1) · (r_i − r̄_g)
+
+             unbiased (the baseline does not depend on r_i); needs G ≥ 2 (a clear error otherwise).
+
+Groups whose rewards are all equal (a prompt always or never solved) get advantage 0 everywhere: they carry no
+learning signal. A group of one has r_i = r̄_g, so advantage 0 under grpo and dr_grpo (as in TRL; verl instead
+passes the raw reward through).
+
+`whiten(x, mask, shift_mean)`: batch normalisation (x − μ) / sqrt(σ² + 1e-8) over the masked entries, σ² the
+unbiased variance, as verl's `masked_whiten` (and TRL's former `trl.core.masked_whiten`) — for PPO/GAE
+advantages, or to normalise advantages over a whole batch. (TRL's ``scale_rewards="batch"`` is a different
+thing: (r_i − r̄_g) / (std of all rewards + 1e-4), not offered here.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import TunelabError
+
+
+def _float(rewards: torch.Tensor) -> torch.Tensor:
+    r = torch.as_tensor(rewards)
+    if r.dim() != 1:
+        raise ValueError(f"advantages: rewards must be one scalar per completion, [B]; got shape {tuple(r.shape)}")
+    if not torch.is_floating_point(r):
+        r = r.float()
+    if not torch.isfinite(r).all():
+        raise TunelabError("advantages: some rewards are NaN or infinite; a reward function must return a number "
+                           "for every completion")
+    return r
+
+
+def groups(rewards: torch.Tensor, group_index=None, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse [B] long: each row's group as 0..K−1, counts [K] long) from `group_index` or `group_size`."""
+    B = rewards.shape[0]
+    if (group_index is None) == (group_size is None):
+        raise ValueError("advantages: give exactly one of group_index ([B] group ids) or group_size (G)")
+    if group_size is not None:
+        G = int(group_size)
+        if G < 1 or B % G:
+            raise TunelabError(f"advantages: {B} rewards do not split into groups of {G} adjacent completions")
+        inverse = torch.arange(B, device=rewards.device) // G
+        return inverse, torch.full((B // G,), G, dtype=torch.long, device=rewards.device)
+    index = torch.as_tensor(group_index, device=rewards.device)
+    if index.shape != rewards.shape:
+        raise ValueError(f"advantages: group_index has shape {tuple(index.shape)}, rewards {tuple(rewards.shape)}")
+    _, inverse = torch.unique(index, return_inverse=True)
+    return inverse, torch.bincount(inverse)
+
+
+def group_stats(rewards: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor):
+    """Per-row group mean and unbiased group std ([B] each; std 0 for a group of one)."""
+    K = counts.shape[0]
+    n = counts.to(rewards.dtype)
+    mean = torch.zeros(K, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards) / n
+    dev2 = (rewards - mean[inverse]) ** 2
+    ss = torch.zeros(K, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, dev2)
+    std = torch.where(counts > 1, ss / (n - 1).clamp(min=1), torch.zeros_like(ss)).sqrt()
+    return mean[inverse], std[inverse]
+
+
+def grpo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None, eps: float = 1e-6,
+         scale_by_std: bool = True) -> torch.Tensor:
+    """GRPO: A_i = (r_i − r̄_g) / (s_g + ε), s_g the unbiased group std (Shao et al. 2024, arXiv:2402.03300).
+
+    `scale_by_std=False`: A_i = r_i − r̄_g (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783)."""
+    r = _float(rewards)
+    inverse, counts = groups(r, group_index, group_size)
+    mean, std = group_stats(r, inverse, counts)
+    adv = r - mean
+    return adv / (std + eps) if scale_by_std else adv
+
+
+def dr_grpo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None) -> torch.Tensor:
+    """Dr. GRPO: A_i = r_i − r̄_g, no std scaling (Liu et al. 2025, "Understanding R1-Zero-Like Training",
+    arXiv:2503.20783)."""
+    return grpo(rewards, group_index, group_size=group_size, scale_by_std=False)
+
+
+def rloo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None) -> torch.Tensor:
+    """RLOO: A_i = r_i − mean_{j≠i} r_j = G/(G−1)·(r_i − r̄_g) (Ahmadian et al. 2024, arXiv:2402.14740).
+
+    Raises TunelabError for a group of one completion (no other completion to form the baseline)."""
+    r = _float(rewards)
+    inverse, counts = groups(r, group_index, group_size)
+    if (counts < 2).any():
+        raise TunelabError("rloo needs at least 2 completions per prompt for its leave-one-out baseline "
+                           f"(rl.group_size ≥ 2); got a group of {int(counts.min())}")
+    mean, _ = group_stats(r, inverse, counts)
+    G = counts.to(r.dtype)[inverse]
+    return G / (G - 1) * (r - mean)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
+           eps: float = 1e-8) -> torch.Tensor:
+    """(x − μ) / sqrt(σ² + eps) with μ, σ² the mean and unbiased variance of the entries where `mask` is true
+    (all entries without a mask); `shift_mean=False` adds μ back (rescale only). As verl's `masked_whiten`.
+    Entries outside the mask are transformed too (callers mask them later).
+    Needs at least 2 masked entries."""
+    xf = x if torch.is_floating_point(x) else x.float()
+    m = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask.bool()
+    n = m.sum()
+    if int(n) < 2:
+        raise ValueError(f"whiten: need at least 2 entries to estimate a variance; got {int(n)}")
+    mf = m.to(xf.dtype)
+    mean = (xf * mf).sum() / n
+    var = (((xf - mean) ** 2) * mf).sum() / (n - 1)
+    out = (xf - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+
+
+def compute(name: str, rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,
+            **options) -> torch.Tensor:
+    """`ESTIMATORS[name](rewards, group_index, group_size=..., **options)`, with one clear error for a bad name."""
+    if name not in ESTIMATORS:
+        raise TunelabError(f"unknown advantage estimator {name!r}; choose {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name](rewards, group_index, group_size=group_size, **options)

@@ -1,0 +1,72 @@
+"""The ``prompts`` data kind: records → rendered, tokenised prompts for online RL (each with its source record,
+which holds what the rewards check: the gold answer, unit tests, …).
+
+A record's prompt is its conversation up to the answer (`data.formats.prompt_of`, the same rule the exact-match
+evaluation uses), rendered with the run's chat template up to the assistant's turn — so a GRPO run on the GSM
+data is prompted exactly as the ``gsm`` task prompts the model it measures. Prompts longer than
+``data.max_length − rl.max_new_tokens`` are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.formats import prompt_of
+from ..data.kinds import EncodedData, register_kind
+from ..errors import TunelabError
+
+
+@dataclass
+class PromptExample:
+    prompt_ids: list[int]
+    prompt: str  # the rendered prompt text
+    record: dict  # the source record's fields (gold answers, tests…) for the rewards
+    origin: str  # file:line
+
+
+class PromptData:
+    name, unit = "prompts", "prompts"
+
+    def check(self, cfg) -> None:
+        if cfg.data.format not in ("auto", "alpaca", "messages", "prompt_completion"):
+            raise TunelabError(f"data.format={cfg.data.format}: objective {cfg.objective} needs prompts "
+                               "(alpaca, messages or prompt_completion records)")
+        if cfg.data.packing and cfg.data.format == "text":
+            raise TunelabError("data.packing does not apply to RL prompts")
+
+    def _encode(self, tokenizer, template, records, budget: int | None):
+        out, dropped = [], 0
+        for r in records:
+            text = template.generation_prompt(prompt_of(r))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if budget is not None and len(ids) > budget:
+                dropped += 1
+                continue
+            out.append(PromptExample(ids, text, dict(r.data), r.origin))
+        return out, dropped
+
+    def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
+        budget = None if cfg.data.max_length is None else cfg.data.max_length - cfg.rl.max_new_tokens
+        if budget is not None and budget < 1:
+            raise TunelabError(f"data.max_length={cfg.data.max_length} leaves no room for a prompt with "
+                               f"rl.max_new_tokens={cfg.rl.max_new_tokens}")
+        train, dropped = self._encode(tokenizer, template, train_records, budget)
+        evals, _ = self._encode(tokenizer, template, eval_records, budget)
+        if not train:
+            raise TunelabError(f"no training prompt fits data.max_length={cfg.data.max_length} with "
+                               f"rl.max_new_tokens={cfg.rl.max_new_tokens}")
+        stats = {"n_examples": len(train), "n_dropped": dropped, "total_tokens": sum(len(e.prompt_ids) for e in train),
+                 "trained_tokens": 0, "n_truncated": 0}
+        return EncodedData(train, evals, [e.prompt for e in evals[:cfg.samples.n_heldout]], stats)
+
+    def batches(self, examples: list, cfg, pad_id: int, context=None):
+        from .rollout import RolloutSource
+
+        return RolloutSource(examples, cfg, context)
+
+    def summary(self, stats: dict, n_eval: int) -> str:
+        return (f"data: {stats['n_examples']} training prompts ({stats['total_tokens']:,} prompt tokens), {n_eval} "
+                f"held out; dropped {stats['n_dropped']} too long for data.max_length − rl.max_new_tokens")
+
+
+register_kind(PromptData())
