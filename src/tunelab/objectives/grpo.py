@@ -212,3 +212,10 @@ class RLOO(GRPO):
 
     name = "rloo"
     advantage_estimator = "rloo"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.rl.group_size < 2 and (cfg.rl.advantage or cls.advantage_estimator) == "rloo":
+            raise TunelabError(f"rl.group_size={cfg.rl.group_size}: rloo's leave-one-out baseline needs at least "
+                               "2 completions per prompt")

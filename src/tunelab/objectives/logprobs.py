@@ -186,7 +186,9 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
             outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, temperature, use_reentrant=False))
         else:
             outs.append(_chunk_logp(h, t, weight, bias, transform, temperature))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    # no target at all (a micro-batch whose rows are all masked out, e.g. rejection sampling rejecting them all):
+    # an empty result that is still part of the graph, so that the loss it sums to can be backpropagated (0 grads)
+    return torch.cat(outs) if outs else hidden.sum(-1).float()
 
 
 def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bool = False,

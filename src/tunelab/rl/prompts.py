@@ -31,8 +31,9 @@ class PromptData:
         if cfg.data.format not in ("auto", "alpaca", "messages", "prompt_completion"):
             raise TunelabError(f"data.format={cfg.data.format}: objective {cfg.objective} needs prompts "
                                "(alpaca, messages or prompt_completion records)")
-        if cfg.data.packing and cfg.data.format == "text":
-            raise TunelabError("data.packing does not apply to RL prompts")
+        from .rewards import build_rewards
+
+        build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)  # fail before any write
 
     def _encode(self, tokenizer, template, records, budget: int | None):
         out, dropped = [], 0

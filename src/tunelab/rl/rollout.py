@@ -65,6 +65,7 @@ class RolloutSource:
                          and i != tok.unk_token_id and len(tok(s, add_special_tokens=False)["input_ids"]) == 1]
         self.pad_id = tok.pad_token_id
         self.round, self.rows, self.metrics = None, None, {}
+        self.round_pending = None  # the round being built (selected.jsonl rows carry it)
 
     # ------------------------------------------------------------------------------------------ the interface
     def get(self, epoch: int, index: int) -> dict:

@@ -63,7 +63,8 @@ def _open_trackers(names, run_dir: Path):
 def progress_bar(total: int, start: int = 0) -> Progress:
     p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                  TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                 TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                 TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[extra]}"), TimeElapsedColumn(),
+                 TextColumn("ETA"),
                  TimeRemainingColumn(), console=console, transient=False, disable=not sys.stderr.isatty() and False)
-    p.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+    p.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", extra="")
     return p

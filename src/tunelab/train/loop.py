@@ -32,6 +32,9 @@ from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
 
 
+BAR_METRICS = ("reward", "kl", "pref_accuracy")  # shown on the progress bar when an objective reports them
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -126,9 +129,11 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             last_loss = loss_sum / denom
             if step % cfg.log_every == 0 or step == total:
                 log.write({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / dt,
-                           "grad_norm": float(gnorm), "tokens": tokens, "epoch": micro / stream.per_epoch,
+                           "step_seconds": dt, "grad_norm": float(gnorm), "tokens": tokens, "epoch": micro / stream.per_epoch,
                            "n_loss_units": n_sum, **metrics})
-            bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{step_tokens / dt:,.0f}")
+            extra = " ".join(f"{k} {metrics[k]:.3f}" for k in BAR_METRICS if k in metrics)  # online RL: reward, kl
+            bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{step_tokens / dt:,.0f}",
+                       extra=extra)
             if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 t_eval = time.perf_counter()
                 row = evaluate(step)

@@ -22,6 +22,7 @@ The run directory:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 from ..config import RunConfig, save_config
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
+from ..errors import TunelabError
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
 from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
@@ -52,7 +54,19 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     console.print(p.report.summary())
     console.print(kind.summary(p.stats, len(p.eval)))
     torch.manual_seed(cfg.train.seed)
+    existed = Path(cfg.output_dir).exists()
     out = start_run_dir(cfg)
+    try:
+        return _run(cfg, p, kind, out, t0, stop_after)
+    except TunelabError:
+        # a user error found only once the run started (a reward function that raises on real completions):
+        # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
+        if not existed and latest_checkpoint(out / "checkpoints") is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
     save_config(cfg, out / "config.yaml")
     pad = p.tokenizer.pad_token_id
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
