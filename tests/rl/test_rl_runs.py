@@ -230,3 +230,24 @@ def test_bad_reward_name_fails_before_anything_is_written(name, expected, config
     rc, err = _cli(capsys, config("grpo", rl={"rewards": [{"name": name}]}))
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {expected}"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_rl_run_records_learning_and_forgetting_and_loads_like_any_run(config, toy, tmp_path, monkeypatch):
+    """eval.target / eval.source work for an RL run as for SFT, and its adapter loads and generates (`load_run`)."""
+    from tunelab.export import load_run
+    from tunelab.generate import generate
+
+    root, _, data = toy
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    task = tmp_path / "prose.yaml"
+    prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 2)
+    task.write_text(f"name: prose\nkind: perplexity\ndata: {prose.name}\nformat: text\nmax_length: 32\n")
+    out = train(load_config(config("grpo", method="lora", train={"max_steps": 2},
+                                   eval={"target": [str(task)], "source": [str(task)]})))
+    res = _results(out)
+    assert set(res["eval"]["base"]) == {"prose"} and set(res["eval"]["final"]) == {"prose"}
+    assert isinstance(res["learning_score"], float) and res["forgetting_score"] == -res["learning_score"]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    model, tok, template = load_run(out, device="cpu")
+    assert isinstance(generate(model, tok, [template.generation_prompt([{"role": "user", "content": "hi"}])],
+                               max_new_tokens=3)[0], str)
