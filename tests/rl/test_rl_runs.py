@@ -9,12 +9,14 @@ selected.jsonl holds exactly the completions it should, and a broken reward is o
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import save_tiny_model, write_config, write_jsonl
 from tunelab.cli import main
 from tunelab.config import load_config
+from tunelab.errors import TunelabError
 from tunelab.train.launch import train
 
 REWARDS = "tunelab_toy_rewards"  # the user reward module, written by the `toy` fixture
@@ -202,6 +204,13 @@ def test_grpo_lora_kl_to_the_adapter_off_reference(config):
     assert max(kls[1:]) > 0  # afterwards the policy moved away from the adapter-off reference
 
 
+def test_grpo_moving_reference_follows_the_policy(config):
+    """reference.sync_every=1, sync_alpha=1: π_ref ← π_θ after every step, so each new round starts at KL 0."""
+    out = train(load_config(config("grpo", method="lora", train={"max_steps": 4}, rl={"beta": 0.04},
+                                   reference={"sync_every": 1, "sync_alpha": 1.0})))
+    assert all(r["kl"] == pytest.approx(0.0, abs=1e-6) for r in _train_rows(out))
+
+
 def _cli(capsys, cfg) -> tuple[int, list[str]]:
     rc = main(["train", str(cfg)])
     return rc, capsys.readouterr().err.strip().splitlines()
@@ -251,3 +260,29 @@ def test_rl_run_records_learning_and_forgetting_and_loads_like_any_run(config, t
     model, tok, template = load_run(out, device="cpu")
     assert isinstance(generate(model, tok, [template.generation_prompt([{"role": "user", "content": "hi"}])],
                                max_new_tokens=3)[0], str)
+
+
+@pytest.mark.parametrize("limit,refused", [(82, False), (None, True)])
+def test_training_prompts_must_not_contain_heldout_task_problems(limit, refused, config, capsys, tmp_path):
+    """HumanEval/0-81 may train; the full set contains humaneval_heldout's HumanEval/82-163 and is refused,
+    before anything is written."""
+    cfg = load_config(config("grpo", eval={"target": ["humaneval_heldout"], "allow_code_execution": True}))
+    cfg.data.train = str(Path(__file__).resolve().parents[2] / "src/tunelab/assets/data/humaneval.jsonl")
+    cfg.data.limit, cfg.data.eval_fraction, cfg.data.max_length = limit, 0.0, 4096
+    if refused:
+        with pytest.raises(TunelabError, match=r"humaneval.jsonl:83: this training prompt is also problem .* of "
+                                               r"eval task 'humaneval_heldout'"):
+            _encode_prompts(cfg)
+    else:
+        assert len(_encode_prompts(cfg).train) == 82
+
+
+def _encode_prompts(cfg):
+    from tunelab.data.sources import load_records
+    from tunelab.data.templates import get_template
+    from tunelab.models.load import load_model
+    from tunelab.rl.prompts import PromptData
+
+    _, tok = load_model(cfg.model.name, device="cpu")
+    records = load_records(cfg.data.train, limit=cfg.data.limit)
+    return PromptData().encode(tok, get_template("auto", tok), records, [], cfg)

@@ -9,6 +9,7 @@ data is prompted exactly as the ``gsm`` task prompts the model it measures. Prom
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..data.formats import prompt_of
@@ -22,6 +23,35 @@ class PromptExample:
     prompt: str  # the rendered prompt text
     record: dict  # the source record's fields (gold answers, tests…) for the rewards
     origin: str  # file:line
+
+
+def _identity(data: dict):
+    """What makes a record the same problem: its task id, else its most specific prompt text."""
+    if "task_id" in data:
+        return ("task_id", str(data["task_id"]))
+    for field in ("prompt", "question", "input", "messages", "instruction"):
+        if field in data:
+            return (field, json.dumps(data[field], sort_keys=True))
+    return None
+
+
+def check_unseen(train: list, cfg) -> None:
+    """Refuse training prompts that are also problems of the run's eval tasks (`eval.target` / `eval.source`):
+    RL optimises a reward on its prompts, so a held-out task (e.g. ``humaneval_heldout``, ``arith``) that shares
+    problems with them would measure memorisation, not learning. One line naming both places."""
+    from ..eval import load_task
+
+    names = list(dict.fromkeys([*cfg.eval.target, *cfg.eval.source]))
+    if not names:
+        return
+    seen = {k: e.origin for e in train if (k := _identity(e.record)) is not None}
+    for name in names:
+        task = load_task(name)
+        for record in task.records():
+            key = _identity(record.data)
+            if key in seen:
+                raise TunelabError(f"{seen[key]}: this training prompt is also problem {record.origin} of eval task "
+                                   f"'{task.name}'; held-out tasks must stay unseen by training prompts")
 
 
 class PromptData:
@@ -56,6 +86,7 @@ class PromptData:
         if not train:
             raise TunelabError(f"no training prompt fits data.max_length={cfg.data.max_length} with "
                                f"rl.max_new_tokens={cfg.rl.max_new_tokens}")
+        check_unseen(train, cfg)
         stats = {"n_examples": len(train), "n_dropped": dropped, "total_tokens": sum(len(e.prompt_ids) for e in train),
                  "trained_tokens": 0, "n_truncated": 0}
         return EncodedData(train, evals, [e.prompt for e in evals[:cfg.samples.n_heldout]], stats)
