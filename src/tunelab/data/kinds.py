@@ -105,14 +105,10 @@ class PairData:
         if cfg.data.format not in ("auto", self.format):
             raise TunelabError(f"data.format={cfg.data.format}: objective {cfg.objective} needs {self.format} data")
 
-    def parse(self, record):
-        return to_pair(record)
-
-    def encode_samples(self, tokenizer, samples, template, max_length):
-        return encode_pairs(tokenizer, samples, template, max_length)
-
-    def collate(self, items, pad_id: int) -> dict:
-        return collate_pairs(items, pad_id)
+    # what differs between paired and unpaired data: parse a record, encode samples, collate a micro-batch
+    parse = staticmethod(to_pair)
+    encode_samples = staticmethod(encode_pairs)
+    collate = staticmethod(collate_pairs)
 
     def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
         train_s, eval_s = [self.parse(r) for r in train_records], [self.parse(r) for r in eval_records]
@@ -137,14 +133,9 @@ class UnpairedData(PairData):
     name, unit = "unpaired", "examples"
     format = "unpaired"
 
-    def parse(self, record):
-        return to_unpaired(record)
-
-    def encode_samples(self, tokenizer, samples, template, max_length):
-        return encode_unpaired(tokenizer, samples, template, max_length)
-
-    def collate(self, items, pad_id: int) -> dict:
-        return collate_unpaired(items, pad_id)
+    parse = staticmethod(to_unpaired)
+    encode_samples = staticmethod(encode_unpaired)
+    collate = staticmethod(collate_unpaired)
 
 
 KINDS = {k.name: k for k in (SFTData(), PairData(), UnpairedData())}

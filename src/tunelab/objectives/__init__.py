@@ -45,10 +45,6 @@ def objective_class(name: str):
     return OBJECTIVES[name]
 
 
-def needs_reference(objective: str) -> bool:
-    return objective_class(objective).needs_reference
-
-
 def build_objective(cfg, reference=None):
     """The objective of RunConfig `cfg`; `reference` (a `reference.Reference`) only for objectives that need
     one, and may be None when reference log-probs are precomputed into the batches."""

@@ -100,10 +100,12 @@ class RolloutSource:
     # -------------------------------------------------------------------------------------------- a round
     def round_prompts(self, r: int) -> list:
         """Prompts of round r: consecutive slices of a per-pass shuffle of the training prompts."""
-        N, out = len(self.prompts), []
+        N, out, orders = len(self.prompts), [], {}
         for k in range(r * self.P, (r + 1) * self.P):
             e, pos = divmod(k, N)
-            out.append(self.prompts[torch.randperm(N, generator=_gen(self.cfg.train.seed, 7, e))[pos].item()])
+            if e not in orders:  # one shuffle per pass over the prompts
+                orders[e] = torch.randperm(N, generator=_gen(self.cfg.train.seed, 7, e))
+            out.append(self.prompts[orders[e][pos].item()])
         return out
 
     def _complete(self, model, prompts: list, n: int, temperature: float, seed: int):
