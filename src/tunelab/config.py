@@ -37,6 +37,7 @@ class ModelConfig(Strict):
     device: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    allow_pickle: bool = False  # load a folder holding only pickle weights (pytorch_model.bin): runs its code
 
 
 class DataConfig(Strict):
@@ -52,6 +53,15 @@ class DataConfig(Strict):
     turns: Literal["all", "last"] = "all"
     max_length: int = Field(1024, ge=8)
     packing: bool = True
+
+
+class DivergenceConfig(Strict):
+    """When the loop stops a diverging run (the rule: train/guards.py)."""
+
+    enabled: bool = True
+    collapse_fraction: float = Field(0.75, gt=0.0)  # NLL objectives: loss ≥ this · ln(vocab) (uniform output)…
+    collapse_jump: float = Field(2.0, gt=1.0)  # …and above this × the running mean of the previous losses,
+    min_grad_norm: float = Field(1e-8, ge=0.0)  # …or with a global gradient norm below this
 
 
 class TrainConfig(Strict):
@@ -76,6 +86,7 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    divergence: DivergenceConfig = DivergenceConfig()
 
 
 class SampleConfig(Strict):

@@ -45,7 +45,8 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     if art.name == "model":
         model, tok = load_model(str(art), dtype, device, mcfg.get("trust_remote_code", False))
     else:
-        model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False))
+        model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False),
+                               allow_pickle=mcfg.get("allow_pickle", False))
         load_method(model, cfg.get("method", "lora"), art)
         if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
             from transformers import AutoTokenizer

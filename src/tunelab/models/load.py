@@ -5,7 +5,9 @@ hub id (the real path for users; tests and the demo never touch the hub). GGUF f
 a cached safetensors folder (`$TUNELAB_CACHE` or `~/.cache/tunelab/models/<name>`), written atomically, so
 every later load is a plain `from_pretrained` of a folder.
 
-Defaults: fp32 on CPU, bf16 on CUDA; `trust_remote_code` only when the config asks for it. The tokenizer's
+Defaults: fp32 on CPU, bf16 on CUDA; `trust_remote_code` only when the config asks for it, and weights are
+read from safetensors only: a folder holding nothing but pickle weights (`pytorch_model.bin`, which can run
+code when unpickled) is refused with one line unless the config says `model.allow_pickle: true`. The tokenizer's
 pad token is set to eos when it has none (SmolLM2: pad == eos), which is why every forward pass in tunelab
 passes an explicit attention mask.
 """
@@ -124,15 +126,31 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weights_format(folder: str, allow_pickle: bool) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files, unless pickle is allowed."""
+    path = Path(folder)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise TunelabError(f"model {folder} has only pickle weights ({pickles[0]}), which can run code when "
+                           "loaded; convert it to safetensors or set model.allow_pickle=true")
+
+
 def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, allow_pickle: bool = False):
     """Load (model, tokenizer) for a model reference; the model is in train mode on `device`."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     folder = resolve(ref)
+    check_weights_format(folder, allow_pickle)
     tok = load_tokenizer(ref, trust_remote_code)
-    kwargs = dict(dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+                  use_safetensors=None if allow_pickle else True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -10,6 +10,11 @@ Per optimizer step:
      moving reference syncs here);
   5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
 
+Divergence (`train.divergence`, rule in `guards.py`) is judged between 3 and 4, before the optimizer moves:
+a non-finite loss or gradient (any objective), or an NLL loss collapsing to ln(vocab), stops the run with
+one `TunelabError` line. The checkpoint of the weights that produced the bad loss (saved right after the
+previous step) is deleted, so the newest checkpoint left is the last good one, and nothing is exported.
+
 Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
 (`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +33,9 @@ from typing import Callable
 import torch
 
 from ..data.batches import BatchSource
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..errors import TunelabError
+from .checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from .guards import DivergenceGuard
 from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
 
@@ -52,6 +60,24 @@ def total_steps(cfg, per_epoch: int) -> int:
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _vocab_size(model) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float):
+    """Stop: drop the checkpoint of the weights that gave the bad loss (those after `step`), name the rest."""
+    bad = ckpt_dir / f"step-{step:06d}"
+    if bad.exists():
+        shutil.rmtree(bad)
+    good = complete_checkpoints(ckpt_dir)
+    kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was kept"
+    raise TunelabError(f"training diverged at step {step + 1}: {diagnosis} (train.lr {lr:g}); {kept}; "
+                       "nothing was exported — lower train.lr (or set train.divergence.enabled=false)")
 
 
 def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
@@ -85,6 +111,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
 
     model.train()
+    guard = DivergenceGuard(cfg.divergence, _vocab_size(model), getattr(objective, "nll_loss", False))
     on_step = getattr(objective, "on_step", None)
     last_loss = float("nan")
     eval_seconds = 0.0  # kept out of the training throughput
@@ -118,6 +145,9 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
                      else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
             lr = scheduler.get_last_lr()[0]
+            diagnosis = guard.check(loss_sum / denom, float(gnorm))
+            if diagnosis:
+                _diverged(ckpt_dir, step, diagnosis, cfg.lr)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -90,7 +90,8 @@ def stage_model(out: Path, cfg: RunConfig) -> Path:
         return merged
     from transformers import AutoTokenizer
 
-    model, _ = load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    model, _ = load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code,
+                          allow_pickle=cfg.model.allow_pickle)
     load_method(model, cfg.method, out / "adapter")
     merge(model)
     tmp = out / ".tmp-merged"

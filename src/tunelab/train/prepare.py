@@ -62,7 +62,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     objective.check_config(cfg)
     check_tasks(cfg)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
-                            cfg.model.attn_implementation)
+                            cfg.model.attn_implementation, cfg.model.allow_pickle)
     template = get_template(cfg.data.template, tok)
     records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     train_recs, eval_recs = split_records(records, cfg)
