@@ -3,7 +3,8 @@
 `load_run(RUN_DIR)` rebuilds exactly what was trained: the base model from the run's `config.yaml`, the
 adapter from `adapter/` (PEFT format, loaded by tunelab's own reader) or the full model from `model/`, and the
 run's chat template. `export_merged` folds the adapter into the base weights and writes a plain Hugging Face
-folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and the run's chat template.
+folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and the run's chat template;
+weights with NaN/inf are refused, and a full disk stops with one line and no half-written folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from .adapters.base import load_method, merge, saves_full_model
 from .errors import TunelabError
 from .models.load import load_model
+from .train.guards import check_finite, disk_full, is_disk_full, tensor_bytes
 
 
 def run_info(run_dir: Path) -> dict:
@@ -72,11 +74,18 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_info(run_dir)  # a clear error if this is not a finished run
     model, tok, template = load_run(run_dir, device="cpu")
     merge(model)  # a no-op for a whole saved model (full, freeze)
+    check_finite(model.named_parameters(), f"the merged model {out}")
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.chat_template = template.jinja
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full("the merged model", out.parent, tensor_bytes(model.parameters())) from None
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -156,7 +156,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         os.rename(newest, aside)
         fallback = f"resuming from {done[-1].name}" if done else "no intact checkpoint is left: starting from step 0"
         console.print(f"[yellow]warning: checkpoint {newest} is damaged ({problem}); moved it to {aside.name}; "
-                      f"{fallback}[/]")
+                      f"{fallback}[/]", soft_wrap=True)  # one line, however long the path
     return None
 
 

@@ -6,7 +6,7 @@ Divergence (`train.divergence`, checked by the loop every optimizer step, before
   2. objectives whose loss is a mean token NLL (`nll_loss = True`: sft, rejection_sampling) also stop on
      *collapse*: the loss reached `collapse_fraction` · ln(vocab) — the NLL of a uniform prediction, which a
      model that learned anything stays far below — AND either it jumped above `collapse_jump` × the running
-     mean of the previous steps' losses (exponential, decay 0.9), or the gradient vanished (global norm <
+     mean of the previous steps' losses (exponential, decay 0.5: it follows a falling loss), or the gradient vanished (global norm <
      `min_grad_norm`) while that high. A freshly initialised model starts near ln(vocab) with its running
      mean there too and has a gradient, so neither fires on it; the first step (of a run or of a resume) is
      never judged, having nothing to compare with.
@@ -51,15 +51,15 @@ def free_bytes(path: Path) -> int | None:
         return None
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.1f} MB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.1f} KB" if n >= 2**10 else f"{n} bytes"
 
 
 def disk_full(what: str, where: Path, needed: int | None = None, cleanup: str = "") -> TunelabError:
     """The one-line error for a write that ran out of space."""
     free = free_bytes(where)
-    need = f" needs about {_mb(needed)}" if needed else ""
-    have = f", {_mb(free)} free there" if free is not None else ""
+    need = f" needs about {_size(needed)}" if needed else ""
+    have = f", {_size(free)} free there" if free is not None else ""
     return TunelabError(f"disk full: writing {what} to {where}{need}{have}{'; ' + cleanup if cleanup else ''}")
 
 
@@ -91,7 +91,7 @@ class DivergenceGuard:
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             return f"loss {loss:.4g}, gradient norm {grad_norm:.4g} (non-finite)"
         seen = self.mean
-        self.mean = loss if seen is None else 0.9 * seen + 0.1 * loss
+        self.mean = loss if seen is None else 0.5 * (seen + loss)
         if not (self.nll_loss and self.uniform and seen is not None and loss >= cfg.collapse_fraction * self.uniform):
             return None
         if loss > cfg.collapse_jump * seen:

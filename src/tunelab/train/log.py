@@ -9,12 +9,14 @@ curve has no duplicated or orphaned rows. TensorBoard, W&B and MLflow are used o
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..console import console
+from .guards import disk_full, is_disk_full
 
 
 
@@ -29,8 +31,21 @@ class MetricsLog:
         self.trackers = _open_trackers(trackers, run_dir or path.parent)
 
     def write(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        data = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # unbuffered: errors surface here
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as e:
+                os.ftruncate(fd, end)  # no half-written row left behind
+                if is_disk_full(e):
+                    raise disk_full(f"a row of {self.path.name}", self.path.parent, len(data)) from None
+                raise
+        finally:
+            os.close(fd)
         for t in self.trackers:
             t(row)
 

@@ -36,6 +36,7 @@ from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
 from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
 from .checkpoint import latest_checkpoint
+from .guards import disk_full, is_disk_full
 from .log import console
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
@@ -57,7 +58,13 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     existed = Path(cfg.output_dir).exists()
     out = start_run_dir(cfg)
     try:
-        return _run(cfg, p, kind, out, t0, stop_after)
+        try:
+            return _run(cfg, p, kind, out, t0, stop_after)
+        except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
+            if isinstance(e, TunelabError) or not is_disk_full(e):
+                raise
+            written = Path(getattr(e, "filename", None) or out / "?")
+            raise disk_full(written.name if written.name != "?" else "run files", written.parent) from None
     except TunelabError:
         # a user error found only once the run started (a reward function that raises on real completions):
         # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
