@@ -119,3 +119,15 @@ def test_full_disk_appending_metrics_leaves_no_torn_row(tmp_path, monkeypatch):
         log.write({"step": 2, "loss": 1.5})
     monkeypatch.undo()
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [{"step": 1, "loss": 2.0}]
+
+
+def test_full_disk_on_any_other_run_file_is_one_line(run_config, monkeypatch):
+    from tunelab.train import run as run_module
+
+    def save_config(cfg, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run_module, "save_config", save_config)
+    config = run_config("lora")
+    with pytest.raises(TunelabError, match=f"^disk full: writing config.yaml to {config.parent / 'lora'}, "):
+        train(load_config(config))

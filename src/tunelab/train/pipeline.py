@@ -33,6 +33,7 @@ from ..errors import TunelabError
 from ..models.load import load_model
 from ..objectives import objective_class
 from . import run as single_run
+from .guards import disk_full, is_disk_full, tensor_bytes
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -96,8 +97,14 @@ def stage_model(out: Path, cfg: RunConfig) -> Path:
     merge(model)
     tmp = out / ".tmp-merged"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(out / "adapter")).save_pretrained(tmp)  # carries the run's chat template
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(out / "adapter")).save_pretrained(tmp)  # carries the run's chat template
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full("the merged model for the next stage", out, tensor_bytes(model.parameters())) from None
+        raise
     tmp.rename(merged)
     return merged
 
