@@ -74,7 +74,7 @@ def _cfg(tmp_path, tokenizer, **train_opts):
     return load_config(write_config(
         tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), method="lora", model={"name": str(model_dir)},
         data={"train": str(data), "max_length": 96, "eval_max": 4}, lora={"r": 4},
-        train={"max_steps": 12, "batch_size": 2, "warmup_steps": 0, "save_every": 1, "keep_last": 2, **train_opts},
+        train={"max_steps": 12, "batch_size": 2, "warmup_steps": 0, "save_every": 1, "keep_last": 1, **train_opts},
         samples={"n_heldout": 0}))
 
 
@@ -87,7 +87,8 @@ def test_absurd_learning_rate_stops_with_a_diagnosis(tmp_path, tokenizer):
     msg = str(e.value)
     assert msg.startswith("training diverged at step 4: loss stuck at 10.8") and "vanished gradient" in msg
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}" in msg and "\n" not in msg
-    # step 3's weights gave the stuck loss: their checkpoint is dropped, nothing is exported
+    # step 3's weights gave the stuck loss: their checkpoint is dropped, step 2's survived keep_last=1 (pruning
+    # waits until the next step's loss is judged), nothing is exported
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
 
@@ -112,7 +113,7 @@ def _batches():
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny, tmp_path):
     model = tiny("llama")
-    cfg = TrainConfig(max_steps=6, save_every=1, keep_last=3, lr=1e-3)
+    cfg = TrainConfig(max_steps=6, save_every=1, keep_last=1, lr=1e-3)
     with pytest.raises(TunelabError, match=r"^training diverged at step 3: loss nan, gradient norm nan \(non-finite\)"):
         fit(model, NaNAt(3), _batches(), cfg, tmp_path)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step-000001"]

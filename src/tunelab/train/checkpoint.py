@@ -16,7 +16,9 @@ It is written into a temporary `.tmp-…` folder and renamed into place, so a pr
 leaves the previous checkpoint intact; folders without `COMPLETE` are ignored and cleaned up. A write that
 fails (a full disk) removes its temporary folder and stops with one line; the previous checkpoints stay.
 Only after the new checkpoint is complete are checkpoints beyond the newest `keep_last` deleted, so the
-newest one always survives pruning.
+newest one always survives pruning; the loop prunes one step later still (`keep_last=None` here, then
+`prune_checkpoints` once the next step's loss was judged healthy), so a divergence that shows in the loss
+right after a checkpoint still finds an older, good one.
 
 Resuming verifies the newest checkpoint against its manifest; a damaged one (truncated, altered, written by
 a tunelab without manifests) is moved aside to `.damaged-step-…` with a warning and the next older intact
@@ -76,7 +78,7 @@ def _set_rng(tensors: dict, py: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop_state: dict, keep_last: int,
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop_state: dict, keep_last: int | None,
                     objective_state: dict[str, torch.Tensor] | None = None) -> Path:
     trainable = trainable_state(model)
     final = ckpt_dir / f"step-{step:06d}"
@@ -102,9 +104,15 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_dir)
-    for old in complete_checkpoints(ckpt_dir)[:-keep_last]:  # `final` is the newest: never pruned
-        shutil.rmtree(old, ignore_errors=True)
+    if keep_last is not None:
+        prune_checkpoints(ckpt_dir, keep_last)
     return final
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (the newest is never deleted)."""
+    for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(tmp: Path, step: int, trainable: dict, optimizer, scheduler, loop_state: dict,

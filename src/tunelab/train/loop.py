@@ -34,7 +34,7 @@ import torch
 
 from ..data.batches import BatchSource
 from ..errors import TunelabError
-from .checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .guards import DivergenceGuard
 from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
@@ -111,6 +111,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
 
     model.train()
+    prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
     guard = DivergenceGuard(cfg.divergence, _vocab_size(model), getattr(objective, "nll_loss", False))
     on_step = getattr(objective, "on_step", None)
     last_loss = float("nan")
@@ -148,6 +149,9 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             diagnosis = guard.check(loss_sum / denom, float(gnorm))
             if diagnosis:
                 _diverged(ckpt_dir, step, diagnosis, cfg.lr)
+            if prune_due:  # the newest checkpoint's weights just gave a healthy loss: older ones may go
+                prune_checkpoints(ckpt_dir, cfg.keep_last)
+                prune_due = False
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -175,7 +179,10 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 loop_state = {"micro": micro, "tokens": tokens,
                               **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
                 save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state,
-                                cfg.keep_last, objective.state_dict() if hasattr(objective, "state_dict") else None)
+                                None, objective.state_dict() if hasattr(objective, "state_dict") else None)
+                prune_due = True
+    if prune_due:
+        prune_checkpoints(ckpt_dir, cfg.keep_last)
     if evaluate and step == total:
         row = evaluate(step)
         if row:
