@@ -2,6 +2,7 @@
 run with one line, keeps the last good checkpoint (the diverged state's is dropped) and exports nothing; the rule
 stays quiet on healthy SFT, preference and RL curves. Non-finite weights are never written."""
 
+import json
 import math
 
 import pytest
@@ -136,3 +137,21 @@ def test_non_finite_weights_are_never_written(tiny, tmp_path, tokenizer):
     with pytest.raises(TunelabError, match="refusing to write model/: tensor 'model.layers.0.mlp.up_proj.weight'"):
         save_artifacts(model, tokenizer, get_template("chatml", tokenizer), cfg, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_grpo_with_equal_rewards_is_no_divergence(tmp_path, tokenizer, monkeypatch):
+    # every completion scores the same: zero advantages, so the loss and the gradient are exactly 0 every step
+    (tmp_path / "equal_rewards.py").write_text("def one(batch):\n    return [1.0] * len(batch.completion_ids)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model_dir = save_tiny_model(tmp_path / "tiny", tokenizer)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say something about {w}.", "answer": "x"}
+                                              for w in "abcdefgh"])
+    out = train(load_config(write_config(
+        tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), method="lora", objective="grpo",
+        model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64, "eval_fraction": 0.25},
+        train={"max_steps": 3, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0},
+        rl={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 4, "rewards": [{"name": "equal_rewards:one"}],
+            "eval_prompts": 1}, samples={"n_heldout": 0})))
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [(r["loss"], r["grad_norm"]) for r in rows] == [(0.0, 0.0)] * 3
+    assert (out / "adapter").is_dir()

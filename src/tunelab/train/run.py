@@ -63,8 +63,8 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
         except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
             if isinstance(e, TunelabError) or not is_disk_full(e):
                 raise
-            written = Path(getattr(e, "filename", None) or out / "?")
-            raise disk_full(written.name if written.name != "?" else "run files", written.parent) from None
+            name = getattr(e, "filename", None)  # OSError names the file; safetensors' error does not
+            raise (disk_full(Path(name).name, Path(name).parent) if name else disk_full("run files", out)) from None
     except TunelabError:
         # a user error found only once the run started (a reward function that raises on real completions):
         # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
