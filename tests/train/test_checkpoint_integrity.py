@@ -108,17 +108,25 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, toke
     capsys.readouterr()
     train(cfg)
     err = " ".join(capsys.readouterr().err.split())
-    assert "step-000004 is damaged (trainable.safetensors has" in err and "resuming from step-000002" in err
+    assert "step-000004 is damaged (trainable.safetensors has" in err and "falling back to step-000002" in err
     assert (out / "checkpoints" / ".damaged-step-000004").is_dir()  # kept aside for inspection, not resumed
     assert train_losses(out) == train_losses(full)  # resumed at step 2: the same curve, exactly
     assert (out / "results.json").exists()
 
 
-def test_only_damaged_checkpoints_restart_from_scratch(tiny, tmp_path, capsys):
+def test_fallback_skips_every_damaged_checkpoint(tiny, tmp_path, capsys):
     model = tiny("llama")
     opt = _stepped_optimizer(model)
-    path = ckpt.save_checkpoint(tmp_path, 2, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                                {"micro": 2, "tokens": 1}, keep_last=2)
-    _flip_last_byte(path / "optimizer.safetensors")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    paths = [ckpt.save_checkpoint(tmp_path, s, model, opt, sched, {"micro": s, "tokens": 1}, keep_last=3)
+             for s in (1, 2, 3)]
+    _flip_last_byte(paths[2] / "state.json")
+    (paths[1] / "rng.safetensors").write_bytes(b"")
+    assert ckpt.latest_checkpoint(tmp_path) == paths[0]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "step-000003 is damaged (state.json does not match its checksum)" in err
+    assert "step-000002 is damaged (rng.safetensors has 0 bytes" in err
+    _flip_last_byte(paths[0] / "optimizer.safetensors")
     assert ckpt.latest_checkpoint(tmp_path) is None
     assert "no intact checkpoint is left: starting from step 0" in " ".join(capsys.readouterr().err.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".damaged-step-00000{i}" for i in (1, 2, 3)]

@@ -162,9 +162,9 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         aside = ckpt_dir / f".damaged-{newest.name}"
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(newest, aside)
-        fallback = f"resuming from {done[-1].name}" if done else "no intact checkpoint is left: starting from step 0"
-        console.print(f"[yellow]warning: checkpoint {newest} is damaged ({problem}); moved it to {aside.name}; "
-                      f"{fallback}[/]", soft_wrap=True)  # one line, however long the path
+        fallback = f"falling back to {done[-1].name}" if done else "no intact checkpoint is left: starting from step 0"
+        console.print(f"warning: checkpoint {newest} is damaged ({problem}); moved it to {aside.name}; {fallback}",
+                      style="yellow", markup=False, soft_wrap=True)  # one line, however long the path
     return None
 
 
