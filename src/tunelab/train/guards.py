@@ -15,7 +15,7 @@ Divergence (`train.divergence`, checked by the loop every optimizer step, before
   gradient is legitimately 0 when every completion of a group has the same reward, so only rule 1 applies.
 
 `check_finite` refuses to write a non-finite tensor into a checkpoint or an exported artifact. `disk_full`
-turns a failed write (ENOSPC, also as safetensors' or torch's wrapped errors) into one `TunelabError` line
+turns a failed write (ENOSPC or EDQUOT, also inside safetensors' error text) into one `TunelabError` line
 saying what was being written, where, and how much it needed.
 """
 
@@ -35,7 +35,7 @@ _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 2
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC/EDQUOT, raised directly or wrapped by safetensors (Rust) or torch's C++ writer."""
+    """True for ENOSPC/EDQUOT, raised as an OSError or wrapped in safetensors' (Rust) error text."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
         return True
     return any(t in str(exc).lower() for t in _DISK_FULL_TEXT)
