@@ -155,3 +155,19 @@ def test_grpo_with_equal_rewards_is_no_divergence(tmp_path, tokenizer, monkeypat
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [(r["loss"], r["grad_norm"]) for r in rows] == [(0.0, 0.0)] * 3
     assert (out / "adapter").is_dir()
+
+
+def test_export_refuses_a_non_finite_adapter(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.export import export_merged
+
+    out = train(_cfg(tmp_path, tokenizer, lr=1e-3, max_steps=2))
+    weights = out / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = math.nan  # e.g. an adapter written by a tunelab without these checks
+    save_file(tensors, str(weights))
+    with pytest.raises(TunelabError, match=f"^refusing to write the merged model {tmp_path / 'merged'}: tensor '"):
+        export_merged(out, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / ".tmp-merged").exists()
