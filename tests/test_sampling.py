@@ -234,3 +234,22 @@ def test_stopped_rows_leave_the_batch_and_results_do_not_change(model, tokenizer
     kept = sample(model, tokenizer, prompts, temperature=0, max_new_tokens=10, stop_token_ids=stops)
     assert torch.equal(kept.completion_ids, s.completion_ids) and torch.equal(kept.completion_mask, s.completion_mask)
     assert torch.allclose(kept.logprobs, s.logprobs, atol=1e-5) and kept.finish_reason == s.finish_reason
+
+
+def test_the_copies_of_a_prompt_share_one_prefill(model, tokenizer):
+    """With n > 1 each distinct prompt is encoded once (the prefill forward sees len(prompts) rows) and its cache
+    is copied to its n rows; greedy rows of one prompt are then identical and equal the prompt sampled once."""
+    prompts = encode(tokenizer)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        s = sample(model, tokenizer, prompts, n=3, temperature=0, max_new_tokens=6, batch_size=12)
+    finally:
+        hook.remove()
+    assert widths[0][0] == len(prompts) and widths[1] == (12, 1)
+    once = sample(model, tokenizer, prompts, n=1, temperature=0, max_new_tokens=6)
+    for i in range(len(prompts)):
+        for k in range(3):
+            assert s.completions()[3 * i + k] == once.completions()[i]
+            assert torch.allclose(s.logprobs[3 * i + k], once.logprobs[i, :s.logprobs.shape[1]], atol=1e-5)

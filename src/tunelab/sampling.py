@@ -12,7 +12,8 @@ processors and stopping criteria):
    rows) and left-padded in batches of `batch_size` rows, with an attention mask — SmolLM2's pad token *is*
    its eos token, so the mask is the only way to tell padding from content. Position ids are the running count
    of real tokens (mask cumsum − 1), so a left-padded prompt sees the same positions as an unpadded one;
-2. prefill: one forward over the prompts fills the KV cache and gives the logits of the first new token;
+2. prefill: one forward over the distinct prompts fills the KV cache and gives the logits of the first new
+   token; the n copies of a prompt then share it (its cache rows are copied), so a prompt is encoded once;
 3. each step picks one token per row from the last logits, appends it, and runs one forward of the new column
    only, reusing the cache; a row that has stopped leaves the running batch (its KV-cache rows are dropped), so
    decoding costs the real tokens, not rows × the longest completion. Greedy when `temperature == 0`, else sample from
@@ -216,13 +217,26 @@ def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, tempe
         return tokens, logprobs, lengths, stopped
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    # the n copies of a prompt are adjacent rows: prefill each distinct prompt once, then copy its cache rows
+    is_first = [i == 0 or prompts[i] != prompts[i - 1] for i in range(b)]
+    first = [i for i in range(b) if is_first[i]]
+    copies = torch.tensor(is_first, device=device).long().cumsum(0) - 1  # row → its prompt's prefill row
+    out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=positions[first], use_cache=True,
+                **extra)
+    logits = out.logits[:, -1, :]
+    if len(first) < b:
+        key, cache = _cache_of(out)
+        if _select_rows(cache, copies):  # index_select with repeats: row i gets its prompt's cache
+            logits = logits[copies]
+        else:  # a cache that cannot be re-indexed: prefill every row
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+            logits = out.logits[:, -1, :]
     live = torch.arange(b, device=device)  # running row → batch row
     running = torch.ones(b, dtype=torch.bool, device=device)  # per running row: not stopped yet
     steps = 0
     for t in range(max_new_tokens):
         key, cache = _cache_of(out)
-        new, lp = pick(out.logits[:, -1, :], temperature, top_p, generator)
+        new, lp = pick(logits, temperature, top_p, generator)
         rows, new_r = live[running], new[running]
         tokens[rows, t] = new_r
         logprobs[rows, t] = lp[running]
@@ -245,6 +259,7 @@ def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, tempe
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         out = model(input_ids=new.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                     use_cache=True, **{key: cache})
+        logits = out.logits[:, -1, :]
     return tokens[:, :steps], logprobs[:, :steps], lengths, stopped
 
 
