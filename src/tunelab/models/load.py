@@ -28,10 +28,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 
 
+def check_device(device: str, key: str = "model.device") -> torch.device:
+    """`device` as a torch.device this machine has; one line naming `key` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TunelabError(f"{key}: unknown device '{device}' (use auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TunelabError(f"{key}={device}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TunelabError(f"{key}={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise TunelabError(f"{key}={device}: MPS is not available on this machine (use cpu or auto)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise TunelabError(f"{key}={device}: unsupported device type '{dev.type}' (use auto, cpu, cuda, mps)")
+    return dev
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -112,6 +130,10 @@ def ecosystem_ref(ref: str) -> str:
     return ref
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -138,5 +160,10 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as e:
-        raise TunelabError(f"model not found: '{ref}' ({str(e).splitlines()[0]})")
+        raise TunelabError(f"model not found: '{ref}' ({_first_line(e)})") from None
+    except (ValueError, ImportError) as e:
+        if attn_implementation:  # transformers refuses an unknown or uninstalled attention backend this way
+            raise TunelabError(f"model.attn_implementation={attn_implementation}: not usable with this model "
+                               f"({_first_line(e)})") from None
+        raise
     return model.to(dev), tok

@@ -22,7 +22,6 @@ The run directory:
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,11 +33,12 @@ from ..data.kinds import data_kind
 from ..errors import TunelabError
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
-from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
+from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
 from .checkpoint import latest_checkpoint
 from .log import console
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
+from .rundir import check_output_dir, claim_run_dir
 from .task_eval import evaluate_base, evaluate_during, evaluate_final
 
 
@@ -49,21 +49,18 @@ def _samples(p: RunInputs, cfg: RunConfig) -> list[dict]:
 def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     """Run single-stage `cfg` to completion (or to `stop_after` steps, for tests); returns the run directory."""
     t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.overwrite)  # fail fast, before minutes of loading
     kind = data_kind(objective_class(cfg.objective).data_kind)
-    p = prepare(cfg)
+    p = prepare(cfg)  # every check user input can fail; nothing written yet
     console.print(p.report.summary())
     console.print(kind.summary(p.stats, len(p.eval)))
     torch.manual_seed(cfg.train.seed)
-    existed = Path(cfg.output_dir).exists()
-    out = start_run_dir(cfg)
-    try:
+    # created, locked against a second run, the previous run cleared (overwrite / resume=false) — only now; a user
+    # error found once the run started (a reward function that raises on real completions) removes a folder this
+    # call created unless it holds a checkpoint
+    with claim_run_dir(out, cfg.overwrite, cfg.resume):
         return _run(cfg, p, kind, out, t0, stop_after)
-    except TunelabError:
-        # a user error found only once the run started (a reward function that raises on real completions):
-        # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
-        if not existed and latest_checkpoint(out / "checkpoints") is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
