@@ -68,6 +68,7 @@ def test_overwrite_with_a_bad_config_destroys_nothing(tmp_path, make_cfg, capsys
     train(load_config(make_cfg(out)))
     before = sorted(p.name for p in out.iterdir())
     results = (out / "results.json").read_text()
+    capsys.readouterr()  # the first run's progress output
     for bad in (["train.optimizer=Adamm"], ["train.optimizer=LBFGS"], ["model.attn_implementation=nope"]):
         rc, err = _cli(capsys, ["train", str(make_cfg(out)), "overwrite=true", *bad])
         assert rc == 2 and len(err) == 1, err
@@ -96,6 +97,7 @@ def test_output_dir_that_is_a_file_or_cannot_be_created(tmp_path, make_cfg, caps
 def test_a_second_run_into_a_held_folder_is_refused(tmp_path, make_cfg, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    capsys.readouterr()
     with locked(out):  # the first run holds it
         rc, err = _cli(capsys, ["train", str(make_cfg(out))])
     assert rc == 2 and len(err) == 1 and "in use by another tunelab run" in err[0] and f"pid {os.getpid()}" in err[0]

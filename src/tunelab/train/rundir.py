@@ -57,6 +57,9 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
             example = sorted(p.name for p in out.iterdir())[0]
             raise TunelabError(f"output_dir {out}: not empty and not a tunelab run (holds '{example}'); tunelab never "
                                "deletes files it did not write — choose a new or empty folder")
+        if (out / LOCK_FILE).exists():
+            with locked(out, probe=True):  # a running run: refuse now, not after minutes of loading
+                pass
         if (out / "results.json").exists() and not overwrite:
             raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
         _probe(out)
@@ -107,8 +110,9 @@ def _resumable(out: Path) -> bool:
 
 
 @contextmanager
-def locked(out: Path):
-    """Hold the run directory's lock for the duration; a second holder is refused with one line."""
+def locked(out: Path, probe: bool = False):
+    """Hold the run directory's lock for the duration; a second holder is refused with one line. `probe` only
+    checks that the lock is free (and leaves the pid in the file alone)."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks through fcntl; runs are not locked there
@@ -122,8 +126,9 @@ def locked(out: Path):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise TunelabError(f"output_dir {out}: in use by another tunelab run (pid {holder}); wait for it to "
                                "finish or choose another output_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not probe:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock (the OS does the same when the process dies)
