@@ -2,19 +2,21 @@
 
 `metrics.jsonl` holds one JSON object per line: training rows (`step`, `loss`, `lr`, `tokens_per_s`, …) and
 evaluation rows (`step`, `eval_loss`, …). On resume the file is truncated to the checkpoint's step so the
-curve has no duplicated or orphaned rows. TensorBoard, W&B and MLflow are used only when listed in
+curve has no duplicated or orphaned rows; a row torn by a kill mid-write is dropped there (`jsonl.read_rows`). TensorBoard, W&B and MLflow are used only when listed in
 `train.trackers` and installed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..console import console
+from ..jsonl import read_rows
 
 
 
@@ -22,13 +24,18 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None, trackers=(), run_dir: Path | None = None):
         self.path = path
         if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            # a torn last row (the run was killed mid-write) is dropped: its step is repeated after the checkpoint
+            keep = [r for r in read_rows(path, strict=True) if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and path.exists():
             path.unlink()
         self.trackers = _open_trackers(trackers, run_dir or path.parent)
 
     def write(self, row: dict) -> None:
+        if "loss" not in row:  # an evaluation row: a measure with nothing held out is NaN, i.e. not measured
+            row = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            if set(row) <= {"step"}:
+                return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for t in self.trackers:

@@ -30,7 +30,7 @@ import torch
 from ..config import RunConfig, save_config
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
-from ..errors import TunelabError
+from ..jsonl import read_rows
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
 from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
@@ -65,6 +65,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
 
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
     save_config(cfg, out / "config.yaml")
+    read_rows(out / "samples.jsonl", repair=True)  # a row torn by a kill: cut, so the next one starts a line
     pad = p.tokenizer.pad_token_id
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
     objective = build_objective(cfg, reference)
