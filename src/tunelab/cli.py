@@ -113,8 +113,9 @@ def cmd_demo(args) -> int:
     from .console import console
 
     console.rule("[bold]demo results")
-    console.print(f"held-out loss {res['eval_loss_before']:.4f} → {res['eval_loss_after']:.4f} | "
-                  f"{res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
+    before, after = res.get("eval_loss_before"), res.get("eval_loss_after")  # null (NaN) when nothing is held out
+    held = f"held-out loss {before:.4f} → {after:.4f}" if before is not None and after is not None else "no held-out set"
+    console.print(f"{held} | {res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
     for s in res["samples"]:
         console.rule()
         console.print("[bold]prompt:[/] " + s["prompt"].split("user\n")[-1].split("<|im_end|>")[0][:300])

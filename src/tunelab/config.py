@@ -22,6 +22,7 @@ from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
 from .errors import TunelabError
+from .textfile import read_text
 
 
 ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder
@@ -255,7 +256,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         name = str(p)
         if not p.is_file():
             raise TunelabError(f"config not found: {p}")
-        text = p.read_text().replace("${ASSETS}", str(ASSETS))
+        text = read_text(p).replace("${ASSETS}", str(ASSETS))
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TunelabError
+from ..hub import OFFLINE_NOTE, go_offline_if_unreachable
 from .aliases import ALIASES, HUB_IDS, alias_gguf
 
 
@@ -112,6 +113,12 @@ def resolve(ref: str) -> str:
     if looks_local or ref.count("/") != 1:
         raise TunelabError(f"model not found: '{ref}' is not an alias ({', '.join(ALIASES)}), "
                            "a folder, a .gguf file or a hub id like org/name")
+    note = go_offline_if_unreachable()  # no network: the local cache only, at once, instead of a minute of retries
+    if note:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise TunelabError(f"model not found: '{ref}' is not in the local Hugging Face cache and {OFFLINE_NOTE}")
     return ref
 
 
