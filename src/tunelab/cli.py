@@ -146,6 +146,10 @@ def cmd_eval(args) -> int:
         raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
     tasks = [t for s in args.tasks for t in s.split(",") if t]
     validate_tasks(tasks, args.allow_code_execution)  # fail before loading the model
+    if args.output:
+        from .userfiles import check_can_create
+
+        check_can_create(Path(args.output), "--output")
     model, tok, template = load_run(args.model, device=args.device, dtype=args.dtype)
     res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit)
     print_results(res, title=f"evaluation of {args.model}")

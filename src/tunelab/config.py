@@ -22,7 +22,7 @@ from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
 from .errors import TunelabError
-from .textfile import read_text
+from .userfiles import read_text
 
 
 ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder

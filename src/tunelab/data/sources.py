@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import TunelabError
 from ..hub import go_offline_if_unreachable
-from ..textfile import not_utf8, read_text
+from ..userfiles import not_utf8, read_text
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # `name`, `org/name`, optionally `:config` — the shapes a hub dataset id can take.

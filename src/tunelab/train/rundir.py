@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import TunelabError
+from ..userfiles import check_can_create, make_folder
 
 LOCK_FILE = ".tunelab.lock"
 RUN_ENTRIES = frozenset({
@@ -62,22 +62,7 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
                 pass
         if (out / "results.json").exists() and not overwrite:
             raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
-        _probe(out)
-        return
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise TunelabError(f"output_dir {out}: cannot be created ({parent} is not a folder)")
-    _probe(parent, out)
-
-
-def _probe(folder: Path, out: Path | None = None) -> None:
-    """Can a folder be made in `folder`? (os.access says yes for root on /proc and read-only mounts.)"""
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".tmp-probe-"))
-    except OSError as e:
-        raise TunelabError(f"output_dir {out or folder}: cannot write in {folder} ({e.strerror})") from None
+    check_can_create(out, "output_dir")
 
 
 def clear_run_files(out: Path) -> None:
@@ -142,10 +127,7 @@ def claim_run_dir(out: Path, overwrite: bool, resume: bool):
     to resume (a checkpoint, a pipeline's stage folder), so a failed run leaves nothing half-written."""
     check_output_dir(out, overwrite)  # again, now that loading is done: the folder may have changed meanwhile
     created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TunelabError(f"output_dir {out}: cannot be created ({e.strerror})") from None
+    make_folder(out, "output_dir")
     with locked(out):  # cleaning up below only ever happens while this call holds the folder
         try:
             if not created and (overwrite or not resume):
