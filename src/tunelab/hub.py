@@ -22,7 +22,7 @@ OFFLINE_NOTE = "huggingface.co is unreachable, so only the local cache was searc
 def hub_reachable(timeout: float = 2.0) -> bool:
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+        socket.create_connection((host.hostname or "huggingface.co", host.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
