@@ -24,6 +24,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..console import console
 from ..errors import TunelabError
 from ..userfiles import check_can_create, make_folder
 
@@ -103,7 +104,10 @@ def locked(out: Path, probe: bool = False):
     except ImportError:  # Windows: no advisory locks through fcntl; runs are not locked there
         yield
         return
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TunelabError(f"output_dir {out}: cannot write its lock file ({e.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,6 +115,9 @@ def locked(out: Path, probe: bool = False):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise TunelabError(f"output_dir {out}: in use by another tunelab run (pid {holder}); wait for it to "
                                "finish or choose another output_dir") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): run, but say it is unguarded
+            console.print(f"[yellow]warning: cannot lock {out} ({e.strerror}); a second run into it is not "
+                          "refused[/]")
         if not probe:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
