@@ -17,6 +17,7 @@ The run directory:
     checkpoints/       atomic, last K kept — a rerun with the same output_dir resumes from the latest
     adapter/ | model/  the trained artifact + tokenizer with the run's chat template
     results.json       measures before/after, samples, parameter counts, timings, data statistics, tasks
+    .tunelab.lock      held while the run runs (`rundir`: a second run into the folder is refused)
 """
 
 from __future__ import annotations
