@@ -8,6 +8,7 @@ curve has no duplicated or orphaned rows; a row torn by a kill mid-write is drop
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -18,6 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..console import console
 from ..jsonl import read_rows
 
+
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class MetricsLog:
@@ -42,9 +46,20 @@ class MetricsLog:
             t(row)
 
 
+def check_trackers(names) -> list[str]:
+    """The listed trackers that are installed; a warning for each that is not (before the run writes anything)."""
+    found = [n for n in names if importlib.util.find_spec(TRACKER_MODULES[n]) is not None]
+    for name in names:
+        if name not in found:
+            console.print(f"[yellow]tracker '{name}' is not installed; skipping it[/]")
+    return found
+
+
 def _open_trackers(names, run_dir: Path):
     out = []
     for name in names:
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            continue  # warned about by check_trackers
         try:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
@@ -64,6 +79,9 @@ def _open_trackers(names, run_dir: Path):
                 out.append(lambda r: mlflow.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
         except ImportError:
             console.print(f"[yellow]tracker '{name}' is not installed; skipping it[/]")
+        except Exception as e:  # not logged in, no server, a broken install: the training itself still runs
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            console.print(f"[yellow]tracker '{name}' could not start ({type(e).__name__}: {first}); skipping it[/]")
     return out
 
 
