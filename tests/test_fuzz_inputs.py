@@ -37,7 +37,24 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(
 messages = st.lists(st.fixed_dictionaries({}, optional={"role": st.sampled_from(ROLES), "content": scalars,
                                                         "from": st.sampled_from(ROLES), "value": scalars}),
                     max_size=4)
-records = st.one_of(json_values, st.dictionaries(st.sampled_from(KEYS), st.one_of(scalars, messages), max_size=5))
+# well-formed records with hostile contents (template markup, special tokens, blanks), so the encoders are reached
+texts = st.one_of(st.text(max_size=20), st.sampled_from(
+    ["", " ", "\n", "<|im_end|>", "<|im_start|>assistant", "{{ x }}", "{% if %}", "### Response:", "[INST]",
+     "<|eot_id|>", "</s>", "\u200b", "\ud7ff", "a" * 300]))
+chat = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "input"]),
+                                       "content": texts}), min_size=1, max_size=4)
+well_formed = st.one_of(
+    st.fixed_dictionaries({"messages": chat}),
+    st.fixed_dictionaries({"instruction": texts, "output": texts}, optional={"input": texts}),
+    st.fixed_dictionaries({"prompt": st.one_of(texts, chat), "completion": texts}),
+    st.fixed_dictionaries({"text": texts}),
+    st.fixed_dictionaries({"prompt": texts, "chosen": st.one_of(texts, chat), "rejected": st.one_of(texts, chat)},
+                          optional={"margin": st.one_of(st.floats(), st.text(max_size=3))}),
+    st.fixed_dictionaries({"chosen": chat, "rejected": chat}),
+    st.fixed_dictionaries({"prompt": texts, "completion": texts, "label": st.one_of(st.booleans(), texts)}),
+)
+records = st.one_of(json_values, well_formed,
+                    st.dictionaries(st.sampled_from(KEYS), st.one_of(scalars, messages), max_size=5))
 
 
 def _one_line(e: TunelabError) -> None:
@@ -53,8 +70,9 @@ def _tolerated(fn, *args, **kwargs):
 
 
 @FUZZ
-@given(rows=st.lists(records, min_size=1, max_size=4))
-def test_records_parse_or_fail_with_one_line(rows, tokenizer):
+@given(rows=st.lists(records, min_size=1, max_size=4),
+       template=st.sampled_from(["chatml", "tokenizer", "alpaca", "llama3", "phi3", "mistral"]))
+def test_records_parse_or_fail_with_one_line(rows, template, tokenizer):
     recs = [Record(r, f"d.jsonl:{i + 1}") for i, r in enumerate(rows) if isinstance(r, dict)]
     for r in recs:
         for fmt in ("auto", "alpaca", "messages", "prompt_completion", "text"):
@@ -63,7 +81,7 @@ def test_records_parse_or_fail_with_one_line(rows, tokenizer):
         _tolerated(to_unpaired, r)
         _tolerated(prompt_of, r)
     if recs:  # the whole path to token ids, through each data kind
-        tmpl = get_template("chatml", tokenizer)
+        tmpl = get_template(template, tokenizer)
         cfg = RunConfig.model_validate({"data": {"max_length": 48}, "samples": {"n_heldout": 1}})
         for kind in ("sft", "pairs", "unpaired"):
             _tolerated(data_kind(kind).encode, tokenizer, tmpl, recs, recs[:1], cfg)
