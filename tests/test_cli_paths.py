@@ -43,6 +43,7 @@ def test_unusable_output_paths(setup, capsys):
         assert "cannot write in /proc" in _err(capsys, ["export", run, "--merged", "/proc/tunelab-merged"])
         assert "--output /proc/x/r.json: cannot write" in _err(
             capsys, ["eval", run, "--tasks", "arith", "--output", "/proc/x/r.json"])
+    assert "--device: unknown device 'gpu0'" in _err(capsys, ["eval", run, "--tasks", "arith", "--device", "gpu0"])
 
 
 @pytest.mark.parametrize("override,expected", [

@@ -134,6 +134,10 @@ def cmd_eval(args) -> int:
             task = load_task(name)
             print(f"{name:14s} {task.kind:10s} {task.spec.description}")
         return 0
+    if args.device != "auto":  # before loading anything: a device this machine lacks is one line naming the flag
+        from .models.load import check_device
+
+        check_device(args.device, "--device")
     if args.pairs:  # a reward-model run: pairwise accuracy on preference pairs
         from .objectives.reward import load_reward_model
 
