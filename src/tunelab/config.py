@@ -10,7 +10,7 @@ The resolved config is saved in the run directory as `config.yaml`, so a run can
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -22,13 +22,16 @@ from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
 from .errors import TunelabError
+from .userfiles import read_text
 
 
 ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an Adam-style moment decay
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: `lr: .nan` or `max_grad_norm: .inf` are typos, never settings
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -71,14 +74,14 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     optimizer: str = "AdamW"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
+    max_grad_norm: float | None = Field(1.0, gt=0)  # a negative norm would flip every gradient; null: no clipping
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed's range
     gradient_checkpointing: bool = False
     loss_chunk_size: int = Field(1024, ge=16)
     log_every: int = Field(1, ge=1)
@@ -143,7 +146,7 @@ class RLConfig(Strict):
     advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None  # None: the objective's own (grpo / rloo)
     beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
     kl_estimator: Literal["k1", "k3"] = "k3"
-    epsilon: float = Field(0.2, gt=0.0)  # clip range (low)
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
     epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
     loss_agg: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
@@ -264,7 +267,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         name = str(p)
         if not p.is_file():
             raise TunelabError(f"config not found: {p}")
-        text = p.read_text().replace("${ASSETS}", str(ASSETS))
+        text = read_text(p).replace("${ASSETS}", str(ASSETS))
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

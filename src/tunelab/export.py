@@ -19,6 +19,7 @@ from .adapters.base import load_method, merge, saves_full_model
 from .errors import TunelabError
 from .models.load import load_model
 from .train.guards import check_finite, disk_full, is_disk_full, tensor_bytes
+from .userfiles import check_can_create, make_folder
 
 
 def run_info(run_dir: Path) -> dict:
@@ -69,14 +70,16 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
 def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge the run's adapter into its base model and save an HF folder (+ tokenizer and template)."""
     run_dir, out = Path(run_dir), Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise TunelabError(f"export: {out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TunelabError(f"export: {out} exists and is not an empty folder")
+    check_can_create(out, "export: --merged")  # before minutes of loading and merging
     run_info(run_dir)  # a clear error if this is not a finished run
     model, tok, template = load_run(run_dir, device="cpu")
     merge(model)  # a no-op for a whole saved model (full, freeze)
     check_finite(model.named_parameters(), f"the merged model {out}")
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
+    make_folder(out.parent, "export: --merged")
     tok.chat_template = template.jinja
     try:
         model.save_pretrained(tmp)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TunelabError
+from ..hub import OFFLINE_NOTE, go_offline_if_unreachable
 from .aliases import ALIASES, HUB_IDS, alias_gguf
 
 
@@ -30,10 +31,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 
 
+def check_device(device: str, key: str = "model.device") -> torch.device:
+    """`device` as a torch.device this machine has; one line naming `key` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TunelabError(f"{key}: unknown device '{device}' (use auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TunelabError(f"{key}={device}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TunelabError(f"{key}={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise TunelabError(f"{key}={device}: MPS is not available on this machine (use cpu or auto)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise TunelabError(f"{key}={device}: unsupported device type '{dev.type}' (use auto, cpu, cuda, mps)")
+    return dev
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -58,8 +77,11 @@ def gguf_to_folder(gguf: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, OSError, KeyError) as e:  # not GGUF at all, truncated, an architecture transformers lacks
+            raise TunelabError(f"model not found: {gguf} is not a loadable GGUF file ({_first_line(e)})") from None
         # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights are
         # already dequantized floats, so rebuild a plain model from the config and save that.
         config = model.config
@@ -96,6 +118,12 @@ def resolve(ref: str) -> str:
     if looks_local or ref.count("/") != 1:
         raise TunelabError(f"model not found: '{ref}' is not an alias ({', '.join(ALIASES)}), "
                            "a folder, a .gguf file or a hub id like org/name")
+    note = go_offline_if_unreachable()  # no network: the local cache only, at once, instead of a minute of retries
+    if note:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise TunelabError(f"model not found: '{ref}' is not in the local Hugging Face cache and {OFFLINE_NOTE}")
     return ref
 
 
@@ -112,6 +140,10 @@ def ecosystem_ref(ref: str) -> str:
     if path.is_dir():
         return str(path.resolve())
     return ref
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
@@ -156,5 +188,10 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as e:
-        raise TunelabError(f"model not found: '{ref}' ({str(e).splitlines()[0]})")
+        raise TunelabError(f"model not found: '{ref}' ({_first_line(e)})") from None
+    except (ValueError, ImportError) as e:
+        if attn_implementation:  # transformers refuses an unknown or uninstalled attention backend this way
+            raise TunelabError(f"model.attn_implementation={attn_implementation}: not usable with this model "
+                               f"({_first_line(e)})") from None
+        raise
     return model.to(dev), tok

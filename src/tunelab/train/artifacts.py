@@ -1,5 +1,5 @@
-"""What a run writes besides checkpoints and metrics: the run directory itself, sample generations, the
-adapter/ or model/ folder and results.json.
+"""What a run writes besides checkpoints and metrics: sample generations, the adapter/ or model/ folder and
+results.json (the run directory itself: `rundir`).
 
     adapter/   the method's export (PEFT format where PEFT has the method, tunelab's own otherwise) + tokenizer
     model/     full and partial finetuning: a plain HF model folder + tokenizer
@@ -19,19 +19,8 @@ from pathlib import Path
 
 from ..adapters.base import export_method, saves_full_model
 from ..config import RunConfig, method_options
-from ..errors import TunelabError
 from ..generate import generate
 from .guards import check_finite, disk_full, is_disk_full, tensor_bytes
-
-
-def start_run_dir(cfg: RunConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
-    if out.exists() and (cfg.overwrite or not cfg.resume):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def generate_samples(model, tokenizer, template, prompts: list[str], cfg: RunConfig) -> list[dict]:
@@ -87,6 +76,7 @@ def _json_safe(value):
 
 
 def write_results(out: Path, results: dict) -> Path:
+    """results.json, written to a temporary file and renamed: it marks a run finished, so never half of it."""
     path = out / "results.json"
     tmp = out / ".tmp-results.json"  # a run counts as finished once results.json exists: never half of it
     try:

@@ -34,6 +34,7 @@ from ..models.load import load_model
 from ..objectives import objective_class
 from . import run as single_run
 from .guards import disk_full, is_disk_full, tensor_bytes
+from .rundir import check_output_dir, claim_run_dir
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -115,10 +116,14 @@ def run_pipeline(cfg: RunConfig) -> Path:
     if not stages:
         raise TunelabError("stages: empty pipeline")
     root = Path(cfg.output_dir)
-    if cfg.overwrite and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "pipeline.yaml")
+    for _, scfg, _ in stages:  # a stage folder that is a file or holds the user's files: refused before training
+        check_output_dir(Path(scfg.output_dir), overwrite=True)
+    with claim_run_dir(root, cfg.overwrite, resume=True):  # the root lock: one pipeline at a time
+        save_config(cfg, root / "pipeline.yaml")
+        return _run_stages(stages, root)
+
+
+def _run_stages(stages, root: Path) -> Path:
     outputs: dict[str, Path] = {}
     for name, scfg, src in stages:
         if src is not None:

@@ -17,12 +17,12 @@ The run directory:
     checkpoints/       atomic, last K kept — a rerun with the same output_dir resumes from the latest
     adapter/ | model/  the trained artifact + tokenizer with the run's chat template
     results.json       measures before/after, samples, parameter counts, timings, data statistics, tasks
+    .tunelab.lock      held while the run runs (`rundir`: a second run into the folder is refused)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -32,14 +32,16 @@ from ..config import RunConfig, save_config
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
 from ..errors import TunelabError
+from ..jsonl import read_rows
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
-from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
+from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
 from .checkpoint import latest_checkpoint
 from .guards import disk_full, is_disk_full
 from .log import console
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
+from .rundir import check_output_dir, claim_run_dir
 from .task_eval import evaluate_base, evaluate_during, evaluate_final
 
 
@@ -50,14 +52,17 @@ def _samples(p: RunInputs, cfg: RunConfig) -> list[dict]:
 def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     """Run single-stage `cfg` to completion (or to `stop_after` steps, for tests); returns the run directory."""
     t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.overwrite)  # fail fast, before minutes of loading
     kind = data_kind(objective_class(cfg.objective).data_kind)
-    p = prepare(cfg)
+    p = prepare(cfg)  # every check user input can fail; nothing written yet
     console.print(p.report.summary())
     console.print(kind.summary(p.stats, len(p.eval)))
     torch.manual_seed(cfg.train.seed)
-    existed = Path(cfg.output_dir).exists()
-    out = start_run_dir(cfg)
-    try:
+    # created, locked against a second run, the previous run cleared (overwrite / resume=false) — only now; a user
+    # error found once the run started (a reward function that raises on real completions) removes a folder this
+    # call created unless it holds a checkpoint
+    with claim_run_dir(out, cfg.overwrite, cfg.resume):
         try:
             return _run(cfg, p, kind, out, t0, stop_after)
         except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
@@ -65,16 +70,11 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
                 raise
             name = getattr(e, "filename", None)  # OSError names the file; safetensors' error does not
             raise (disk_full(Path(name).name, Path(name).parent) if name else disk_full("run files", out)) from None
-    except TunelabError:
-        # a user error found only once the run started (a reward function that raises on real completions):
-        # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
-        if not existed and latest_checkpoint(out / "checkpoints") is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
     save_config(cfg, out / "config.yaml")
+    read_rows(out / "samples.jsonl", repair=True)  # a row torn by a kill: cut, so the next one starts a line
     pad = p.tokenizer.pad_token_id
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
     objective = build_objective(cfg, reference)
