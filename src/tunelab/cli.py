@@ -5,6 +5,7 @@
     tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--max-new-tokens 128] [--sample]
     tunelab export RUN_DIR --merged OUT_DIR
     tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
+    tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0.7] [--top-p 0.9] [--max-new-tokens 256]
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
     tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]
@@ -93,6 +94,13 @@ def cmd_generate(args) -> int:
                    temperature=args.temperature, top_p=args.top_p, stop=template.stop_strings)
     print(out[0])
     return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import chat_main
+
+    return chat_main(args.model, system=args.system, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
 
 
 def cmd_export(args) -> int:
@@ -198,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.95)
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat with a run (adapter, chat template), streamed")
+    ch.add_argument("model", help="run directory or model reference")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--seed", type=int, default=None, help="sampling seed")
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("export", help="export a run (adapter merged) as an HF folder or a GGUF file")
     e.add_argument("run_dir", help="run directory, merged HF folder or model reference")
