@@ -21,6 +21,7 @@ from ..errors import TunelabError
 from ..models.load import load_model
 from .. import rl  # noqa: F401  (registers the `prompts` data kind of online RL)
 from ..objectives import objective_class
+from .log import check_trackers
 from .task_eval import check_tasks
 
 
@@ -61,6 +62,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     kind.check(cfg)
     objective.check_config(cfg)
     check_tasks(cfg)
+    check_trackers(cfg.train.trackers)  # a missing tracker is one line now, not a traceback mid-run
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation)
     template = get_template(cfg.data.template, tok)
