@@ -1,0 +1,75 @@
+"""llama.cpp itself runs tunelab's GGUF export: a LoRA-trained SmolLM2-135M run, merged and exported as f32 and
+f16 GGUF, completes prompts greedily exactly as tunelab's own sampler does on the merged model, token for token,
+and llama.cpp tokenizes the chat-rendered prompts to the same ids as the HF tokenizer.
+
+Needs llama-cpp-python (`make test-llamacpp` builds and installs it, then runs this file); skipped without it.
+"""
+
+import pytest
+
+from tests.helpers import alpaca_rows, write_config, write_jsonl
+from tunelab.cli import main
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
+
+PROMPTS = ["Add the numbers. 2 + 3", "What is the capital of France?", "Write a haiku about the sea.",
+           "Add the numbers. 40 + 17 please"]
+N = 24  # new tokens per prompt
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llamacpp")
+    data = write_jsonl(tmp / "d.jsonl", alpaca_rows(12))
+    cfg = write_config(tmp / "c.yaml", output_dir=str(tmp / "run"), method="lora", model={"name": "smollm2-135m"},
+                       data={"train": str(data), "max_length": 96, "eval_max": 2, "eval_fraction": 0.2},
+                       lora={"r": 4, "alpha": 8, "target_modules": "all-linear"},
+                       train={"max_steps": 3, "batch_size": 2, "lr": 5e-3}, samples={"n_heldout": 0})
+    assert main(["train", str(cfg)]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def tunelab_greedy(lora_run):
+    """Prompt ids and tunelab's greedy completion ids (merged model, sampling.sample), stop token removed."""
+    from tunelab.adapters.base import merge
+    from tunelab.export import load_run
+    from tunelab.sampling import sample
+
+    model, tok, template = load_run(lora_run, device="cpu")
+    merge(model)
+    out = []
+    for p in PROMPTS:
+        ids = tok(template.generation_prompt([{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
+        done = sample(model, tok, [ids], temperature=0.0, max_new_tokens=N).completions()[0]
+        out.append((ids, [t for t in done if t != tok.eos_token_id]))
+    return out, template
+
+
+def _llama_greedy(llm, ids):
+    got = []
+    llm.reset()
+    for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        if llm.token_eos() == t or len(got) == N:
+            break
+        got.append(t)
+    return got
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16"])
+def test_llama_cpp_greedy_equals_tunelab(lora_run, tunelab_greedy, tmp_path, qtype, capsys):
+    expected, template = tunelab_greedy
+    out = tmp_path / f"run-{qtype}.gguf"
+    assert main(["export", str(lora_run), "--gguf", str(out), "--type", qtype]) == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
+    assert llm.metadata["tokenizer.chat_template"] == template.jinja
+    report = []
+    for prompt, (ids, want) in zip(PROMPTS, expected):
+        rendered = template.generation_prompt([{"role": "user", "content": prompt}])
+        assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids  # same tokenizer
+        got = _llama_greedy(llm, ids)
+        report.append(f"{qtype} {prompt!r}: llama.cpp {llm.detokenize(got).decode(errors='replace')!r}")
+        assert got == want, (prompt, got, want)
+    with capsys.disabled():
+        print("\n" + "\n".join(report))
