@@ -6,7 +6,7 @@ the way tunelab generates with it.
 1. tunelab: the run loaded with its adapter (`load_run`), prompts rendered with the run's chat template,
    greedy completion ids from `tunelab.sampling.sample` — the reference;
 2. vLLM + LoRA: `LLM(base, enable_lora=True)` and `LoRARequest` on the run's PEFT `adapter/` folder (methods
-   lora / dora-less LoRA / qlora — vLLM has no DoRA, MoRA or LoReFT); the base is the local folder tunelab
+   lora and qlora — vLLM has no DoRA, MoRA or LoReFT adapters); the base is the local folder tunelab
    resolves the run's `model.name` to (an alias becomes its converted safetensors folder, so nothing is
    downloaded: the GPU machine has no internet);
 3. vLLM on the merged HF folder (`tunelab export RUN --merged`).
