@@ -144,3 +144,14 @@ def test_chat_with_a_loreft_run(tmp_path, model_dir):
     assert answer == _expected(model, tok, template, messages, n=8)
     base, btok, btemplate = load_run(model_dir, device="cpu")
     assert answer != _expected(base, btok, btemplate, messages, n=8)
+
+
+def test_streaming_holds_back_only_what_could_start_a_stop_string():
+    from tunelab.chat import held_back
+
+    stops = ["### Instruction", "</s>"]
+    assert held_back("The answer is 5.\n###", stops) == 3      # might become "### Instruction": wait
+    assert held_back("The answer is 5.\n### Ins", stops) == 7
+    assert held_back("The answer is 5. <", stops) == 1
+    assert held_back("The answer is 5.", stops) == 0          # nothing pending: print it all now
+    assert held_back("anything", []) == 0

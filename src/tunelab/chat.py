@@ -11,8 +11,8 @@ stays in the history) and the session goes on; Ctrl-C at the prompt discards the
 
 Streaming text: the ids generated so far are decoded as a whole every step (a token can end in the middle of
 a UTF-8 character or merge with the next when decoded) and only the new, settled suffix is printed: text
-ending in U+FFFD (an incomplete character) waits, and the last few characters wait while they could still be
-the start of a stop string, which is cut off as in `generate`.
+ending in U+FFFD (an incomplete character) waits, and an ending that could still be the start of a stop string
+waits until the next tokens tell (a stop string is cut off, as in `generate`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class ChatSession:
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         generated: list[int] = []
         shown = [0]  # characters of the answer already written
-        hold = max((len(s) for s in self.stops), default=1) - 1
 
         def text_now() -> str:
             return cut_at_stop(self.tok.decode(generated, skip_special_tokens=True), self.stops)
@@ -62,7 +61,7 @@ class ChatSession:
                 return
             generated.append(tokens[0])
             text = text_now()
-            settled = len(text) - hold if len(text) > hold else 0
+            settled = len(text) - held_back(text, self.stops)
             if text.endswith("\ufffd"):
                 settled = min(settled, len(text) - 1)
             if settled > shown[0]:
@@ -82,6 +81,14 @@ class ChatSession:
         answer = text.strip()
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer, interrupted
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop string (held back until known)."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
 
 
 def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, title: str = "") -> int:
@@ -122,7 +129,10 @@ def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.s
         if not line.strip():
             continue
         write("assistant> ")
-        _, interrupted = session.reply(line, write)
+        try:
+            _, interrupted = session.reply(line, write)
+        except KeyboardInterrupt:  # Ctrl-C landing just outside the sampler (tokenising, printing)
+            interrupted = True
         write(" [stopped]\n" if interrupted else "\n")
 
 
