@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_VERSION := 26.3
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
-PYTEST_ARGS ?= -q -n 2 --durations=15 tests
+PYTEST_ARGS ?= -q -n 2 --durations=15 -m 'not llamacpp' tests  # the llama.cpp check: make test-llamacpp
 
 .PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp
 
