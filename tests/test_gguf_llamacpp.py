@@ -1,6 +1,7 @@
 """llama.cpp itself runs tunelab's GGUF export: a LoRA-trained SmolLM2-135M run, merged and exported as f32 and
 f16 GGUF, completes prompts greedily exactly as tunelab's own sampler does on the merged model, token for token,
-and llama.cpp tokenizes the chat-rendered prompts to the same ids as the HF tokenizer.
+and llama.cpp tokenizes the chat-rendered prompts to the same ids as the HF tokenizer; on tiny llama / qwen2 /
+mistral models llama.cpp's logits equal the HF model's.
 
 Needs llama-cpp-python (`make test-llamacpp` builds and installs it, then runs this file); skipped without it.
 """
@@ -8,6 +9,7 @@ Needs llama-cpp-python (`make test-llamacpp` builds and installs it, then runs t
 import pytest
 
 from tests.helpers import alpaca_rows, write_config, write_jsonl
+from tests.test_gguf_export import _model_dir, bpe_tokenizer  # noqa: F401  (the tiny BPE tokenizer fixture)
 from tunelab.cli import main
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -73,3 +75,29 @@ def test_llama_cpp_greedy_equals_tunelab(lora_run, tunelab_greedy, tmp_path, qty
         assert got == want, (prompt, got, want)
     with capsys.disabled():
         print("\n" + "\n".join(report))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_llama_cpp_logits_on_tiny_models(tmp_path, bpe_tokenizer, arch):
+    """llama.cpp's own llama / qwen2 graphs (interleaved vs NEOX rope, q/k/v biases) on our f32 export give the
+    HF model's logits at every prompt position, and tokenize like the HF tokenizer (gpt-2 pre-tokenizer,
+    [PAD] rows past the tokenizer's vocabulary)."""
+    import numpy as np
+    import torch
+
+    from tunelab.export import load_run
+    from tunelab.gguf_export import export_gguf
+
+    src = _model_dir(tmp_path / "model", bpe_tokenizer, arch)
+    out = export_gguf(src, tmp_path / "m.gguf", "f32")
+    model, tok, _ = load_run(src, device="cpu")
+    text = "Add the numbers. 12 + 7 please, then 3 + 4."
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+        want = model.eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    print(arch, f"llama.cpp vs HF max |Δlogit| {np.abs(got - want).max():.1e}")  # shown with -s
+    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
