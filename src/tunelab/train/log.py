@@ -92,6 +92,8 @@ def _start_tracker(name: str, run_dir: Path):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = (run_dir / "mlruns").resolve().as_uri()
         mlflow.set_tracking_uri(uri)  # set every time: an earlier run in this process set its own
+        if mlflow.active_run() is not None:  # left open by an earlier run of this process that failed mid-way
+            mlflow.end_run(status="FAILED")
         run_id = mlflow.start_run(run_name=run_dir.name).info.run_id
         return (lambda r: mlflow.log_metrics(_numbers(r), step=r["step"], run_id=run_id)), mlflow.end_run
     except Exception as e:  # noqa: BLE001 — any library's start-up failure becomes the user's one line
