@@ -221,3 +221,22 @@ def test_smollm2_export_matches_the_reference_gguf(tmp_path):
 
 def _order(name, reader):
     return [t.name for t in reader.tensors].index(name)
+
+
+def test_sentencepiece_style_tokenizer_is_refused_with_one_line(tmp_path, capsys):
+    """Llama-2-style tokenizers (BPE with byte fallback over Metaspace, `tokenizer.ggml.model = llama`) are not
+    written yet: one line, no file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator([json.dumps(r) for r in alpaca_rows(20)],
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    src = _model_dir(tmp_path / "spm", fast, "llama")
+    capsys.readouterr()  # saving the model printed progress bars
+    assert main(["export", str(src), "--gguf", str(tmp_path / "s.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not byte-level BPE" in err[0], err
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".tmp-*"))
