@@ -101,3 +101,35 @@ def test_llama_cpp_logits_on_tiny_models(tmp_path, bpe_tokenizer, arch):
     got = np.array(llm.scores[:len(ids)])
     print(arch, f"llama.cpp vs HF max |Δlogit| {np.abs(got - want).max():.1e}")  # shown with -s
     assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+
+
+def test_llama_cpp_logits_on_a_tiny_qwen3(tmp_path, bpe_tokenizer):
+    """qwen3: per-head q/k RMS norms and a head size ≠ hidden/heads (written as key/value_length). Checked with
+    llama.cpp only: transformers 5.24's GGUF loader ignores the key length of a qwen3 file (it keeps its
+    default head_dim 128), so a transformers round trip works only for models with that head size."""
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    from tunelab.gguf_export import export_gguf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1, 0.3)  # not all ones: the q/k norms must land on the right tensors
+    model.save_pretrained(tmp_path / "q3")
+    bpe_tokenizer.save_pretrained(tmp_path / "q3")
+    out = export_gguf(tmp_path / "q3", tmp_path / "q3.gguf", "f32")
+    ids = bpe_tokenizer("Add the numbers. 12 + 7 please")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    err = np.abs(np.array(llm.scores[:len(ids)]) - want).max()
+    print(f"qwen3 llama.cpp vs HF max |Δlogit| {err:.1e}")
+    assert err < 1e-3
