@@ -5,9 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_VERSION := 26.3
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
-PYTEST_ARGS ?= -q -n 2 --durations=15 tests
+PYTEST_ARGS ?= -q -n 2 --durations=15 -m 'not llamacpp' tests  # the llama.cpp check: make test-llamacpp
 
-.PHONY: demo test install clean test-latest test-oldest lock oldest-lock
+.PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp
 
 # $(1) = venv folder, $(2) = pip arguments for everything but torch (constraints, or upgrade flags)
 define make_venv
@@ -58,3 +58,10 @@ oldest-lock:
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-oldest
+
+# llama.cpp runs tunelab's GGUF export (tests/test_gguf_llamacpp.py). Builds llama-cpp-python from source when it is
+# missing (several minutes on 2 cores); AMX kernels are off because they crash on some CPUs that report AMX.
+LLAMACPP_CMAKE_ARGS ?= -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+test-llamacpp: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip install "llama-cpp-python>=0.3"
+	$(BIN)/python -m pytest -q -p no:xdist -m llamacpp -s tests/test_gguf_llamacpp.py

@@ -4,6 +4,8 @@
     tunelab data inspect CONFIG.yaml [key=value ...] [--n 3] [--json]
     tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--max-new-tokens 128] [--sample]
     tunelab export RUN_DIR --merged OUT_DIR
+    tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
+    tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0.7] [--top-p 0.9] [--max-new-tokens 256]
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
     tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]
@@ -94,7 +96,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .chat import chat_main
+
+    return chat_main(args.model, system=args.system, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
+
+
 def cmd_export(args) -> int:
+    if args.gguf:
+        from .gguf_export import export_gguf
+
+        out = export_gguf(args.run_dir, args.gguf, args.type)
+        print(f"GGUF ({args.type}) written to {out}")
+        return 0
     from .export import export_merged
 
     out = export_merged(args.run_dir, args.merged)
@@ -201,9 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("export", help="export a run")
-    e.add_argument("run_dir")
-    e.add_argument("--merged", required=True, help="output folder for the merged HF model")
+    ch = sub.add_parser("chat", help="interactive chat with a run (adapter, chat template), streamed")
+    ch.add_argument("model", help="run directory or model reference")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--seed", type=int, default=None, help="sampling seed")
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("export", help="export a run (adapter merged) as an HF folder or a GGUF file")
+    e.add_argument("run_dir", help="run directory, merged HF folder or model reference")
+    to = e.add_mutually_exclusive_group(required=True)
+    to.add_argument("--merged", help="output folder for the merged HF model")
+    to.add_argument("--gguf", help="output .gguf file (llama.cpp, Ollama, LM Studio)")
+    e.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the demo: LoRA on SmolLM2-135M with bundled math data, offline on CPU")

@@ -200,7 +200,7 @@ def _select_rows(cache, keep: torch.Tensor) -> bool:
 
 
 def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, temperature, top_p,
-                  max_new_tokens, generator, device):
+                  max_new_tokens, generator, device, on_step=None):
     """One batch of rows: (completion ids [b, t], logprobs [b, t], lengths [b], finished-by-stop [b]).
 
     Rows that have stopped leave the running batch (their KV cache rows are dropped): the forward of each new
@@ -246,6 +246,11 @@ def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, tempe
             hits = stops.hit(rows.tolist(), new_r.tolist())
             ended = ended | torch.tensor(hits, dtype=torch.bool, device=device)
         stopped[rows] = ended
+        if on_step is not None:  # streaming (tunelab chat): the token of each batch row, and which rows took one
+            step_tokens, took = [pad_id] * b, [False] * b
+            for row, tok in zip(rows.tolist(), new_r.tolist()):
+                step_tokens[row], took[row] = tok, True
+            on_step(step_tokens, took)
         steps = t + 1
         if bool(ended.all()) or steps == max_new_tokens:
             break
@@ -266,7 +271,8 @@ def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, tempe
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
            top_p: float = 1.0, max_new_tokens: int = 128, stop_token_ids: Sequence[int] | None = None,
-           stop_strings: Sequence[str] = (), seed: int | None = None, batch_size: int = 16) -> Samples:
+           stop_strings: Sequence[str] = (), seed: int | None = None, batch_size: int = 16,
+           on_step=None) -> Samples:
     """`n` completions of each tokenised prompt, as ids with their log-probs (see the module docstring).
 
     prompt_ids: one list of token ids per prompt, already rendered with the chat template and tokenised.
@@ -276,6 +282,9 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     stop_strings: texts that end a completion as soon as the decoded completion contains one.
     seed: seeds the sampling generator (on the model's device): the same seed gives the same ids.
     batch_size: rows (completions) per forward; the rows of a prompt stay together in order.
+    on_step: called after every decoding step with (tokens, active): the token picked for each row of the
+        current batch and whether that row was still generating (streaming output; an exception it raises,
+        e.g. KeyboardInterrupt, ends sampling).
     """
     if n < 1:
         raise TunelabError(f"sampling: n={n}; give at least 1 completion per prompt")
@@ -309,7 +318,7 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
         for k in range(0, len(rows), batch_size):
             parts.append(_sample_batch(model, rows[k:k + batch_size], pad_id=pad_id, stop_ids=stop_ids, stops=stops,
                                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                       generator=generator, device=device))
+                                       generator=generator, device=device, on_step=on_step))
 
     width = max((p[0].shape[1] for p in parts), default=0)
     grow = lambda x, v: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=v)  # noqa: E731

@@ -3,13 +3,13 @@
 `metrics.jsonl` holds one JSON object per line: training rows (`step`, `loss`, `lr`, `tokens_per_s`, …) and
 evaluation rows (`step`, `eval_loss`, …). On resume the file is truncated to the checkpoint's step so the
 curve has no duplicated or orphaned rows; a row torn by a kill mid-write is dropped there (`jsonl.read_rows`).
-Rows are written unbuffered, and a failed write is cut back so no half row stays. TensorBoard, W&B and MLflow are
-used only when listed in `train.trackers` and installed.
+Rows are written unbuffered, and a failed write is cut back so no half row stays. TensorBoard, W&B and MLflow
+are used only when listed in `train.trackers`; a tracker that is not installed or fails to start is one line
+before training starts (`check_trackers` runs before the model is even loaded), and `close()` finishes them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,11 +19,9 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..console import console
+from ..errors import TunelabError
 from ..jsonl import read_rows
 from .guards import disk_full, is_disk_full
-
-
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class MetricsLog:
@@ -35,7 +33,7 @@ class MetricsLog:
             path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and path.exists():
             path.unlink()
-        self.trackers = _open_trackers(trackers, run_dir or path.parent)
+        self.trackers = [_start_tracker(name, run_dir or path.parent) for name in trackers]
 
     def write(self, row: dict) -> None:
         if "loss" not in row:  # an evaluation row: a measure with nothing held out is NaN, i.e. not measured
@@ -57,47 +55,72 @@ class MetricsLog:
                 raise
         finally:
             os.close(fd)
-        for t in self.trackers:
-            t(row)
+        for log, _ in self.trackers:
+            log(row)
+
+    def close(self) -> None:
+        """Flush and finish every tracker (TensorBoard files closed, the W&B / MLflow run marked finished)."""
+        for _, finish in self.trackers:
+            finish()
+        self.trackers = []
 
 
-def check_trackers(names) -> list[str]:
-    """The listed trackers that are installed; a warning for each that is not (before the run writes anything)."""
-    found = [n for n in names if importlib.util.find_spec(TRACKER_MODULES[n]) is not None]
+# tracker name -> (module to import, pip package) — checked before a run loads anything (`check_trackers`)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "mlflow": ("mlflow", "mlflow-skinny")}
+
+
+def check_trackers(names) -> None:
+    """One line for a tracker that is unknown or not installed, before the run starts."""
+    import importlib.util
+
     for name in names:
-        if name not in found:
-            console.print(f"[yellow]tracker '{name}' is not installed; skipping it[/]")
-    return found
+        if name not in TRACKERS:
+            raise TunelabError(f"train.trackers: unknown tracker '{name}' (choose from {', '.join(TRACKERS)})")
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise TunelabError(f"train.trackers: '{name}' is not installed (pip install {package}, or "
+                               "pip install 'tunelab[trackers]')")
 
 
-def _open_trackers(names, run_dir: Path):
-    out = []
-    for name in names:
-        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
-            continue  # warned about by check_trackers
-        try:
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-                w = SummaryWriter(str(run_dir / "tensorboard"))
-                out.append(lambda r, w=w: [w.add_scalar(k, v, r["step"]) for k, v in r.items()
-                                           if k != "step" and isinstance(v, (int, float))] and w.flush())
-            elif name == "wandb":
-                import wandb
 
-                wandb.init(project="tunelab", dir=str(run_dir), name=run_dir.name)
-                out.append(lambda r: wandb.log(r, step=r["step"]))
-            elif name == "mlflow":
-                import mlflow
+def _start_tracker(name: str, run_dir: Path):
+    """(log(row), finish()) of a started tracker; a failure to start is one line naming the tracker."""
+    check_trackers([name])
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
 
-                mlflow.start_run(run_name=run_dir.name)
-                out.append(lambda r: mlflow.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
-        except ImportError:
-            console.print(f"[yellow]tracker '{name}' is not installed; skipping it[/]")
-        except Exception as e:  # not logged in, no server, a broken install: the training itself still runs
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            console.print(f"[yellow]tracker '{name}' could not start ({type(e).__name__}: {first}); skipping it[/]")
-    return out
+            w = SummaryWriter(str(run_dir / "tensorboard"))
+
+            def log(r, w=w):
+                for k, v in _numbers(r).items():
+                    w.add_scalar(k, v, r["step"])
+                w.flush()
+            return log, w.close
+        if name == "wandb":  # offline with WANDB_MODE=offline; the run's files go under RUN_DIR/wandb
+            import wandb
+
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunelab"), dir=str(run_dir),
+                             name=run_dir.name, reinit="finish_previous")
+            return (lambda r: run.log(_numbers(r), step=r["step"])), run.finish
+        import mlflow  # MLFLOW_TRACKING_URI selects the server; default: a local store in RUN_DIR/mlruns
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # MLflow ≥ 3.7 wants an opt-in for the file store
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        mlflow.set_tracking_uri(uri)  # set every time: an earlier run in this process set its own
+        if mlflow.active_run() is not None:  # left open by an earlier run of this process that failed mid-way
+            mlflow.end_run(status="FAILED")
+        run_id = mlflow.start_run(run_name=run_dir.name).info.run_id
+        return (lambda r: mlflow.log_metrics(_numbers(r), step=r["step"], run_id=run_id)), mlflow.end_run
+    except Exception as e:  # noqa: BLE001 — any library's start-up failure becomes the user's one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TunelabError(f"train.trackers: {name} failed to start: {first}") from None
 
 
 def progress_bar(total: int, start: int = 0) -> Progress:

@@ -187,4 +187,5 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         row = evaluate(step)
         if row:
             log.write({"step": step, **row})
+    log.close()
     return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)

@@ -64,8 +64,8 @@ def prepare(cfg: RunConfig) -> RunInputs:
     kind.check(cfg)
     objective.check_config(cfg)
     check_optimizer(cfg.train)
-    check_trackers(cfg.train.trackers)
     check_tasks(cfg)
+    check_trackers(cfg.train.trackers)  # a missing tracker is one line now, not a traceback mid-run
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation, cfg.model.allow_pickle)
     template = get_template(cfg.data.template, tok)
