@@ -65,7 +65,7 @@ class RunHooks:
         """Look at the encoded data's statistics (warn about imbalance, …)."""
 
     @classmethod
-    def prepare_model(cls, model) -> None:
+    def prepare_model(cls, model, cfg=None) -> None:
         """Add what the objective trains beyond the method's parameters (a reward head), after the method."""
 
     def saving(self, model, out):
