@@ -70,7 +70,8 @@ def build_objective(cfg, reference=None):
         return objective_class(cfg.objective)(
             beta=getattr(rl, "beta", 0.0), epsilon=getattr(rl, "epsilon", 0.2),
             epsilon_high=getattr(rl, "epsilon_high", None), loss_agg=getattr(rl, "loss_agg", "token_mean"),
-            kl_estimator=getattr(rl, "kl_estimator", None) or "k3", max_completion_length=getattr(rl, "max_new_tokens", None),
+            kl_estimator=getattr(rl, "kl_estimator", None) or "k3",
+            max_completion_length=getattr(rl, "max_new_tokens", None),
             temperature=getattr(rl, "temperature", 1.0), reference=reference, chunk_size=chunk)
     if cfg.objective == "ppo":
         rl, p = cfg.rl, cfg.ppo
