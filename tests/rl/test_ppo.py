@@ -115,6 +115,37 @@ def test_ema_reference_moves_by_eta_each_step(tiny):
     assert torch.allclose(moved, start + 0.25 * (p.detach() - start), atol=1e-6)  # θ_ref ← ηθ + (1−η)θ_ref
 
 
+def test_value_model_has_its_own_adapter(tiny):
+    from tunelab.adapters.base import adapter_parameters, apply_method
+    from tunelab.config import RunConfig, method_options
+    from tunelab.objectives.ppo import PPO as PPOObjective
+    from tunelab.objectives.value import token_values
+
+    model = tiny("llama")
+    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora"})
+    apply_method(model, "lora", method_options(cfg))
+    PPOObjective.prepare_model(model, cfg)
+    vm = model.ppo_value
+    policy = adapter_parameters(model)
+    assert vm.mode == "adapter" and len(vm.adapter) == len(policy) > 0
+    torch.nn.init.normal_(vm.head.weight)  # zero at the start (V = 0); nonzero so gradients reach the body
+    for p in vm.adapter.values():  # LoRA B = 0 at the start: move the value adapter off the policy's
+        torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 1000, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "loss_mask": torch.tensor([[0, 0, 0, 0, 1, 1, 1]] * 2, dtype=torch.bool)}
+    v = token_values(model, batch)
+    # V(x, y_<t) sits at target t and is the head on the hidden state at t − 1; 0 off the loss mask
+    h = vm.hidden(model, batch)
+    assert torch.allclose(v[:, 4:], vm.head(h[:, 3:6].float()).squeeze(-1), atol=1e-5)
+    assert (v[:, :4] == 0).all()
+    with torch.no_grad():  # the value adapter differs from the policy's, so the value body is not the policy
+        assert not torch.allclose(h, model.model(input_ids=ids).last_hidden_state, atol=1e-4)
+    v.sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in policy.values())  # no value gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vm.adapter.values())
+
+
 # ------------------------------------------------------------------------------------------------ runs
 PPO = {"rl": {"ppo_epochs": 2}, "train": {"batch_size": 4, "grad_accum": 2}}  # a round = 2 steps of 2 minibatches
 
@@ -134,7 +165,12 @@ def test_ppo_raises_the_reward(config):
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-4) and rows[0]["approx_kl"] == pytest.approx(0, abs=1e-6)
     late, early = sum(r["reward"] for r in rows[-4:]) / 4, sum(r["reward"] for r in rows[:4]) / 4
     assert late > early, (early, late)
-    assert (out / "value_model.safetensors").exists() and not any("ppo_value" in p.name for p in out.rglob("*"))
+    assert (out / "value_model.safetensors").exists()
+    from safetensors import safe_open
+
+    for f in (out / "adapter").glob("*.safetensors"):  # the adapter folder stays the policy's alone
+        with safe_open(str(f), "pt") as st:
+            assert not any("ppo_value" in k for k in st.keys())
 
 
 def test_ppo_killed_mid_round_resumes_exactly_with_ema_reference_and_adaptive_kl(config):

@@ -29,8 +29,9 @@ the rest of its round train nothing (a zero loss over zero units), as in Stable-
 Metrics (micro-batch; token means over completion tokens): ``clip_fraction`` (policy), ``value_clip_fraction``
 (share of tokens where the clipped value term is the larger), ``value_loss`` (mean vf_t), ``approx_kl``,
 ``ratio``, ``early_stopped``; the round's ``reward``, ``kl``, ``kl_coef``, ``entropy``, ``explained_variance``,
-``completion_length``… come from the rollout source. Reference implementation of the same recipe: TRL's
-`PPOTrainer` (0.x), verl `core_algos.compute_gae_advantage_return` / `compute_value_loss`.
+``completion_length``… come from the rollout source. The same recipe is implemented by TRL's `PPOTrainer` and
+verl (`core_algos.compute_gae_advantage_return`, `compute_value_loss`); the tests here check hand-computed
+values, not those implementations.
 """
 
 from __future__ import annotations
