@@ -17,16 +17,18 @@ VARIANTS = ["dpo_ood", "dpo_in_distribution", "sft_then_dpo_ood", "online_dpo", 
 
 
 def _tiny(raw: dict, model: str) -> dict:
-    """The variant at smoke size: the tiny model, one step, short completions, two tasks items."""
+    """The variant at smoke size: the tiny model, one step, short completions, one item per task."""
     raw = copy.deepcopy(raw)
     raw["model"]["name"] = model
     raw["train"].update(max_steps=1, eval_every=None, save_every=None)
-    raw["rl"].update(max_new_tokens=8, eval_prompts=2)
-    raw["data"]["limit"] = 40
-    raw["eval"]["limit"] = 2
+    raw["rl"].update(max_new_tokens=8, eval_prompts=1)
+    raw["pref"]["probe"] = 4
+    raw["data"].update(limit=24, eval_max=4)
+    raw["eval"]["limit"] = 1
     raw["samples"]["n_heldout"] = 0
     for st in raw.get("stages", []):
         st["train"]["max_steps"] = 1
+        st["data"]["eval_max"] = 4
     return raw
 
 
