@@ -10,18 +10,27 @@ from tunelab.objectives import objective_class
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_config_validates(path):
     from tunelab import rl  # noqa: F401  (registers the prompts data kind)
     from tunelab.data.kinds import data_kind
+    from tunelab.train.pipeline import resolve_stages
 
-    cfg = load_config(path)
-    cls = objective_class(cfg.objective)
-    assert data_kind(cls.data_kind).name == cls.data_kind  # the objective's data kind exists
-    assert cfg.output_dir.startswith("runs/")  # examples write under runs/, which .gitignore covers
-    assert Path(cfg.data.train).is_file(), cfg.data.train  # the bundled data they name is shipped
-    if cls.data_kind == "prompts":
-        from tunelab.rl.rewards import build_rewards
+    top = load_config(path)
+    assert top.output_dir.startswith("runs/")  # examples write under runs/, which .gitignore covers
+    # a pipeline: every stage as it will run (`${PIPELINE_DIR}` resolved); otherwise the config itself
+    stages = [scfg for _, scfg, _ in resolve_stages(top)] if top.stages else [top]
+    for cfg in stages:
+        cls = objective_class(cfg.objective)
+        assert data_kind(cls.data_kind).name == cls.data_kind  # the objective's data kind exists
+        assert (ROOT / cfg.data.train).is_file(), cfg.data.train  # the bundled data they name is shipped
+        if cls.data_kind == "prompts":
+            from tunelab.rl.rewards import build_rewards
 
-        rewards = build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)
-        assert len(rewards.entries) == len(cfg.rl.rewards) >= 1
+            # a reward model trained by an earlier stage of the same pipeline does not exist yet
+            specs = [r for r in cfg.rl.rewards if not str(r.get("run_dir", "")).startswith(top.output_dir)]
+            rewards = build_rewards(specs, allow_code_execution=cfg.eval.allow_code_execution)
+            assert len(rewards.entries) == len(specs) >= 1

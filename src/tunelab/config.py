@@ -145,13 +145,34 @@ class RLConfig(Strict):
     rewards: list[dict[str, Any]] = [{"name": "exact_match"}]
     advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None  # None: the objective's own (grpo / rloo)
     beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k3"] | None = None  # None: the objective's own (grpo/rloo k3, ppo k1)
     epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
     epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
     loss_agg: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
     keep_threshold: float = 1.0
     eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)
+
+
+class PPOConfig(Strict):
+    """PPO (`objective: ppo`; objectives/ppo.py, objectives/value.py, rl/ppo_round.py). The KL coefficient β is
+    ``rl.beta`` (in the reward, per token), the policy clip ε is ``rl.epsilon``, the passes over a round are
+    ``rl.ppo_epochs``; a round is ``rl.prompts_per_step × rl.group_size`` completions."""
+
+    value_model: Literal["auto", "adapter", "copy"] = "auto"  # auto: adapter (adapter methods) / copy (full)
+    value_init: str | None = None  # a tunelab `objective: reward` run: the value head starts as its reward head
+    value_coef: float = Field(0.1, ge=0.0)  # c_v
+    epsilon_value: float | None = Field(0.2, gt=0.0)  # value clip ε_v (None: unclipped value loss)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = True  # normalise A over each round's completion tokens (Xu et al. 2024)
+    reward_norm: bool = False  # normalise the round's sequence scores to mean 0, std 1
+    reward_clip: float | None = Field(None, gt=0.0)  # then clip them to ±reward_clip
+    missing_eot_penalty: float = Field(0.0, ge=0.0)  # subtracted from the score of a completion that hit rl.max_new_tokens
+    adaptive_kl: bool = False  # Ziegler et al. 2019: β moves to keep the per-sequence KL near kl_target
+    kl_target: float = Field(6.0, gt=0.0)
+    kl_horizon: int = Field(10000, ge=1)
+    target_kl: float | None = Field(None, gt=0.0)  # early stop a round when a minibatch's approx-KL exceeds it
 
 
 class EvalConfig(Strict):
@@ -170,7 +191,7 @@ class RunConfig(Strict):
     method: Literal["full", "lora", "mora", "loreft", "freeze",
                     "dora", "qlora"] = "lora"  # "partial" is accepted for "freeze"
     objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward",
-                       "grpo", "rloo", "rejection_sampling", "online_dpo"] = "sft"
+                       "grpo", "rloo", "rejection_sampling", "online_dpo", "ppo"] = "sft"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
@@ -185,6 +206,7 @@ class RunConfig(Strict):
     pref: PrefConfig = PrefConfig()
     reference: ReferenceConfig = ReferenceConfig()
     rl: RLConfig = RLConfig()
+    ppo: PPOConfig = PPOConfig()
     # Multi-stage pipeline: each item overrides this config (e.g. {name: dpo, objective: dpo, train: {lr: 5e-6}});
     # a stage trains from the previous stage's output (or `from: <stage name>`). See train/pipeline.py.
     stages: list[dict[str, Any]] = []

@@ -103,7 +103,7 @@ def test_config_drift_names_changed_keys(tmp_path):
     assert config_drift(tmp_path / "nothing", other) == []
 
 
-@pytest.mark.parametrize("study", ["lora_vs_full", "masking", "mora_vs_lora", "dora_vs_lora"])
+@pytest.mark.parametrize("study", ["lora_vs_full", "masking", "mora_vs_lora", "dora_vs_lora", "dpo_vs_ppo"])
 def test_bundled_studies_validate(study, tmp_path, monkeypatch):
     """Every variant of every study (and of its --scale version) is a valid run config with loadable tasks."""
     from pathlib import Path

@@ -12,7 +12,7 @@ kind           examples                                 batches                 
                                                                                                      orpo, reward
 ``unpaired``   `preference.UnpairedExample`             `train.batch_size` completions + KL partners kto
 ``prompts``    `rl.prompts.PromptExample` (registered   rollouts of the current policy               grpo, rloo,
-               by tunelab.rl)                           (`rl.rollout.RolloutSource`)                 rejection_sampling, online_dpo
+               by tunelab.rl)                           (`rl.rollout.RolloutSource`)                 rejection_sampling, online_dpo, ppo
 =============  =======================================  ==========================================  ==========
 
 `batches(examples, cfg, pad_id, context)` gets the run's context (model, tokenizer, template, objective) for

@@ -65,6 +65,8 @@ def run_status(run_dir: Path) -> str:
 def config_drift(run_dir: Path, cfg) -> list[str]:
     """Keys whose value in the run directory's saved ``config.yaml`` differs from `cfg` (empty: same run)."""
     saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():  # a pipeline variant saves its whole config as pipeline.yaml
+        saved_path = run_dir / "pipeline.yaml"
     if not saved_path.exists():
         return []
     saved = flatten(yaml.safe_load(saved_path.read_text()) or {})

@@ -2,7 +2,9 @@
 
 A run directory is read through three files, any of which may be missing: ``config.yaml`` (what was asked),
 ``metrics.jsonl`` (the curves) and ``results.json`` (what came out). A sweep folder (with ``sweep.json``)
-expands to its variants in sweep order, failed ones included, so the report shows what went wrong too.
+expands to its variants in sweep order, failed ones included, so the report shows what went wrong too; a
+pipeline folder (``pipeline.yaml``, `train/pipeline.py`) expands to its stages in order, so one report shows each
+stage's learning and forgetting.
 
 **Learning and forgetting.** When a run evaluated tasks, ``results.json`` holds ``learning_score`` and
 ``forgetting_score`` (unitless: mean relative improvement on the target tasks, and mean relative worsening on
@@ -75,11 +77,13 @@ def load_run(path: Path, label: str | None = None) -> RunInfo:
     """One run directory; unreadable lines of metrics.jsonl (a run killed mid-write) are skipped."""
     path = Path(path)
     info = RunInfo(label or path.name, path)
-    if (path / "config.yaml").exists():
-        try:
-            info.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TunelabError(f"{path / 'config.yaml'}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    for name in ("config.yaml", "pipeline.yaml"):  # a pipeline folder: its pipeline config
+        if (path / name).exists():
+            try:
+                info.config = yaml.safe_load((path / name).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise TunelabError(f"{path / name}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            break
     if (path / "results.json").exists():
         try:
             info.results = json.loads((path / "results.json").read_text())
@@ -97,6 +101,8 @@ def collect(paths) -> list[RunInfo]:
     for p in map(Path, paths):
         if (p / STATE_FILE).exists():
             runs += _sweep_runs(p)
+        elif (p / "pipeline.yaml").exists():
+            runs += pipeline_runs(p)
         elif is_run_dir(p):
             runs.append(load_run(p))
         elif (p / "runs").is_dir():
@@ -119,6 +125,14 @@ def sweep_meta(path: Path) -> dict:
         return json.loads((Path(path) / STATE_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def pipeline_runs(folder: Path) -> list[RunInfo]:
+    """The stages of a pipeline folder, in pipeline order, labelled ``<pipeline>/<stage>``."""
+    stages = (yaml.safe_load((folder / "pipeline.yaml").read_text()) or {}).get("stages", [])
+    names = [str(st.get("name", f"stage{i + 1}")) for i, st in enumerate(stages)]
+    return [load_run(folder / n, f"{folder.name}/{n}") if is_run_dir(folder / n)
+            else RunInfo(f"{folder.name}/{n}", folder / n) for n in names]
 
 
 def _sweep_runs(folder: Path) -> list[RunInfo]:

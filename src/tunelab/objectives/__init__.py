@@ -17,6 +17,7 @@ rloo       grpo.RLOO (same loss)       prompts          yes (used when rl.beta >
 reward     reward.RewardModelObjective pairs            none
 rejection_sampling  rejection_sampling.RejectionSampling  prompts (best of G → SFT)  —
 online_dpo online_dpo.OnlineDPO        prompts (best vs worst → DPO)  yes
+ppo        ppo.PPO (rl.*, ppo.*)       prompts (+ value model)        yes (used when rl.beta > 0)
 =========  ==========================  ===============  =================
 
 Measuring a model (held-out loss, perplexity, choice scores, preference metrics, reference log-probs) goes
@@ -31,12 +32,13 @@ from .kto import KTO
 from .online_dpo import OnlineDPO
 from .rejection_sampling import RejectionSampling
 from .orpo import ORPO
+from .ppo import PPO, AdaptiveKL
 from .reward import RewardModelObjective
 from .sft import SFT
 from .simpo import SimPO
 
 OBJECTIVES = {c.name: c for c in (SFT, DPO, SimPO, ORPO, KTO, RewardModelObjective, RejectionSampling, OnlineDPO,
-                                 GRPO, RLOO)}
+                                 GRPO, RLOO, PPO)}
 
 
 def objective_class(name: str):
@@ -68,6 +70,13 @@ def build_objective(cfg, reference=None):
         return objective_class(cfg.objective)(
             beta=getattr(rl, "beta", 0.0), epsilon=getattr(rl, "epsilon", 0.2),
             epsilon_high=getattr(rl, "epsilon_high", None), loss_agg=getattr(rl, "loss_agg", "token_mean"),
-            kl_estimator=getattr(rl, "kl_estimator", "k3"), max_completion_length=getattr(rl, "max_new_tokens", None),
+            kl_estimator=getattr(rl, "kl_estimator", None) or "k3",
+            max_completion_length=getattr(rl, "max_new_tokens", None),
             temperature=getattr(rl, "temperature", 1.0), reference=reference, chunk_size=chunk)
+    if cfg.objective == "ppo":
+        rl, p = cfg.rl, cfg.ppo
+        return PPO(value_coef=p.value_coef, epsilon_value=p.epsilon_value, target_kl=p.target_kl,
+                   kl=AdaptiveKL(rl.beta, p.kl_target, p.kl_horizon, p.adaptive_kl), epsilon=rl.epsilon,
+                   epsilon_high=rl.epsilon_high, loss_agg=rl.loss_agg, max_completion_length=rl.max_new_tokens,
+                   temperature=rl.temperature, reference=reference, chunk_size=chunk)
     raise ValueError(f"unknown objective {cfg.objective!r}")

@@ -67,8 +67,9 @@ so a loss near ln(vocab) means collapse). Class-level checks run before anything
         """Look at the encoded data's statistics (warn about imbalance, …)."""
 
     @classmethod
-    def prepare_model(cls, model) -> None:
-        """Add what the objective trains beyond the method's parameters (a reward head), after the method."""
+    def prepare_model(cls, model, cfg=None) -> None:
+        """Add what the objective trains beyond the method's parameters (a reward head, PPO's value model), after
+        the method; `cfg` is the run's config (None in callers that have none: the defaults apply)."""
 
     def saving(self, model, out):
         """Context around writing adapter/ or model/: save the objective's own artifacts, keep them out of the

@@ -92,9 +92,10 @@ def token_kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str = "k3") -> to
 
 def clipped_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
                eps_high: float | None = None):
-    """(pg [B, T], ratio [B, T], clipped [B, T] bool): −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) per token."""
+    """(pg [B, T], ratio [B, T], clipped [B, T] bool): −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) per token;
+    `advantages` one per row [B] (GRPO) or one per token [B, T] (PPO)."""
     eps_high = eps_low if eps_high is None else eps_high
-    A = advantages.unsqueeze(-1)
+    A = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
     ratio = torch.exp(logp - old_logp)
     pg = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
     clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))

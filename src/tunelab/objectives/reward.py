@@ -60,7 +60,7 @@ class RewardModelObjective(PairMetrics, RunHooks):
     generator = False
 
     @classmethod
-    def prepare_model(cls, model) -> None:
+    def prepare_model(cls, model, cfg=None) -> None:
         add_reward_head(model)
 
     @contextmanager

@@ -40,6 +40,16 @@ passes the raw reward through).
 unbiased variance, as verl's `masked_whiten` (and TRL's former `trl.core.masked_whiten`) — for PPO/GAE
 advantages, or to normalise advantages over a whole batch. (TRL's ``scale_rewards="batch"`` is a different
 thing: (r_i − r̄_g) / (std of all rewards + 1e-4), not offered here.)
+
+`gae(rewards, values, mask, gamma, lam)`: per-token advantages of PPO (Schulman et al. 2016, "High-Dimensional
+Continuous Control Using Generalized Advantage Estimation", arXiv:1506.02438, eq. 16) over [B, T] token-level
+rewards and value estimates, the completion tokens of each row contiguous (`mask`):
+
+    δ_t = r_t + γ·V_{t+1} − V_t          (V_{t+1} = 0 after the last completion token: the episode ends)
+    A_t = δ_t + γλ·A_{t+1}               returns R_t = A_t + V_t   (the value loss's targets)
+
+γ = 1, λ = 0.95 are the RLHF defaults (TRL's PPOTrainer, Xu et al. 2024). Not an `ESTIMATORS` entry: it needs
+values per token, not one reward per completion.
 """
 
 from __future__ import annotations
@@ -140,6 +150,22 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     var = (((xf - mean) ** 2) * mf).sum() / (n - 1)
     out = (xf - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [B, T], returns [B, T]) by GAE(γ, λ) over the tokens where `mask` [B, T] is true (contiguous per
+    row; 0 elsewhere). `rewards` and `values` [B, T] float; entries off the mask are ignored."""
+    m = mask.to(values.dtype)
+    r, v = rewards.to(values.dtype) * m, values * m
+    adv = torch.zeros_like(v)
+    next_v = torch.zeros_like(v[:, 0])
+    next_a = torch.zeros_like(v[:, 0])
+    for t in range(v.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        adv[:, t] = (delta + gamma * lam * next_a) * m[:, t]
+        next_v, next_a = v[:, t], adv[:, t]  # both 0 off the mask: the row's episode ends at its last token
+    return adv, (adv + v) * m
 
 
 ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}

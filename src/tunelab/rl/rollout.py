@@ -12,7 +12,9 @@ index)``, ``state_dict()``. Each round (one "epoch" of this source):
     #                 log-probs as π_old, the reference's log-probs when the KL term is on;
     #         "best_of_n" (rejection_sampling): the best completion of each group (or every completion with
     #                 reward ≥ `rl.keep_threshold`) as an SFT example; the kept ones go to selected.jsonl;
-    #         "pairs" (online_dpo): the best vs the worst completion of each group as a DPO pair
+    #         "pairs" (online_dpo): the best vs the worst completion of each group as a DPO pair;
+    #         "ppo": per-token rewards (−β·KL + the score at the last token), the value model's estimates,
+    #                 GAE advantages and returns (rl/ppo_round.py)
     # step 5. serve the rows for `rl.ppo_epochs` passes, reshuffled per pass, `train.batch_size` rows at a time
 
 Exact resume: the prompts and sampling seeds of a round are functions of (seed, round), and the round's rollout
@@ -39,6 +41,7 @@ from ..generate import cut_at_stop
 from ..jsonl import read_rows
 from ..sampling import sample
 from .advantages import ESTIMATORS
+from .ppo_round import ppo_rows
 from .rewards import RewardInputs, build_rewards
 
 
@@ -58,7 +61,7 @@ class RolloutSource:
         self.estimator = ESTIMATORS[rl.advantage or context.objective.advantage_estimator] \
             if self.mode == "policy_gradient" else None
         self.G, self.P, self.micro = rl.group_size, rl.prompts_per_step, cfg.train.batch_size
-        units = {"policy_gradient": self.P * self.G, "best_of_n": self.P * (1 if rl.keep == "best" else self.G),
+        units = {"policy_gradient": self.P * self.G, "ppo": self.P * self.G, "best_of_n": self.P * (1 if rl.keep == "best" else self.G),
                  "pairs": self.P}[self.mode]
         self.mb_per_pass = math.ceil(units / self.micro)
         self.per_epoch = rl.ppo_epochs * self.mb_per_pass
@@ -135,7 +138,8 @@ class RolloutSource:
                         "completion_length": float(lengths.float().mean()),
                         "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
                         "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
-        build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows}
+        build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
+                 "ppo": self._ppo_rows}
         self.round_pending = r
         self.rows = build[self.mode](prompts, samples, texts, rewards)
         self.round = r
@@ -179,6 +183,14 @@ class RolloutSource:
                                          temperature=self.cfg.rl.temperature).cpu()
                 for i in range(0, len(rewards), self.micro)])
         self.metrics["advantage_abs"] = float(rows["advantages"].abs().mean())
+        return rows
+
+    def _ppo_rows(self, prompts, samples, texts, rewards) -> dict:
+        rows = self._sequences(samples, list(range(len(rewards))), temperature_logprobs=True)
+        truncated = torch.tensor([f == "length" for f in samples.finish_reason])
+        rows, metrics = ppo_rows(rows, rewards, truncated, self.ctx.model, self.ctx.objective, self.cfg,
+                                 self.round_pending, self.micro)
+        self.metrics.update(metrics)
         return rows
 
     def _best_rows(self, prompts, samples, texts, rewards) -> dict:

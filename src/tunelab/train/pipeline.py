@@ -17,10 +17,21 @@ from it, so for DPO the disabled-adapter reference *is* the previous stage's mod
 Resumable stage by stage: a stage whose folder holds ``results.json`` is finished and skipped; an interrupted
 stage resumes from its latest checkpoint. Every stage's config is validated before anything runs, so a typo in
 the last stage fails before the first one trains.
+
+``${PIPELINE_DIR}`` in a stage's values means the pipeline's ``output_dir``, so a stage can name an earlier
+stage's folder — e.g. PPO scoring with the reward model trained two stages before:
+``rl: {rewards: [{name: reward_model, run_dir: "${PIPELINE_DIR}/rm"}]}``.
+
+When every stage has finished, the pipeline folder gets its own ``results.json``: one summary row per stage
+(objective, steps, learning/forgetting, rewards) under ``stages``, and the pipeline's overall learning and
+forgetting — the last policy stage's final task scores against the first stage's base scores (the model the
+pipeline started from) — as ``learning_score``/``forgetting_score``, so `tunelab compare` can put a whole
+pipeline beside single runs. `tunelab report <pipeline folder>` shows every stage as a row.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,6 +41,7 @@ from ..adapters.base import load_method, merge
 from ..config import RunConfig, save_config
 from ..console import console
 from ..errors import TunelabError
+from ..eval import learning_forgetting
 from ..models.load import load_model
 from ..objectives import objective_class
 from . import run as single_run
@@ -48,9 +60,10 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
     """[(name, stage config, source stage name or None for the configured model)], all validated."""
     root = Path(cfg.output_dir)
     base = cfg.model_dump(mode="json", exclude={"stages"})
+    placeholder = "${PIPELINE_DIR}"
     out, names, policies = [], [], []
     for i, raw in enumerate(cfg.stages):
-        st = dict(raw)
+        st = _substitute(dict(raw), placeholder, str(root))
         name = str(st.pop("name", f"stage{i + 1}"))
         src = st.pop("from", None)
         where = f"stages[{i}] ({name})"
@@ -76,6 +89,44 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
         names.append(name)
         if objective_class(scfg.objective).generator:
             policies.append(name)
+    return out
+
+
+def _substitute(node, token: str, value: str):
+    if isinstance(node, dict):
+        return {k: _substitute(v, token, value) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, token, value) for v in node]
+    return node.replace(token, value) if isinstance(node, str) else node
+
+
+STAGE_FIELDS = ("steps", "learning_score", "forgetting_score", "reward_before", "reward_after", "final_train_loss",
+                "train_seconds", "eval_pairwise_accuracy")
+
+
+def summarize(root: Path, stages: list[tuple[str, RunConfig, str | None]]) -> dict:
+    """The pipeline's results.json (see the module docstring) from its finished stages' results.json."""
+    rows, results = [], {}
+    for name, scfg, src in stages:
+        res = json.loads((Path(scfg.output_dir) / "results.json").read_text())
+        results[name] = res
+        rows.append({"name": name, "objective": scfg.objective, "from": src or scfg.model.name,
+                     "run_dir": str(Path(scfg.output_dir)), **{k: res[k] for k in STAGE_FIELDS if k in res}})
+    out = {"pipeline": True, "objective": "pipeline", "stages": rows,
+           "method": stages[-1][1].method, "steps": sum(r.get("steps", 0) for r in rows),
+           "train_seconds": sum(r.get("train_seconds", 0.0) for r in rows)}
+    policy = [n for n, c, _ in stages if objective_class(c.objective).generator and "eval" in results[n]]
+    if policy:
+        first, last = results[policy[0]], results[policy[-1]]
+        target, source = list(last.get("learning", {})), list(last.get("forgetting", {}))
+        base = {t: {"metrics": m} for t, m in first["eval"]["base"].items()}
+        final = {t: {"metrics": m} for t, m in last["eval"]["final"].items()}
+        try:
+            lf = learning_forgetting(base, final, target, source)
+            out.update(learning_score=lf["learning"], forgetting_score=lf["forgetting"], learning=lf["target"],
+                       forgetting=lf["source"], eval={"base": first["eval"]["base"], "final": last["eval"]["final"]})
+        except KeyError:  # stages evaluated different tasks: no overall number
+            pass
     return out
 
 
@@ -138,4 +189,5 @@ def _run_stages(stages, root: Path) -> Path:
             outputs[name] = stage_model(out, scfg)
         else:
             outputs[name] = out
+    (root / "results.json").write_text(json.dumps(summarize(root, stages), indent=1, default=str))
     return root

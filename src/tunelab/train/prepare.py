@@ -76,7 +76,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     torch.manual_seed(cfg.train.seed)  # adapter (and head) init is random: same config, same initial weights
     check_method_data(cfg.method, data.train + data.eval)
     report = apply_method(model, cfg.method, method_options(cfg))
-    objective.prepare_model(model)
+    objective.prepare_model(model, cfg)
     if objective.wants_reference(cfg):
         check_reference(cfg.reference, model)
     return RunInputs(model, tok, template, data.train, data.eval, data.eval_prompts, data.stats, report)

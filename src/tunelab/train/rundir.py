@@ -61,7 +61,8 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
         if (out / LOCK_FILE).exists():
             with locked(out, probe=True):  # a running run: refuse now, not after minutes of loading
                 pass
-        if (out / "results.json").exists() and not overwrite:
+        # a finished pipeline may be re-run: its finished stages are skipped (train/pipeline.py)
+        if (out / "results.json").exists() and not overwrite and not (out / "pipeline.yaml").exists():
             raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
     check_can_create(out, "output_dir")
 

@@ -1,0 +1,168 @@
+"""PPO for RLHF (Ouyang et al. 2022, InstructGPT, arXiv:2203.02155; Ziegler et al. 2019, arXiv:1909.08593;
+Schulman et al. 2017, arXiv:1707.06347), with the practices Xu et al. 2024 ("Is DPO Superior to PPO for LLM
+Alignment?", arXiv:2404.10719, §5) find decisive as switches: advantage normalisation, large rollout batches,
+an exponential-moving-average reference.
+
+The rollout source (`rl/rollout.py`, mode ``ppo``; `rl/ppo_round.py`) prepares each round — per completion token t
+of row i, with s_i the sequence score of the reward functions (`rl.rewards`, e.g. a tunelab reward-model run or
+a verifiable reward):
+
+    KL_t   = log π_old(y_t) − log π_ref(y_t)    (k1, default)   or   exp(d) − d − 1, d = log π_ref − log π_old  (k3)
+    s_i'   = s_i − p·[no end of turn]  → optionally normalised over the round (ppo.reward_norm), clipped to ±c
+    r_t    = −β·KL_t  +  [t = last token]·s_i'
+    V_t    = the value model (`objectives/value.py`) at the state before y_t, with the rollout's weights (V_old)
+    A_t, R_t = GAE(γ, λ) of r, V (`rl.advantages.gae`);  A ← whiten(A) over the round's tokens (ppo.whiten_advantages)
+
+and β follows the adaptive controller of Ziegler et al. (2019, §2.2) when ``ppo.adaptive_kl`` (`AdaptiveKL`).
+This objective is the update on those rows, for ``rl.ppo_epochs`` passes in minibatches (the loop's micro-batches):
+
+    ρ_t     = exp(log π_θ(y_t) − log π_old(y_t))
+    pg_t    = − min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t)                       ε = rl.epsilon (0.2)
+    vf_t    = ½·max((V_φ,t − R_t)², (clip(V_φ,t, V_old,t − ε_v, V_old,t + ε_v) − R_t)²)   ε_v = ppo.epsilon_value
+    ℓ_t     = pg_t + c_v·vf_t                                                    c_v = ppo.value_coef
+    loss    = Σ_t ℓ_t / (number of completion tokens)   (the loop's Σ loss_sum / Σ n; rl.loss_agg as for GRPO)
+
+The KL penalty is in the reward, not in the loss (InstructGPT's form). Early stop: when a minibatch's
+approximate KL to π_old, mean((ρ − 1) − log ρ) (Schulman's k3), exceeds ``ppo.target_kl``, that minibatch and
+the rest of its round train nothing (a zero loss over zero units), as in Stable-Baselines3.
+
+Metrics (micro-batch; token means over completion tokens): ``clip_fraction`` (policy), ``value_clip_fraction``
+(share of tokens where the clipped value term is the larger), ``value_loss`` (mean vf_t), ``approx_kl``,
+``ratio``, ``early_stopped``, ``entropy`` (mean H(π_θ(·|y_<t)) over completion tokens, from the full
+distribution); the round's ``reward``, ``kl``, ``kl_coef``, ``entropy_sampled`` (−mean log π_old(y)),
+``explained_variance``,
+``completion_length``… come from the rollout source. The same recipe is implemented by TRL's `PPOTrainer` and
+verl (`core_algos.compute_gae_advantage_return`, `compute_value_loss`); the tests here check hand-computed
+values, not those implementations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import TunelabError
+from .grpo import GRPO, aggregate, clipped_pg, targets, with_positions
+from .logprobs import token_logprobs
+from .value import add_value_model, detached, token_values
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       epsilon_value: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vf [B, T], clipped [B, T] bool): ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²) per token; no clipping
+    for ε_v = None. `clipped` marks tokens where the clipped term is the larger (its gradient is cut)."""
+    unclipped = (values - returns) ** 2
+    if epsilon_value is None:
+        return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    v_clip = old_values + torch.clamp(values - old_values, -epsilon_value, epsilon_value)
+    clipped_sq = (v_clip - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped_sq), clipped_sq > unclipped
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019 (arXiv:1909.08593, §2.2): after a rollout of n sequences with mean KL(π‖π_ref) per
+    sequence KL (the sum over its tokens),
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2),    β ← β·(1 + e·n / horizon)
+
+    (TRL's `AdaptiveKLController`). ``adaptive=False`` keeps β fixed."""
+
+    def __init__(self, beta: float, target: float = 6.0, horizon: int = 10000, adaptive: bool = False):
+        self.value, self.target, self.horizon, self.adaptive = float(beta), target, horizon, adaptive
+
+    def update(self, kl: float, n: int) -> float:
+        if self.adaptive:
+            e = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + e * n / self.horizon
+        return self.value
+
+
+class PPO(GRPO):
+    """PPO with a value model and per-token GAE advantages (see the module docstring)."""
+
+    name = "ppo"
+    rollout = "ppo"
+    advantage_estimator = None  # per-token GAE, computed in the rollout round (rl/ppo_round.py)
+
+    @classmethod
+    def wants_reference(cls, cfg) -> bool:
+        return cfg.rl.beta > 0
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.rl.advantage is not None:
+            raise TunelabError(f"rl.advantage={cfg.rl.advantage} does not apply to ppo (GAE; see ppo.gamma, ppo.lam)")
+        if cfg.ppo.adaptive_kl and cfg.rl.beta <= 0:
+            raise TunelabError("ppo.adaptive_kl needs rl.beta > 0 (the controller's starting β)")
+        units = cfg.rl.prompts_per_step * cfg.rl.group_size
+        if cfg.ppo.whiten_advantages and units < 2:
+            raise TunelabError("ppo.whiten_advantages needs at least 2 completions per round "
+                               "(rl.prompts_per_step × rl.group_size)")
+
+    @classmethod
+    def prepare_model(cls, model, cfg=None) -> None:
+        ppo = getattr(cfg, "ppo", None)
+        add_value_model(model, getattr(ppo, "value_model", "auto"), getattr(ppo, "value_init", None))
+
+    def saving(self, model, out):
+        return detached(model, out)
+
+    def __init__(self, *, value_coef: float = 0.1, epsilon_value: float | None = 0.2,
+                 target_kl: float | None = None, kl: AdaptiveKL | None = None, **grpo_options):
+        super().__init__(**{**grpo_options, "beta": 0.0})  # no KL term in the loss: it is in the reward
+        self.value_coef, self.epsilon_value, self.target_kl = value_coef, epsilon_value, target_kl
+        self.kl = kl or AdaptiveKL(0.0)
+        self.stopped_round = -1  # the rollout round whose remaining minibatches are skipped (approx-KL stop)
+
+    def loss(self, model, batch: dict):
+        batch = with_positions(batch)
+        mask = targets(batch)
+        round_ = int(batch["round"][0]) if batch.get("round") is not None else None
+        if round_ is not None and round_ == self.stopped_round:
+            return self._skip(model, mask)
+        logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
+                                       return_entropy=True)
+        old = batch["old_logprobs"].float().masked_fill(~mask, 0.0)
+        m = mask.float()
+        tokens = m.sum().clamp(min=1)
+        log_ratio = (logp.detach() - old) * m
+        approx_kl = float(((torch.exp(log_ratio) - 1 - log_ratio) * m).sum() / tokens)
+        if self.target_kl is not None and approx_kl > self.target_kl and round_ is not None:
+            self.stopped_round = round_
+            return self._skip(model, mask, approx_kl)
+        adv = batch["advantages"].float().masked_fill(~mask, 0.0)
+        pg, ratio, clipped = clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+        values = token_values(model, batch)
+        vf, v_clipped = clipped_value_loss(values, batch["old_values"].float(), batch["returns"].float(),
+                                           self.epsilon_value)
+        per_token = pg + self.value_coef * vf
+        loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
+
+        def mean(x):
+            return float((x.detach().float() * m).sum() / tokens)
+
+        metrics = {"clip_fraction": mean(clipped), "value_clip_fraction": mean(v_clipped), "value_loss": mean(vf),
+                   "policy_loss": mean(pg), "approx_kl": approx_kl, "ratio": mean(ratio), "early_stopped": 0.0,
+                   "value_mean": mean(values), "completion_len": float(m.sum(-1).mean()), "entropy": mean(entropy)}
+        return loss_sum, n, metrics
+
+    @staticmethod
+    def _skip(model, mask, approx_kl: float = math.nan):
+        """A loss of 0 over 0 units that still backpropagates (the loop calls backward on every micro-batch)."""
+        p = next(p for p in model.parameters() if p.requires_grad)
+        zero = (p.sum() * 0.0).float()
+        return zero, torch.zeros((), dtype=torch.long, device=mask.device), \
+            {"early_stopped": 1.0, **({} if math.isnan(approx_kl) else {"approx_kl": approx_kl})}
+
+    # ------------------------------------------------------------------------------------- state (resume)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        own = {"ppo.kl_coef": torch.tensor(self.kl.value, dtype=torch.float64),
+               "ppo.stopped_round": torch.tensor(self.stopped_round, dtype=torch.long)}
+        return {**own, **{f"ref.{k}": v for k, v in super().state_dict().items()}}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.kl.value = float(sd["ppo.kl_coef"]) if "ppo.kl_coef" in sd else self.kl.value
+        self.stopped_round = int(sd["ppo.stopped_round"]) if "ppo.stopped_round" in sd else -1
+        super().load_state_dict({k[len("ref."):]: v for k, v in sd.items() if k.startswith("ref.")})
