@@ -18,3 +18,20 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     if cfg.stages:
         return run_pipeline(cfg)
     return run(cfg, stop_after)
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """`tunelab train … --nproc N`: run `python -m tunelab ARGV` on N local ranks through torchrun's own launcher
+    (standalone rendezvous). Returns the exit status: 2 when a rank failed with a user error (that rank printed
+    it), 1 for any other failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tunelab", *argv])
+    try:
+        torchrun(args)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        return 2 if 2 in codes else 1
+    return 0

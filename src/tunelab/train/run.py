@@ -9,6 +9,11 @@ reference, whether it generates text, what it measures, what it saves beside the
 branches on the objective's or the method's name. Multi-stage configs are dispatched above this module
 (`train/launch.py` → `train/pipeline.py`).
 
+Under torchrun (`train/distributed.py`) every rank runs this same function: the model is wrapped (DDP) or
+sharded (FSDP2) after the reference is built, measures and generations run on every rank on the gathered
+weights, and only rank 0 writes the run directory — so a distributed run's folder has the same files, in the
+same formats, as a single-process run's (its checkpoints excepted: sharded, `train/dist_checkpoint.py`).
+
 The run directory:
 
     config.yaml        the resolved config
@@ -36,6 +41,7 @@ from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
 from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
 from .checkpoint import latest_checkpoint
+from .distributed import Engine, barrier, check_supported, choose_parallel, is_main, world_size
 from .log import console
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
@@ -55,60 +61,79 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     console.print(kind.summary(p.stats, len(p.eval)))
     torch.manual_seed(cfg.train.seed)
     existed = Path(cfg.output_dir).exists()
-    out = start_run_dir(cfg)
+    barrier()  # every rank has seen whether the folder existed before rank 0 (re)creates it
+    out = start_run_dir(cfg) if is_main() else Path(cfg.output_dir)
+    barrier()
     try:
         return _run(cfg, p, kind, out, t0, stop_after)
     except TunelabError:
         # a user error found only once the run started (a reward function that raises on real completions):
         # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
-        if not existed and latest_checkpoint(out / "checkpoints") is None:
+        if is_main() and not existed and latest_checkpoint(out / "checkpoints") is None:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
-    save_config(cfg, out / "config.yaml")
+    main = is_main()
+    if main:
+        save_config(cfg, out / "config.yaml")
     pad = p.tokenizer.pad_token_id
+    if world_size() > 1:
+        check_supported(cfg, choose_parallel(cfg.parallel, p.model))
+    # the reference first: a frozen copy is taken of the plain model, then the policy is wrapped / sharded
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
+    engine = Engine(p.model, cfg.parallel)
     objective = build_objective(cfg, reference)
     resuming = cfg.resume and latest_checkpoint(out / "checkpoints") is not None
-    batches = kind.batches(p.train, cfg, pad, RunContext(p.model, p.tokenizer, p.template, objective, out))
+    ctx = RunContext(p.model, p.tokenizer, p.template, objective, out, engine.rank, engine.world, engine.gathered)
+    batches = kind.batches(p.train, cfg, pad, ctx)
     total = total_steps(cfg.train, batches.per_epoch)
     # what the run measures: the objective's own, or — for a source that generates its batches (rollouts) —
     # the source's (held-out rewards need its sampler and reward functions)
     measures = batches if hasattr(batches, "measure") else objective
 
-    # before training: the measures, sample generations, the base model on the eval tasks
-    before = measures.measure(p.model, p.train, p.eval, pad, cfg)
-    console.print(f"before: {measures.describe(before)}")
-    samples_before = [] if resuming else _samples(p, cfg)
-    base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template) if objective.generator else None
+    # before training: the measures, sample generations, the base model on the eval tasks (every rank computes
+    # them on the gathered weights; rank 0 writes)
+    with engine.gathered():
+        before = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        console.print(f"before: {measures.describe(before)}")
+        samples_before = [] if resuming else _samples(p, cfg)
+        base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template) if objective.generator else None
     torch.manual_seed(cfg.train.seed)  # evaluation may sample; training randomness must not depend on it
 
     def evaluate(step: int) -> dict:
-        row = {**measures.measure_during(p.model, p.eval, pad, cfg),
-               **(evaluate_during(cfg, p.model, p.tokenizer, p.template) if objective.generator else {})}
-        if cfg.samples.at_eval and step < total:  # the final samples go to results.json
+        with engine.gathered():
+            row = {**measures.measure_during(p.model, p.eval, pad, cfg),
+                   **(evaluate_during(cfg, p.model, p.tokenizer, p.template) if objective.generator else {})}
+            samples = _samples(p, cfg) if cfg.samples.at_eval and step < total else []  # final ones: results.json
+        if main and samples:
             with (out / "samples.jsonl").open("a") as f:
-                for s in _samples(p, cfg):
+                for s in samples:
                     f.write(json.dumps({"step": step, **s}) + "\n")
         return row
 
     res = fit(p.model, objective, batches, cfg.train, out, evaluate=evaluate, resume=cfg.resume,
-              stop_after=stop_after)
+              stop_after=stop_after, engine=engine)
     if stop_after is not None and res.steps < total:
         return out
 
-    # after training: the same measures, samples and tasks; then the artifacts
-    after = measures.measure(p.model, p.train, p.eval, pad, cfg)
-    console.print(f"after:  {measures.describe(after)}")
-    samples_after = _samples(p, cfg)
-    task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
-    with objective.saving(p.model, out):  # e.g. a reward model's head goes to its own file
-        save_artifacts(p.model, p.tokenizer, p.template, cfg, out)
+    # after training: the same measures, samples and tasks; then the artifacts (rank 0, same formats)
+    with engine.gathered():
+        after = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        console.print(f"after:  {measures.describe(after)}")
+        samples_after = _samples(p, cfg)
+        task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
+        extra = objective.extra_results(p.model, p.eval, pad)
+        if main:
+            with objective.saving(p.model, out):  # e.g. a reward model's head goes to its own file
+                save_artifacts(p.model, p.tokenizer, p.template, cfg, out)
+    barrier()
+    if not main:
+        return out
     results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(),
                "trainable_params": p.report.trainable, "total_params": p.report.total, "data": p.stats,
-               **measures.result_fields(before, after), **objective.extra_results(p.model, p.eval, pad),
+               **measures.result_fields(before, after), **extra,
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
                "total_seconds": time.perf_counter() - t0,
