@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a rank started by torchrun
+    # a rank started by torchrun (or by another env:// launcher with several ranks)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         if launched:
             from .train.distributed import init

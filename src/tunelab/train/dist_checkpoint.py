@@ -16,8 +16,8 @@ PyTorch's default DCP storage (`FileSystemWriter`) pickles its `.metadata` file 
 `pickle.load` (and non-tensor entries with `torch.load(weights_only=False)`) — arbitrary objects on load,
 which tunelab does not accept. The `HuggingFaceStorageWriter/Reader` pair writes plain safetensors files whose
 headers carry each shard's offsets as JSON, and reads the layout back from those headers: nothing is unpickled.
-It stores tensors only, so optimizer hyper-parameters are not saved here at all (the config and the
-scheduler's state restore them) and everything else goes to JSON.
+It stores tensors only: the optimizer's param-group numbers (the scheduled ``lr`` above all — a scheduler's
+state alone does not put it back) and everything else go to ``state.json``.
 
 Only the trainable tensors are saved (adapter weights, or all weights for full finetuning), under the model's
 own parameter names — the same names with or without DDP/FSDP2, which is what makes world sizes interchangeable.
@@ -118,8 +118,10 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, loop_state: dic
             save_file({k: _full(v).contiguous().cpu() for k, v in objective_state.items()},
                       str(tmp / "objective.safetensors"))
         loop = {k: v for k, v in loop_state.items() if k != "source"}
+        groups = [{k: v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                  for g in optimizer.param_groups]
         state = {"step": step, "loop": loop, "scheduler": scheduler.state_dict(), "rng": rng_py,
-                 "world": engine.world}
+                 "world": engine.world, "param_groups": groups}
         (tmp / "state.json").write_text(json.dumps(state))
         (tmp / "COMPLETE").write_text("ok\n")
         if final.exists():
@@ -154,6 +156,8 @@ def load(path: Path, model, optimizer, scheduler, objective, engine) -> dict:
         msd, osd, flat = _flat(model, optimizer)
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / "dcp")))
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options())
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update(saved)
     else:  # a single-process checkpoint: full tensors, every rank reads them and keeps its shard
         msd = load_file(str(path / "trainable.safetensors"))
         osd = _single_optimizer_state(path, model, optimizer)

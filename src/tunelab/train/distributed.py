@@ -61,8 +61,9 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """Started by torchrun (or any launcher setting the env:// rendezvous variables) with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Started by torchrun (any world size: FSDP2 at one rank is a useful check) or by another launcher that
+    sets the env:// rendezvous variables for more than one rank."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init() -> None:
@@ -117,6 +118,13 @@ def choose_parallel(setting: str, model: nn.Module) -> str:
     return "fsdp" if weights > budget else "ddp"
 
 
+def plan(setting: str, model: nn.Module) -> str:
+    """What this process will run: ``single`` without a process group (or ``auto`` at one rank), else ddp/fsdp."""
+    if not (dist.is_available() and dist.is_initialized()) or (world_size() == 1 and setting == "auto"):
+        return "single"
+    return choose_parallel(setting, model)
+
+
 class Host(nn.Module):
     """The root module DDP/FSDP2 wrap: its forward runs ``fn(model, *args)`` (an objective's loss)."""
 
@@ -144,7 +152,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, parallel: str = "auto"):
         self.model, self.world, self.rank = model, world_size(), rank()
-        self.kind = "single" if self.world == 1 else choose_parallel(parallel, model)
+        self.kind = plan(parallel, model)
         self.wrapped = None
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -175,7 +183,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ training
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.kind != "single"
 
     def forward(self, fn, *args):
         """``fn(model, *args)`` as the wrapper's forward (DDP/FSDP2 hooks active); a plain call otherwise."""
@@ -234,9 +242,15 @@ class Engine:
                 u.reshard()
                 u.set_reshard_after_forward(u is not self.wrapped)
 
-    def main_only(self):
-        """True on the rank that writes (rank 0)."""
-        return self.rank == 0
+    def full_state_dict(self) -> dict | None:
+        """Under FSDP2, every tensor of the model in full, on rank 0's CPU (collective; other ranks get an
+        empty dict) — what `save_pretrained` needs, since a sharded module's own state dict holds DTensors.
+        None otherwise: the model's own state dict is already whole."""
+        if self.kind != "fsdp":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def check_supported(cfg, parallel: str) -> None:

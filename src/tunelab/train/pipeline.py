@@ -33,6 +33,7 @@ from ..errors import TunelabError
 from ..models.load import load_model
 from ..objectives import objective_class
 from . import run as single_run
+from .distributed import barrier, is_main
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -107,10 +108,12 @@ def run_pipeline(cfg: RunConfig) -> Path:
     if not stages:
         raise TunelabError("stages: empty pipeline")
     root = Path(cfg.output_dir)
-    if cfg.overwrite and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "pipeline.yaml")
+    if is_main():  # under torchrun every rank runs the stages; rank 0 alone writes
+        if cfg.overwrite and root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, root / "pipeline.yaml")
+    barrier()
     outputs: dict[str, Path] = {}
     for name, scfg, src in stages:
         if src is not None:
@@ -122,6 +125,9 @@ def run_pipeline(cfg: RunConfig) -> Path:
             console.print(f"[bold]stage {name}[/]: {scfg.objective} from {scfg.model.name}")
             single_run.run(scfg)
         if objective_class(scfg.objective).generator:
+            if is_main():  # rank 0 merges; the others then find the folder
+                stage_model(out, scfg)
+            barrier()
             outputs[name] = stage_model(out, scfg)
         else:
             outputs[name] = out

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.base import saves_full_model
 from ..config import RunConfig, save_config
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
@@ -41,7 +42,7 @@ from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
 from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
 from .checkpoint import latest_checkpoint
-from .distributed import Engine, barrier, check_supported, choose_parallel, is_main, world_size
+from .distributed import Engine, barrier, check_supported, is_main, plan
 from .log import console
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
@@ -79,8 +80,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
     if main:
         save_config(cfg, out / "config.yaml")
     pad = p.tokenizer.pad_token_id
-    if world_size() > 1:
-        check_supported(cfg, choose_parallel(cfg.parallel, p.model))
+    check_supported(cfg, plan(cfg.parallel, p.model))
     # the reference first: a frozen copy is taken of the plain model, then the policy is wrapped / sharded
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
     engine = Engine(p.model, cfg.parallel)
@@ -119,6 +119,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
         return out
 
     # after training: the same measures, samples and tasks; then the artifacts (rank 0, same formats)
+    full = engine.full_state_dict() if saves_full_model(cfg.method) else None
     with engine.gathered():
         after = measures.measure(p.model, p.train, p.eval, pad, cfg)
         console.print(f"after:  {measures.describe(after)}")
@@ -127,7 +128,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
         extra = objective.extra_results(p.model, p.eval, pad)
         if main:
             with objective.saving(p.model, out):  # e.g. a reward model's head goes to its own file
-                save_artifacts(p.model, p.tokenizer, p.template, cfg, out)
+                save_artifacts(p.model, p.tokenizer, p.template, cfg, out, state_dict=full)
     barrier()
     if not main:
         return out
