@@ -259,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         # leave at once: the other ranks may be blocked in a collective; torchrun stops them when it sees this exit
         os._exit(2)
+    except Exception:
+        if launched:
+            from .train.distributed import failed_elsewhere
+
+            if failed_elsewhere():  # a peer's user error broke this rank's collective: that error is the news
+                os._exit(2)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -89,16 +89,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _error_file() -> str:
+    """A file per torchrun launch (and node) where the first rank that fails with a user error says so."""
+    run = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
+                                                   "TORCHELASTIC_RESTART_COUNT"))
+    return os.path.join(tempfile.gettempdir(), f"tunelab-error-{hashlib.sha256(run.encode()).hexdigest()[:16]}")
+
+
+def failed_elsewhere() -> bool:
+    """Has another rank of this launch already stopped with a user error? Then this rank's own failure (a
+    collective whose peer went away) is a consequence, not news: it leaves quietly."""
+    return launched() and os.path.exists(_error_file())
+
+
 def report_error(message: str) -> bool:
     """Whether this rank should print a user error: the first failing rank on a node does, the others stay
     silent (a config or data error is raised by every rank at once; printing it N times helps nobody)."""
     if world_size() == 1 and not launched():
         return True
-    run = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
-                                                   "TORCHELASTIC_RESTART_COUNT"))
-    path = os.path.join(tempfile.gettempdir(), f"tunelab-error-{hashlib.sha256(run.encode()).hexdigest()[:16]}")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(_error_file(), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
