@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/train/dist_driver.py SPEC.json
 
-SPEC: [{"config": path, "overrides": [...], "stop_after": int | null}, ...]. Each rank also appends the prompts
+SPEC: [{"config": path, "overrides": [...], "stop_after": int | null} | {"compare": sweep.yaml}, ...]. Each rank also appends the prompts
 it sampled in every rollout round to ``<output_dir>/prompts-rank<R>.jsonl`` (test evidence, not a tunelab
 file), and a run that raises TunelabError is recorded in ``<output_dir>.error`` instead of ending the launch.
 """
@@ -32,6 +32,12 @@ def main(spec_path: str) -> None:
 
     RolloutSource.round_prompts = recording
     for job in json.loads(open(spec_path).read()):
+        if "compare" in job:  # `tunelab compare` under torchrun: variants one after another
+            from tunelab.lab.compare import compare_main
+
+            compare_main(job["compare"])
+            distributed.barrier()
+            continue
         cfg = load_config(job["config"], job.get("overrides", []))
         try:
             train(cfg, stop_after=job.get("stop_after"))

@@ -66,6 +66,9 @@ def runs(tmp_path_factory, tokenizer):
             {"config": config("cut-1to2"), "overrides": ["parallel=fsdp", "train.batch_size=2"]},
             {"config": config("grpo", objective="grpo", train_file=prompts, parallel="fsdp", rl=rl,
                               train={"max_steps": 2, "batch_size": 4, "save_every": None})}]
+    sweep = {"name": "tiny", "output_dir": str(root / "sweep"), "base": config("sweep-base", parallel="ddp", **two),
+             "overrides": {"train.max_steps": 2}, "grid": {"method": ["lora", "dora"]}}
+    jobs.append({"compare": str(write_config(root / "sweep.yaml", **sweep))})
     (root / "spec.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -187,3 +190,12 @@ def test_a_user_error_on_one_rank_ends_every_rank_with_one_line(tmp_path, tokeni
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert errors == ["error: reward 'flaky_rewards:flaky': RuntimeError: rank 1 cannot score"]
     assert "Traceback" not in proc.stderr
+
+
+def test_compare_runs_its_variants_one_after_another_under_torchrun(runs):
+    state = json.loads((runs / "sweep" / "sweep.json").read_text())
+    assert [v["status"] for v in state["variants"]] == ["done", "done"]
+    for v in state["variants"]:
+        res = json.loads((Path(v["run_dir"]) / "results.json").read_text())
+        assert res["steps"] == 2 and res["method"] in ("lora", "dora")
+    assert (runs / "sweep" / "report" / "index.html").exists()
