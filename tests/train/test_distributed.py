@@ -52,7 +52,7 @@ def runs(tmp_path_factory, tokenizer):
 
     two = {"train": {"batch_size": 2}}  # 2 ranks × 2 rows = the single process's 4
     rl = {"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 8, "temperature": 1.0, "eval_prompts": 2,
-          "rewards": [{"name": "length_penalty", "target": 4}]}
+          "rewards": [{"name": "length_penalty", "target": 4}], "beta": 0.04}  # KL: the adapter-off reference
     # single process: the references
     for m in SFT_RUNS:
         train(load_config(config(f"one-{m}", method=m)))
@@ -61,8 +61,8 @@ def runs(tmp_path_factory, tokenizer):
     _killed_copy(root / "one-lora", root / "cut-1to2")
     jobs = [{"config": config("fsdp-lora", parallel="fsdp", train={"batch_size": 2, "gradient_checkpointing": True})},
             {"config": config("fsdp-full", method="full", parallel="fsdp", **two)},
-            {"config": config("fsdp-dpo", objective="dpo", train_file=pairs, parallel="fsdp",
-                              train={"batch_size": 2, "max_steps": 3})},
+            {"config": config("fsdp-dpo", objective="dpo", train_file=pairs, parallel="fsdp",  # cached reference
+                              train={"batch_size": 2, "max_steps": 3}, reference={"precompute": True})},
             {"config": config("cut-1to2", parallel="fsdp", **two)},  # resumes the single-process checkpoint
             {"config": config("grpo", objective="grpo", train_file=prompts, parallel="fsdp", rl=rl,
                               train={"max_steps": 2, "batch_size": 4, "save_every": None})}]
@@ -99,6 +99,7 @@ def _losses(run) -> list[float]:
 @pytest.mark.parametrize("name,ref", [("ddp-lora", "one-lora"), ("fsdp-lora", "one-lora"), ("fsdp-dora", "one-dora"),
                                       ("fsdp-full", "one-full"), ("fsdp-dpo", "one-dpo")])
 def test_two_ranks_reproduce_one_process_with_the_same_global_batch(runs, name, ref):
+    """(The 2-rank DPO run uses precomputed reference log-probs, the single one computes them on the fly.)"""
     ours, theirs = _losses(runs / name), _losses(runs / ref)
     assert len(ours) == len(theirs) >= 3
     assert ours == pytest.approx(theirs, **TOL)
@@ -170,6 +171,8 @@ def test_grpo_ranks_sample_different_prompts(runs):
         assert not set(a["prompts"]) & set(b["prompts"])
     res = json.loads((runs / "grpo" / "results.json").read_text())
     assert res["steps"] == 2 and "reward_after" in res
+    rows = [json.loads(ln) for ln in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r for r in rows if "loss" in r)  # the reference ran (inside the gathered FSDP2 weights)
 
 
 FLAKY = '''
