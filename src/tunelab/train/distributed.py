@@ -168,7 +168,10 @@ class Engine:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             dev = next(model.parameters()).device
-            self.wrapped = DDP(Host(model), device_ids=[dev.index] if dev.type == "cuda" else None)
+            # a mixture of experts leaves the experts no token was routed to without a gradient in a step
+            moe = any(getattr(getattr(model, "config", None), k, None) for k in ("num_local_experts", "num_experts"))
+            self.wrapped = DDP(Host(model), device_ids=[dev.index] if dev.type == "cuda" else None,
+                               find_unused_parameters=bool(moe))
         elif self.kind == "fsdp":
             self.wrapped = self._shard(model)
 
