@@ -45,7 +45,10 @@ def cmd_train(args) -> int:
 
         return relaunch(args.nproc, ["train", args.config, *args.overrides])
     out = train(cfg)
-    print(f"run directory: {out}")
+    from .train.distributed import is_main
+
+    if is_main():  # under torchrun: once
+        print(f"run directory: {out}")
     return 0
 
 

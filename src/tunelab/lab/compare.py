@@ -217,6 +217,10 @@ def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = Fal
     if dry_run:
         return 0
     failed = [o for o in outcomes if o.status == "failed"]
+    from ..train.distributed import is_main
+
+    if not is_main():  # under torchrun every rank has the same outcomes; rank 0 reports them
+        return 1 if failed else 0
     for o in failed:
         print(f"failed: {o.name}: {o.error}")
     print(f"{len(outcomes) - len(failed)}/{len(outcomes)} variants finished; report: {sweep.report_dir / 'index.html'}")
