@@ -123,13 +123,13 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 break
             t0 = time.perf_counter()
             loss_sum, n_sum, step_tokens, metrics = 0.0, 0, 0, {}
-            for k in range(cfg.grad_accum):
+            for i in range(cfg.grad_accum):
                 epoch, index = divmod(micro, stream.per_epoch)
                 batch = _to(stream.get(epoch, index), device)
                 micro += 1
                 source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
                 filler = batch.pop("zero_weight", False)  # a rank's empty share of a short last batch
-                with engine.sync(last=k == cfg.grad_accum - 1):  # reduce gradients on the step's last backward
+                with engine.sync(last=i == cfg.grad_accum - 1):  # reduce gradients on the step's last backward
                     with autocast:
                         ls, n, m = engine.forward(objective.loss, batch)
                     if filler:
