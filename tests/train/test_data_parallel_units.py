@@ -54,6 +54,7 @@ def test_resume_position_rescales_to_the_new_world_size():
 
 def test_only_the_first_failing_rank_prints(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("TUNELAB_ERROR_FILE", raising=False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test-run")
     assert not distributed.failed_elsewhere()
     assert distributed.report_error("data.jsonl:2: malformed JSON")

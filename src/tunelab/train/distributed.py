@@ -90,7 +90,10 @@ def barrier() -> None:
 
 
 def _error_file() -> str:
-    """A file per torchrun launch (and node) where the first rank that fails with a user error says so."""
+    """A file per torchrun launch (and node) where the first rank that fails with a user error says so
+    (`tunelab train --nproc` names it, and removes it afterwards)."""
+    if os.environ.get("TUNELAB_ERROR_FILE"):
+        return os.environ["TUNELAB_ERROR_FILE"]
     run = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
                                                    "TORCHELASTIC_RESTART_COUNT"))
     return os.path.join(tempfile.gettempdir(), f"tunelab-error-{hashlib.sha256(run.encode()).hexdigest()[:16]}")
