@@ -204,3 +204,52 @@ def test_edge_cases_and_refusals(model, tokenizer):
             sample(model, tokenizer, encode(tokenizer)[:1], **kw)
     with pytest.raises(TunelabError, match="prompt 1 is empty"):
         sample(model, tokenizer, [[1, 2], []])
+
+
+def test_stopped_rows_leave_the_batch_and_results_do_not_change(model, tokenizer, monkeypatch):
+    """Rows that stop early are dropped from the running batch (each decode forward covers only the rows still
+    generating), and that changes nothing: greedy ids and log-probs equal each row sampled alone, and equal the
+    fallback for caches that cannot drop rows (stopped rows decoding pad to the end)."""
+    import tunelab.sampling as sampling
+
+    prompts = encode(tokenizer)
+    free = sample(model, tokenizer, prompts, temperature=0, max_new_tokens=10)
+    stops = [free.completion_ids[0, 2].item(), free.completion_ids[2, 5].item()]  # rows end at different steps
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        s = sample(model, tokenizer, prompts, temperature=0, max_new_tokens=10, stop_token_ids=stops)
+    finally:
+        hook.remove()
+    lengths = s.completion_lengths.tolist()
+    assert len(set(lengths)) > 1, "the test needs rows that stop at different steps"
+    decode_rows = [w[0] for w in widths[1:]]  # after the prefill: one forward per new column
+    assert decode_rows == sorted(decode_rows, reverse=True) and decode_rows[-1] < len(prompts)
+    assert sum(decode_rows) + len(prompts) == sum(lengths)  # every decoded position is a real token
+    for i, p in enumerate(prompts):
+        alone = sample(model, tokenizer, [p], temperature=0, max_new_tokens=10, stop_token_ids=stops)
+        assert s.completions()[i] == alone.completions()[0]
+        assert torch.allclose(s.logprobs[i, :lengths[i]], alone.logprobs[0, :lengths[i]], atol=1e-5)
+    monkeypatch.setattr(sampling, "_select_rows", lambda cache, keep: False)
+    kept = sample(model, tokenizer, prompts, temperature=0, max_new_tokens=10, stop_token_ids=stops)
+    assert torch.equal(kept.completion_ids, s.completion_ids) and torch.equal(kept.completion_mask, s.completion_mask)
+    assert torch.allclose(kept.logprobs, s.logprobs, atol=1e-5) and kept.finish_reason == s.finish_reason
+
+
+def test_the_copies_of_a_prompt_share_one_prefill(model, tokenizer):
+    """With n > 1 each distinct prompt is encoded once (the prefill forward sees len(prompts) rows) and its cache
+    is copied to its n rows; greedy rows of one prompt are then identical and equal the prompt sampled once."""
+    prompts = encode(tokenizer)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        s = sample(model, tokenizer, prompts, n=3, temperature=0, max_new_tokens=6, batch_size=12)
+    finally:
+        hook.remove()
+    assert widths[0][0] == len(prompts) and widths[1] == (12, 1)
+    once = sample(model, tokenizer, prompts, n=1, temperature=0, max_new_tokens=6)
+    for i in range(len(prompts)):
+        for k in range(3):
+            assert s.completions()[3 * i + k] == once.completions()[i]
+            assert torch.allclose(s.logprobs[3 * i + k], once.logprobs[i, :s.logprobs.shape[1]], atol=1e-5)

@@ -122,8 +122,9 @@ def cmd_demo(args) -> int:
     from .console import console
 
     console.rule("[bold]demo results")
-    console.print(f"held-out loss {res['eval_loss_before']:.4f} → {res['eval_loss_after']:.4f} | "
-                  f"{res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
+    before, after = res.get("eval_loss_before"), res.get("eval_loss_after")  # null (NaN) when nothing is held out
+    held = f"held-out loss {before:.4f} → {after:.4f}" if before is not None and after is not None else "no held-out set"
+    console.print(f"{held} | {res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
     for s in res["samples"]:
         console.rule()
         console.print("[bold]prompt:[/] " + s["prompt"].split("user\n")[-1].split("<|im_end|>")[0][:300])
@@ -142,6 +143,10 @@ def cmd_eval(args) -> int:
             task = load_task(name)
             print(f"{name:14s} {task.kind:10s} {task.spec.description}")
         return 0
+    if args.device != "auto":  # before loading anything: a device this machine lacks is one line naming the flag
+        from .models.load import check_device
+
+        check_device(args.device, "--device")
     if args.pairs:  # a reward-model run: pairwise accuracy on preference pairs
         from .objectives.reward import load_reward_model
 
@@ -154,6 +159,10 @@ def cmd_eval(args) -> int:
         raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
     tasks = [t for s in args.tasks for t in s.split(",") if t]
     validate_tasks(tasks, args.allow_code_execution)  # fail before loading the model
+    if args.output:
+        from .userfiles import check_can_create
+
+        check_can_create(Path(args.output), "--output")
     model, tok, template = load_run(args.model, device=args.device, dtype=args.dtype)
     res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit)
     print_results(res, title=f"evaluation of {args.model}")

@@ -10,7 +10,7 @@ The resolved config is saved in the run directory as `config.yaml`, so a run can
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -22,13 +22,16 @@ from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
 from .errors import TunelabError
+from .userfiles import read_text
 
 
 ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an Adam-style moment decay
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: `lr: .nan` or `max_grad_norm: .inf` are typos, never settings
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -37,6 +40,7 @@ class ModelConfig(Strict):
     device: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    allow_pickle: bool = False  # load a folder holding only pickle weights (pytorch_model.bin): runs its code
 
 
 class DataConfig(Strict):
@@ -54,6 +58,15 @@ class DataConfig(Strict):
     packing: bool = True
 
 
+class DivergenceConfig(Strict):
+    """When the loop stops a diverging run (the rule: train/guards.py)."""
+
+    enabled: bool = True
+    collapse_fraction: float = Field(0.75, gt=0.0)  # NLL objectives: loss ≥ this · ln(vocab) (uniform output)…
+    collapse_jump: float = Field(2.0, gt=1.0)  # …and above this × the running mean of the previous losses,
+    min_grad_norm: float = Field(1e-8, ge=0.0)  # …or with a global gradient norm below this
+
+
 class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -61,14 +74,14 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     optimizer: str = "AdamW"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
+    max_grad_norm: float | None = Field(1.0, gt=0)  # a negative norm would flip every gradient; null: no clipping
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed's range
     gradient_checkpointing: bool = False
     loss_chunk_size: int = Field(1024, ge=16)
     log_every: int = Field(1, ge=1)
@@ -76,6 +89,7 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    divergence: DivergenceConfig = DivergenceConfig()
 
 
 class SampleConfig(Strict):
@@ -132,7 +146,7 @@ class RLConfig(Strict):
     advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None  # None: the objective's own (grpo / rloo)
     beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
     kl_estimator: Literal["k1", "k3"] = "k3"
-    epsilon: float = Field(0.2, gt=0.0)  # clip range (low)
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
     epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
     loss_agg: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
@@ -256,7 +270,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         name = str(p)
         if not p.is_file():
             raise TunelabError(f"config not found: {p}")
-        text = p.read_text().replace("${ASSETS}", str(ASSETS))
+        text = read_text(p).replace("${ASSETS}", str(ASSETS))
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -3,7 +3,8 @@
 `load_run(RUN_DIR)` rebuilds exactly what was trained: the base model from the run's `config.yaml`, the
 adapter from `adapter/` (PEFT format, loaded by tunelab's own reader) or the full model from `model/`, and the
 run's chat template. `export_merged` folds the adapter into the base weights and writes a plain Hugging Face
-folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and the run's chat template.
+folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and the run's chat template;
+weights with NaN/inf are refused, and a full disk stops with one line and no half-written folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import yaml
 from .adapters.base import load_method, merge, saves_full_model
 from .errors import TunelabError
 from .models.load import load_model
+from .train.guards import check_finite, disk_full, is_disk_full, tensor_bytes
+from .userfiles import check_can_create, make_folder
 
 
 def run_info(run_dir: Path) -> dict:
@@ -45,7 +48,8 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     if art.name == "model":
         model, tok = load_model(str(art), dtype, device, mcfg.get("trust_remote_code", False))
     else:
-        model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False))
+        model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False),
+                               allow_pickle=mcfg.get("allow_pickle", False))
         load_method(model, cfg.get("method", "lora"), art)
         if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
             from transformers import AutoTokenizer
@@ -66,16 +70,25 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
 def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge the run's adapter into its base model and save an HF folder (+ tokenizer and template)."""
     run_dir, out = Path(run_dir), Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise TunelabError(f"export: {out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TunelabError(f"export: {out} exists and is not an empty folder")
+    check_can_create(out, "export: --merged")  # before minutes of loading and merging
     run_info(run_dir)  # a clear error if this is not a finished run
     model, tok, template = load_run(run_dir, device="cpu")
     merge(model)  # a no-op for a whole saved model (full, freeze)
+    check_finite(model.named_parameters(), f"the merged model {out}")
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
+    make_folder(out.parent, "export: --merged")
     tok.chat_template = template.jinja
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full("the merged model", out.parent, tensor_bytes(model.parameters())) from None
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -12,9 +12,11 @@ processors and stopping criteria):
    rows) and left-padded in batches of `batch_size` rows, with an attention mask — SmolLM2's pad token *is*
    its eos token, so the mask is the only way to tell padding from content. Position ids are the running count
    of real tokens (mask cumsum − 1), so a left-padded prompt sees the same positions as an unpadded one;
-2. prefill: one forward over the prompts fills the KV cache and gives the logits of the first new token;
-3. each step picks one token per row from the last logits, appends it (finished rows get pad), and runs one
-   forward of the new column only, reusing the cache. Greedy when `temperature == 0`, else sample from
+2. prefill: one forward over the distinct prompts fills the KV cache and gives the logits of the first new
+   token; the n copies of a prompt then share it (its cache rows are copied), so a prompt is encoded once;
+3. each step picks one token per row from the last logits, appends it, and runs one forward of the new column
+   only, reusing the cache; a row that has stopped leaves the running batch (its KV-cache rows are dropped), so
+   decoding costs the real tokens, not rows × the longest completion. Greedy when `temperature == 0`, else sample from
    softmax(logits / temperature) restricted to the nucleus (top-p: the smallest set of most likely tokens
    whose probability reaches `top_p`, as Hugging Face's `TopPLogitsWarper`), drawn with a `torch.Generator`
    seeded by `seed`, so a seed reproduces the ids exactly;
@@ -152,14 +154,13 @@ class StopStrings:
     def reset(self, rows: int) -> None:
         self.generated = [[] for _ in range(rows)]
 
-    def hit(self, tokens: list[int], active: list[bool]) -> list[bool]:
-        """Append this step's tokens; True for each active row whose text now contains a stop string."""
+    def hit(self, rows: list[int], tokens: list[int]) -> list[bool]:
+        """Append this step's token to each still-running row (by its index in the batch); True for each of those
+        rows whose text now contains a stop string."""
         out = []
-        for seq, tok, on in zip(self.generated, tokens, active):
+        for row, tok in zip(rows, tokens):
+            seq = self.generated[row]
             seq.append(tok)
-            if not on:
-                out.append(False)
-                continue
             text = self.tokenizer.decode(seq[-self.window:], skip_special_tokens=False)
             out.append(any(s in text for s in self.stops))
         return out
@@ -189,9 +190,21 @@ def _cache_of(out) -> tuple[str, object]:
     raise TunelabError("sampling: the model returned no KV cache for use_cache=True")
 
 
+def _select_rows(cache, keep: torch.Tensor) -> bool:
+    """Keep only the `keep` rows of a KV cache in place; False when the cache type cannot (then nothing changed)."""
+    select = getattr(cache, "batch_select_indices", None)
+    if select is None:
+        return False
+    select(keep)
+    return True
+
+
 def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, temperature, top_p,
                   max_new_tokens, generator, device):
-    """One batch of rows: (completion ids [b, t], logprobs [b, t], lengths [b], finished-by-stop [b])."""
+    """One batch of rows: (completion ids [b, t], logprobs [b, t], lengths [b], finished-by-stop [b]).
+
+    Rows that have stopped leave the running batch (their KV cache rows are dropped): the forward of each new
+    column covers only the rows still generating, so a batch costs its real tokens, not b × its longest row."""
     ids, mask = left_pad(prompts, pad_id, device)
     b = ids.shape[0]
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -204,27 +217,49 @@ def _sample_batch(model, prompts, *, pad_id, stop_ids, stops: StopStrings, tempe
         return tokens, logprobs, lengths, stopped
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    # the n copies of a prompt are adjacent rows: prefill each distinct prompt once, then copy its cache rows
+    is_first = [i == 0 or prompts[i] != prompts[i - 1] for i in range(b)]
+    first = [i for i in range(b) if is_first[i]]
+    copies = torch.tensor(is_first, device=device).long().cumsum(0) - 1  # row → its prompt's prefill row
+    out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=positions[first], use_cache=True,
+                **extra)
+    logits = out.logits[:, -1, :]
+    if len(first) < b:
+        key, cache = _cache_of(out)
+        if _select_rows(cache, copies):  # index_select with repeats: row i gets its prompt's cache
+            logits = logits[copies]
+        else:  # a cache that cannot be re-indexed: prefill every row
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+            logits = out.logits[:, -1, :]
+    live = torch.arange(b, device=device)  # running row → batch row
+    running = torch.ones(b, dtype=torch.bool, device=device)  # per running row: not stopped yet
     steps = 0
     for t in range(max_new_tokens):
         key, cache = _cache_of(out)
-        new, lp = pick(out.logits[:, -1, :], temperature, top_p, generator)
-        active = ~stopped
-        new = torch.where(active, new, torch.full_like(new, pad_id))
-        tokens[:, t] = new
-        logprobs[:, t] = torch.where(active, lp, torch.zeros_like(lp))
-        lengths += active.long()
-        ended = torch.isin(new, stop_ids) if stop_ids.numel() else torch.zeros_like(active)
+        new, lp = pick(logits, temperature, top_p, generator)
+        rows, new_r = live[running], new[running]
+        tokens[rows, t] = new_r
+        logprobs[rows, t] = lp[running]
+        lengths[rows] += 1
+        ended = torch.isin(new_r, stop_ids) if stop_ids.numel() else torch.zeros_like(new_r, dtype=torch.bool)
         if stops:
-            hits = stops.hit(new.tolist(), active.tolist())
+            hits = stops.hit(rows.tolist(), new_r.tolist())
             ended = ended | torch.tensor(hits, dtype=torch.bool, device=device)
-        stopped |= active & ended
+        stopped[rows] = ended
         steps = t + 1
-        if bool(stopped.all()) or steps == max_new_tokens:
+        if bool(ended.all()) or steps == max_new_tokens:
             break
-        mask = torch.cat([mask, mask.new_ones((b, 1))], dim=-1)
+        if bool(ended.any()):
+            running[running.clone()] = ~ended
+            keep = running.nonzero().squeeze(-1)
+            if _select_rows(cache, keep):
+                live, new, mask, running = live[keep], new[keep], mask[keep], running[keep]
+        # a cache that cannot drop rows keeps the stopped rows decoding pad; nothing of theirs is written
+        new = torch.where(running, new, torch.full_like(new, pad_id))
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         out = model(input_ids=new.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                     use_cache=True, **{key: cache})
+        logits = out.logits[:, -1, :]
     return tokens[:, :steps], logprobs[:, :steps], lengths, stopped
 
 

@@ -313,3 +313,18 @@ def test_classes_and_config():
     with pytest.raises(TunelabError, match="unknown loss_agg"):
         GRPO(loss_agg="mean")
     assert GRPO().measure(None, [], [], 0, None) == {} and GRPO().describe({}) == ""
+
+
+def test_entropy_metric_equals_the_full_distributions_entropy(model):
+    """`entropy` is the mean over completion tokens of H(softmax(logits / T)), from each row alone and unpadded."""
+    T = 0.7
+    batch, _ = make()
+    _, _, metrics = GRPO(temperature=T).loss(model, batch)
+    hand = []
+    for p, c in ROWS:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0].double() / T
+        lp = F.log_softmax(logits, -1)
+        hand += [-(lp[len(p) + k - 1].exp() * lp[len(p) + k - 1]).sum().item() for k in range(len(c))]
+    assert metrics["entropy"] == pytest.approx(sum(hand) / len(hand), rel=1e-5)
+    assert 0 < metrics["entropy"] < math.log(128)

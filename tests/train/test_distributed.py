@@ -25,7 +25,9 @@ from safetensors.torch import load_file
 from tests.helpers import alpaca_rows, save_tiny_model, train_losses, write_config, write_jsonl
 from tests.objectives.pref_helpers import pair_rows
 from tunelab.config import load_config
+from tunelab.train.checkpoint_files import MANIFEST, damage
 from tunelab.train.launch import train
+from tunelab.train.rundir import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = dict(rel=2e-6, abs=0)
@@ -86,6 +88,13 @@ def runs(tmp_path_factory, tokenizer):
         for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
             mp.setattr(module, name, _no_unpickling)
         train(load_config(config("cut-2to1", train={"batch_size": 4})))
+    # the sharded checkpoint with rank 1's shard (the last file) altered, same size: resuming must see it
+    _killed_copy(root / "fsdp-lora", root / "damaged-2to1")
+    shard = sorted((root / "damaged-2to1" / "checkpoints" / "step-000002" / "dcp").iterdir())[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    train(load_config(config("damaged-2to1", train={"batch_size": 4})))
     return root
 
 
@@ -94,8 +103,11 @@ def _no_unpickling(*args, **kwargs):
 
 
 def _killed_copy(run: Path, to: Path) -> None:
-    """What a run killed after its step-2 checkpoint leaves: that checkpoint and the metrics up to it."""
+    """What a run killed after its step-2 checkpoint leaves: its config and lock file, that checkpoint and the
+    metrics up to it."""
     shutil.copytree(run / "checkpoints", to / "checkpoints")
+    for name in ("config.yaml", LOCK_FILE):
+        shutil.copy(run / name, to / name)
     rows = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= 2]
     (to / "metrics.jsonl").write_text("".join(ln + "\n" for ln in rows))
 
@@ -168,6 +180,27 @@ def test_sharded_checkpoint_is_per_rank_safetensors_without_pickle(runs):
     assert not any("embed_tokens" in k for k in keys)  # the frozen base is not checkpointed
     assert json.loads((step / "state.json").read_text())["world"] == 2
     assert {p.name for p in step.iterdir()} >= {"rng-0.safetensors", "rng-1.safetensors", "COMPLETE"}
+
+
+def test_sharded_checkpoint_has_a_manifest_that_resume_verifies(runs):
+    """Every rank's files are in the manifest (sizes + SHA-256), the intact checkpoint passes the same check a
+    single-process one does, and a flipped byte in rank 1's shard makes resume move it aside and start over."""
+    step = runs / "fsdp-lora" / "checkpoints" / "step-000002"
+    files = json.loads((step / MANIFEST).read_text())["files"]
+    assert set(files) == {p.relative_to(step).as_posix() for p in step.rglob("*")
+                          if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    assert {"rng-0.safetensors", "rng-1.safetensors", "state.json"} <= set(files)
+    assert sum(name.startswith("dcp/shard-") for name in files) == 2
+    assert not any(name.endswith(".part") for name in files)  # the ranks' partial manifests were merged away
+    assert damage(step) is None
+    assert not list((runs / "cut-2to1" / "checkpoints").glob(".damaged-*"))  # resumed from the intact one
+    # the damaged copy: moved aside with a warning, no intact checkpoint left → trained from step 0, the same curve
+    ckpts = runs / "damaged-2to1" / "checkpoints"
+    aside = ckpts / ".damaged-step-000002"
+    assert aside.is_dir() and "does not match its checksum" in damage(aside)
+    assert json.loads((runs / "damaged-2to1" / "results.json").read_text())["steps"] == 4
+    assert _losses(runs / "damaged-2to1") == _losses(runs / "one-lora")  # a fresh single-process run: bit-exact
+    assert [s for s, _ in train_losses(runs / "damaged-2to1")] == [1, 2, 3, 4]
 
 
 def test_grpo_ranks_sample_different_prompts(runs):

@@ -70,7 +70,7 @@ def load(model: nn.Module, path: str | Path) -> AdapterReport:
         raise TunelabError(f"{path}: not a Hugging Face model folder (no config.json)")
     dtype = next(model.parameters()).dtype
     try:
-        saved = type(model).from_pretrained(str(path), dtype=dtype)
+        saved = type(model).from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # tunelab wrote it
         model.load_state_dict(saved.state_dict(), strict=True)
     except (OSError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 from torch import nn
 
 from ..errors import TunelabError
@@ -46,7 +46,7 @@ from .base import (AdapterModule, AdapterReport, adapter_state_dict, disabled,  
 class LoraConfig(BaseModel):
     """LoRA settings. Field names follow tunelab's config; `peft_format` maps them to PEFT's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(8, ge=1, description="rank of the update")
     alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha/r (rsLoRA: alpha/sqrt(r))")
@@ -55,8 +55,8 @@ class LoraConfig(BaseModel):
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or name patterns")
     modules_to_save: list[str] = Field(default_factory=list, description="modules trained fully")
     ensure_weight_tying: bool = Field(True, description="tied embed/lm_head extras stay one weight")
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module r (PEFT semantics)")
-    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="per-module alpha")
+    rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict, description="per-module r (PEFT semantics)")
+    alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict, description="per-module alpha")
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod

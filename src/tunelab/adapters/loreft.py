@@ -82,7 +82,7 @@ def parse_positions(spec: str) -> tuple[int, int]:
 
 
 class LoreftConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     layers: Literal["all"] | list[int] = Field("all", description="decoder blocks to intervene (index or 'all')")
     positions: str = Field("f7+l7", description="first-N / last-M prompt tokens, e.g. f7+l7, f5, l3")

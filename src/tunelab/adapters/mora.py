@@ -42,7 +42,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import nn
 
 from ..errors import TunelabError
@@ -61,7 +61,7 @@ _PARTS = {"sharing": ("stride", "tile"), "group": ("group", "interleave"), "grou
 
 
 class MoraConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(8, ge=1, description="LoRA rank budget; r̂ = round(sqrt((in+out)·r)) per module")
     type: MoraType = Field("rotation", description="compress/decompress operators (or reference number 1-4, 6)")
@@ -70,7 +70,7 @@ class MoraConfig(BaseModel):
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or name patterns")
     modules_to_save: list[str] = Field(default_factory=list, description="modules trained fully")
     ensure_weight_tying: bool = Field(True, description="tied embed/lm_head extras stay one weight")
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module r (PEFT-style keys)")
+    rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict, description="per-module r (PEFT-style keys)")
 
     @field_validator("type", mode="before")
     @classmethod

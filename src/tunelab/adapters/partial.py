@@ -31,7 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from torch import nn
 
 from ..errors import TunelabError
@@ -46,9 +46,9 @@ SAVES_FULL_MODEL = True  # a run saves the whole HF model (model/), see base.sav
 
 
 class FreezeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    layers: int | list[int] | Literal["all", "none"] = Field(
+    layers: NonNegativeInt | list[int] | Literal["all", "none"] = Field(
         2, description="decoder blocks to train: N = the last N, a list of indices, 'all' or 'none'")
     modules: list[str] = Field(default_factory=list, description="more modules trained fully (name patterns)")
     train_embeddings: bool = Field(False, description="train the input embeddings fully")

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..console import console
 from ..errors import TunelabError
 from .batches import StaticBatches, shuffled_batches
+from .checks import conversation_counts, pair_counts, summary_suffix, unpaired_counts, warn
 from .collate import collate
 from .formats import to_sample
 from .masking import encode_dataset
@@ -54,6 +56,28 @@ def _shard(context) -> tuple[int, int]:
     return (context.rank, context.world) if context is not None else (0, 1)
 
 
+def held_out(examples: list, n_records: int, cfg, unit: str) -> list:
+    """The encoded held-out set. When every held-out record lost its trained tokens to `data.max_length`: an
+    explicit `data.eval` file is an error naming it; an auto-split of data.train (a tiny `data.limit`, say) only
+    leaves the run without a held-out set — its training examples are fine, so it is not refused."""
+    if examples or not n_records:
+        return examples
+    why = f"all {n_records} held-out {unit} keep no trained token at data.max_length={cfg.data.max_length}"
+    if cfg.data.eval:
+        raise TunelabError(f"data.eval {cfg.data.eval}: {why}; raise data.max_length")
+    console.print(f"[yellow]warning: {why} (auto-split of data.train); training without a held-out set — give "
+                  "data.eval or raise data.max_length[/]")
+    return []
+
+
+def training_set(encode):
+    """Run `encode()` for the training split; its "nothing to train on" error says which split it is."""
+    try:
+        return encode()
+    except TunelabError as e:
+        raise TunelabError(f"training set (data.train): {e}") from None
+
+
 def prompt_part(messages: list[dict]) -> list[dict]:
     """The conversation up to (not including) its last assistant turn."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -79,11 +103,13 @@ class SFTData:
         options = dict(template=template, mode=d.masking, turns=d.turns, max_length=d.max_length)
         train_s = self.samples(train_records, d.format)
         eval_s = self.samples(eval_records, d.format) if eval_records else []
-        train, stats = encode_dataset(tokenizer, train_s, **options)
-        evals, _ = encode_dataset(tokenizer, eval_s, **options) if eval_s else ([], None)
+        counts = warn(conversation_counts(train_s))
+        train, stats = training_set(lambda: encode_dataset(tokenizer, train_s, **options))
+        evals, _ = encode_dataset(tokenizer, eval_s, **options, require_any=False) if eval_s else ([], None)
+        evals = held_out(evals, len(eval_s), cfg, "examples")
         prompts = [template.generation_prompt(prompt_part(s.messages))
                    for s in eval_s[:cfg.samples.n_heldout] if s.messages]
-        return EncodedData(train, evals, prompts + _user_prompts(cfg, template), stats.as_dict())
+        return EncodedData(train, evals, prompts + _user_prompts(cfg, template), {**stats.as_dict(), **counts})
 
     def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
         packed = cfg.data.packing
@@ -94,7 +120,7 @@ class SFTData:
     def summary(self, stats: dict, n_eval: int) -> str:
         return (f"data: {stats['n_examples']} train examples ({stats['trained_tokens']:,} loss tokens of "
                 f"{stats['total_tokens']:,}), {n_eval} held out; truncated {stats['n_truncated']}, "
-                f"fully masked (dropped) {stats['n_fully_masked']}")
+                f"fully masked (dropped) {stats['n_fully_masked']}{summary_suffix(stats)}")
 
 
 class PairData:
@@ -114,13 +140,17 @@ class PairData:
     parse = staticmethod(to_pair)
     encode_samples = staticmethod(encode_pairs)
     collate = staticmethod(collate_pairs)
+    counts = staticmethod(pair_counts)
 
     def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
         train_s, eval_s = [self.parse(r) for r in train_records], [self.parse(r) for r in eval_records]
-        train, stats = self.encode_samples(tokenizer, train_s, template, cfg.data.max_length)
-        evals, _ = self.encode_samples(tokenizer, eval_s, template, cfg.data.max_length) if eval_s else ([], None)
+        counts = warn(self.counts(train_s))
+        train, stats = training_set(lambda: self.encode_samples(tokenizer, train_s, template, cfg.data.max_length))
+        evals, _ = (self.encode_samples(tokenizer, eval_s, template, cfg.data.max_length, require_any=False)
+                    if eval_s else ([], None))
+        evals = held_out(evals, len(eval_s), cfg, self.unit)
         prompts = [template.generation_prompt(s.prompt) for s in eval_s[:cfg.samples.n_heldout]]
-        return EncodedData(train, evals, prompts + _user_prompts(cfg, template), stats.as_dict())
+        return EncodedData(train, evals, prompts + _user_prompts(cfg, template), {**stats.as_dict(), **counts})
 
     def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
         return shuffled_batches(examples, cfg.train.batch_size, cfg.train.seed,
@@ -129,7 +159,7 @@ class PairData:
     def summary(self, stats: dict, n_eval: int) -> str:
         return (f"data: {stats['n_examples']} training {self.unit} ({stats['trained_tokens']:,} response tokens "
                 f"of {stats['total_tokens']:,}), {n_eval} held out; truncated {stats['n_truncated']}, "
-                f"dropped {stats['n_dropped']}")
+                f"dropped {stats['n_dropped']}{summary_suffix(stats)}")
 
 
 class UnpairedData(PairData):
@@ -141,6 +171,7 @@ class UnpairedData(PairData):
     parse = staticmethod(to_unpaired)
     encode_samples = staticmethod(encode_unpaired)
     collate = staticmethod(collate_unpaired)
+    counts = staticmethod(unpaired_counts)
 
 
 KINDS = {k.name: k for k in (SFTData(), PairData(), UnpairedData())}

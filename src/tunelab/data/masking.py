@@ -207,11 +207,12 @@ def _encode_many(tokenizer, seg_lists: list[list[Segment]], mode: str, turns: st
 
 
 def encode_dataset(tokenizer, samples, template: Template, mode: str = "prompt", turns: str = "all",
-                   max_length: int | None = None, batch_size: int = 512) -> tuple[list[Encoded], DataStats]:
+                   max_length: int | None = None, batch_size: int = 512,
+                   require_any: bool = True) -> tuple[list[Encoded], DataStats]:
     """Encode every `formats.Sample`; examples with no trained token are dropped and counted.
 
     Raises `TunelabError` if nothing at all is left to train on (typically `max_length` too small to reach
-    any response).
+    any response), unless `require_any` is off (a held-out set: the caller says which split it was).
     """
     check_options(mode, turns)
     if max_length is not None and max_length < 2:
@@ -232,7 +233,7 @@ def encode_dataset(tokenizer, samples, template: Template, mode: str = "prompt",
             stats.n_truncated += ex.truncated
             stats.total_tokens += len(ex)
             stats.trained_tokens += ex.n_trained
-    if not kept:
+    if not kept and require_any:
         why = (f" (max_length={max_length} cuts off every response)" if max_length is not None
                else f" (loss mask mode '{mode}', turns '{turns}')")
         raise TunelabError(f"all {stats.n_fully_masked} examples are fully masked: no token to train on{why}")

@@ -228,8 +228,8 @@ def _count(stats: PrefStats, *encs: Encoded) -> None:
         stats.trained_tokens += e.n_trained
 
 
-def encode_pairs(tokenizer, pairs: list[PairSample], template: Template,
-                 max_length: int | None = None) -> tuple[list[PairExample], PrefStats]:
+def encode_pairs(tokenizer, pairs: list[PairSample], template: Template, max_length: int | None = None,
+                 require_any: bool = True) -> tuple[list[PairExample], PrefStats]:
     stats, out = PrefStats(), []
     for p in pairs:
         c = encode_response(tokenizer, template, p.prompt, p.chosen, f"{p.origin} chosen", max_length)
@@ -242,7 +242,7 @@ def encode_pairs(tokenizer, pairs: list[PairSample], template: Template,
         stats.n_examples += 1
         stats.n_truncated += c.truncated or r.truncated
         _count(stats, c, r)
-    if pairs and not out:
+    if pairs and not out and require_any:
         raise TunelabError(f"all {len(pairs)} pairs lost their responses to truncation "
                            f"(max_length={max_length}); raise data.max_length")
     return out, stats
@@ -252,8 +252,8 @@ def _prompt_len(e: Encoded) -> int:
     return next(i for i, m in enumerate(e.loss_mask) if m)
 
 
-def encode_unpaired(tokenizer, samples: list[UnpairedSample], template: Template,
-                    max_length: int | None = None) -> tuple[list[UnpairedExample], PrefStats]:
+def encode_unpaired(tokenizer, samples: list[UnpairedSample], template: Template, max_length: int | None = None,
+                    require_any: bool = True) -> tuple[list[UnpairedExample], PrefStats]:
     """Encode, then give each example i the KL partner (prompt_i, completion_{i-1}) in dataset order — fixed per
     example (as in TRL), so reference log-probs of the partner can be cached too."""
     stats, kept = PrefStats(), []
@@ -264,7 +264,7 @@ def encode_unpaired(tokenizer, samples: list[UnpairedSample], template: Template
             stats.dropped.append(s.origin)
             continue
         kept.append((e, s))
-    if samples and not kept:
+    if samples and not kept and require_any:
         raise TunelabError(f"all {len(samples)} examples lost their completions to truncation "
                            f"(max_length={max_length}); raise data.max_length")
     out = []

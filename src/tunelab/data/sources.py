@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TunelabError
+from ..hub import go_offline_if_unreachable
+from ..userfiles import not_utf8, read_text
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # `name`, `org/name`, optionally `:config` — the shapes a hub dataset id can take.
@@ -61,8 +63,10 @@ def load_records(source: str, split: str | None = None, limit: int | None = None
             raise TunelabError(f"{source}: unsupported file type '{suffix}' (use {', '.join(FILE_SUFFIXES)})")
         try:
             records = readers[suffix](path, source, limit)
-        except UnicodeDecodeError as e:
-            raise TunelabError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path, source) from None
+        except OSError as e:  # unreadable (permissions), vanished meanwhile, an I/O error
+            raise TunelabError(f"{source}: cannot read ({e.strerror})") from None
     elif suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")) or not _HF_ID.match(source):
         raise TunelabError(f"{source}: file not found")
     else:
@@ -85,7 +89,7 @@ def _json_type(obj) -> str:
 
 def _read_jsonl(path: Path, source: str, limit: int | None) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not part of line 1
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records
@@ -101,7 +105,7 @@ def _read_jsonl(path: Path, source: str, limit: int | None) -> list[Record]:
 
 
 def _read_json(path: Path, source: str, limit: int | None) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, source)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -121,7 +125,7 @@ def _read_json(path: Path, source: str, limit: int | None) -> list[Record]:
 def _read_csv(path: Path, source: str, limit: int | None) -> list[Record]:
     records = []
     # newline="" lets the csv module handle quoted fields that contain line breaks.
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: no BOM glued to the first column's name
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
         try:
@@ -157,6 +161,7 @@ def _read_parquet(path: Path, source: str, limit: int | None) -> list[Record]:
 
 def _read_hub(source: str, split: str, limit: int | None) -> list[Record]:
     name, _, config = source.partition(":")
+    note = go_offline_if_unreachable()
     try:
         import datasets
 
@@ -164,6 +169,6 @@ def _read_hub(source: str, split: str, limit: int | None) -> list[Record]:
     except Exception as e:  # offline, missing, gated, bad split… all surface as one user-facing line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TunelabError(f"{source}: cannot load dataset from the Hugging Face hub "
-                           f"({type(e).__name__}: {first})") from None
+                           f"({type(e).__name__}: {first}{'; ' + note if note else ''})") from None
     n = len(ds) if limit is None else min(limit, len(ds))
     return [Record(dict(ds[i]), f"{name}[{split}]:row {i}") for i in range(n)]

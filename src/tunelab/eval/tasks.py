@@ -66,6 +66,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import TunelabError
+from ..userfiles import read_text
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks"
 KINDS = ("perplexity", "choice", "exact", "code")
@@ -195,7 +196,7 @@ def load_task(ref: str | Path | Task) -> Task:
 def task_from_yaml(path: Path) -> Task:
     """Parse and validate one task file; every problem is one `TunelabError` line naming the file."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         line = f":{e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
         raise TunelabError(f"{path}{line}: malformed YAML ({getattr(e, 'problem', None) or e})") from None

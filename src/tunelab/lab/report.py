@@ -17,6 +17,7 @@ import html
 from datetime import datetime
 from pathlib import Path
 
+from ..userfiles import check_can_create, make_folder
 from .plots import pareto_front, plot_all
 from .results import RunInfo, applies, build_table, config_differences, flatten, fmt, to_csv, to_markdown
 
@@ -53,8 +54,7 @@ pre{background:#f6f8fa;padding:8px;border-radius:4px;white-space:pre-wrap;word-b
 def build_report(runs: list[RunInfo], out_dir: str | Path, title: str = "tunelab report",
                  description: str = "") -> Path:
     """Write the table, figures and index.html for `runs` into `out_dir`; returns index.html's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(out_dir), "report --out")
     cols, rows = build_table(runs)
     (out / "results.md").write_text(f"# {title}\n\n{description}\n\n" + to_markdown(cols, rows) + _legend(runs))
     (out / "results.csv").write_text(to_csv(cols, rows, runs))
@@ -204,6 +204,7 @@ def report_main(paths: list[str], out: str) -> int:
     """`tunelab report`: the report of run directories and/or sweep folders (one sweep keeps its title)."""
     from .results import collect, sweep_meta
 
+    check_can_create(Path(out), "report --out")
     runs = collect(paths)
     meta = sweep_meta(Path(paths[0])) if len(paths) == 1 else {}
     index = build_report(runs, out, title=meta.get("name") or "tunelab report",

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import TunelabError
+from ..jsonl import read_rows
 
 STATE_FILE = "sweep.json"
 _NOT_A_DIFFERENCE = {"output_dir", "overwrite", "resume", "method"}  # method has its own column
@@ -75,15 +76,17 @@ def load_run(path: Path, label: str | None = None) -> RunInfo:
     path = Path(path)
     info = RunInfo(label or path.name, path)
     if (path / "config.yaml").exists():
-        info.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        try:
+            info.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TunelabError(f"{path / 'config.yaml'}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if (path / "results.json").exists():
-        info.results = json.loads((path / "results.json").read_text())
-    if (path / "metrics.jsonl").exists():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                info.metrics.append(json.loads(line))
-            except ValueError:
-                continue
+        try:
+            info.results = json.loads((path / "results.json").read_text())
+        except json.JSONDecodeError as e:  # written atomically since; an older run killed while writing it
+            raise TunelabError(f"{path / 'results.json'}:{e.lineno}: malformed JSON ({e.msg}); delete it to "
+                               "treat the run as unfinished") from None
+    info.metrics = read_rows(path / "metrics.jsonl")
     info.status = "done" if info.results is not None else ("incomplete" if info.metrics or info.config else "new")
     return info
 

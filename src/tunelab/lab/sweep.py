@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import load_config, parse_override
 from ..errors import TunelabError
+from ..userfiles import read_text
 
 
 class VariantSpec(BaseModel):
@@ -214,7 +215,7 @@ def _base_config(base: str | dict, path: Path | None) -> dict:
     if not p.is_file():
         raise TunelabError(f"{path or 'sweep'}: base: run config not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(read_text(p)) or {}
     except yaml.YAMLError as e:
         raise TunelabError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})")
     if not isinstance(raw, dict):

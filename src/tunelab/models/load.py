@@ -5,7 +5,9 @@ hub id (the real path for users; tests and the demo never touch the hub). GGUF f
 a cached safetensors folder (`$TUNELAB_CACHE` or `~/.cache/tunelab/models/<name>`), written atomically, so
 every later load is a plain `from_pretrained` of a folder.
 
-Defaults: fp32 on CPU, bf16 on CUDA; `trust_remote_code` only when the config asks for it. The tokenizer's
+Defaults: fp32 on CPU, bf16 on CUDA; `trust_remote_code` only when the config asks for it, and weights are
+read from safetensors only: a folder holding nothing but pickle weights (`pytorch_model.bin`, which can run
+code when unpickled) is refused with one line unless the config says `model.allow_pickle: true`. The tokenizer's
 pad token is set to eos when it has none (SmolLM2: pad == eos), which is why every forward pass in tunelab
 passes an explicit attention mask.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TunelabError
+from ..hub import OFFLINE_NOTE, go_offline_if_unreachable
 from .aliases import ALIASES, HUB_IDS, alias_gguf
 
 
@@ -28,10 +31,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 
 
+def check_device(device: str, key: str = "model.device") -> torch.device:
+    """`device` as a torch.device this machine has; one line naming `key` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TunelabError(f"{key}: unknown device '{device}' (use auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TunelabError(f"{key}={device}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TunelabError(f"{key}={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise TunelabError(f"{key}={device}: MPS is not available on this machine (use cpu or auto)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise TunelabError(f"{key}={device}: unsupported device type '{dev.type}' (use auto, cpu, cuda, mps)")
+    return dev
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -56,8 +77,11 @@ def gguf_to_folder(gguf: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, OSError, KeyError) as e:  # not GGUF at all, truncated, an architecture transformers lacks
+            raise TunelabError(f"model not found: {gguf} is not a loadable GGUF file ({_first_line(e)})") from None
         # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights are
         # already dequantized floats, so rebuild a plain model from the config and save that.
         config = model.config
@@ -94,6 +118,12 @@ def resolve(ref: str) -> str:
     if looks_local or ref.count("/") != 1:
         raise TunelabError(f"model not found: '{ref}' is not an alias ({', '.join(ALIASES)}), "
                            "a folder, a .gguf file or a hub id like org/name")
+    note = go_offline_if_unreachable()  # no network: the local cache only, at once, instead of a minute of retries
+    if note:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise TunelabError(f"model not found: '{ref}' is not in the local Hugging Face cache and {OFFLINE_NOTE}")
     return ref
 
 
@@ -112,6 +142,10 @@ def ecosystem_ref(ref: str) -> str:
     return ref
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -124,19 +158,40 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weights_format(folder: str, allow_pickle: bool) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files, unless pickle is allowed."""
+    path = Path(folder)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise TunelabError(f"model {folder} has only pickle weights ({pickles[0]}), which can run code when "
+                           "loaded; convert it to safetensors or set model.allow_pickle=true")
+
+
 def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, allow_pickle: bool = False):
     """Load (model, tokenizer) for a model reference; the model is in train mode on `device`."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     folder = resolve(ref)
+    check_weights_format(folder, allow_pickle)
     tok = load_tokenizer(ref, trust_remote_code)
-    kwargs = dict(dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+                  use_safetensors=None if allow_pickle else True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as e:
-        raise TunelabError(f"model not found: '{ref}' ({str(e).splitlines()[0]})")
+        raise TunelabError(f"model not found: '{ref}' ({_first_line(e)})") from None
+    except (ValueError, ImportError) as e:
+        if attn_implementation:  # transformers refuses an unknown or uninstalled attention backend this way
+            raise TunelabError(f"model.attn_implementation={attn_implementation}: not usable with this model "
+                               f"({_first_line(e)})") from None
+        raise
     return model.to(dev), tok

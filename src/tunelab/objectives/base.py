@@ -39,13 +39,15 @@ class RunHooks:
 
     Class attributes: ``data_kind`` (a `data.kinds` name: sft | pairs | unpaired), ``needs_reference`` (a
     frozen/adapter-off reference model is built for it), ``generator`` (the trained model generates text, so
-    learning/forgetting tasks run on it; a reward model does not). Class-level checks run before anything is
+    learning/forgetting tasks run on it; a reward model does not), ``nll_loss`` (the loss is a mean token NLL,
+so a loss near ln(vocab) means collapse). Class-level checks run before anything is
     written; instance hooks run during the run. Measures come from `scoring.HeldOutLoss` (SFT) or `pairwise.PairMetrics` (preference objectives).
     """
 
     data_kind = "sft"
     needs_reference = False
     generator = True
+    nll_loss = False  # the loss is a mean token NLL: the loop's collapse rule applies (train/guards.py)
 
     @classmethod
     def wants_reference(cls, cfg) -> bool:

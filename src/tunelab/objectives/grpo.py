@@ -46,7 +46,9 @@ Aggregation ``loss_agg`` → (loss_sum, n); the loop divides Σ loss_sum by Σ n
 Metrics (micro-batch; token means over completion tokens): ``kl`` (mean KL_t, when β > 0), ``clip_fraction``
 (share of tokens whose clip is active, i.e. the gradient is cut: ρ < 1−ε_low with A < 0 or ρ > 1+ε_high with
 A > 0 — TRL's clip_ratio/region_mean), ``ratio`` (mean ρ), ``adv_mean``/``adv_std`` over rows,
-``completion_len`` (mean completion tokens). Entropy is not computed (it would need the full softmax per token).
+``completion_len`` (mean completion tokens), ``entropy`` (mean over completion tokens of the policy's
+H(π_θ(·|y_<t)) at the sampling temperature — a collapse of exploration shows here first; computed inside the
+chunked head from the logits it builds anyway, no gradient).
 Reference implementation: TRL 1.16 `GRPOTrainer._compute_loss`, which the tests run on identical inputs.
 """
 
@@ -165,7 +167,8 @@ class GRPO(ReferenceHooks, RunHooks):
         batch = with_positions(batch)
         mask = targets(batch)
         ref = self.reference_logprobs(batch).masked_fill(~mask, 0.0) if self.beta else None  # before the policy
-        logp = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature)
+        logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
+                                       return_entropy=True)
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old.float().masked_fill(~mask, 0.0)
         adv = batch["advantages"].float().to(logp.device)
@@ -174,10 +177,10 @@ class GRPO(ReferenceHooks, RunHooks):
         if kl is not None:
             per_token = per_token + self.beta * kl
         loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
-        return loss_sum, n, self.metrics(mask, ratio, clipped, adv, kl)
+        return loss_sum, n, self.metrics(mask, ratio, clipped, adv, kl, entropy)
 
     @staticmethod
-    def metrics(mask, ratio, clipped, adv, kl=None) -> dict[str, float]:
+    def metrics(mask, ratio, clipped, adv, kl=None, entropy=None) -> dict[str, float]:
         m = mask.float()
         tokens = m.sum().clamp(min=1)
 
@@ -189,6 +192,8 @@ class GRPO(ReferenceHooks, RunHooks):
                "completion_len": float(m.sum(-1).mean())}
         if kl is not None:
             out["kl"] = mean(kl)
+        if entropy is not None:
+            out["entropy"] = mean(entropy)
         return out
 
     # ---------------------------------------------------------------------------------------- run measures

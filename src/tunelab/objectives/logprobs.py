@@ -165,48 +165,68 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransfor
 
 
 def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, transform: LogitTransform,
-                temperature: float = 1.0):
+                temperature: float = 1.0, with_entropy: bool = False):
     logits = head_logits(h, weight, bias, transform)
     if temperature != 1.0:
         logits = logits / temperature
-    return -F.cross_entropy(logits, targets, reduction="none")
+    logp = -F.cross_entropy(logits, targets, reduction="none")
+    if not with_entropy:
+        return logp
+    # H = −Σ_v p_v log p_v of the same distribution, while its logits exist anyway (a metric: no gradient)
+    with torch.no_grad():
+        log_all = logits.log_softmax(dim=-1)
+        entropy = -(log_all.exp() * log_all).sum(-1)
+    return logp, entropy
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, with_entropy: bool = False):
     """log p(target) for rows of `hidden` [N, H] → [N] (fp32), the lm_head applied chunk by chunk.
 
     `temperature`: log_softmax(logits / temperature), the model's own logits (after its transform) divided as
-    the sampler divides them — what online RL scores its samples with (1: the plain distribution)."""
+    the sampler divides them — what online RL scores its samples with (1: the plain distribution).
+    `with_entropy`: also return the entropy [N] (detached) of each row's whole next-token distribution."""
     weight, bias, transform = output_head(model)
     outs = []
     for i in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, temperature, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, temperature, with_entropy,
+                                   use_reentrant=False))
         else:
-            outs.append(_chunk_logp(h, t, weight, bias, transform, temperature))
+            outs.append(_chunk_logp(h, t, weight, bias, transform, temperature, with_entropy))
+    if with_entropy:
+        if not outs:
+            empty = hidden.sum(-1).float()
+            return empty, empty.detach()
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     # no target at all (a micro-batch whose rows are all masked out, e.g. rejection sampling rejecting them all):
     # an empty result that is still part of the graph, so that the loss it sums to can be backpropagated (0 grads)
     return torch.cat(outs) if outs else hidden.sum(-1).float()
 
 
 def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bool = False,
-                   router_logits: bool = False, temperature: float = 1.0):
+                   router_logits: bool = False, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probs of each target token, as a [B, T] fp32 tensor (0 where `loss_mask` is False).
 
     `loss_mask[b, t]` True means token t is predicted from position t-1 (the first token never is).
     `router_logits`: see `forward_hidden` (only for a mixture-of-experts model).
     `temperature`: see `head_logprobs` (online RL scores samples at the sampling temperature).
+    `return_entropy`: also return the [B, T] entropy (detached; 0 off the mask) of the distribution each target
+    token was drawn from — ``(logp, entropy)``, or ``(logp, entropy, output)`` with `return_output`.
     """
     hidden, out = forward_hidden(model, batch, router_logits)
     mask = batch["loss_mask"].clone()
     mask[:, 0] = False
     pos = mask.nonzero(as_tuple=True)
     h = hidden[pos[0], pos[1] - 1]
-    logp = head_logprobs(model, h, batch["input_ids"][pos], chunk_size, temperature)
+    scored = head_logprobs(model, h, batch["input_ids"][pos], chunk_size, temperature, with_entropy=return_entropy)
+    logp, entropy = scored if return_entropy else (scored, None)
     full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     full = full.index_put(pos, logp)
+    if return_entropy:
+        ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).index_put(pos, entropy)
+        return (full, ent, out) if return_output else (full, ent)
     return (full, out) if return_output else full
 
 

@@ -41,6 +41,7 @@ import torch
 from ..adapters.base import adapter_parameters, disabled, has_adapter
 from ..errors import TunelabError
 from .logprobs import sequence_logprobs, token_logprobs
+from ..models.load import check_device
 from ..models.modes import eval_mode
 from .scoring import score_batches
 
@@ -54,16 +55,29 @@ def view(batch: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
+def _resolve_mode(mode: str, model, device: str | None, dtype: str | None) -> str:
+    """The reference's mode for `model` (auto → adapter or copy); one line for options that cannot work."""
+    if mode == "auto":
+        mode = "adapter" if has_adapter(model) else "copy"
+    if mode == "adapter" and not has_adapter(model):
+        raise TunelabError("reference.mode=adapter needs an adapter method (method: lora); use copy")
+    if mode == "adapter" and (device or dtype):
+        raise TunelabError("reference.device/dtype apply to reference.mode=copy only (the adapter "
+                           "reference shares the policy's weights)")
+    if device is not None:
+        check_device(device, "reference.device")
+    return mode
+
+
+def check_reference(options, model) -> None:
+    """Validate ``reference:`` options against the wrapped policy before the run writes anything."""
+    _resolve_mode(options.mode, model, options.device, options.dtype)
+
+
 class Reference:
     def __init__(self, model, mode: str = "auto", device: str | None = None, dtype: str | None = None,
                  sync_every: int | None = None, sync_alpha: float = 0.6, chunk_size: int = 1024):
-        if mode == "auto":
-            mode = "adapter" if has_adapter(model) else "copy"
-        if mode == "adapter" and not has_adapter(model):
-            raise TunelabError("reference.mode=adapter needs an adapter method (method: lora); use copy")
-        if mode == "adapter" and (device or dtype):
-            raise TunelabError("reference.device/dtype apply to reference.mode=copy only (the adapter "
-                               "reference shares the policy's weights)")
+        mode = _resolve_mode(mode, model, device, dtype)
         self.mode, self.policy, self.chunk_size = mode, model, chunk_size
         self.sync_every, self.sync_alpha = sync_every, sync_alpha
         self.model = None

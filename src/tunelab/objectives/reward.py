@@ -176,7 +176,8 @@ def load_reward_model(run_dir: str | Path, device: str = "auto") -> RewardModel:
     if (run_dir / "model").exists():
         model, tok = load_model(str(run_dir / "model"), cfg.model.dtype, device)
     else:
-        model, _ = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code)
+        model, _ = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code,
+                              allow_pickle=cfg.model.allow_pickle)
         load_method(model, cfg.method, run_dir / "adapter")
         tok = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
         if tok.pad_token_id is None:

@@ -140,4 +140,4 @@ class HeldOutLoss:
         return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"]}
 
     def describe(self, m: dict) -> str:
-        return f"held-out loss {m['eval_loss']:.4f}" if not math.isnan(m["eval_loss"]) else "no held-out data"
+        return f"held-out loss {m['eval_loss']:.4f}" if not math.isnan(m["eval_loss"]) else "no held-out set"

@@ -94,6 +94,7 @@ def router_aux_loss(model, out, batch, aux: RouterAux | None = None) -> torch.Te
 class SFT(HeldOutLoss, RunHooks):
     name = "sft"
     data_kind = "sft"
+    nll_loss = True
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size

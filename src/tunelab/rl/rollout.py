@@ -34,12 +34,15 @@ import json
 import math
 import os
 import time
+from pathlib import Path
+
 import torch
 
 from ..data.batches import RunContext
 from ..data.sources import Record
 from ..errors import TunelabError
 from ..generate import cut_at_stop
+from ..jsonl import read_rows
 from ..sampling import sample
 from .advantages import ESTIMATORS
 from .rewards import RewardInputs, build_rewards
@@ -101,10 +104,9 @@ class RolloutSource:
         if self.ctx.run_dir is None or self.ctx.rank or not os.path.exists(f"{self.ctx.run_dir}/selected.jsonl"):
             return
         path = f"{self.ctx.run_dir}/selected.jsonl"
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line)["round"] <= last_round]
+        keep = [r for r in read_rows(Path(path), strict=True) if r.get("round", 0) <= last_round]  # torn row: dropped
         with open(path, "w") as f:
-            f.writelines(keep)
+            f.writelines(json.dumps(r) + "\n" for r in keep)
 
     # -------------------------------------------------------------------------------------------- a round
     def round_prompts(self, r: int) -> list:

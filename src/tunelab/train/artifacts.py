@@ -1,11 +1,13 @@
-"""What a run writes besides checkpoints and metrics: the run directory itself, sample generations, the
-adapter/ or model/ folder and results.json.
+"""What a run writes besides checkpoints and metrics: sample generations, the adapter/ or model/ folder and
+results.json (the run directory itself: `rundir`).
 
     adapter/   the method's export (PEFT format where PEFT has the method, tunelab's own otherwise) + tokenizer
     model/     full and partial finetuning: a plain HF model folder + tokenizer
     results.json  one JSON object; NaN becomes null (JSON has no NaN)
 
-Folders are written to a temporary sibling and renamed, so a crash never leaves a half-written adapter.
+Folders are written to a temporary sibling and renamed, so a crash never leaves a half-written adapter; a
+full disk removes the temporary folder and stops with one line (how much was needed, where). Weights with
+NaN/inf are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -17,18 +19,8 @@ from pathlib import Path
 
 from ..adapters.base import export_method, saves_full_model
 from ..config import RunConfig, method_options
-from ..errors import TunelabError
 from ..generate import generate
-
-
-def start_run_dir(cfg: RunConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
-    if out.exists() and (cfg.overwrite or not cfg.resume):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+from .guards import check_finite, disk_full, is_disk_full, tensor_bytes
 
 
 def generate_samples(model, tokenizer, template, prompts: list[str], cfg: RunConfig) -> list[dict]:
@@ -53,13 +45,23 @@ def save_artifacts(model, tokenizer, template, cfg: RunConfig, out: Path, state_
     whole = saves_full_model(cfg.method)
     target = out / ("model" if whole else "adapter")
     tmp = out / f".tmp-{target.name}"
+    saved = (list(state_dict.items()) if whole and state_dict is not None  # FSDP2: the gathered full weights
+             else [(n, p) for n, p in model.named_parameters() if whole or p.requires_grad])
+    check_finite(saved, f"{target.name}/")
     shutil.rmtree(tmp, ignore_errors=True)
-    if whole:
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    else:
-        export_method(model, cfg.method, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tunelab_template.json").write_text(json.dumps({"name": template.name, "jinja": template.jinja}))
+    try:
+        if whole:
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        else:
+            export_method(model, cfg.method, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tunelab_template.json").write_text(json.dumps({"name": template.name, "jinja": template.jinja}))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full(f"{target.name}/", out, tensor_bytes(p for _, p in saved),
+                            "the partial folder was removed; the checkpoints are kept") from None
+        raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -76,6 +78,15 @@ def _json_safe(value):
 
 
 def write_results(out: Path, results: dict) -> Path:
+    """results.json, written to a temporary file and renamed: it marks a run finished, so never half of it."""
     path = out / "results.json"
-    path.write_text(json.dumps(_json_safe(results), indent=2))
+    tmp = out / ".tmp-results.json"  # a run counts as finished once results.json exists: never half of it
+    try:
+        tmp.write_text(json.dumps(_json_safe(results), indent=2))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full("results.json", out) from None
+        raise
+    tmp.replace(path)
     return path

@@ -84,6 +84,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _collective_device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
+def main_says(value: int) -> int:
+    """Rank 0's `value` on every rank (a plain return without a process group)."""
+    if world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -224,6 +237,23 @@ class Engine:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return t.tolist()
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over ranks (e.g. "did any rank fail, and which": rank + 1 or 0) — every rank
+        gets the same answer, so every rank takes the same branch afterwards."""
+        if not self.distributed:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's `value` on every rank."""
+        if not self.distributed:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+        dist.broadcast(t, 0)
+        return int(t.item())
 
     def mean_metrics(self, metrics: dict) -> dict:
         """Per-rank metrics averaged over ranks (every rank must report the same keys, in any order)."""

@@ -14,6 +14,14 @@ Distributed (`train/distributed.py`, under torchrun): the `Engine` runs each los
 forward, reduces gradients on the last micro-batch only, and Σn, the logged loss and the token count are summed
 over ranks, so N ranks × micro-batch b reproduce one process with batch N·b; metrics are averaged over ranks.
 
+Divergence (`train.divergence`, rule in `guards.py`) is judged between 3 and 4, before the optimizer moves:
+a non-finite loss or gradient (any objective), or an NLL loss collapsing to ln(vocab), stops the run with
+one `TunelabError` line. The checkpoint of the weights that produced the bad loss (saved right after the
+previous step) is deleted, so the newest checkpoint left is the last good one, and nothing is exported.
+Under torchrun the guard judges the all-reduced loss and the global gradient norm, so every rank sees the
+same numbers; the ranks' verdicts are combined once more before anyone stops (all stop together, none is
+left waiting in a collective), and only rank 0 deletes checkpoint folders (that one, and pruning).
+
 Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
 (`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +42,9 @@ import torch
 from ..data.batches import BatchSource
 from ..errors import TunelabError
 from . import dist_checkpoint
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
+from .guards import DivergenceGuard
 from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
 
@@ -74,6 +84,26 @@ def _position(loop: dict, cfg, engine: Engine) -> int:
     return rows // now
 
 
+def _vocab_size(model) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float, engine: Engine):
+    """Stop: drop the checkpoint of the weights that gave the bad loss (those after `step`), name the rest.
+    Under torchrun every rank comes here together; rank 0 deletes, the others wait for it before they stop."""
+    bad = ckpt_dir / f"step-{step:06d}"
+    if engine.rank == 0 and bad.exists():
+        shutil.rmtree(bad)
+    engine.max_int(0)  # a barrier: no rank ends (and gets the launch torn down) before the deletion is done
+    good = complete_checkpoints(ckpt_dir)
+    kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was kept"
+    raise TunelabError(f"training diverged at step {step + 1}: {diagnosis} (train.lr {lr:g}); {kept}; "
+                       "nothing was exported — lower train.lr (or set train.divergence.enabled=false)")
+
+
 def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         evaluate: Callable[[int], dict] | None = None, resume: bool = True,
         stop_after: int | None = None, engine: Engine | None = None) -> LoopResult:
@@ -95,7 +125,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     step, micro, tokens, resumed = 0, 0, 0, None
-    latest = latest_checkpoint(ckpt_dir) if resume else None
+    latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
     if latest is not None:
         if engine.distributed or dist_checkpoint.is_sharded(latest):
             state = dist_checkpoint.load(latest, model, optimizer, scheduler, objective, engine)
@@ -112,6 +142,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
 
     model.train()
+    prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
+    guard = DivergenceGuard(cfg.divergence, _vocab_size(model), getattr(objective, "nll_loss", False))
     on_step = getattr(objective, "on_step", None)
     last_loss = float("nan")
     eval_seconds = 0.0  # kept out of the training throughput
@@ -156,6 +188,17 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
                          else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
             lr = scheduler.get_last_lr()[0]
+            diagnosis = guard.check(loss_sum / denom, float(gnorm))  # all-reduced loss, global norm: same on all ranks
+            if engine.distributed:  # and should a rank still disagree, every rank stops with it: none hangs alone
+                stopper = engine.max_int(engine.rank + 1 if diagnosis else 0)
+                if stopper and not diagnosis:
+                    diagnosis = f"rank {stopper - 1} diagnosed a divergence"
+            if diagnosis:
+                _diverged(ckpt_dir, step, diagnosis, cfg.lr, engine)
+            if prune_due:  # the newest checkpoint's weights just gave a healthy loss: older ones may go
+                if main:
+                    prune_checkpoints(ckpt_dir, cfg.keep_last)
+                prune_due = False
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -183,11 +226,13 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
                               **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
                 obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
-                if engine.distributed:
-                    dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, cfg.keep_last,
-                                         obj_state, engine)
+                if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
+                    dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
                 else:
-                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, cfg.keep_last, obj_state)
+                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
+                prune_due = True
+    if prune_due and main:
+        prune_checkpoints(ckpt_dir, cfg.keep_last)
     if evaluate and step == total:
         row = evaluate(step)
         if row and main:

@@ -19,10 +19,32 @@ import torch
 from ..errors import TunelabError
 
 
-def build_optimizer(params, name: str, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+def optimizer_class(name: str) -> type:
     cls = getattr(torch.optim, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or name == "Optimizer":
         raise TunelabError(f"train.optimizer: unknown torch.optim optimizer '{name}'")
+    if name == "SparseAdam":  # its step fails on the dense gradients every model here has
+        raise TunelabError("train.optimizer: SparseAdam needs sparse gradients; use Adam or AdamW")
+    step = inspect.signature(cls.step).parameters.get("closure")
+    if step is not None and step.default is inspect.Parameter.empty:
+        raise TunelabError(f"train.optimizer: {name} needs a closure that re-evaluates the loss; the training loop "
+                           "takes one step per batch (use e.g. AdamW, SGD)")
+    return cls
+
+
+def check_optimizer(cfg) -> None:
+    """Build the configured optimizer on a dummy parameter, before a run writes anything: an unknown name or a
+    value torch refuses (betas, lr) fails as one line."""
+    try:
+        build_optimizer([("w", torch.nn.Parameter(torch.zeros(2, 2))), ("b", torch.nn.Parameter(torch.zeros(2)))],
+                        cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas)
+    except (ValueError, TypeError) as e:
+        raise TunelabError(f"train.optimizer: {cfg.optimizer} refuses these settings ({str(e).splitlines()[0]})") \
+            from None
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+    cls = optimizer_class(name)
     named = [(n, p) for n, p in params if p.requires_grad]
     if not named:
         raise TunelabError("nothing to train: no parameter requires gradients")

@@ -34,6 +34,8 @@ from ..models.load import load_model
 from ..objectives import objective_class
 from . import run as single_run
 from .distributed import barrier, is_main
+from .guards import disk_full, is_disk_full, tensor_bytes
+from .rundir import check_output_dir
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -91,13 +93,20 @@ def stage_model(out: Path, cfg: RunConfig) -> Path:
         return merged
     from transformers import AutoTokenizer
 
-    model, _ = load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    model, _ = load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code,
+                          allow_pickle=cfg.model.allow_pickle)
     load_method(model, cfg.method, out / "adapter")
     merge(model)
     tmp = out / ".tmp-merged"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(out / "adapter")).save_pretrained(tmp)  # carries the run's chat template
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(out / "adapter")).save_pretrained(tmp)  # carries the run's chat template
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full("the merged model for the next stage", out, tensor_bytes(model.parameters())) from None
+        raise
     tmp.rename(merged)
     return merged
 
@@ -108,12 +117,19 @@ def run_pipeline(cfg: RunConfig) -> Path:
     if not stages:
         raise TunelabError("stages: empty pipeline")
     root = Path(cfg.output_dir)
-    if is_main():  # under torchrun every rank runs the stages; rank 0 alone writes
-        if cfg.overwrite and root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, root / "pipeline.yaml")
-    barrier()
+    def checks():  # a stage folder that is a file or holds the user's files: refused before training
+        for _, scfg, _ in stages:
+            check_output_dir(Path(scfg.output_dir), overwrite=True)
+
+    # the root lock: one pipeline at a time. Under torchrun every rank runs the stages; rank 0 alone checks and
+    # claims the folders and writes, the others wait until it holds the root
+    with single_run.claim_on_main(root, cfg.overwrite, resume=True, checks=checks):
+        if is_main():
+            save_config(cfg, root / "pipeline.yaml")
+        return _run_stages(stages, root)
+
+
+def _run_stages(stages, root: Path) -> Path:
     outputs: dict[str, Path] = {}
     for name, scfg, src in stages:
         if src is not None:

@@ -1,8 +1,8 @@
 """Load and validate everything a run needs — model, template, data, adapter — before anything is written.
 
 Every check that user input can fail (config, data, template, model, target patterns, a method refusing the
-data) happens here, so a bad run stops with one line and leaves no run directory behind. What differs per
-objective comes from the objective's data kind (`data.kinds`) and its optional `prepare_model` hook (a reward
+data, the optimizer's settings, the reference's options, reward functions, trackers) happens here, so a bad run
+stops with one line and leaves no run directory behind. What differs per objective comes from the objective's data kind (`data.kinds`) and its optional `prepare_model` hook (a reward
 model's scalar head); this module names no objective and no method.
 """
 
@@ -21,6 +21,9 @@ from ..errors import TunelabError
 from ..models.load import load_model
 from .. import rl  # noqa: F401  (registers the `prompts` data kind of online RL)
 from ..objectives import objective_class
+from ..objectives.reference import check_reference
+from .log import check_trackers
+from .optim import check_optimizer
 from .task_eval import check_tasks
 
 
@@ -60,9 +63,11 @@ def prepare(cfg: RunConfig) -> RunInputs:
     kind = data_kind(objective.data_kind)
     kind.check(cfg)
     objective.check_config(cfg)
+    check_optimizer(cfg.train)
+    check_trackers(cfg.train.trackers)
     check_tasks(cfg)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
-                            cfg.model.attn_implementation)
+                            cfg.model.attn_implementation, cfg.model.allow_pickle)
     template = get_template(cfg.data.template, tok)
     records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     train_recs, eval_recs = split_records(records, cfg)
@@ -72,4 +77,6 @@ def prepare(cfg: RunConfig) -> RunInputs:
     check_method_data(cfg.method, data.train + data.eval)
     report = apply_method(model, cfg.method, method_options(cfg))
     objective.prepare_model(model)
+    if objective.wants_reference(cfg):
+        check_reference(cfg.reference, model)
     return RunInputs(model, tok, template, data.train, data.eval, data.eval_prompts, data.stats, report)

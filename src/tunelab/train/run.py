@@ -22,14 +22,16 @@ The run directory:
     checkpoints/       atomic, last K kept — a rerun with the same output_dir resumes from the latest
     adapter/ | model/  the trained artifact + tokenizer with the run's chat template
     results.json       measures before/after, samples, parameter counts, timings, data statistics, tasks
+    .tunelab.lock      held while the run runs (`rundir`: a second run into the folder is refused)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,14 +40,17 @@ from ..config import RunConfig, save_config
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
 from ..errors import TunelabError
+from ..jsonl import read_rows
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
-from .artifacts import generate_samples, pair_samples, save_artifacts, start_run_dir, write_results
-from .checkpoint import latest_checkpoint
-from .distributed import Engine, barrier, check_supported, is_main, plan
+from . import dist_checkpoint
+from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
+from .distributed import Engine, barrier, check_supported, is_main, main_says, plan, world_size
+from .guards import disk_full, is_disk_full
 from .log import console
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
+from .rundir import check_output_dir, claim_run_dir
 from .task_eval import evaluate_base, evaluate_during, evaluate_final
 
 
@@ -56,36 +61,72 @@ def _samples(p: RunInputs, cfg: RunConfig) -> list[dict]:
 def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     """Run single-stage `cfg` to completion (or to `stop_after` steps, for tests); returns the run directory."""
     t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.overwrite)  # fail fast, before minutes of loading
     kind = data_kind(objective_class(cfg.objective).data_kind)
-    p = prepare(cfg)
+    p = prepare(cfg)  # every check user input can fail; nothing written yet
     console.print(p.report.summary())
     console.print(kind.summary(p.stats, len(p.eval)))
     torch.manual_seed(cfg.train.seed)
-    existed = Path(cfg.output_dir).exists()
-    barrier()  # every rank has seen whether the folder existed before rank 0 (re)creates it
-    out = start_run_dir(cfg) if is_main() else Path(cfg.output_dir)
-    barrier()
-    try:
-        return _run(cfg, p, kind, out, t0, stop_after)
-    except TunelabError:
-        # a user error found only once the run started (a reward function that raises on real completions):
-        # leave nothing half-written behind — only a folder this call created, and only before any checkpoint
-        if is_main() and not existed and latest_checkpoint(out / "checkpoints") is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    # created, locked against a second run, the previous run cleared (overwrite / resume=false) — only now; a user
+    # error found once the run started (a reward function that raises on real completions) removes a folder this
+    # call created unless it holds a checkpoint. Under torchrun rank 0 alone claims the folder (and holds its
+    # lock); the other ranks wait until it exists, then only rank 0 writes into it (checkpoint shards excepted)
+    with claim_on_main(out, cfg.overwrite, cfg.resume):
+        try:
+            return _run(cfg, p, kind, out, t0, stop_after)
+        except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
+            if isinstance(e, TunelabError) or not is_disk_full(e):
+                raise
+            name = getattr(e, "filename", None)  # OSError names the file; safetensors' error does not
+            raise (disk_full(Path(name).name, Path(name).parent) if name else disk_full("run files", out)) from None
+
+
+@contextmanager
+def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[], None] | None = None):
+    """`claim_run_dir` (after `checks()`, if given) by rank 0 alone under torchrun: the others wait until the folder
+    exists, is locked and cleared. Rank 0's success is broadcast, so when it cannot claim the folder (in use by
+    another run, …) every rank stops with a user error — none is left waiting at a barrier (which, under `tunelab
+    compare`, would pair with a later one). Without torchrun: `claim_run_dir` itself."""
+    if world_size() == 1:
+        if checks:
+            checks()
+        with claim_run_dir(out, overwrite, resume) as created:
+            yield created
+        return
+    barrier()  # every rank has checked the folder (a probe of its lock) before rank 0 takes the lock
+    if not is_main():
+        if not main_says(0):
+            time.sleep(1.0)  # rank 0 reports its own error first: it says what is wrong with the folder
+            raise TunelabError(f"output_dir {out}: rank 0 could not claim it")
+        barrier()  # the folder exists, is locked and cleared
+        yield False
+        return
+    with ExitStack() as stack:
+        try:
+            if checks:
+                checks()
+            created = stack.enter_context(claim_run_dir(out, overwrite, resume))
+        except BaseException:
+            main_says(0)
+            raise
+        main_says(1)
+        barrier()
+        yield created
 
 
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
     main = is_main()
     if main:
         save_config(cfg, out / "config.yaml")
+        read_rows(out / "samples.jsonl", repair=True)  # a row torn by a kill: cut, so the next one starts a line
     pad = p.tokenizer.pad_token_id
     check_supported(cfg, plan(cfg.parallel, p.model))
     # the reference first: a frozen copy is taken of the plain model, then the policy is wrapped / sharded
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
     engine = Engine(p.model, cfg.parallel)
     objective = build_objective(cfg, reference)
-    resuming = cfg.resume and latest_checkpoint(out / "checkpoints") is not None
+    resuming = cfg.resume and dist_checkpoint.latest(out / "checkpoints", engine) is not None
     ctx = RunContext(p.model, p.tokenizer, p.template, objective, out, engine.rank, engine.world, engine.gathered)
     batches = kind.batches(p.train, cfg, pad, ctx)
     total = total_steps(cfg.train, batches.per_epoch)

@@ -1,0 +1,148 @@
+"""The run directory's safety rules: tunelab deletes only what it wrote, and one run at a time owns a folder.
+
+    check_output_dir(cfg)   cheap, before anything is loaded or written: refuses an output_dir that is a file,
+                            cannot be created, is a non-empty folder tunelab did not make, or holds a finished
+                            run (without ``overwrite``)
+    claim_run_dir(cfg)      after every check has passed: create the folder, take its lock, and only then clear
+                            the previous run's files (``overwrite: true`` or ``resume: false``)
+
+What tunelab writes into a run directory is a fixed list of names (`RUN_ENTRIES`), plus `.tmp-*` folders of
+interrupted atomic writes. A folder is a tunelab run when it holds the lock file `LOCK_FILE` (every run since the
+lock exists creates it) or an older run's ``config.yaml`` beside its metrics, checkpoints or results. Clearing a
+run removes those names only, so a file the user put there survives ``overwrite: true``.
+
+The lock is `fcntl.flock` on `LOCK_FILE`, held for the whole run: the OS releases it when the process ends,
+however it ends, so a killed run never leaves a folder locked. A pipeline locks its root folder and each stage
+locks its own sub-folder, so a second pipeline into the same root, or a single run into a running stage's
+folder, is refused. Where `fcntl` does not exist (Windows) runs are not locked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..console import console
+from ..errors import TunelabError
+from ..userfiles import check_can_create, make_folder
+
+LOCK_FILE = ".tunelab.lock"
+RUN_ENTRIES = frozenset({
+    LOCK_FILE, "config.yaml", "pipeline.yaml", "metrics.jsonl", "samples.jsonl", "selected.jsonl",
+    "results.json", "reference_logps.safetensors", "reward_head.safetensors", "reward_head.json",
+    "checkpoints", "adapter", "model", "merged", "tensorboard", "wandb"})
+_LEGACY_SIGNS = ("metrics.jsonl", "checkpoints", "results.json")  # beside config.yaml: a run made before the lock
+
+
+def is_run_dir(path: Path) -> bool:
+    """Did tunelab make this folder (a run or a pipeline root)?"""
+    if not path.is_dir():
+        return False
+    if (path / LOCK_FILE).exists() or (path / "pipeline.yaml").exists():
+        return True
+    return (path / "config.yaml").is_file() and any((path / s).exists() for s in _LEGACY_SIGNS)
+
+
+def _own(entry: Path) -> bool:
+    return entry.name in RUN_ENTRIES or entry.name.startswith(".tmp-")
+
+
+def check_output_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output_dir tunelab must not use; writes nothing (the creatability probe is removed at once)."""
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"output_dir {out}: exists and is not a folder")
+    if out.is_dir():
+        if not is_run_dir(out) and any(out.iterdir()):
+            example = sorted(p.name for p in out.iterdir())[0]
+            raise TunelabError(f"output_dir {out}: not empty and not a tunelab run (holds '{example}'); tunelab never "
+                               "deletes files it did not write — choose a new or empty folder")
+        if (out / LOCK_FILE).exists():
+            with locked(out, probe=True):  # a running run: refuse now, not after minutes of loading
+                pass
+        if (out / "results.json").exists() and not overwrite:
+            raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
+    check_can_create(out, "output_dir")
+
+
+def clear_run_files(out: Path) -> None:
+    """Remove the files a tunelab run wrote into `out` (its stages' too, for a pipeline root); keep the rest and
+    the lock file (it is held while the caller clears)."""
+    pipeline = (out / "pipeline.yaml").exists()
+    for entry in list(out.iterdir()):
+        if entry.name == LOCK_FILE:
+            continue
+        if pipeline and entry.is_dir() and is_run_dir(entry) and not _own(entry):  # a stage's folder
+            clear_run_files(entry)
+            (entry / LOCK_FILE).unlink(missing_ok=True)
+            _rmdir_if_empty(entry)
+        elif _own(entry):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # the user's own files are still in it
+
+
+def _resumable(out: Path) -> bool:
+    """Work worth keeping after a failure: a checkpoint, or (pipeline root) a stage's folder."""
+    checkpoints = out / "checkpoints"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or any(
+        e.is_dir() and is_run_dir(e) for e in out.iterdir())
+
+
+@contextmanager
+def locked(out: Path, probe: bool = False):
+    """Hold the run directory's lock for the duration; a second holder is refused with one line. `probe` only
+    checks that the lock is free (and leaves the pid in the file alone)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks through fcntl; runs are not locked there
+        yield
+        return
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TunelabError(f"output_dir {out}: cannot write its lock file ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise TunelabError(f"output_dir {out}: in use by another tunelab run (pid {holder}); wait for it to "
+                               "finish or choose another output_dir") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): run, but say it is unguarded
+            console.print(f"[yellow]warning: cannot lock {out} ({e.strerror}); a second run into it is not "
+                          "refused[/]")
+        if not probe:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (the OS does the same when the process dies)
+
+
+@contextmanager
+def claim_run_dir(out: Path, overwrite: bool, resume: bool):
+    """Create `out`, lock it, and clear the previous run when asked; yields whether this call created it.
+
+    On a user error inside the block, a folder this call created is removed again unless it already holds work
+    to resume (a checkpoint, a pipeline's stage folder), so a failed run leaves nothing half-written."""
+    check_output_dir(out, overwrite)  # again, now that loading is done: the folder may have changed meanwhile
+    created = not out.exists()
+    make_folder(out, "output_dir")
+    with locked(out):  # cleaning up below only ever happens while this call holds the folder
+        try:
+            if not created and (overwrite or not resume):
+                clear_run_files(out)
+            yield created
+        except TunelabError:
+            if created and not _resumable(out):
+                clear_run_files(out)
+                (out / LOCK_FILE).unlink(missing_ok=True)
+                _rmdir_if_empty(out)
+            raise
