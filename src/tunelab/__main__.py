@@ -1,4 +1,4 @@
-"""`python -m tunelab` = the `tunelab` command."""
+"""`python -m tunelab` = the `tunelab` command (what `torchrun -m tunelab train CONFIG` runs on every rank)."""
 
 import sys
 

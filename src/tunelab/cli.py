@@ -1,6 +1,6 @@
 """The `tunelab` command. Thin on purpose: parse arguments, call library functions, report user errors.
 
-    tunelab train CONFIG.yaml [key=value ...]
+    tunelab train CONFIG.yaml [key=value ...] [--nproc N]     (or: torchrun --nproc-per-node N -m tunelab train …)
     tunelab data inspect CONFIG.yaml [key=value ...] [--n 3] [--json]
     tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--max-new-tokens 128] [--sample]
     tunelab export RUN_DIR --merged OUT_DIR
@@ -11,6 +11,8 @@
     tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]
 
 A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
+Under torchrun the first rank that fails prints it and exits at once; torchrun then stops the other ranks, so
+an error on one rank never leaves the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -39,9 +41,16 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train.launch import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a config error stops here, before any rank starts
+    if args.nproc and args.nproc > 1:
+        from .train.launch import relaunch
+
+        return relaunch(args.nproc, ["train", args.config, *args.overrides])
     out = train(cfg)
-    print(f"run directory: {out}")
+    from .train.distributed import is_main
+
+    if is_main():  # under torchrun: once
+        print(f"run directory: {out}")
     return 0
 
 
@@ -196,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config (+ key=value overrides)")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine: re-launches itself through torchrun")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="data tools")
@@ -269,14 +280,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
+    # a rank started by torchrun (or by another env:// launcher with several ranks)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return args.func(args)
+        if launched:
+            from .train.distributed import init
+
+            init()
+        code = args.func(args)
     except TunelabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not launched:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        from .train.distributed import report_error
+
+        if report_error(str(e)):
+            print(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        # leave at once: the other ranks may be blocked in a collective; torchrun stops them when it sees this exit
+        os._exit(2)
+    except Exception:
+        if launched:
+            from .train.distributed import failed_elsewhere
+
+            if failed_elsewhere():  # a peer's user error broke this rank's collective: that error is the news
+                os._exit(2)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if launched:
+        from .train.distributed import shutdown
+
+        shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -207,6 +207,9 @@ class RunConfig(Strict):
     reference: ReferenceConfig = ReferenceConfig()
     rl: RLConfig = RLConfig()
     ppo: PPOConfig = PPOConfig()
+    # under torchrun: ddp (replicate), fsdp (FSDP2: shard blocks + the rest), auto (fsdp when the weights would
+    # take over a quarter of one accelerator's memory, else ddp) — see train/distributed.py
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     # Multi-stage pipeline: each item overrides this config (e.g. {name: dpo, objective: dpo, train: {lr: 5e-6}});
     # a stage trains from the previous stage's output (or `from: <stage name>`). See train/pipeline.py.
     stages: list[dict[str, Any]] = []

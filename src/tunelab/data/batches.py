@@ -12,6 +12,7 @@ restores on resume. The loop never asks what kind of source it has:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
@@ -41,15 +42,28 @@ class StaticBatches:
         return self._cache[epoch][index]
 
 
-def shuffled_batches(items: list, batch_size: int, seed: int, collate_fn: Callable[[list], dict]) -> StaticBatches:
-    """`items` reshuffled every epoch from (seed, epoch) and collated `batch_size` at a time."""
+def shuffled_batches(items: list, batch_size: int, seed: int, collate_fn: Callable[[list], dict],
+                     rank: int = 0, world: int = 1) -> StaticBatches:
+    """`items` reshuffled every epoch from (seed, epoch) and collated `batch_size` at a time.
+
+    Data parallel (`world` ranks): a global micro-batch is `world · batch_size` consecutive rows of the same
+    order and rank r collates its r-th slice of it, so the ranks together see exactly the rows one process
+    with batch `world · batch_size` sees. A rank whose slice of the last, short batch is empty gets one row
+    marked ``zero_weight`` (it must still take part in the step's collectives; the loop counts it as nothing)."""
+    span = batch_size * world
 
     def make(epoch: int) -> list[dict]:
         g = torch.Generator().manual_seed(seed * 1000003 + epoch)
         order = torch.randperm(len(items), generator=g).tolist()
-        return [collate_fn([items[i] for i in order[k:k + batch_size]]) for k in range(0, len(order), batch_size)]
+        out = []
+        for k in range(0, len(order), span):
+            chunk = order[k:k + span]
+            mine = chunk[rank * batch_size:(rank + 1) * batch_size]
+            out.append(collate_fn([items[i] for i in mine]) if mine
+                       else {**collate_fn([items[chunk[0]]]), "zero_weight": True})
+        return out
 
-    return StaticBatches(make, math.ceil(len(items) / batch_size))
+    return StaticBatches(make, math.ceil(len(items) / span))
 
 
 @dataclass
@@ -62,3 +76,7 @@ class RunContext:
     template: object
     objective: object
     run_dir: object = None
+    rank: int = 0  # data parallel: this process's rank and the number of ranks (train/distributed.py)
+    world: int = 1
+    # a context in which the model may run outside the training step (all FSDP2 units gathered; no-op otherwise)
+    gathered: Callable = contextlib.nullcontext

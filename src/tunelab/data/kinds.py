@@ -51,6 +51,11 @@ def _user_prompts(cfg, template) -> list[str]:
     return [template.generation_prompt([{"role": "user", "content": p}]) for p in cfg.samples.prompts]
 
 
+def _shard(context) -> tuple[int, int]:
+    """(rank, world) of a data-parallel run; (0, 1) without a context."""
+    return (context.rank, context.world) if context is not None else (0, 1)
+
+
 def held_out(examples: list, n_records: int, cfg, unit: str) -> list:
     """The encoded held-out set. When every held-out record lost its trained tokens to `data.max_length`: an
     explicit `data.eval` file is an error naming it; an auto-split of data.train (a tiny `data.limit`, say) only
@@ -110,7 +115,7 @@ class SFTData:
         packed = cfg.data.packing
         rows = pack(examples, cfg.data.max_length) if packed else [[e] for e in examples]
         return shuffled_batches(rows, cfg.train.batch_size, cfg.train.seed,
-                                lambda chunk: collate(chunk, pad_id, packed=packed))
+                                lambda chunk: collate(chunk, pad_id, packed=packed), *_shard(context))
 
     def summary(self, stats: dict, n_eval: int) -> str:
         return (f"data: {stats['n_examples']} train examples ({stats['trained_tokens']:,} loss tokens of "
@@ -149,7 +154,7 @@ class PairData:
 
     def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
         return shuffled_batches(examples, cfg.train.batch_size, cfg.train.seed,
-                                lambda chunk: self.collate(chunk, pad_id))
+                                lambda chunk: self.collate(chunk, pad_id), *_shard(context))
 
     def summary(self, stats: dict, n_eval: int) -> str:
         return (f"data: {stats['n_examples']} training {self.unit} ({stats['trained_tokens']:,} response tokens "

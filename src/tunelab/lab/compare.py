@@ -21,6 +21,10 @@ file missing, …) or runs out of accelerator memory is recorded in ``sweep.json
 goes on. Every variant's config is validated before anything trains, so a typo in the sweep file stops it at
 once instead of after hours. Other exceptions are bugs and propagate with their traceback (the sweep can then
 be resumed).
+
+**Under torchrun** (``torchrun --nproc-per-node N -m tunelab compare SWEEP.yaml``) every rank walks the same
+variants in the same order, each variant trains data-parallel on all ranks, and only rank 0 writes
+``sweep.json`` and the report.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     killed sweep leaves an accurate record.
     """
     from ..console import console
+    from ..train.distributed import barrier, is_main
     from ..train.task_eval import check_tasks
 
     runner = runner or _default_runner
@@ -109,9 +114,11 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
         except TunelabError as e:
             raise TunelabError(f"variant '{v.name}': {e}") from None
     outcomes = [Outcome(v.name, str(v.run_dir), v.overrides, "planned") for v in sweep.variants]
+    main = is_main()
     if dry_run:
         print_plan(sweep, configs)
-        _save_state(sweep, outcomes)
+        if main:
+            _save_state(sweep, outcomes)
         return outcomes
     for i, (v, cfg, out) in enumerate(zip(sweep.variants, configs, outcomes), 1):
         state = run_status(v.run_dir)
@@ -136,8 +143,10 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
                 out.error = str(e) if isinstance(e, TunelabError) else f"{type(e).__name__}: {e}"
                 console.print(f"[red]✗ {v.name} failed: {out.error}[/] — going on with the next variant")
             out.seconds = time.perf_counter() - t0
-        _save_state(sweep, outcomes)
-    if report:
+        if main:
+            _save_state(sweep, outcomes)
+        barrier()  # rank 0 has written the variant's results before any rank looks at the next one
+    if report and main:
         write_sweep_report(sweep)
     return outcomes
 
@@ -210,6 +219,10 @@ def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = Fal
     if dry_run:
         return 0
     failed = [o for o in outcomes if o.status == "failed"]
+    from ..train.distributed import is_main
+
+    if not is_main():  # under torchrun every rank has the same outcomes; rank 0 reports them
+        return 1 if failed else 0
     for o in failed:
         print(f"failed: {o.name}: {o.error}")
     print(f"{len(outcomes) - len(failed)}/{len(outcomes)} variants finished; report: {sweep.report_dir / 'index.html'}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def fill_cache(path: Path, reference: Reference, sets: dict[str, list], pad_id: 
     loaded = tensors is not None
     if not loaded:
         tensors = {name: compute_pairs(reference, exs, pad_id, batch_size, device) for name, exs in sets.items()}
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # data-parallel ranks write the same file: own temp each
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": fp})
         tmp.replace(path)
     for name, exs in sets.items():

@@ -21,6 +21,11 @@ Exact resume: the prompts and sampling seeds of a round are functions of (seed, 
 (which depends on the policy at the round's start) is part of `state_dict()` as tensors, so a run killed in
 the middle of a round resumes with the same rollouts and reproduces the uninterrupted curve on CPU.
 
+Data parallel (torchrun, `train/distributed.py`): rank r of W samples the r-th contiguous W-th of each round's
+prompts (`rl.prompts_per_step` must divide by W) with a rank-specific sampling seed, so every group of G
+completions — whose rewards are normalised together — lives on one rank; the loop then sums the loss units of
+all ranks. Generation and reference log-probs run inside `context.gathered()` (the full weights, no collective).
+
 Held-out measures (`measure`): greedy completions of the first `rl.eval_prompts` held-out prompts, scored by
 the same rewards — the run's before/after reward and, for `exact_match`, its accuracy.
 """
@@ -37,6 +42,7 @@ import torch
 
 from ..data.batches import RunContext
 from ..data.sources import Record
+from ..errors import TunelabError
 from ..generate import cut_at_stop
 from ..jsonl import read_rows
 from ..sampling import sample
@@ -60,8 +66,12 @@ class RolloutSource:
         self.rewards = build_rewards(rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)
         self.estimator = ESTIMATORS[rl.advantage or context.objective.advantage_estimator] \
             if self.mode == "policy_gradient" else None
-        self.G, self.P, self.micro = rl.group_size, rl.prompts_per_step, cfg.train.batch_size
-        units = {"policy_gradient": self.P * self.G, "ppo": self.P * self.G, "best_of_n": self.P * (1 if rl.keep == "best" else self.G),
+        if rl.prompts_per_step % context.world:
+            raise TunelabError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the {context.world} "
+                               "ranks (each rank samples whole prompt groups)")
+        self.G, self.P, self.micro = rl.group_size, rl.prompts_per_step // context.world, cfg.train.batch_size
+        units = {"policy_gradient": self.P * self.G, "ppo": self.P * self.G,
+                 "best_of_n": self.P * (1 if rl.keep == "best" else self.G),
                  "pairs": self.P}[self.mode]
         self.mb_per_pass = math.ceil(units / self.micro)
         self.per_epoch = rl.ppo_epochs * self.mb_per_pass
@@ -95,7 +105,7 @@ class RolloutSource:
 
     def _truncate_selected(self, last_round: int) -> None:
         """On resume: forget selections of rounds after the checkpoint (they are sampled again)."""
-        if self.ctx.run_dir is None or not os.path.exists(f"{self.ctx.run_dir}/selected.jsonl"):
+        if self.ctx.run_dir is None or self.ctx.rank or not os.path.exists(f"{self.ctx.run_dir}/selected.jsonl"):
             return
         path = f"{self.ctx.run_dir}/selected.jsonl"
         keep = [r for r in read_rows(Path(path), strict=True) if r.get("round", 0) <= last_round]  # torn row: dropped
@@ -104,9 +114,10 @@ class RolloutSource:
 
     # -------------------------------------------------------------------------------------------- a round
     def round_prompts(self, r: int) -> list:
-        """Prompts of round r: consecutive slices of a per-pass shuffle of the training prompts."""
+        """This rank's prompts of round r: consecutive slices of a per-pass shuffle of the training prompts."""
         N, out, orders = len(self.prompts), [], {}
-        for k in range(r * self.P, (r + 1) * self.P):
+        first = (r * self.ctx.world + self.ctx.rank) * self.P  # the round's global slice, then this rank's part
+        for k in range(first, first + self.P):
             e, pos = divmod(k, N)
             if e not in orders:  # one shuffle per pass over the prompts
                 orders[e] = torch.randperm(N, generator=_gen(self.cfg.train.seed, 7, e))
@@ -129,8 +140,9 @@ class RolloutSource:
         t0 = time.perf_counter()
         rl = self.cfg.rl
         prompts = self.round_prompts(r)
-        samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
-                                                seed=self.cfg.train.seed * 1000003 + r)
+        with self.ctx.gathered():
+            samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
+                                                    seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
         seconds = time.perf_counter() - t0
@@ -141,7 +153,8 @@ class RolloutSource:
         build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
                  "ppo": self._ppo_rows}
         self.round_pending = r
-        self.rows = build[self.mode](prompts, samples, texts, rewards)
+        with self.ctx.gathered():  # the reference's log-probs
+            self.rows = build[self.mode](prompts, samples, texts, rewards)
         self.round = r
 
     def _sequences(self, samples, rows: list[int], temperature_logprobs: bool) -> dict:

@@ -38,18 +38,20 @@ def pair_samples(before: list[dict], after: list[dict]) -> list[dict]:
              "after": a["completion"]} for a in after]
 
 
-def save_artifacts(model, tokenizer, template, cfg: RunConfig, out: Path) -> Path:
-    """adapter/ (the method's export) or model/ (HF format), each with the tokenizer carrying the run's template."""
+def save_artifacts(model, tokenizer, template, cfg: RunConfig, out: Path, state_dict: dict | None = None) -> Path:
+    """adapter/ (the method's export) or model/ (HF format), each with the tokenizer carrying the run's template.
+    `state_dict`: the full weights when the model's own are sharded (FSDP2, gathered by `Engine.full_state_dict`)."""
     tokenizer.chat_template = template.jinja
     whole = saves_full_model(cfg.method)
     target = out / ("model" if whole else "adapter")
     tmp = out / f".tmp-{target.name}"
-    saved = [(n, p) for n, p in model.named_parameters() if whole or p.requires_grad]
+    saved = (list(state_dict.items()) if whole and state_dict is not None  # FSDP2: the gathered full weights
+             else [(n, p) for n, p in model.named_parameters() if whole or p.requires_grad])
     check_finite(saved, f"{target.name}/")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if whole:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         else:
             export_method(model, cfg.method, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
         tokenizer.save_pretrained(tmp)

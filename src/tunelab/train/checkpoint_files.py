@@ -1,6 +1,7 @@
 """The files of one checkpoint folder: the integrity manifest, and optimizer state without pickle.
 
-    manifest.json        {"files": {name: {"bytes": N, "sha256": hex}}} for every other file of the folder,
+    manifest.json        {"files": {name: {"bytes": N, "sha256": hex}}} for every other file of the folder
+                         (and of its sub-folders: a distributed run's `dcp/` shards, named `dcp/…`),
                          written just before COMPLETE and checked before a checkpoint is resumed from: a
                          truncated, bit-flipped or missing file makes the checkpoint "damaged" and the run
                          falls back to the newest intact one
@@ -32,10 +33,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name not in _UNHASHED}
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+def hash_files(folder: Path, paths) -> dict:
+    """{name relative to `folder`: {"bytes", "sha256"}} of `paths` — one rank's share of a sharded checkpoint."""
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
+
+
+def write_manifest(folder: Path, known: dict | None = None) -> None:
+    """The manifest of every file under `folder` (sub-folders too: a sharded checkpoint's `dcp/`); `known`:
+    entries already hashed elsewhere (by the rank that wrote them), the rest are hashed here."""
+    files = dict(known or {})
+    rest = [p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in files
+            and p.relative_to(folder).as_posix() not in _UNHASHED]
+    files.update(hash_files(folder, rest))
+    (folder / MANIFEST).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
 
 
 def damage(folder: Path) -> str | None:

@@ -18,3 +18,31 @@ def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
     if cfg.stages:
         return run_pipeline(cfg)
     return run(cfg, stop_after)
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """`tunelab train … --nproc N`: run `python -m tunelab ARGV` on N local ranks through torchrun's own launcher
+    (standalone rendezvous). Returns the exit status: 2 when a rank failed with a user error (that rank printed
+    it), 1 for any other failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    import os
+    import tempfile
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tunelab", *argv])
+    # where the first rank to fail with a user error says so (the ranks inherit the environment)
+    fd, os.environ["TUNELAB_ERROR_FILE"] = tempfile.mkstemp(prefix="tunelab-error-")
+    os.close(fd)
+    os.unlink(os.environ["TUNELAB_ERROR_FILE"])
+    try:
+        torchrun(args)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        return 2 if 2 in codes else 1
+    finally:
+        path = os.environ.pop("TUNELAB_ERROR_FILE")
+        if os.path.exists(path):
+            os.unlink(path)
+    return 0

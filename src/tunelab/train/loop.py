@@ -10,10 +10,17 @@ Per optimizer step:
      moving reference syncs here);
   5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
 
+Distributed (`train/distributed.py`, under torchrun): the `Engine` runs each loss as the DDP/FSDP2 wrapper's
+forward, reduces gradients on the last micro-batch only, and Σn, the logged loss and the token count are summed
+over ranks, so N ranks × micro-batch b reproduce one process with batch N·b; metrics are averaged over ranks.
+
 Divergence (`train.divergence`, rule in `guards.py`) is judged between 3 and 4, before the optimizer moves:
 a non-finite loss or gradient (any objective), or an NLL loss collapsing to ln(vocab), stops the run with
 one `TunelabError` line. The checkpoint of the weights that produced the bad loss (saved right after the
 previous step) is deleted, so the newest checkpoint left is the last good one, and nothing is exported.
+Under torchrun the guard judges the all-reduced loss and the global gradient norm, so every rank sees the
+same numbers; the ranks' verdicts are combined once more before anyone stops (all stop together, none is
+left waiting in a collective), and only rank 0 deletes checkpoint folders (that one, and pruning).
 
 Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
 (`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
@@ -34,7 +41,9 @@ import torch
 
 from ..data.batches import BatchSource
 from ..errors import TunelabError
-from .checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from . import dist_checkpoint
+from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .distributed import Engine
 from .guards import DivergenceGuard
 from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
@@ -62,6 +71,19 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _position(loop: dict, cfg, engine: Engine) -> int:
+    """The saved micro-batch counter in this run's units: a global micro-batch holds world · batch_size rows,
+    so resuming at another world size (the same global batch) rescales it."""
+    saved = loop.get("rows_per_micro", engine.world * cfg.batch_size)
+    rows = loop["micro"] * saved
+    now = engine.world * cfg.batch_size
+    if rows % now:
+        raise TunelabError(f"this checkpoint was taken after {rows} rows; with {engine.world} rank(s) × "
+                           f"train.batch_size={cfg.batch_size} that is not a whole number of micro-batches — "
+                           "resume with the same global batch (ranks × batch_size × grad_accum)")
+    return rows // now
+
+
 def _vocab_size(model) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "weight"):
@@ -69,11 +91,13 @@ def _vocab_size(model) -> int | None:
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float):
-    """Stop: drop the checkpoint of the weights that gave the bad loss (those after `step`), name the rest."""
+def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float, engine: Engine):
+    """Stop: drop the checkpoint of the weights that gave the bad loss (those after `step`), name the rest.
+    Under torchrun every rank comes here together; rank 0 deletes, the others wait for it before they stop."""
     bad = ckpt_dir / f"step-{step:06d}"
-    if bad.exists():
+    if engine.rank == 0 and bad.exists():
         shutil.rmtree(bad)
+    engine.max_int(0)  # a barrier: no rank ends (and gets the launch torn down) before the deletion is done
     good = complete_checkpoints(ckpt_dir)
     kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was kept"
     raise TunelabError(f"training diverged at step {step + 1}: {diagnosis} (train.lr {lr:g}); {kept}; "
@@ -82,8 +106,11 @@ def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float):
 
 def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         evaluate: Callable[[int], dict] | None = None, resume: bool = True,
-        stop_after: int | None = None) -> LoopResult:
-    """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints."""
+        stop_after: int | None = None, engine: Engine | None = None) -> LoopResult:
+    """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints.
+    `engine`: how this process takes part (DDP/FSDP2 under torchrun); default: a plain single process."""
+    engine = engine or Engine(model)
+    main = engine.rank == 0
     device = next(model.parameters()).device
     total = total_steps(cfg, stream.per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total))
@@ -94,19 +121,23 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     step, micro, tokens, resumed = 0, 0, 0, None
-    latest = latest_checkpoint(ckpt_dir) if resume else None
+    latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler, objective)
-        step, micro, tokens = state["step"], state["loop"]["micro"], state["loop"]["tokens"]
+        if engine.distributed or dist_checkpoint.is_sharded(latest):
+            state = dist_checkpoint.load(latest, model, optimizer, scheduler, objective, engine)
+        else:
+            state = load_checkpoint(latest, model, optimizer, scheduler, objective)
+        step, micro, tokens = state["step"], _position(state["loop"], cfg, engine), state["loop"]["tokens"]
         if hasattr(stream, "load_state_dict"):
             stream.load_state_dict(state["loop"].get("source", {}))
         resumed = step
         console.print(f"resumed from {latest} (step {step})")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
-                     trackers=cfg.trackers, run_dir=run_dir)
+                     trackers=cfg.trackers, run_dir=run_dir) if main else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
 
@@ -124,33 +155,49 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 break
             t0 = time.perf_counter()
             loss_sum, n_sum, step_tokens, metrics = 0.0, 0, 0, {}
-            for _ in range(cfg.grad_accum):
+            for i in range(cfg.grad_accum):
                 epoch, index = divmod(micro, stream.per_epoch)
                 batch = _to(stream.get(epoch, index), device)
                 micro += 1
                 source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
-                with autocast:
-                    ls, n, m = objective.loss(model, batch)
+                filler = batch.pop("zero_weight", False)  # a rank's empty share of a short last batch
+                with engine.sync(last=i == cfg.grad_accum - 1):  # reduce gradients on the step's last backward
+                    with autocast:
+                        ls, n, m = engine.forward(objective.loss, batch)
+                    if filler:
+                        ls, n = ls * 0.0, 0
+                    ls.backward()
                 m = {**source_metrics, **m}
-                ls.backward()
                 loss_sum += float(ls.detach())
                 n_sum += int(n)
                 step_tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
                     else int((batch["input_ids"] >= 0).sum())
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+            if engine.distributed:  # every rank's units, loss and tokens; DDP/FSDP2 averaged the gradients
+                loss_sum, n_sum, step_tokens = engine.all_sum(loss_sum, n_sum, step_tokens)
+                n_sum, step_tokens = int(n_sum), int(step_tokens)
+                metrics = engine.mean_metrics(metrics)
             denom = max(n_sum, 1)
             for p in params:
                 if p.grad is not None:
-                    p.grad.div_(denom)
-            gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                     else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+                    p.grad.div_(denom / engine.grad_world)
+            if engine.distributed:
+                gnorm = engine.clip(params, cfg.max_grad_norm)
+            else:
+                gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                         else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
             lr = scheduler.get_last_lr()[0]
-            diagnosis = guard.check(loss_sum / denom, float(gnorm))
+            diagnosis = guard.check(loss_sum / denom, float(gnorm))  # all-reduced loss, global norm: same on all ranks
+            if engine.distributed:  # and should a rank still disagree, every rank stops with it: none hangs alone
+                stopper = engine.max_int(engine.rank + 1 if diagnosis else 0)
+                if stopper and not diagnosis:
+                    diagnosis = f"rank {stopper - 1} diagnosed a divergence"
             if diagnosis:
-                _diverged(ckpt_dir, step, diagnosis, cfg.lr)
+                _diverged(ckpt_dir, step, diagnosis, cfg.lr, engine)
             if prune_due:  # the newest checkpoint's weights just gave a healthy loss: older ones may go
-                prune_checkpoints(ckpt_dir, cfg.keep_last)
+                if main:
+                    prune_checkpoints(ckpt_dir, cfg.keep_last)
                 prune_due = False
             optimizer.step()
             scheduler.step()
@@ -161,7 +208,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             tokens += step_tokens
             dt = time.perf_counter() - t0
             last_loss = loss_sum / denom
-            if step % cfg.log_every == 0 or step == total:
+            if main and (step % cfg.log_every == 0 or step == total):
                 log.write({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / dt,
                            "step_seconds": dt, "grad_norm": float(gnorm), "tokens": tokens, "epoch": micro / stream.per_epoch,
                            "n_loss_units": n_sum, **metrics})
@@ -171,21 +218,25 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 t_eval = time.perf_counter()
                 row = evaluate(step)
-                if row:  # an objective with nothing held out and no tasks measures nothing
+                if row and main:  # an objective with nothing held out and no tasks measures nothing
                     log.write({"step": step, **row})
                 model.train()
                 eval_seconds += time.perf_counter() - t_eval
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                loop_state = {"micro": micro, "tokens": tokens,
+                loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
                               **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
-                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state,
-                                None, objective.state_dict() if hasattr(objective, "state_dict") else None)
+                obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
+                if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
+                    dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
+                else:
+                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
                 prune_due = True
-    if prune_due:
+    if prune_due and main:
         prune_checkpoints(ckpt_dir, cfg.keep_last)
     if evaluate and step == total:
         row = evaluate(step)
-        if row:
+        if row and main:
             log.write({"step": step, **row})
-    log.close()
+    if log is not None:  # rank 0 only under torchrun
+        log.close()
     return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)

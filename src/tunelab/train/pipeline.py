@@ -45,8 +45,9 @@ from ..eval import learning_forgetting
 from ..models.load import load_model
 from ..objectives import objective_class
 from . import run as single_run
+from .distributed import barrier, is_main
 from .guards import disk_full, is_disk_full, tensor_bytes
-from .rundir import check_output_dir, claim_run_dir
+from .rundir import check_output_dir
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -167,10 +168,15 @@ def run_pipeline(cfg: RunConfig) -> Path:
     if not stages:
         raise TunelabError("stages: empty pipeline")
     root = Path(cfg.output_dir)
-    for _, scfg, _ in stages:  # a stage folder that is a file or holds the user's files: refused before training
-        check_output_dir(Path(scfg.output_dir), overwrite=True)
-    with claim_run_dir(root, cfg.overwrite, resume=True):  # the root lock: one pipeline at a time
-        save_config(cfg, root / "pipeline.yaml")
+    def checks():  # a stage folder that is a file or holds the user's files: refused before training
+        for _, scfg, _ in stages:
+            check_output_dir(Path(scfg.output_dir), overwrite=True)
+
+    # the root lock: one pipeline at a time. Under torchrun every rank runs the stages; rank 0 alone checks and
+    # claims the folders and writes, the others wait until it holds the root
+    with single_run.claim_on_main(root, cfg.overwrite, resume=True, checks=checks):
+        if is_main():
+            save_config(cfg, root / "pipeline.yaml")
         return _run_stages(stages, root)
 
 
@@ -186,6 +192,9 @@ def _run_stages(stages, root: Path) -> Path:
             console.print(f"[bold]stage {name}[/]: {scfg.objective} from {scfg.model.name}")
             single_run.run(scfg)
         if objective_class(scfg.objective).generator:
+            if is_main():  # rank 0 merges; the others then find the folder
+                stage_model(out, scfg)
+            barrier()
             outputs[name] = stage_model(out, scfg)
         else:
             outputs[name] = out

@@ -9,6 +9,11 @@ reference, whether it generates text, what it measures, what it saves beside the
 branches on the objective's or the method's name. Multi-stage configs are dispatched above this module
 (`train/launch.py` → `train/pipeline.py`).
 
+Under torchrun (`train/distributed.py`) every rank runs this same function: the model is wrapped (DDP) or
+sharded (FSDP2) after the reference is built, measures and generations run on every rank on the gathered
+weights, and only rank 0 writes the run directory — so a distributed run's folder has the same files, in the
+same formats, as a single-process run's (its checkpoints excepted: sharded, `train/dist_checkpoint.py`).
+
 The run directory:
 
     config.yaml        the resolved config
@@ -24,10 +29,13 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..adapters.base import saves_full_model
 from ..config import RunConfig, save_config
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
@@ -35,8 +43,9 @@ from ..errors import TunelabError
 from ..jsonl import read_rows
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
+from . import dist_checkpoint
 from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
-from .checkpoint import latest_checkpoint
+from .distributed import Engine, barrier, check_supported, is_main, main_says, plan, world_size
 from .guards import disk_full, is_disk_full
 from .log import console
 from .loop import fit, total_steps
@@ -61,8 +70,9 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     torch.manual_seed(cfg.train.seed)
     # created, locked against a second run, the previous run cleared (overwrite / resume=false) — only now; a user
     # error found once the run started (a reward function that raises on real completions) removes a folder this
-    # call created unless it holds a checkpoint
-    with claim_run_dir(out, cfg.overwrite, cfg.resume):
+    # call created unless it holds a checkpoint. Under torchrun rank 0 alone claims the folder (and holds its
+    # lock); the other ranks wait until it exists, then only rank 0 writes into it (checkpoint shards excepted)
+    with claim_on_main(out, cfg.overwrite, cfg.resume):
         try:
             return _run(cfg, p, kind, out, t0, stop_after)
         except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
@@ -72,50 +82,100 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
             raise (disk_full(Path(name).name, Path(name).parent) if name else disk_full("run files", out)) from None
 
 
+@contextmanager
+def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[], None] | None = None):
+    """`claim_run_dir` (after `checks()`, if given) by rank 0 alone under torchrun: the others wait until the folder
+    exists, is locked and cleared. Rank 0's success is broadcast, so when it cannot claim the folder (in use by
+    another run, …) every rank stops with a user error — none is left waiting at a barrier (which, under `tunelab
+    compare`, would pair with a later one). Without torchrun: `claim_run_dir` itself."""
+    if world_size() == 1:
+        if checks:
+            checks()
+        with claim_run_dir(out, overwrite, resume) as created:
+            yield created
+        return
+    barrier()  # every rank has checked the folder (a probe of its lock) before rank 0 takes the lock
+    if not is_main():
+        if not main_says(0):
+            time.sleep(1.0)  # rank 0 reports its own error first: it says what is wrong with the folder
+            raise TunelabError(f"output_dir {out}: rank 0 could not claim it")
+        barrier()  # the folder exists, is locked and cleared
+        yield False
+        return
+    with ExitStack() as stack:
+        try:
+            if checks:
+                checks()
+            created = stack.enter_context(claim_run_dir(out, overwrite, resume))
+        except BaseException:
+            main_says(0)
+            raise
+        main_says(1)
+        barrier()
+        yield created
+
+
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
-    save_config(cfg, out / "config.yaml")
-    read_rows(out / "samples.jsonl", repair=True)  # a row torn by a kill: cut, so the next one starts a line
+    main = is_main()
+    if main:
+        save_config(cfg, out / "config.yaml")
+        read_rows(out / "samples.jsonl", repair=True)  # a row torn by a kill: cut, so the next one starts a line
     pad = p.tokenizer.pad_token_id
+    check_supported(cfg, plan(cfg.parallel, p.model))
+    # the reference first: a frozen copy is taken of the plain model, then the policy is wrapped / sharded
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
+    engine = Engine(p.model, cfg.parallel)
     objective = build_objective(cfg, reference)
-    resuming = cfg.resume and latest_checkpoint(out / "checkpoints") is not None
-    batches = kind.batches(p.train, cfg, pad, RunContext(p.model, p.tokenizer, p.template, objective, out))
+    resuming = cfg.resume and dist_checkpoint.latest(out / "checkpoints", engine) is not None
+    ctx = RunContext(p.model, p.tokenizer, p.template, objective, out, engine.rank, engine.world, engine.gathered)
+    batches = kind.batches(p.train, cfg, pad, ctx)
     total = total_steps(cfg.train, batches.per_epoch)
     # what the run measures: the objective's own, or — for a source that generates its batches (rollouts) —
     # the source's (held-out rewards need its sampler and reward functions)
     measures = batches if hasattr(batches, "measure") else objective
 
-    # before training: the measures, sample generations, the base model on the eval tasks
-    before = measures.measure(p.model, p.train, p.eval, pad, cfg)
-    console.print(f"before: {measures.describe(before)}")
-    samples_before = [] if resuming else _samples(p, cfg)
-    base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template) if objective.generator else None
+    # before training: the measures, sample generations, the base model on the eval tasks (every rank computes
+    # them on the gathered weights; rank 0 writes)
+    with engine.gathered():
+        before = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        console.print(f"before: {measures.describe(before)}")
+        samples_before = [] if resuming else _samples(p, cfg)
+        base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template) if objective.generator else None
     torch.manual_seed(cfg.train.seed)  # evaluation may sample; training randomness must not depend on it
 
     def evaluate(step: int) -> dict:
-        row = {**measures.measure_during(p.model, p.eval, pad, cfg),
-               **(evaluate_during(cfg, p.model, p.tokenizer, p.template) if objective.generator else {})}
-        if cfg.samples.at_eval and step < total:  # the final samples go to results.json
+        with engine.gathered():
+            row = {**measures.measure_during(p.model, p.eval, pad, cfg),
+                   **(evaluate_during(cfg, p.model, p.tokenizer, p.template) if objective.generator else {})}
+            samples = _samples(p, cfg) if cfg.samples.at_eval and step < total else []  # final ones: results.json
+        if main and samples:
             with (out / "samples.jsonl").open("a") as f:
-                for s in _samples(p, cfg):
+                for s in samples:
                     f.write(json.dumps({"step": step, **s}) + "\n")
         return row
 
     res = fit(p.model, objective, batches, cfg.train, out, evaluate=evaluate, resume=cfg.resume,
-              stop_after=stop_after)
+              stop_after=stop_after, engine=engine)
     if stop_after is not None and res.steps < total:
         return out
 
-    # after training: the same measures, samples and tasks; then the artifacts
-    after = measures.measure(p.model, p.train, p.eval, pad, cfg)
-    console.print(f"after:  {measures.describe(after)}")
-    samples_after = _samples(p, cfg)
-    task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
-    with objective.saving(p.model, out):  # e.g. a reward model's head goes to its own file
-        save_artifacts(p.model, p.tokenizer, p.template, cfg, out)
+    # after training: the same measures, samples and tasks; then the artifacts (rank 0, same formats)
+    full = engine.full_state_dict() if saves_full_model(cfg.method) else None
+    with engine.gathered():
+        after = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        console.print(f"after:  {measures.describe(after)}")
+        samples_after = _samples(p, cfg)
+        task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
+        extra = objective.extra_results(p.model, p.eval, pad)
+        if main:
+            with objective.saving(p.model, out):  # e.g. a reward model's head goes to its own file
+                save_artifacts(p.model, p.tokenizer, p.template, cfg, out, state_dict=full)
+    barrier()
+    if not main:
+        return out
     results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(),
                "trainable_params": p.report.trainable, "total_params": p.report.total, "data": p.stats,
-               **measures.result_fields(before, after), **objective.extra_results(p.model, p.eval, pad),
+               **measures.result_fields(before, after), **extra,
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
                "total_seconds": time.perf_counter() - t0,
