@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -28,10 +29,10 @@ class BatchSource(Protocol):
 
 @dataclass
 class StaticBatches:
-    """Micro-batches in a deterministic order: `make(epoch)` returns that epoch's list of batches (cached one
-    epoch at a time)."""
+    """Micro-batches in a deterministic order: `make(epoch)` returns that epoch's sequence of batches (cached
+    one epoch at a time). `shuffled_batches` makes it a `LazyEpoch`, so a batch exists only while it is used."""
 
-    make: Callable[[int], list[dict]]
+    make: Callable[[int], Sequence[dict]]
     per_epoch: int
     _cache: dict = field(default_factory=dict)
 
@@ -41,13 +42,34 @@ class StaticBatches:
         return self._cache[epoch][index]
 
 
-def shuffled_batches(items: list, batch_size: int, seed: int, collate_fn: Callable[[list], dict]) -> StaticBatches:
-    """`items` reshuffled every epoch from (seed, epoch) and collated `batch_size` at a time."""
+@dataclass
+class LazyEpoch(Sequence):
+    """One epoch's batches, collated on demand from the dataset's own items and the epoch's order (a list of
+    ints): held memory is flat in dataset size (issue #16: building a whole epoch of collated batches up front,
+    each packed one with a dense [B, 1, T, T] mask, reached ≥ 4 GB for 10k records before step 1). Collation is
+    a pure function of (items, order), so the same index gives the same batch, which exact resume relies on."""
 
-    def make(epoch: int) -> list[dict]:
+    items: list
+    order: list[int]
+    batch_size: int
+    collate_fn: Callable[[list], dict]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        k = index * self.batch_size
+        return self.collate_fn([self.items[i] for i in self.order[k:k + self.batch_size]])
+
+
+def shuffled_batches(items: list, batch_size: int, seed: int, collate_fn: Callable[[list], dict]) -> StaticBatches:
+    """`items` reshuffled every epoch from (seed, epoch) and collated `batch_size` at a time, when asked for."""
+
+    def make(epoch: int) -> LazyEpoch:
         g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-        order = torch.randperm(len(items), generator=g).tolist()
-        return [collate_fn([items[i] for i in order[k:k + batch_size]]) for k in range(0, len(order), batch_size)]
+        return LazyEpoch(items, torch.randperm(len(items), generator=g).tolist(), batch_size, collate_fn)
 
     return StaticBatches(make, math.ceil(len(items) / batch_size))
 
