@@ -70,6 +70,8 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
+    # the memory switch (benchmarks/README.md): rows one at a time + each layer's MLP checkpointed; same gradients
+    memory_mode: bool = False
     loss_chunk_size: int = Field(1024, ge=16)
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)

@@ -84,3 +84,32 @@ class RunContext:
     template: object
     objective: object
     run_dir: object = None
+
+
+def split_rows(batch: dict, rows: int = 1) -> list[dict]:
+    """`batch` cut into consecutive chunks of `rows` rows (every tensor is row-major: ``[B, …]``), each trimmed
+    to its own last real position when the batch has `seq_ids` (collate's layout; a 4-D mask is cut on both
+    sequence axes). Memory mode runs an objective whose loss is a sum over rows chunk by chunk: the activations
+    alive at once shrink to one chunk's, and the summed losses and gradients are the batch's."""
+    B = batch["input_ids"].shape[0]
+    out = []
+    for k in range(0, B, rows):
+        part = {key: v[k:k + rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == B else v
+                for key, v in batch.items()}
+        seq = part.get("seq_ids")
+        if seq is not None:
+            T = seq.shape[1]
+            real = (seq >= 0).any(0).nonzero()
+            width = int(real[-1]) + 1 if len(real) else 1
+            if width < T:
+                part = {key: _trim(v, T, width) for key, v in part.items()}
+        out.append(part)
+    return out
+
+
+def _trim(v, T: int, width: int):
+    if not torch.is_tensor(v) or v.dim() < 2 or v.shape[1] != T and v.shape[-1] != T:
+        return v
+    if v.dim() == 4:  # [B, 1, T, T] mask
+        return v[:, :, :width, :width]
+    return v[:, :width] if v.shape[1] == T else v

@@ -94,6 +94,7 @@ def router_aux_loss(model, out, batch, aux: RouterAux | None = None) -> torch.Te
 class SFT(HeldOutLoss, RunHooks):
     name = "sft"
     data_kind = "sft"
+    rows_additive = True  # loss_sum and n are sums over rows: the loop may run a batch row by row (memory mode)
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size

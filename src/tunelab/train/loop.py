@@ -10,6 +10,11 @@ Per optimizer step:
      moving reference syncs here);
   5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
 
+Memory mode (`train.memory_mode`): each micro-batch of an objective whose loss is a sum over rows
+(`rows_additive`: SFT) runs one row at a time, trimmed to that row's length, and every decoder layer's MLP is
+recomputed in the backward pass (`models.checkpointing`). Step 3 makes the result the same gradient (tested);
+peak activation memory becomes one row's, linear in its length.
+
 Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
 (`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
@@ -26,7 +31,8 @@ from typing import Callable
 
 import torch
 
-from ..data.batches import BatchSource
+from ..data.batches import BatchSource, split_rows
+from ..models.checkpointing import checkpoint_layers
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .log import MetricsLog, console, progress_bar
 from .optim import build_optimizer, build_scheduler
@@ -67,6 +73,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    split = cfg.memory_mode and getattr(objective, "rows_additive", False)
+    undo_checkpointing = checkpoint_layers(model, "mlp") if cfg.memory_mode else None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
@@ -101,12 +109,16 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 batch = _to(stream.get(epoch, index), device)
                 micro += 1
                 source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
-                with autocast:
-                    ls, n, m = objective.loss(model, batch)
-                m = {**source_metrics, **m}
-                ls.backward()
-                loss_sum += float(ls.detach())
-                n_sum += int(n)
+                parts = split_rows(batch) if split else [batch]
+                m = dict(source_metrics)
+                for part in parts:
+                    with autocast:
+                        ls, n, part_m = objective.loss(model, part)
+                    ls.backward()
+                    loss_sum += float(ls.detach())
+                    n_sum += int(n)
+                    for k, v in part_m.items():
+                        m[k] = m.get(k, 0.0) + v / len(parts)
                 step_tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
                     else int((batch["input_ids"] >= 0).sum())
                 for k, v in m.items():
@@ -146,6 +158,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                               **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
                 save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state,
                                 cfg.keep_last, objective.state_dict() if hasattr(objective, "state_dict") else None)
+    if undo_checkpointing is not None:
+        undo_checkpointing()
     if evaluate and step == total:
         row = evaluate(step)
         if row:
