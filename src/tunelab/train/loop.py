@@ -119,8 +119,10 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                     n_sum += int(n)
                     for k, v in part_m.items():
                         m[k] = m.get(k, 0.0) + v / len(parts)
-                step_tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
-                    else int((batch["input_ids"] >= 0).sum())
+                # real tokens only: a packed row's padding has seq_ids -1 (and pad ids are real ids, eos for SmolLM2)
+                step_tokens += int((batch["seq_ids"] >= 0).sum()) if "seq_ids" in batch \
+                    else int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
+                    else int(batch["input_ids"].numel())
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
             denom = max(n_sum, 1)
