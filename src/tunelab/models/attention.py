@@ -47,12 +47,15 @@ def segment_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
     rows = []
-    for b, spans in enumerate(segments):
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                value[b:b + 1, :, s:e], dropout_p=p, is_causal=True,
-                                                scale=scaling, enable_gqa=gqa) for s, e in spans]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    # unbind/split, not slicing: their backward is one stack/cat, where each slice's backward would zero-fill
+    # a full-size gradient per document (measured: ~15 % of a packed step in aten::fill_ before this)
+    for spans, q, k, v in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):
+        lens = [e - s for s, e in spans]
+        parts = [F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling,
+                                                enable_gqa=gqa)
+                 for qs, ks, vs in zip(q.split(lens, 1), k.split(lens, 1), v.split(lens, 1))]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    out = torch.stack(rows)
     return out.transpose(1, 2).contiguous(), None
 
 
