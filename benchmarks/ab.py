@@ -9,7 +9,7 @@ end-to-end figures come from `benchmarks/run.py` on a quiet machine.
 The model is SmolLM2-135M's architecture (its real widths: hidden 576, 9 heads / 3 kv heads, MLP 1536, vocab
 49,152) cut to `--layers` decoder layers, randomly initialised, with tunelab's LoRA r=16 on all seven
 projections; the data is the bundled GSM conversations, encoded like a run does (assistant-only loss).
-Levers: attn-padded, attn-packed, checkpoint, lora-fuse, bf16, compile, threads, grouping.
+Levers: attn-padded, attn-packed, checkpoint, lora-fuse, lora-addmm, bf16, compile, threads, grouping.
 """
 
 from __future__ import annotations
@@ -175,6 +175,31 @@ def lever_lora_fuse(args):
     return ab("lora-fuse", separate, fused, args.reps * 4, "LoRA down-projections of q,k,v: 3 matmuls vs 1")
 
 
+def lever_lora_addmm(args):
+    """LoRA layer output: y + (B(A x))·s (three [tokens, out] passes) vs one addmm."""
+    from tunelab.adapters.lora import LoraLinear
+
+    model, tok = smollm2_like(args.layers)
+    batch = batch_of(encoded(tok), args.rows, True, tok.pad_token_id)
+    new = LoraLinear.forward
+
+    def old(self, x):
+        y = self.base_forward(x)
+        return (y + self.lora_forward(x)).to(y.dtype)
+
+    def variant(fwd):
+        step = sft_step(model, batch)
+
+        def run():
+            LoraLinear.forward = fwd
+            try:
+                return step()
+            finally:
+                LoraLinear.forward = new
+        return run
+    return ab("lora-addmm", variant(old), variant(new), args.reps, "A: y + B(A x)*s, B: addmm(y, A x, Bᵀ, s)")
+
+
 def lever_bf16(args):
     model, tok = smollm2_like(args.layers)
     batch = batch_of(encoded(tok), args.rows, True, tok.pad_token_id)
@@ -237,7 +262,7 @@ def _rows(exs):
 
 
 LEVERS = {"attn-padded": lambda a: lever_attention(a, False), "attn-packed": lambda a: lever_attention(a, True),
-          "checkpoint": lever_checkpoint, "lora-fuse": lever_lora_fuse, "bf16": lever_bf16,
+          "checkpoint": lever_checkpoint, "lora-fuse": lever_lora_fuse, "lora-addmm": lever_lora_addmm, "bf16": lever_bf16,
           "compile": lever_compile, "threads": lever_threads, "grouping": lever_grouping}
 
 
