@@ -82,17 +82,23 @@ def ab(name: str, a, b, reps: int, note: str = "", **extra) -> dict:
     return row
 
 
-def sft_step(model, batch, fast: bool = True, autocast=None):
-    """One forward+backward of the SFT loss; `fast=False` hands the model the batch's own mask."""
+def sft_step(model, batch, fast: bool = True, autocast=None, body: bool = False):
+    """One forward+backward of the SFT loss; `fast=False` hands the model the batch's own mask; `body=True`
+    backpropagates the sum of the decoder's hidden states on real tokens instead (no head: isolates a lever
+    of the decoder body from the lm_head's cost, which is the same in both variants)."""
     from tunelab.objectives import logprobs
 
     def run():
         with autocast or contextlib.nullcontext():
-            lp = logprobs.token_logprobs(model, batch)
-        loss = -lp.sum() / batch["loss_mask"][:, 1:].sum()
+            if body:
+                hidden, _ = logprobs.forward_hidden(model, batch)
+                loss = hidden[batch["seq_ids"] >= 0].float().pow(2).mean()
+            else:
+                lp = logprobs.token_logprobs(model, batch)
+                loss = -lp.sum() / batch["loss_mask"][:, 1:].sum()
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     if fast:
         return run
@@ -112,8 +118,9 @@ def sft_step(model, batch, fast: bool = True, autocast=None):
 def lever_attention(args, packed: bool):
     model, tok = smollm2_like(args.layers)
     batch = batch_of(encoded(tok), args.rows, packed, tok.pad_token_id)
-    return ab("attn-packed" if packed else "attn-padded", sft_step(model, batch, fast=False),
-              sft_step(model, batch, fast=True), args.reps, "A: dense mask (SDPA math path), B: mask-free form",
+    return ab("attn-packed" if packed else "attn-padded", sft_step(model, batch, fast=False, body=True),
+              sft_step(model, batch, fast=True, body=True), args.reps,
+              "decoder body fwd+bwd; A: the batch's mask (CPU flash kernel with a mask), B: mask-free form",
               tokens=int(batch["input_ids"].numel()))
 
 

@@ -84,6 +84,16 @@ def sft_config(data: Path, steps: int, full: bool = False, **train) -> dict:
             "samples": {"n_heldout": 0, "prompts": []}}
 
 
+def dpo_config(data: Path, steps: int) -> dict:
+    """peer_dpo.py's workload: 4 pairs per step, β 0.1 sigmoid, LoRA, lr 5e-5, reference log-probs precomputed."""
+    return {"method": "lora", "objective": "dpo", "model": {"name": "smollm2-135m", "dtype": "float32"},
+            "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 512}, "lora": LORA,
+            "pref": {"beta": 0.1, "loss": "sigmoid", "probe": 0}, "reference": {"precompute": True},
+            "train": {"max_steps": steps, "batch_size": 4, "lr": 5e-5, "scheduler": "linear",
+                      "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42},
+            "samples": {"n_heldout": 0, "prompts": []}}
+
+
 def matmul_ceiling(seconds: float) -> float:
     """fp32 GFLOP/s of torch.mm on 2048² matrices, as peer_sft.py --matmul-bench measures it."""
     import torch
@@ -134,12 +144,7 @@ def dpo(args, cache: Path) -> dict:
     script = ROOT / "benchmarks" / "peers" / "peer_dpo.py"
     peer = None if args.skip_peer else run_peer(script, ["--steps", str(args.steps)], cache)
     data = cache / "peer_bench" / "gsm_symbolic_seed42_n256_pairs.jsonl"  # conversational pairs, read as-is
-    cfg = {"method": "lora", "objective": "dpo", "model": {"name": "smollm2-135m", "dtype": "float32"},
-           "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 512}, "lora": LORA,
-           "pref": {"beta": 0.1, "loss": "sigmoid", "probe": 0}, "reference": {"precompute": True},
-           "train": {"max_steps": args.steps, "batch_size": 4, "lr": 5e-5, "scheduler": "linear",
-                     "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42},
-           "samples": {"n_heldout": 0, "prompts": []}}
+    cfg = dpo_config(data, args.steps)
     mine = run_tunelab(cfg, ROOT / "runs" / "bench_dpo", cache)
     return {"tunelab": mine, "peer": peer, "ratios": ratios(mine, peer)}
 
