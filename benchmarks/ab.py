@@ -195,7 +195,7 @@ def lever_lora_addmm(args):
         return (y + self.lora_forward(x)).to(y.dtype)
 
     def variant(fwd):
-        step = sft_step(model, batch)
+        step = sft_step(model, batch, body=True)
 
         def run():
             LoraLinear.forward = fwd
@@ -211,6 +211,7 @@ def lever_bf16(args):
     model, tok = smollm2_like(args.layers)
     batch = batch_of(encoded(tok), args.rows, True, tok.pad_token_id)
     a, b = sft_step(model, batch), sft_step(model, batch, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    a(), b()  # the LoRA B matrices are zero at init: one update each would differ; compare the same weights
     return ab("bf16-autocast", a, b, args.reps, "A: fp32, B: bf16 autocast on CPU",
               loss_a=a(), loss_b=b())
 

@@ -47,15 +47,16 @@ def segment_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
     rows = []
-    # unbind/split, not slicing: their backward is one stack/cat, where each slice's backward would zero-fill
-    # a full-size gradient per document (measured: ~15 % of a packed step in aten::fill_ before this)
-    for spans, q, k, v in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):
+    # split, not slicing: its backward is one cat, where each slice's backward would zero-fill a full-size
+    # gradient per document (~15 % of a packed step in aten::fill_ when sliced). 4-D pieces on purpose: CPU
+    # SDPA takes the math path for 3-D inputs with enable_gqa (measured), the flash kernel for 4-D ones.
+    for spans, q, k, v in zip(segments, query.split(1), key.split(1), value.split(1)):
         lens = [e - s for s, e in spans]
         parts = [F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling,
                                                 enable_gqa=gqa)
-                 for qs, ks, vs in zip(q.split(lens, 1), k.split(lens, 1), v.split(lens, 1))]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-    out = torch.stack(rows)
+                 for qs, ks, vs in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows)
     return out.transpose(1, 2).contiguous(), None
 
 
