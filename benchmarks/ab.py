@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,17 +68,24 @@ def batch_of(examples, rows: int, packed: bool, pad_id: int, max_length: int = 5
 
 
 def ab(name: str, a, b, reps: int, note: str = "", **extra) -> dict:
-    """Alternate a() and b() `reps` times after one warm-up each; medians and ratio."""
+    """Alternate a() and b() `reps` times after one warm-up each: medians of wall and of process CPU time, and
+    their ratios A/B. On a shared machine the CPU-time ratio is the steadier one (waiting for a core is not
+    counted); on a quiet machine the two agree."""
     a(), b()
-    ta, tb = [], []
+    wall = {"a": [], "b": []}
+    cpu = {"a": [], "b": []}
     for _ in range(reps):
-        for f, out in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
+        for key, f in (("a", a), ("b", b)):
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
-            out.append(time.perf_counter() - t0)
-    ma, mb = statistics.median(ta), statistics.median(tb)
-    row = {"lever": name, "a_s": round(ma, 4), "b_s": round(mb, 4), "ratio_a_over_b": round(ma / mb, 3),
-           "note": note, **extra}
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    row = {"lever": name, "a_s": round(med["a"], 4), "b_s": round(med["b"], 4),
+           "ratio_a_over_b": round(med["a"] / med["b"], 3), "a_cpu_s": round(cmed["a"], 4),
+           "b_cpu_s": round(cmed["b"], 4), "cpu_ratio_a_over_b": round(cmed["a"] / cmed["b"], 3),
+           "note": note, "load_avg": os.getloadavg()[0], **extra}
     print(json.dumps(row), flush=True)
     return row
 

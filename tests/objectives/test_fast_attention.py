@@ -26,6 +26,12 @@ def dense_hidden(model, batch):
                           position_ids=batch["position_ids"], use_cache=False).last_hidden_state
 
 
+@pytest.fixture(autouse=True)
+def always_segment(monkeypatch):
+    """These rows are short; make the per-document form apply whatever their length (tested separately)."""
+    monkeypatch.setattr(attention, "SEGMENT_WORK_RATIO", 1.0)
+
+
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     calls = []
@@ -76,7 +82,7 @@ def test_fast_form_gives_the_same_loss_and_gradients(packed, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_spans_and_when_each_form_applies():
+def test_spans_and_when_each_form_applies(monkeypatch):
     seq = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
     assert attention.document_spans(seq) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
     model = tiny_model("llama")
@@ -86,5 +92,10 @@ def test_spans_and_when_each_form_applies():
     assert attention.attention_inputs(model, left)["attention_mask"] is left["attention_mask"]
     packed = collate([EXAMPLES[:2]], pad_id=0, packed=True)
     assert attention.attention_inputs(model, packed)[attention.SEGMENTS_KEY] == [[(0, 7), (7, 20)]]
+    long_row = torch.arange(64).div(8, rounding_mode="floor")[None]  # 8 documents: 1/8 of the causal work
+    assert attention.attention_inputs(model, dict(packed, seq_ids=long_row))[attention.SEGMENTS_KEY]
+    monkeypatch.setattr(attention, "SEGMENT_WORK_RATIO", 0.25)  # the default: 2 documents of 7 and 13 tokens
+    assert attention.attention_inputs(model, packed)["attention_mask"] is packed["attention_mask"]
+    assert attention.attention_inputs(model, dict(packed, seq_ids=long_row))[attention.SEGMENTS_KEY]
     model.set_attn_implementation("eager")  # no per-document kernel: the dense mask stays
     assert attention.attention_inputs(model, packed)["attention_mask"] is packed["attention_mask"]

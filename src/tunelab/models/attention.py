@@ -13,7 +13,9 @@ Two exact rewrites avoid the mask altogether:
   changes only the pads' own hidden states, and nothing reads those (the loss mask is False there; scoring and
   reward heads read real positions). ``position_ids=None`` matters: a row whose pads restart at position 0 would
   otherwise be detected by transformers as *packed* and get a dense block mask again.
-* **Packed rows** (several documents per row, `seq_ids` ≥ 0): the documents' spans are passed down to the
+* **Packed rows** (several documents per row, `seq_ids` ≥ 0), when they are long next to their documents
+  (`SEGMENT_WORK_RATIO`; a 512-token row of 2–3 documents keeps its dense mask, which CPU SDPA's flash kernel
+  handles well): the documents' spans are passed down to the
   attention function as ``tunelab_segments`` and attention runs per document with ``is_causal=True``
   (`segment_sdpa`), which is the block-diagonal causal mask without ever building it. The linear layers still
   run on the whole packed ``[B, T]`` batch, so nothing is padded. This needs the model's attention to be
@@ -30,6 +32,11 @@ import torch
 import torch.nn.functional as F
 
 SEGMENTS_KEY = "tunelab_segments"
+# Per-document attention only when it skips most of the row's causal triangle: Σ len² ≤ this × T² per row.
+# CPU SDPA's flash kernel also accepts the dense mask (torch 2.13), and one masked call beats several short
+# causal ones on short rows: fwd+bwd attention, 9/3 heads × 64, CPU time, masked/segmented = 0.76 for a
+# 512-token row of two documents, 2.44 for a 4,096-token row of sixteen (benchmarks/README.md).
+SEGMENT_WORK_RATIO = 0.25
 _ORIGINAL = {}
 
 
@@ -99,9 +106,12 @@ def attention_inputs(model, batch: dict) -> dict:
         return {"attention_mask": None, "position_ids": None}
     seq_ids = batch.get("seq_ids")
     if mask.dim() == 4 and seq_ids is not None and impl == "sdpa" and "sdpa" in _ORIGINAL:
-        # a 2-D all-ones mask: transformers then skips building one (is_causal), and the spans do the rest
-        ones = torch.ones(seq_ids.shape, dtype=torch.long, device=seq_ids.device)
-        return {"attention_mask": ones, "position_ids": pos, SEGMENTS_KEY: document_spans(seq_ids)}
+        spans = document_spans(seq_ids)
+        work = sum((e - s) ** 2 for row in spans for s, e in row) / (seq_ids.numel() * seq_ids.shape[1])
+        if work <= SEGMENT_WORK_RATIO:
+            # a 2-D all-ones mask: transformers then skips building one (is_causal), and the spans do the rest
+            ones = torch.ones(seq_ids.shape, dtype=torch.long, device=seq_ids.device)
+            return {"attention_mask": ones, "position_ids": pos, SEGMENTS_KEY: spans}
     return {"attention_mask": mask, "position_ids": pos}
 
 
