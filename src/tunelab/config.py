@@ -52,6 +52,7 @@ class DataConfig(Strict):
     turns: Literal["all", "last"] = "all"
     max_length: int = Field(1024, ge=8)
     packing: bool = True
+    group_by_length: bool = False  # unpacked rows only: batches of similar lengths (less padding)
 
 
 class TrainConfig(Strict):

@@ -68,3 +68,17 @@ def test_lazy_epoch_gives_the_eager_batches_in_the_same_order():
         for i, batch in enumerate(eager):
             got = src.get(epoch, i)
             assert got.keys() == batch.keys() and all(torch.equal(got[k], batch[k]) for k in batch)
+
+
+def test_group_by_length_keeps_every_item_once_and_cuts_padding():
+    items = [[e] for e in dataset(400)]
+    lengths = [len(r[0]) for r in items]
+    fn = lambda chunk: collate(chunk, 0, packed=False)  # noqa: E731
+    plain = shuffled_batches(items, 8, seed=1, collate_fn=fn)
+    grouped = shuffled_batches(items, 8, seed=1, collate_fn=fn, lengths=lengths, group=8)
+    for epoch in (0, 1):
+        order = grouped.make(epoch).order
+        assert sorted(order) == list(range(400))  # an epoch is an epoch
+        assert order == grouped.make(epoch).order  # a pure function of (seed, epoch): resume is exact
+    padded = [sum(src.get(0, i)["input_ids"].numel() for i in range(src.per_epoch)) for src in (plain, grouped)]
+    assert padded[1] < 0.8 * padded[0]
