@@ -161,7 +161,10 @@ def part_peer(args) -> dict:
     cfg = SFTConfig(output_dir="/tmp/gpu_peer", max_steps=args.steps + 2, per_device_train_batch_size=args.batch,
                     learning_rate=1e-4, max_length=args.seq, bf16=True, activation_checkpointing=False,
                     packing=False, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+    from tunelab.models.load import load_tokenizer  # any tokenizer with a pad token: the rows are token ids already
+
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
+                         processing_class=load_tokenizer("smollm2-135m"),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
                                                 target_modules=LORA["target_modules"], task_type="CAUSAL_LM"),
                          callbacks=[Timer()])
