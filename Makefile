@@ -7,7 +7,7 @@ PIP_VERSION := 26.3
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?= -q -n 2 --durations=15 -m 'not llamacpp' tests  # the llama.cpp check: make test-llamacpp
 
-.PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp
+.PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp bench
 
 # $(1) = venv folder, $(2) = pip arguments for everything but torch (constraints, or upgrade flags)
 define make_venv
@@ -33,6 +33,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tunelab vs HF PEFT + TRL side by side (benchmarks/run.py; BENCH_ARGS=--quick for a smoke run). Run it on a
+# quiet machine: only ratios measured in one run mean anything. The peers need reasoning-gym and gguf too.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	PYTHONPATH=src $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # The suite against the newest versions pyproject.toml allows (torch stays the CPU 2.13.0 build).
 test-latest:

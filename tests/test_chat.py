@@ -91,7 +91,7 @@ def test_cli_with_a_stdin_script(model_dir):
 
 
 def _pane(session):
-    return subprocess.run(["tmux", "capture-pane", "-p", "-t", session, "-S", "-200"], capture_output=True,
+    return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-t", session, "-S", "-200"], capture_output=True,
                           text=True).stdout
 
 

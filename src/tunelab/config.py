@@ -56,6 +56,7 @@ class DataConfig(Strict):
     turns: Literal["all", "last"] = "all"
     max_length: int = Field(1024, ge=8)
     packing: bool = True
+    group_by_length: bool = False  # unpacked rows only: batches of similar lengths (less padding)
 
 
 class DivergenceConfig(Strict):
@@ -83,6 +84,8 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)  # a negative norm would flip every gradient; null: no clipping
     seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed's range
     gradient_checkpointing: bool = False
+    # the memory switch (benchmarks/README.md): rows one at a time + each layer's MLP checkpointed; same gradients
+    memory_mode: bool = False
     loss_chunk_size: int = Field(1024, ge=16)
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)

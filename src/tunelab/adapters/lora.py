@@ -121,6 +121,12 @@ class LoraLinear(AdapterModule):
         y = self.base_forward(x)
         if not self.adapter_enabled:
             return y
+        if y.dtype == self.lora_B.weight.dtype and x.dtype == y.dtype:
+            # y + s·(A x) Bᵀ as one addmm: no separate [tokens, out] scale and add passes, forward or backward
+            # (benchmarks/ab.py lora-addmm); the same sum, rounded once less.
+            a = self.lora_A(self.lora_dropout(x))
+            return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.weight.t(),
+                               alpha=self.scaling).view(y.shape)
         # Same order as PEFT (add, then cast) so bf16 results match it too, not only fp32.
         return (y + self.lora_forward(x)).to(y.dtype)
 

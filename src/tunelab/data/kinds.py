@@ -114,8 +114,10 @@ class SFTData:
     def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
         packed = cfg.data.packing
         rows = pack(examples, cfg.data.max_length) if packed else [[e] for e in examples]
+        group = not packed and getattr(cfg.data, "group_by_length", False)
         return shuffled_batches(rows, cfg.train.batch_size, cfg.train.seed,
-                                lambda chunk: collate(chunk, pad_id, packed=packed), *_shard(context))
+                                lambda chunk: collate(chunk, pad_id, packed=packed), *_shard(context),
+                                lengths=[len(r[0]) for r in rows] if group else None)
 
     def summary(self, stats: dict, n_eval: int) -> str:
         return (f"data: {stats['n_examples']} train examples ({stats['trained_tokens']:,} loss tokens of "

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters.base import batch_context, linear_params
 from ..errors import TunelabError
+from ..models.attention import attention_inputs
 
 
 def decoder(model):
@@ -40,12 +41,14 @@ def forward_hidden(model, batch: dict, router_logits: bool = False) -> tuple[tor
     """Hidden states [B, T, H] of the last layer (after the final norm) and the raw body output.
 
     `router_logits`: also return a mixture-of-experts body's router logits (`out.router_logits`), which real
-    checkpoints do not by default (`output_router_logits: false`); the SFT load-balancing loss needs them."""
+    checkpoints do not by default (`output_router_logits: false`); the SFT load-balancing loss needs them.
+    The batch's mask reaches the model in its cheapest exact form (`models.attention.attention_inputs`: no mask
+    for right-padded rows, per-document spans for packed ones), so CPU SDPA runs its fused causal kernel."""
     extra = {"output_router_logits": True} if router_logits else {}
     # a method that needs to see the batch gets it here (LoReFT: the prompt positions to intervene); no-op otherwise
     with batch_context(model, batch):
-        out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch.get("position_ids"), use_cache=False, **extra)
+        out = decoder(model)(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(model, batch),
+                             **extra)
     return out.last_hidden_state, out
 
 

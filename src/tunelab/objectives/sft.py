@@ -95,6 +95,7 @@ class SFT(HeldOutLoss, RunHooks):
     name = "sft"
     data_kind = "sft"
     nll_loss = True
+    rows_additive = True  # loss_sum and n are sums over rows: the loop may run a batch row by row (memory mode)
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size

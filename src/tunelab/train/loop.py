@@ -22,6 +22,11 @@ Under torchrun the guard judges the all-reduced loss and the global gradient nor
 same numbers; the ranks' verdicts are combined once more before anyone stops (all stop together, none is
 left waiting in a collective), and only rank 0 deletes checkpoint folders (that one, and pruning).
 
+Memory mode (`train.memory_mode`): each micro-batch of an objective whose loss is a sum over rows
+(`rows_additive`: SFT) runs one row at a time, trimmed to that row's length, and every decoder layer's MLP is
+recomputed in the backward pass (`models.checkpointing`). Step 3 makes the result the same gradient (tested);
+peak activation memory becomes one row's, linear in its length.
+
 Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
 (`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
@@ -39,8 +44,9 @@ from typing import Callable
 
 import torch
 
-from ..data.batches import BatchSource
+from ..data.batches import BatchSource, split_rows
 from ..errors import TunelabError
+from ..models.checkpointing import checkpoint_layers
 from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
@@ -120,6 +126,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    split = cfg.memory_mode and getattr(objective, "rows_additive", False)
+    undo_checkpointing = checkpoint_layers(model, "mlp") if cfg.memory_mode else None
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,17 +169,24 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 micro += 1
                 source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
                 filler = batch.pop("zero_weight", False)  # a rank's empty share of a short last batch
-                with engine.sync(last=i == cfg.grad_accum - 1):  # reduce gradients on the step's last backward
-                    with autocast:
-                        ls, n, m = engine.forward(objective.loss, batch)
-                    if filler:
-                        ls, n = ls * 0.0, 0
-                    ls.backward()
-                m = {**source_metrics, **m}
-                loss_sum += float(ls.detach())
-                n_sum += int(n)
-                step_tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
-                    else int((batch["input_ids"] >= 0).sum())
+                parts = split_rows(batch) if split else [batch]  # memory mode: row by row
+                m = dict(source_metrics)
+                for j, part in enumerate(parts):
+                    # reduce gradients on the step's last backward only
+                    with engine.sync(last=i == cfg.grad_accum - 1 and j == len(parts) - 1):
+                        with autocast:
+                            ls, n, part_m = engine.forward(objective.loss, part)
+                        if filler:
+                            ls, n = ls * 0.0, 0
+                        ls.backward()
+                    loss_sum += float(ls.detach())
+                    n_sum += int(n)
+                    for k, v in part_m.items():
+                        m[k] = m.get(k, 0.0) + v / len(parts)
+                # real tokens only: a packed row's padding has seq_ids -1 (and pad ids are real ids, eos for SmolLM2)
+                step_tokens += 0 if filler else int((batch["seq_ids"] >= 0).sum()) if "seq_ids" in batch \
+                    else int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
+                    else int(batch["input_ids"].numel())
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
             if engine.distributed:  # every rank's units, loss and tokens; DDP/FSDP2 averaged the gradients
@@ -233,6 +248,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 prune_due = True
     if prune_due and main:
         prune_checkpoints(ckpt_dir, cfg.keep_last)
+    if undo_checkpointing is not None:
+        undo_checkpointing()
     if evaluate and step == total:
         row = evaluate(step)
         if row and main:
