@@ -332,3 +332,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
 
 def save_config(cfg: BaseModel, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def substitute_text(node, token: str, value: str):
+    """`node` (a config tree of dicts, lists and scalars) with `token` replaced by `value` in every string
+    (a sweep's ${SWEEP_DIR}, a pipeline's ${PIPELINE_DIR})."""
+    if isinstance(node, dict):
+        return {k: substitute_text(v, token, value) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_text(v, token, value) for v in node]
+    return node.replace(token, value) if isinstance(node, str) else node

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..config import load_config, parse_override
+from ..config import load_config, parse_override, substitute_text
 from ..errors import TunelabError
 from ..userfiles import read_text
 
@@ -101,7 +101,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), scale: bool = False)
     """
     path = Path(path)
     spec = load_config(path, schema=SweepSpec)  # file:line errors, ${ASSETS}, "1e-4" floats, like run configs
-    raw_spec = _substitute(spec.model_dump(), "${SWEEP_DIR}", str(path.resolve().parent))
+    raw_spec = substitute_text(spec.model_dump(), "${SWEEP_DIR}", str(path.resolve().parent))
     if scale:
         if not raw_spec.get("scale"):
             raise TunelabError(f"{path}: --scale given but the sweep has no `scale:` section")
@@ -220,7 +220,7 @@ def _base_config(base: str | dict, path: Path | None) -> dict:
         raise TunelabError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})")
     if not isinstance(raw, dict):
         raise TunelabError(f"{p}: the config must be a mapping of keys to values")
-    return _substitute(raw, "${SWEEP_DIR}", str(path.resolve().parent) if path else ".")
+    return substitute_text(raw, "${SWEEP_DIR}", str(path.resolve().parent) if path else ".")
 
 
 def _merge_scale(spec: dict, scale: dict, path: Path) -> dict:
@@ -234,11 +234,3 @@ def _merge_scale(spec: dict, scale: dict, path: Path) -> dict:
         else:
             out[key] = value
     return out
-
-
-def _substitute(node, token: str, value: str):
-    if isinstance(node, dict):
-        return {k: _substitute(v, token, value) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_substitute(v, token, value) for v in node]
-    return node.replace(token, value) if isinstance(node, str) else node

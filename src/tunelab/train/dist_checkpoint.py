@@ -19,9 +19,8 @@ deletes, one step after the save, once that step's loss was judged healthy).
 
 Why DCP with safetensors storage: every rank writes only its own shards (what matters for full finetuning of a
 large model under FSDP2), and DCP re-shards on load, so a checkpoint saved at 2 ranks resumes at 1 or 4.
-PyTorch's default DCP storage (`FileSystemWriter`) pickles its `.metadata` file and loads it with
-`pickle.load` (and non-tensor entries with `torch.load(weights_only=False)`) — arbitrary objects on load,
-which tunelab does not accept. The `HuggingFaceStorageWriter/Reader` pair writes plain safetensors files whose
+PyTorch's default DCP storage (`FileSystemWriter`) serialises its `.metadata` file and non-tensor entries with
+Python's pickle, which can run arbitrary code when read back — tunelab does not accept that. The `HuggingFaceStorageWriter/Reader` pair writes plain safetensors files whose
 headers carry each shard's offsets as JSON, and reads the layout back from those headers: nothing is unpickled.
 It stores tensors only: the optimizer's param-group numbers (the scheduled ``lr`` above all — a scheduler's
 state alone does not put it back) and everything else go to ``state.json``.

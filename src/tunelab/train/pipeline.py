@@ -38,7 +38,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..adapters.base import load_method, merge
-from ..config import RunConfig, save_config
+from ..config import RunConfig, save_config, substitute_text
 from ..console import console
 from ..errors import TunelabError
 from ..eval import learning_forgetting
@@ -64,7 +64,7 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
     placeholder = "${PIPELINE_DIR}"
     out, names, policies = [], [], []
     for i, raw in enumerate(cfg.stages):
-        st = _substitute(dict(raw), placeholder, str(root))
+        st = substitute_text(dict(raw), placeholder, str(root))
         name = str(st.pop("name", f"stage{i + 1}"))
         src = st.pop("from", None)
         where = f"stages[{i}] ({name})"
@@ -91,14 +91,6 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
         if objective_class(scfg.objective).generator:
             policies.append(name)
     return out
-
-
-def _substitute(node, token: str, value: str):
-    if isinstance(node, dict):
-        return {k: _substitute(v, token, value) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_substitute(v, token, value) for v in node]
-    return node.replace(token, value) if isinstance(node, str) else node
 
 
 STAGE_FIELDS = ("steps", "learning_score", "forgetting_score", "reward_before", "reward_after", "final_train_loss",
