@@ -163,7 +163,7 @@ class PPOConfig(Strict):
     ``rl.ppo_epochs``; a round is ``rl.prompts_per_step × rl.group_size`` completions."""
 
     value_model: Literal["auto", "adapter", "copy"] = "auto"  # auto: adapter (adapter methods) / copy (full)
-    value_init: str | None = None  # a tunelab `objective: reward` run: the value head starts as its reward head
+    value_init: str | None = None  # an `objective: reward` run: V starts as it (head + body)
     value_coef: float = Field(0.1, ge=0.0)  # c_v
     epsilon_value: float | None = Field(0.2, gt=0.0)  # value clip ε_v (None: unclipped value loss)
     gamma: float = Field(1.0, ge=0.0, le=1.0)

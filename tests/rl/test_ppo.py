@@ -207,3 +207,98 @@ def test_ppo_config_errors(config):
         train(load_config(config("ppo", ppo={"adaptive_kl": True})))
     with pytest.raises(TunelabError, match="does not apply to ppo"):
         train(load_config(config("ppo", rl={"advantage": "rloo"})))
+
+
+def _reward_run(tmp_path, tiny, tokenizer, method: str):
+    """A finished reward-model run folder as `objective: reward` leaves it: base in `base/`, the trained adapter
+    in `adapter/` (or the whole model in `model/` for full finetuning), the head, config.yaml."""
+    import yaml
+
+    from tunelab.adapters.base import adapter_parameters, apply_method, export_method
+    from tunelab.config import RunConfig, method_options
+    from tunelab.objectives.reward import add_reward_head, save_reward_head
+
+    run, base = tmp_path / f"rm_{method}", tmp_path / "base"
+    model = tiny("llama")
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    cfg = RunConfig.model_validate({"objective": "reward", "method": method, "model": {"name": str(base)}})
+    if method == "lora":
+        apply_method(model, "lora", method_options(cfg))
+        with torch.no_grad():
+            for p in adapter_parameters(model).values():
+                p.normal_(std=0.05)
+        export_method(model, "lora", method_options(cfg), run / "adapter", base_model_name_or_path=str(base))
+        tokenizer.save_pretrained(run / "adapter")
+    else:
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.add_(0.5)
+        model.save_pretrained(run / "model")
+        tokenizer.save_pretrained(run / "model")
+    add_reward_head(model)
+    with torch.no_grad():
+        model.reward_head.weight.normal_()
+    save_reward_head(model, run)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return run
+
+
+@pytest.mark.parametrize("mode", ["adapter", "copy"])
+def test_value_model_starts_as_the_reward_model(tiny, tokenizer, tmp_path, mode):
+    """InstructGPT's initialisation: V's head and body are the reward model's, so V(x, y) at the last token is
+    the reward model's score of (x, y) before any PPO step."""
+    from tunelab.adapters.base import apply_method
+    from tunelab.config import RunConfig, method_options
+    from tunelab.objectives.ppo import PPO as PPOObjective
+    from tunelab.objectives.reward import load_reward_model, rewards
+    from tunelab.objectives.value import token_values
+
+    rm_method = "lora" if mode == "adapter" else "full"
+    run = _reward_run(tmp_path, tiny, tokenizer, rm_method)
+    model = tiny("llama")  # the same seed: the same base weights as the reward run's base
+    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora",
+                                    "ppo": {"value_model": mode, "value_init": str(run)}})
+    apply_method(model, "lora", method_options(cfg))
+    PPOObjective.prepare_model(model, cfg)
+    assert model.ppo_value.mode == mode
+    ids = torch.randint(0, 1000, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "loss_mask": torch.tensor([[0, 0, 0, 0, 1, 1, 1]] * 2, dtype=torch.bool)}
+    rm = load_reward_model(run, "cpu").model
+    with torch.no_grad():
+        want = rewards(rm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # score at the last token
+        v = token_values(model, {**batch, "input_ids": torch.cat([ids, ids[:, :1]], 1),
+                                 "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                                 "loss_mask": torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]] * 2, dtype=torch.bool)})
+    assert torch.allclose(v[:, -1], want.float(), atol=1e-4), (v[:, -1], want)  # V at t=7 is the head on h_6
+    assert want.abs().min() > 1e-3  # a real score, not the zero-initialised head
+
+
+def test_value_init_refuses_an_adapter_over_other_base_weights(tiny, tokenizer, tmp_path):
+    from tunelab.adapters.base import apply_method
+    from tunelab.config import RunConfig, method_options
+    from tunelab.objectives.ppo import PPO as PPOObjective
+
+    run = _reward_run(tmp_path, tiny, tokenizer, "lora")
+    model = tiny("llama", seed=1)  # other base weights
+    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora",
+                                    "ppo": {"value_model": "adapter", "value_init": str(run)}})
+    apply_method(model, "lora", method_options(cfg))
+    with pytest.raises(TunelabError, match="different base weights") as e:
+        PPOObjective.prepare_model(model, cfg)
+    assert "\n" not in str(e.value)
+    run_full = _reward_run(tmp_path, tiny, tokenizer, "full")
+    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora",
+                                    "ppo": {"value_model": "adapter", "value_init": str(run_full)}})
+    with pytest.raises(TunelabError, match="full-finetuning reward model"):
+        _prep(tiny, cfg)
+
+
+def _prep(tiny, cfg):
+    from tunelab.adapters.base import apply_method
+    from tunelab.config import method_options
+    from tunelab.objectives.ppo import PPO as PPOObjective
+
+    model = tiny("llama")
+    apply_method(model, "lora", method_options(cfg))
+    PPOObjective.prepare_model(model, cfg)

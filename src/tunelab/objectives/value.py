@@ -9,10 +9,12 @@
              value network as in InstructGPT (Ouyang et al. 2022), at the memory cost of a second model (its
              weights, gradients and optimizer state — with AdamW about 4× the body's size in fp32).
 
-The head is ``nn.Linear(H, 1)`` in fp32 (zero-initialised, so V = 0 before training; or, with ``ppo.value_init``
-naming a tunelab ``objective: reward`` run over the same hidden size, initialised from that reward model's head —
-the InstructGPT initialisation of the value model from the reward model, for the head only: the body starts from
-the policy's).
+The head is ``nn.Linear(H, 1)`` in fp32, zero-initialised, so V = 0 before training. With ``ppo.value_init``
+naming a finished tunelab ``objective: reward`` run, the value model starts as that reward model, InstructGPT's
+initialisation (Ouyang et al. 2022, §3.5): the head is the reward head; ``copy`` takes the reward model's trained
+body (trained on as it was: its adapter, or all of it), ``adapter`` its adapter tensors, which needs the reward run
+to have the same adapter layout (method, target modules, rank) over the same base weights (checked on the
+embeddings and the first adapted layer's base weight; otherwise a one-line error says to use ``copy``).
 
 Alignment: token t is predicted from position t−1 (`logprobs.token_logprobs`), so the value of the state in
 which token t is chosen, V(x, y_<t), is the head on the hidden state at t−1; `token_values` returns it at t,
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..adapters.base import adapter_parameters, batch_context, has_adapter
+from ..adapters.base import adapter_modules, adapter_parameters, batch_context, has_adapter
 from ..errors import TunelabError
 from .logprobs import decoder
 
@@ -89,7 +91,7 @@ class ValueModel(nn.Module):
 def add_value_model(model, mode: str = "auto", init: str | None = None) -> ValueModel:
     vm = ValueModel(model, mode)
     if init:
-        load_head_from_reward_run(vm, init)
+        load_head_from_reward_run(vm, init, model)
     setattr(model, ATTR, vm)
     return vm
 
@@ -112,18 +114,61 @@ def token_values(model, batch: dict) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).index_put(pos, v)
 
 
-def load_head_from_reward_run(vm: ValueModel, run_dir: str) -> None:
-    from safetensors.torch import load_file
+def load_head_from_reward_run(vm: ValueModel, run_dir: str, model=None) -> None:
+    """Start `vm` as the reward model of the `objective: reward` run in `run_dir` (see the module docstring):
+    its head always, its body (``copy``) or its adapter tensors (``adapter``) when `model`, the policy, is given."""
+    from .reward import HEAD, load_reward_model
 
     path = Path(run_dir) / "reward_head.safetensors"
     if not path.exists():
         raise TunelabError(f"ppo.value_init: {path} not found (give a finished `objective: reward` run folder)")
-    w = load_file(str(path))["weight"]
+    device = vm.head.weight.device
+    rm = load_reward_model(run_dir, "cuda" if device.type == "cuda" else "cpu").model
+    w = getattr(rm, HEAD).weight
     if w.shape != vm.head.weight.shape:
         raise TunelabError(f"ppo.value_init: the reward head has shape {tuple(w.shape)}, this model's value head "
                            f"{tuple(vm.head.weight.shape)} (a different hidden size)")
     with torch.no_grad():
-        vm.head.weight.copy_(w)
+        vm.head.weight.copy_(w.float())
+        if model is None:
+            return
+        if vm.mode == "copy":
+            _body_from(vm, rm)
+        else:
+            _adapter_from(vm, model, rm, run_dir)
+
+
+def _body_from(vm: ValueModel, rm) -> None:
+    # The reward model's body replaces the copy, trained as the copy would be: its adapter (a LoRA reward model)
+    # or all of it (a fully finetuned one).
+    body = decoder(rm)
+    if body.config.hidden_size != vm.head.in_features:
+        raise TunelabError("ppo.value_init: the reward model's hidden size differs from the policy's")
+    trainable = set(map(id, adapter_parameters(rm).values())) if has_adapter(rm) else None
+    for p in body.parameters():
+        p.requires_grad_(trainable is None or id(p) in trainable)
+    vm.body = body
+
+
+def _adapter_from(vm: ValueModel, model, rm, run_dir: str) -> None:
+    hint = f"ppo.value_init: {run_dir}"
+    if not has_adapter(rm):
+        raise TunelabError(f"{hint} is a full-finetuning reward model; its body cannot be an adapter on this "
+                           "policy's base (use ppo.value_model: copy)")
+    prefix = _body_prefix(rm) + "."
+    theirs = {full[len(prefix):]: p for full, p in adapter_parameters(rm).items() if full.startswith(prefix)}
+    if set(theirs) != set(vm.names) or any(theirs[n].shape != vm.adapter[k].shape for n, k in vm.names.items()):
+        raise TunelabError(f"{hint} has a different adapter layout (method, target modules or rank) than this "
+                           "run's; use ppo.value_model: copy")
+    first = next(name for name, _ in adapter_modules(rm) if name.startswith(prefix))  # e.g. …layers.0.…q_proj
+    probes = [(model.get_input_embeddings().weight, rm.get_input_embeddings().weight),
+              (model.get_submodule(first).weight, rm.get_submodule(first).weight)]
+    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in probes)
+    if not same:
+        raise TunelabError(f"{hint} was trained over different base weights than this policy; its adapter would "
+                           "not mean the same thing here (use ppo.value_model: copy)")
+    for name, key in vm.names.items():
+        vm.adapter[key].copy_(theirs[name].to(vm.adapter[key].dtype))
 
 
 @contextmanager
