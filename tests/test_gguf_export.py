@@ -224,20 +224,29 @@ def _order(name, reader):
     return [t.name for t in reader.tensors].index(name)
 
 
-def test_sentencepiece_style_tokenizer_is_refused_with_one_line(tmp_path, capsys):
-    """Llama-2-style tokenizers (BPE with byte fallback over Metaspace, `tokenizer.ggml.model = llama`) are not
-    written yet: one line, no file."""
+@pytest.mark.parametrize("kind", ["sentencepiece", "wordpiece"])
+def test_tokenizer_without_what_gguf_needs_is_refused_with_one_line(tmp_path, capsys, kind):
+    """A Llama-2-style tokenizer (BPE with byte fallback over Metaspace, `tokenizer.ggml.model = llama`) without
+    the `tokenizer.model` whose piece scores llama.cpp needs, and a tokenizer that is neither byte-level BPE nor
+    SentencePiece (BERT's WordPiece): one line each, no file. (SentencePiece export: tests/test_gguf_spm.py.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator([json.dumps(r) for r in alpaca_rows(20)],
-                            trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    if kind == "sentencepiece":
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([json.dumps(r) for r in alpaca_rows(20)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     src = _model_dir(tmp_path / "spm", fast, "llama")
     capsys.readouterr()  # saving the model printed progress bars
     assert main(["export", str(src), "--gguf", str(tmp_path / "s.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not byte-level BPE" in err[0], err
+    want = ("is a SentencePiece tokenizer but its tokenizer.model is missing" if kind == "sentencepiece"
+            else "is neither byte-level BPE nor SentencePiece")
+    assert len(err) == 1 and want in err[0], err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".tmp-*"))

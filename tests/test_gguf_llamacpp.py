@@ -1,7 +1,8 @@
 """llama.cpp itself runs tunelab's GGUF export: a LoRA-trained SmolLM2-135M run, merged and exported as f32 and
 f16 GGUF, completes prompts greedily exactly as tunelab's own sampler does on the merged model, token for token,
 and llama.cpp tokenizes the chat-rendered prompts to the same ids as the HF tokenizer; on tiny llama / qwen2 /
-mistral models llama.cpp's logits equal the HF model's.
+mistral models llama.cpp's logits equal the HF model's; a tiny Llama with a Llama-2-style SentencePiece tokenizer
+tokenizes as SentencePiece does and completes greedily as transformers does.
 
 Needs llama-cpp-python (`make test-llamacpp` builds and installs it, then runs this file); skipped without it.
 """
@@ -10,6 +11,7 @@ import pytest
 
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 from tests.test_gguf_export import _model_dir, bpe_tokenizer  # noqa: F401  (the tiny BPE tokenizer fixture)
+from tests.test_gguf_spm import LEADING, TEXTS, spm_model_dir  # noqa: F401  (the tiny SentencePiece Llama)
 from tunelab.cli import main
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -133,3 +135,42 @@ def test_llama_cpp_logits_on_a_tiny_qwen3(tmp_path, bpe_tokenizer):
     err = np.abs(np.array(llm.scores[:len(ids)]) - want).max()
     print(f"qwen3 llama.cpp vs HF max |Δlogit| {err:.1e}")
     assert err < 1e-3
+
+
+def test_llama_cpp_runs_a_sentencepiece_export(tmp_path, spm_model_dir):
+    """A Llama-2-style SentencePiece vocabulary (`tokenizer.ggml.model = llama`: pieces, scores, byte tokens):
+    llama.cpp's own SPM tokenizer on the f32 export tokenizes the texts to the HF tokenizer's ids (byte fallback
+    included) and every text, leading spaces too, exactly as SentencePiece itself; its logits equal the HF
+    model's and its greedy completion equals transformers' greedy `generate` on the HF model, token for token."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.gguf_export import export_gguf
+
+    src, sp = spm_model_dir
+    out = export_gguf(src, tmp_path / "spm.gguf", "f32")
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=2, logits_all=True, verbose=False, seed=0)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+    for text in TEXTS + LEADING:  # the HF tokenizer differs from SentencePiece on LEADING (test_gguf_spm.py)
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [sp.bos_id(), *sp.encode(text)], text
+    report, worst = [], 0.0
+    for text in TEXTS[:3]:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+            hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                do_sample=False, max_new_tokens=N)[0, len(ids):].tolist()
+        hf = hf[:hf.index(tok.eos_token_id)] if tok.eos_token_id in hf else hf
+        llm.reset()
+        llm.eval(ids)
+        worst = max(worst, float(np.abs(np.array(llm.scores[:len(ids)]) - want).max()))
+        got = _llama_greedy(llm, ids)
+        assert got == hf, (text, got, hf)
+        completion = llm.detokenize(got).decode(errors="replace")
+        report.append(f"spm {text!r}: {len(got)} greedy ids equal; llama.cpp {completion!r}")
+    print("\n".join(report) + f"\nspm llama.cpp vs HF max |Δlogit| {worst:.1e}")  # shown with -s
+    assert worst < 1e-3

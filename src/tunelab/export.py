@@ -3,8 +3,9 @@
 `load_run(RUN_DIR)` rebuilds exactly what was trained: the base model from the run's `config.yaml`, the
 adapter from `adapter/` (PEFT format, loaded by tunelab's own reader) or the full model from `model/`, and the
 run's chat template. `export_merged` folds the adapter into the base weights and writes a plain Hugging Face
-folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and the run's chat template;
-weights with NaN/inf are refused, and a full disk stops with one line and no half-written folder.
+folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer (a SentencePiece tokenizer's
+`tokenizer.model` included) and the run's chat template; weights with NaN/inf are refused, and a full disk
+stops with one line and no half-written folder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from .adapters.base import load_method, merge, saves_full_model
 from .errors import TunelabError
-from .models.load import load_model
+from .models.load import load_model, save_tokenizer
 from .train.guards import check_finite, disk_full, is_disk_full, tensor_bytes
 from .userfiles import check_can_create, make_folder
 
@@ -83,7 +84,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     tok.chat_template = template.jinja
     try:
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)  # + tokenizer.model of a SentencePiece tokenizer (GGUF export needs it)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and is_disk_full(e):

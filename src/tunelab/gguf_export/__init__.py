@@ -6,13 +6,15 @@ The source is a run directory (its adapter merged into the base: any mergeable m
 saved the whole model), a merged HF folder, or any model reference tunelab loads. The file holds what llama.cpp
 needs and nothing it would have to guess: the architecture's tensors under GGUF names (arch.py), its
 hyper-parameters and rope settings, and the tokenizer with its special tokens and the run's chat template
-(vocab.py). Written with the `gguf` package's `GGUFWriter` (the writer llama.cpp's own converter uses) to a
-temporary file renamed into place, so a failed export leaves nothing behind.
+(vocab.py: byte-level BPE as `gpt2`; spm.py: SentencePiece as `llama`, from the model's `tokenizer.model`,
+which needs `pip install 'tunelab[sentencepiece]'`). Written with the `gguf` package's `GGUFWriter` (the writer
+llama.cpp's own converter uses) to a temporary file renamed into place, so a failed export leaves nothing behind.
 
 Tensor types (`qtype`): f32 | f16 | bf16 | q8_0 (`gguf.quants` does the conversion and the q8_0 blocks);
 norms and biases stay f32 as in llama.cpp's converter. Tested: transformers loads the file back with logits
 equal to the merged model's (f32 ≤ 1e-4; f16, bf16, q8_0 within the tolerances in tests/test_gguf_export.py),
-and llama.cpp (llama-cpp-python) completes prompts greedily exactly as tunelab does (tests/test_gguf_llamacpp.py).
+and llama.cpp (llama-cpp-python) completes prompts greedily exactly as tunelab does (tests/test_gguf_llamacpp.py);
+SentencePiece vocabularies: tests/test_gguf_spm.py.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ of llama.cpp's `convert_hf_to_gguf.py`, reproduced and tested against it:
 * **Which tensors stay float32**: 1-D tensors (norms, biases) and `*_norm.weight` always; the others follow
   the file type (f32 | f16 | bf16 | q8_0; a q8_0 row not a multiple of 32 falls back to f16, as the converter).
 
-Supported: llama (SmolLM/SmolLM2, Llama 3.x incl. llama3 rope scaling; Llama 2's SentencePiece tokenizer is
-refused by vocab.py), mistral (written as `llama`, as
-llama.cpp does; a sliding window is not represented, as in llama.cpp), qwen2, qwen3. Others (gemma's +1
-norms, phi3's fused qkv, MoE experts…) are refused with one line.
+Supported: llama (SmolLM/SmolLM2 and Llama 3.x with byte-level BPE, llama3 rope scaling included; Llama 2 and
+TinyLlama with their SentencePiece tokenizer), mistral (7B v0.1–v0.3 with SentencePiece, Nemo with tekken BPE;
+written as `llama`, as llama.cpp does; a sliding window is not represented, as in llama.cpp), qwen2, qwen3.
+The tokenizer is vocab.py's (byte-level BPE) and spm.py's (SentencePiece). Others (gemma's +1 norms, phi3's
+fused qkv, MoE experts…) are refused with one line.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tokenizer part of a GGUF file: vocabulary, merges, special tokens, add-bos/eos flags, chat template.
+"""The tokenizer part of a GGUF file: vocabulary, merges or scores, special tokens, add-bos/eos flags, chat template.
 
 llama.cpp re-implements tokenizers natively, so a GGUF carries the tokenizer as metadata. For a byte-level BPE
 tokenizer (GPT-2 style: SmolLM2, Llama 3, Qwen2…) that is, as llama.cpp's `convert_hf_to_gguf.py` writes it:
@@ -15,7 +15,10 @@ tokenizer (GPT-2 style: SmolLM2, Llama 3, Qwen2…) that is, as llama.cpp's `con
 * `add_bos_token` / `add_eos_token` measured on the tokenizer itself (does encoding "a" add them?), because
   llama.cpp's default when the key is absent differs per tokenizer type.
 
-SentencePiece tokenizers (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral v0.1–v0.3) are not written yet.
+SentencePiece tokenizers (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral 7B v0.1–v0.3, TinyLlama) take the
+same special-token, flag and chat-template path; their tokens, scores and types come from the model's own
+`tokenizer.model` (spm.py), `tokenizer.ggml.pre` is "default", and `add_space_prefix` is measured on the tokenizer
+(does it prepend "▁"?). A tokenizer that is neither is refused with one line.
 """
 
 from __future__ import annotations
@@ -119,12 +122,23 @@ def add_tokenizer(writer, tok, chat_template: str | None, model_config, vocab_si
     """Write the tokenizer metadata; returns what was written about special tokens (for messages/tests)."""
     import gguf
 
-    if not _is_byte_level_bpe(tok):
-        raise TunelabError(f"gguf export: the tokenizer ({type(tok).__name__}) is not byte-level BPE; GGUF export "
-                           "supports byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2/3, Mistral Nemo)")
-    tokens, types = tokens_and_types(tok, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tok))
+    from .spm import adds_space_prefix, is_sentencepiece, sentencepiece_vocab
+
+    if _is_byte_level_bpe(tok):
+        kind = "gpt2"
+        tokens, types = tokens_and_types(tok, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer(tok))
+    elif is_sentencepiece(tok):
+        kind = "llama"
+        tokens, scores, types = sentencepiece_vocab(tok, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+    else:
+        raise TunelabError(f"gguf export: the tokenizer ({type(tok).__name__}) is neither byte-level BPE nor "
+                           "SentencePiece; GGUF export supports byte-level BPE (SmolLM2, Llama 3, Qwen2/3, Mistral "
+                           "Nemo) and SentencePiece tokenizers (Llama 2, Mistral 7B)")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,8 +150,8 @@ def add_tokenizer(writer, tok, chat_template: str | None, model_config, vocab_si
         finally:
             tok.chat_template = old
         model_config.to_json_file(str(Path(tmp) / "config.json"))
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
+        special = gguf.SpecialVocab(tmp, load_merges=kind == "gpt2", n_vocab=vocab_size)
+    if kind == "gpt2" and not special.merges:
         raise TunelabError("gguf export: the tokenizer has no BPE merges")
     probe = tok("a")["input_ids"]  # what the tokenizer itself adds around a text
     special.add_special_token["bos"] = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
@@ -145,7 +159,9 @@ def add_tokenizer(writer, tok, chat_template: str | None, model_config, vocab_si
     if tok.pad_token_id is not None:  # tunelab sets pad = eos when a tokenizer has none
         special.special_token_ids.setdefault("pad", int(tok.pad_token_id))
     special.add_to_gguf(writer, quiet=True)
-    if getattr(tok, "add_prefix_space", None) is not None:
+    if kind == "llama":
+        writer.add_add_space_prefix(adds_space_prefix(tok))
+    elif getattr(tok, "add_prefix_space", None) is not None:
         writer.add_add_space_prefix(bool(tok.add_prefix_space))
     return {"ids": dict(special.special_token_ids), "add": dict(special.add_special_token),
-            "merges": len(special.merges), "tokens": len(tokens)}
+            "merges": len(special.merges), "tokens": len(tokens), "model": kind}

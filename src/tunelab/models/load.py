@@ -158,6 +158,27 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
+def sentencepiece_file(tok) -> Path | None:
+    """The SentencePiece model (`tokenizer.model`) a tokenizer was loaded with, or None: transformers 5 keeps
+    its path as `vocab_file`; a tokenizer class that does not declare it is found in the folder it came from."""
+    for candidate in (tok.init_kwargs.get("vocab_file"), getattr(tok, "vocab_file", None)):
+        if candidate and str(candidate).endswith(".model") and Path(candidate).is_file():
+            return Path(candidate)
+    folder = Path(str(getattr(tok, "name_or_path", "") or ""))
+    if folder.parts and folder.is_dir() and (folder / "tokenizer.model").is_file():
+        return folder / "tokenizer.model"
+    return None
+
+
+def save_tokenizer(tok, folder: str | Path) -> None:
+    """`tok.save_pretrained(folder)` plus its `tokenizer.model`: transformers 5 writes only tokenizer.json, and a
+    SentencePiece tokenizer's GGUF (llama.cpp's converter, tunelab's export) needs the piece scores in that file."""
+    tok.save_pretrained(str(folder))
+    src, dst = sentencepiece_file(tok), Path(folder) / "tokenizer.model"
+    if src is not None and not dst.exists():
+        shutil.copyfile(src, dst)
+
+
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 

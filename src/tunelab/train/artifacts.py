@@ -3,6 +3,7 @@ results.json (the run directory itself: `rundir`).
 
     adapter/   the method's export (PEFT format where PEFT has the method, tunelab's own otherwise) + tokenizer
     model/     full and partial finetuning: a plain HF model folder + tokenizer
+               (a SentencePiece tokenizer's `tokenizer.model` included: GGUF export reads its piece scores)
     results.json  one JSON object; NaN becomes null (JSON has no NaN)
 
 Folders are written to a temporary sibling and renamed, so a crash never leaves a half-written adapter; a
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..adapters.base import export_method, saves_full_model
 from ..config import RunConfig, method_options
 from ..generate import generate
+from ..models.load import save_tokenizer
 from .guards import check_finite, disk_full, is_disk_full, tensor_bytes
 
 
@@ -54,7 +56,7 @@ def save_artifacts(model, tokenizer, template, cfg: RunConfig, out: Path, state_
             model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         else:
             export_method(model, cfg.method, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # + tokenizer.model (SentencePiece), which GGUF export needs
         (tmp / "tunelab_template.json").write_text(json.dumps({"name": template.name, "jinja": template.jinja}))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -42,7 +42,7 @@ from ..config import RunConfig, save_config, substitute_text
 from ..console import console
 from ..errors import TunelabError
 from ..eval import learning_forgetting
-from ..models.load import load_model
+from ..models.load import load_model, save_tokenizer
 from ..objectives import objective_class
 from . import run as single_run
 from .distributed import barrier, is_main
@@ -144,7 +144,7 @@ def stage_model(out: Path, cfg: RunConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(out / "adapter")).save_pretrained(tmp)  # carries the run's chat template
+        save_tokenizer(AutoTokenizer.from_pretrained(str(out / "adapter")), tmp)  # carries the run's chat template
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and is_disk_full(e):
