@@ -9,7 +9,7 @@ end-to-end figures come from `benchmarks/run.py` on a quiet machine.
 The model is SmolLM2-135M's architecture (its real widths: hidden 576, 9 heads / 3 kv heads, MLP 1536, vocab
 49,152) cut to `--layers` decoder layers, randomly initialised, with tunelab's LoRA r=16 on all seven
 projections; the data is the bundled GSM conversations, encoded like a run does (assistant-only loss).
-Levers: attn-padded, attn-packed, checkpoint, lora-fuse, lora-addmm, bf16, compile, threads, grouping.
+Levers: attn-padded, attn-packed, checkpoint, lora-fuse, lora-addmm, bf16, compile, threads, grouping, adamw.
 """
 
 from __future__ import annotations
@@ -225,29 +225,99 @@ def lever_bf16(args):
 
 
 def lever_compile(args):
+    """`train.compile` as the loop applies it (models/compiling.py): compile time, then eager vs compiled steps
+    (the loss of both printed: they must agree)."""
+    from tunelab.models.compiling import compile_layers
+
     model, tok = smollm2_like(args.layers)
     batch = batch_of(encoded(tok), args.rows, True, tok.pad_token_id)
     eager = sft_step(model, batch)
+    loss_e = eager()
+    undo = compile_layers(model)
     t0 = time.perf_counter()
-    for layer in model.model.layers:
-        layer.compile()
-    compiled = sft_step(model, batch)
-    compiled()
+    loss_c = eager()  # the first compiled step: Dynamo + inductor (+ gcc); later steps reuse the graphs
     compile_s = time.perf_counter() - t0
-    return ab("compile", eager, compiled, args.reps, "A: eager, B: torch.compile per decoder layer",
-              compile_seconds=round(compile_s, 1))
+    undo()
+
+    def compiled():
+        u = compile_layers(model)
+        try:
+            return eager()
+        finally:
+            u()
+    return ab("compile", eager, compiled, args.reps, "A: eager, B: train.compile (each decoder layer compiled)",
+              compile_seconds=round(compile_s, 1), loss_eager=loss_e, loss_compiled=loss_c)
+
+
+THREAD_SETTINGS = {"default": {}, "omp1": {"OMP_NUM_THREADS": "1"}, "interop1": {"AB_INTEROP_THREADS": "1"},
+                   "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+                   "bind": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}}
 
 
 def lever_threads(args):
-    model, tok = smollm2_like(args.layers)
-    batch = batch_of(encoded(tok), args.rows, True, tok.pad_token_id)
-    step, n = sft_step(model, batch), torch.get_num_threads()
+    """Thread settings, each in its own child process (OMP_* is read once, at start): torch's default (one
+    thread per core, as many inter-op threads), 1 OpenMP thread, 1 inter-op thread, libgomp's wait policies and
+    thread binding. torch here links GNU libgomp, so Intel's KMP_* variables have no effect. The children run
+    round-robin, `--reps` rounds; each reports the median of 3 steps; medians over rounds per setting."""
+    import subprocess
 
-    def one():
-        torch.set_num_threads(1)
+    res = {k: {"wall": [], "cpu": []} for k in THREAD_SETTINGS}
+    for _ in range(args.reps):
+        for name, extra in THREAD_SETTINGS.items():
+            proc = subprocess.run([sys.executable, __file__, "thread-child", "--layers", str(args.layers),
+                                   "--rows", str(args.rows), "--threads", "0"], env={**os.environ, **extra},
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"thread child {name} failed:\n{proc.stderr[-2000:]}")
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            res[name]["wall"].append(got["wall"])
+            res[name]["cpu"].append(got["cpu"])
+    base = statistics.median(res["default"]["wall"])
+    row = {"lever": "threads", "load_avg": os.getloadavg()[0],
+           "note": "median step seconds per setting; ratio = default / setting (> 1: the setting is faster)"}
+    for name, r in res.items():
+        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
+        row[name] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "ratio": round(base / wall, 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def thread_child(args):
+    if os.environ.get("AB_INTEROP_THREADS"):
+        torch.set_num_interop_threads(int(os.environ["AB_INTEROP_THREADS"]))
+    model, tok = smollm2_like(args.layers)
+    step = sft_step(model, batch_of(encoded(tok), args.rows, True, tok.pad_token_id))
+    step()
+    wall, cpu = [], []
+    for _ in range(3):
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        torch.set_num_threads(n)
-    return ab("threads", one, step, args.reps, f"A: 1 thread, B: {n} threads (meaningless on a shared machine)")
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(json.dumps({"wall": statistics.median(wall), "cpu": statistics.median(cpu),
+                      "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads()}))
+
+
+def lever_adamw(args):
+    """The optimizer step alone, on SmolLM2-135M's full parameter set (full finetuning) and on its LoRA r16
+    adapters (`--layers` 30 for the real model): torch's CPU default (a Python loop over the tensors) vs
+    `fused=True` (one kernel per tensor, what TRL's default `adamw_torch_fused` runs) vs `foreach=True`."""
+    rows = []
+    for label in ("lora", "full"):
+        model, _ = smollm2_like(args.layers)
+        if label == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opts = {k: torch.optim.AdamW(params, lr=1e-5, **kw) for k, kw in
+                (("loop", {"foreach": False}), ("fused", {"fused": True}), ("foreach", {"foreach": True}))}
+        size = f"{len(params)} tensors, {sum(p.numel() for p in params):,} values"
+        for kind in ("fused", "foreach"):
+            rows.append(ab(f"adamw-{label}-{kind}", opts["loop"].step, opts[kind].step, args.reps,
+                           f"A: for-loop AdamW (torch's CPU default), B: {kind}; {size}"))
+    return rows
 
 
 def lever_grouping(args):
@@ -279,7 +349,7 @@ def _rows(exs):
 
 LEVERS = {"attn-padded": lambda a: lever_attention(a, False), "attn-packed": lambda a: lever_attention(a, True),
           "checkpoint": lever_checkpoint, "lora-fuse": lever_lora_fuse, "lora-addmm": lever_lora_addmm, "bf16": lever_bf16,
-          "compile": lever_compile, "threads": lever_threads, "grouping": lever_grouping}
+          "compile": lever_compile, "threads": lever_threads, "grouping": lever_grouping, "adamw": lever_adamw}
 
 
 def main(argv=None) -> None:
@@ -290,7 +360,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:  # 0: leave torch's default (the thread-settings children)
+        torch.set_num_threads(args.threads)
+    if args.levers == ["thread-child"]:
+        return thread_child(args)
     for name in args.levers:
         if name not in LEVERS:
             sys.exit(f"unknown lever {name!r}; choose from {', '.join(LEVERS)}")

@@ -86,6 +86,9 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     # the memory switch (benchmarks/README.md): rows one at a time + each layer's MLP checkpointed; same gradients
     memory_mode: bool = False
+    # each decoder layer's training forward through torch.compile (models/compiling.py); opt-in: compiling costs
+    # minutes on a CPU before step 1, and benchmarks/README.md has what it gains on this workload
+    compile: bool = False
     loss_chunk_size: int = Field(1024, ge=16)
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)

@@ -47,6 +47,7 @@ import torch
 from ..data.batches import BatchSource, split_rows
 from ..errors import TunelabError
 from ..models.checkpointing import checkpoint_layers
+from ..models.compiling import compile_layers
 from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
@@ -128,6 +129,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         model.config.use_cache = False
     split = cfg.memory_mode and getattr(objective, "rows_additive", False)
     undo_checkpointing = checkpoint_layers(model, "mlp") if cfg.memory_mode else None
+    undo_compile = compile_layers(model) if cfg.compile else None  # after: a compiled layer calls the checkpointed MLP
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +250,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 prune_due = True
     if prune_due and main:
         prune_checkpoints(ckpt_dir, cfg.keep_last)
+    if undo_compile is not None:
+        undo_compile()
     if undo_checkpointing is not None:
         undo_checkpointing()
     if evaluate and step == total:

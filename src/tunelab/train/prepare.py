@@ -18,11 +18,13 @@ from ..data.kinds import data_kind
 from ..data.sources import load_records
 from ..data.templates import Template, get_template
 from ..errors import TunelabError
-from ..models.load import load_model
+from ..models.compiling import check_compile
+from ..models.load import load_model, pick_device
 from .. import rl  # noqa: F401  (registers the `prompts` data kind of online RL)
 from ..objectives import objective_class
 from ..objectives.reference import check_reference
 from .log import check_trackers
+from .distributed import launched
 from .optim import check_optimizer
 from .task_eval import check_tasks
 
@@ -64,6 +66,8 @@ def prepare(cfg: RunConfig) -> RunInputs:
     kind.check(cfg)
     objective.check_config(cfg)
     check_optimizer(cfg.train)
+    if cfg.train.compile:
+        check_compile(pick_device(cfg.model.device), launched())
     check_tasks(cfg)
     check_trackers(cfg.train.trackers)  # a missing tracker is one line now, not a traceback mid-run
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
