@@ -6,8 +6,11 @@ Instead we
 
 1. run the decoder body once to get hidden states `h` [B, T, H];
 2. gather only the positions whose *next* token is a target (`loss_mask[:, 1:]`);
-3. apply the lm_head + log-softmax in chunks of `chunk_size` rows, each chunk under activation
-   checkpointing, so at most one `[chunk, vocab]` block of logits is alive in forward *and* backward.
+3. apply the lm_head + log-softmax in chunks of `chunk_size` rows, every chunk but the last under activation
+   checkpointing, so at most one `[chunk, vocab]` block of logits is alive in forward *and* backward: the
+   checkpointed chunks free theirs after forward and rebuild it one at a time in backward; the last chunk keeps
+   its block from forward to backward (the first chunk backward reaches), where recomputing it would only redo
+   work while no other block is alive anyway — one chunk's lm_head + log-softmax saved per step.
 
 The result is exact (same math as `F.cross_entropy` on full logits), which tests check.
 Shared by SFT, the preference objectives, evaluation and RL.
@@ -191,9 +194,11 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
     `with_entropy`: also return the entropy [N] (detached) of each row's whole next-token distribution."""
     weight, bias, transform = output_head(model)
     outs = []
-    for i in range(0, hidden.shape[0], chunk_size):
+    n = hidden.shape[0]
+    for i in range(0, n, chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        last = i + chunk_size >= n  # its block stays alive until backward, which starts with it: no recompute
+        if not last and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             outs.append(checkpoint(_chunk_logp, h, t, weight, bias, transform, temperature, with_entropy,
                                    use_reentrant=False))
         else:
@@ -222,15 +227,30 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bo
     mask = batch["loss_mask"].clone()
     mask[:, 0] = False
     pos = mask.nonzero(as_tuple=True)
-    h = hidden[pos[0], pos[1] - 1]
-    scored = head_logprobs(model, h, batch["input_ids"][pos], chunk_size, temperature, with_entropy=return_entropy)
-    logp, entropy = scored if return_entropy else (scored, None)
-    full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    full = full.index_put(pos, logp)
+    scored = scatter_logprobs(model, hidden, (pos[0], pos[1] - 1), batch["input_ids"], pos, chunk_size,
+                              temperature, return_entropy)
     if return_entropy:
-        ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).index_put(pos, entropy)
-        return (full, ent, out) if return_output else (full, ent)
-    return (full, out) if return_output else full
+        return (*scored, out) if return_output else scored
+    return (scored, out) if return_output else scored
+
+
+def scatter_logprobs(model, hidden: torch.Tensor, sources: tuple, input_ids: torch.Tensor, targets: tuple,
+                     chunk_size: int = 1024, temperature: float = 1.0, return_entropy: bool = False):
+    """log p(input_ids[targets]) as a [B, T] fp32 tensor like `input_ids` (0 elsewhere), target k predicted from
+    the hidden state ``hidden[sources[0][k], sources[1][k]]``; with `return_entropy`, ``(logp, entropy)``.
+
+    `token_logprobs` predicts each target from the position before it in the same row (sources = targets
+    shifted by one); a layout that moves tokens around (`prompt_sharing`: several completions after one
+    encoded prompt) names its own sources while the results land in the batch's [B, T] layout."""
+    h = hidden[sources[0], sources[1]]
+    scored = head_logprobs(model, h, input_ids[targets], chunk_size, temperature, with_entropy=return_entropy)
+    logp, entropy = scored if return_entropy else (scored, None)
+    full = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    full = full.index_put(targets, logp)
+    if return_entropy:
+        ent = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device).index_put(targets, entropy)
+        return full, ent
+    return full
 
 
 def sequence_logprobs(token_lp: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
