@@ -108,6 +108,12 @@ def _batch_hooks(model: nn.Module) -> list:
     return [h for h in hooks if h is not None]
 
 
+def reads_batch(model: nn.Module) -> bool:
+    """Does a method in `model` read the batch's layout in its forward (`batch_context`; LoReFT: prompt
+    positions)? Then a scoring forward must keep the batch's own rows, not a rearranged copy of them."""
+    return bool(_batch_hooks(model))
+
+
 @contextmanager
 def batch_context(model: nn.Module, batch: dict):
     """Inside the block, forwards of `model` on `batch` see what their methods need from the batch (LoReFT: the
