@@ -155,6 +155,8 @@ class RLConfig(Strict):
     epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
     epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
     loss_agg: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    # grpo/rloo: score a prompt's completions with the prompt encoded once (exact; objectives/prompt_sharing.py)
+    share_prompts: bool = True
     keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
     keep_threshold: float = 1.0
     eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)

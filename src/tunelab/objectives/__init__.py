@@ -72,7 +72,8 @@ def build_objective(cfg, reference=None):
             epsilon_high=getattr(rl, "epsilon_high", None), loss_agg=getattr(rl, "loss_agg", "token_mean"),
             kl_estimator=getattr(rl, "kl_estimator", None) or "k3",
             max_completion_length=getattr(rl, "max_new_tokens", None),
-            temperature=getattr(rl, "temperature", 1.0), reference=reference, chunk_size=chunk)
+            temperature=getattr(rl, "temperature", 1.0), reference=reference, chunk_size=chunk,
+            share_prompts=getattr(rl, "share_prompts", True))
     if cfg.objective == "ppo":
         rl, p = cfg.rl, cfg.ppo
         return PPO(value_coef=p.value_coef, epsilon_value=p.epsilon_value, target_kl=p.target_kl,

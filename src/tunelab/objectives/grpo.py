@@ -14,6 +14,8 @@ Batch (B rows = completions, T = prompt + completion length; one sequence per ro
     loss_mask       [B, T] bool  — True at completion tokens: token t is a target predicted from position t−1
                                    (tunelab's convention, `logprobs.token_logprobs`)
     advantages      [B]    fp32  — one advantage per completion, from an estimator
+    prompt_index    [B]    long  — optional; which prompt each row completes. Rows of one prompt are then scored
+                                   with the prompt encoded once (`prompt_sharing`, exact; ``share_prompts``)
     old_logprobs    [B, T] fp32  — optional; log π_old(y_t) of the policy that sampled the rows (the sampler's
                                    log-probs, at the sampling temperature), aligned like loss_mask, 0 off it.
                                    Absent: logp.detach() — the ratio is exactly 1 (TRL's shortcut when each
@@ -58,7 +60,7 @@ import torch
 
 from ..errors import TunelabError
 from .base import RunHooks
-from .logprobs import token_logprobs
+from .prompt_sharing import group_token_logprobs
 from .reference import ReferenceHooks
 
 LOSS_AGGS = ("token_mean", "sequence_mean", "constant")
@@ -143,7 +145,7 @@ class GRPO(ReferenceHooks, RunHooks):
 
     def __init__(self, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                  loss_agg: str = "token_mean", kl_estimator: str = "k3", max_completion_length: int | None = None,
-                 temperature: float = 1.0, reference=None, chunk_size: int = 1024):
+                 temperature: float = 1.0, reference=None, chunk_size: int = 1024, share_prompts: bool = True):
         if loss_agg not in LOSS_AGGS:
             raise TunelabError(f"unknown loss_agg {loss_agg!r}; choose {', '.join(LOSS_AGGS)}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -156,20 +158,21 @@ class GRPO(ReferenceHooks, RunHooks):
         self.max_completion_length = max_completion_length
         self.temperature = temperature if temperature and temperature > 0 else 1.0  # greedy: plain log-probs
         self.reference, self.chunk_size = reference, chunk_size
+        self.share_prompts = share_prompts  # rl.share_prompts: one prompt encoding per group (prompt_sharing.py)
 
     def reference_logprobs(self, batch: dict) -> torch.Tensor:
         if batch.get("ref_logprobs") is not None:
             return batch["ref_logprobs"].float()
         if self.reference is None:
             raise TunelabError(f"{self.name}: beta > 0 needs a reference model or precomputed ref_logprobs")
-        return self.reference.token_logprobs(batch, temperature=self.temperature)
+        return self.reference.token_logprobs(batch, temperature=self.temperature, share_prompts=self.share_prompts)
 
     def loss(self, model, batch: dict):
         batch = with_positions(batch)
         mask = targets(batch)
         ref = self.reference_logprobs(batch).masked_fill(~mask, 0.0) if self.beta else None  # before the policy
-        logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                       return_entropy=True)
+        logp, entropy = group_token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
+                                             return_entropy=True, share=self.share_prompts)
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old.float().masked_fill(~mask, 0.0)
         adv = batch["advantages"].float().to(logp.device)

@@ -40,7 +40,8 @@ import torch
 
 from ..adapters.base import adapter_parameters, disabled, has_adapter
 from ..errors import TunelabError
-from .logprobs import sequence_logprobs, token_logprobs
+from .logprobs import sequence_logprobs
+from .prompt_sharing import group_token_logprobs
 from ..models.load import check_device
 from ..models.modes import eval_mode
 from .scoring import score_batches
@@ -94,19 +95,22 @@ class Reference:
 
     # -------------------------------------------------------------------------------------------- forward
     @torch.no_grad()
-    def token_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    def token_logprobs(self, batch: dict, temperature: float = 1.0, share_prompts: bool = False) -> torch.Tensor:
         """log π_ref of every target token, [B, T] fp32 on the batch's device (0 off the loss mask);
-        `temperature` as in `logprobs.token_logprobs` (online RL's KL at the sampling temperature)."""
+        `temperature` as in `logprobs.token_logprobs` (online RL's KL at the sampling temperature);
+        `share_prompts`: rows of one ``prompt_index`` scored with the prompt encoded once when exact
+        (`prompt_sharing.group_token_logprobs`; online RL's completion groups)."""
         if self.mode == "copy":
             if self.model is None:
                 raise RuntimeError("the reference copy was released after precomputing its log-probs")
             dev = next(self.model.parameters()).device
             moved = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
             with eval_mode(self.model):
-                return token_logprobs(self.model, moved, self.chunk_size,
-                                      temperature=temperature).to(batch["input_ids"].device)
+                return group_token_logprobs(self.model, moved, self.chunk_size, temperature=temperature,
+                                            share=share_prompts).to(batch["input_ids"].device)
         with eval_mode(self.policy), self._adapter_weights(), disabled_unless(self.policy, self._ref_adapter):
-            return token_logprobs(self.policy, batch, self.chunk_size, temperature=temperature)
+            return group_token_logprobs(self.policy, batch, self.chunk_size, temperature=temperature,
+                                        share=share_prompts)
 
     def logps(self, batch: dict, prefix: str = "") -> torch.Tensor:
         """Σ_t log π_ref(y_t | x, y_<t) over each row's response tokens → [B] fp32."""

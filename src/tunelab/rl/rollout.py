@@ -187,13 +187,15 @@ class RolloutSource:
         group = samples.prompt_index.cpu()
         rows = self._sequences(samples, list(range(len(rewards))), temperature_logprobs=True)
         rows["advantages"] = self.estimator(rewards, group).float()
+        rows["prompt_index"] = group.long()  # rows of one prompt: scored with the prompt encoded once (exact)
         reference = getattr(self.ctx.objective, "reference", None)
         if self.cfg.rl.beta > 0 and reference is not None:  # once per round, not once per pass
             device = next(self.ctx.model.parameters()).device
-            keys = ("input_ids", "attention_mask", "position_ids", "loss_mask", "prompt_mask")
+            keys = ("input_ids", "attention_mask", "position_ids", "loss_mask", "prompt_mask", "prompt_index")
             rows["ref_logprobs"] = torch.cat([
                 reference.token_logprobs({k: rows[k][i:i + self.micro].to(device) for k in keys},
-                                         temperature=self.cfg.rl.temperature).cpu()
+                                         temperature=self.cfg.rl.temperature,
+                                         share_prompts=self.cfg.rl.share_prompts).cpu()
                 for i in range(0, len(rewards), self.micro)])
         self.metrics["advantage_abs"] = float(rows["advantages"].abs().mean())
         return rows
