@@ -79,7 +79,8 @@ class SharedLayout:
 
 
 def _groups(batch: dict, ids, pos, real, tmask) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
-    """Rows (index, prefix columns, suffix columns) per group; rows whose prefix differs stand alone."""
+    """Rows (index, prefix columns, suffix columns) per group: same `prompt_index` *and* the same prefix tokens
+    and positions (a wrong index can split a group, never merge different prompts)."""
     groups: dict = {}
     index = batch["prompt_index"].tolist()
     for b in range(ids.shape[0]):
@@ -88,14 +89,8 @@ def _groups(batch: dict, ids, pos, real, tmask) -> list[list[tuple[int, torch.Te
             continue
         cols = real[b].nonzero().flatten()
         prefix, suffix = cols[cols < tgt[0]], cols[cols >= tgt[0]]
-        members = groups.setdefault(("index", index[b]), [])
-        if members:
-            b0, p0, _ = members[0]
-            same = len(p0) == len(prefix) and torch.equal(ids[b0, p0], ids[b, prefix]) \
-                and torch.equal(pos[b0, p0], pos[b, prefix])
-            if not same:
-                members = groups.setdefault(("alone", b), [])
-        members.append((b, prefix, suffix))
+        key = (index[b], tuple(ids[b, prefix].tolist()), tuple(pos[b, prefix].tolist()))
+        groups.setdefault(key, []).append((b, prefix, suffix))
     return list(groups.values())
 
 
