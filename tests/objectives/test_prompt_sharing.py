@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.adapters.base import apply_method
-from tunelab.models.tiny import tiny_model
+from tunelab.models.tiny import ARCHS, HEAD_ARCHS, MOE_ARCHS, tiny_model
 from tunelab.objectives import logprobs, prompt_sharing
 from tunelab.objectives.grpo import GRPO, RLOO, with_positions
 from tunelab.objectives.logprobs import head_logprobs, token_logprobs
-from tunelab.objectives.prompt_sharing import group_token_logprobs, shared_layout, shares_exactly
+from tunelab.objectives.prompt_sharing import SHAREABLE_ARCHS, group_token_logprobs, shared_layout, shares_exactly
 from tunelab.objectives.reference import Reference
 
 PAD = 0
@@ -214,3 +214,17 @@ def test_copy_reference_of_a_lora_policy_shares_too():
     batch = make()
     assert torch.allclose(reference.token_logprobs(batch, share_prompts=True), token_logprobs(model, batch),
                           atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(SHAREABLE_ARCHS & set(ARCHS + HEAD_ARCHS + MOE_ARCHS)))
+def test_every_listed_architecture_we_can_build_shares_exactly(arch, shared_calls):
+    """SHAREABLE_ARCHS is a claim per architecture: check it on every one the tiny builder makes (qwen2_moe's
+    config sets sliding_window=0, which the check treats conservatively as a window: the old path runs)."""
+    model = tiny_model(arch, seed=0, vocab_size=128).eval()
+    assert shares_exactly(model) == (arch != "qwen2_moe")
+    batch = make()
+    with torch.no_grad():
+        want = token_logprobs(model, batch)
+        got = group_token_logprobs(model, batch)
+    assert shared_calls == ([(3, 15)] if arch != "qwen2_moe" else [])
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)

@@ -154,8 +154,7 @@ def group_token_logprobs(model, batch: dict, chunk_size: int = 1024, temperature
                          return_entropy: bool = False, share: bool = True):
     """`token_logprobs` of online RL's rows, with each prompt encoded once when that is exact (`share` on, the
     batch carries ``prompt_index``, some prompt has two rows here, the model `shares_exactly`); else as before."""
-    layout = shared_layout(batch) if share and batch.get("prompt_index") is not None and shares_exactly(model) \
-        else None
+    layout = shared_layout(batch) if share and shares_exactly(model) else None
     if layout is not None:
         return shared_token_logprobs(model, batch, layout, chunk_size, temperature, return_entropy)
     return token_logprobs(model, batch, chunk_size, temperature=temperature, return_entropy=return_entropy)
