@@ -10,17 +10,19 @@ The resolved config is saved in the run directory as `config.yaml`, so a run can
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .adapters.base import method_names
 from .adapters.dora import DoraConfig
 from .adapters.lora import LoraConfig
 from .adapters.loreft import LoreftConfig
 from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
+from .console import console
 from .errors import TunelabError
 from .userfiles import read_text
 
@@ -106,20 +108,12 @@ class SampleConfig(Strict):
 
 
 class PrefConfig(Strict):
-    """Preference-objective options (`objective` dpo/simpo/orpo/kto/reward); see each objective's module."""
+    """What every preference objective's run measures (dpo, simpo, orpo, kto, reward, via `pairwise.PairMetrics`).
 
-    loss: Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"] = "sigmoid"  # dpo only
-    # None = the objective's default: dpo/ipo 0.1 (β, τ for ipo), simpo 2.0, orpo 0.1 (λ), kto 0.1
-    beta: float | None = Field(None, gt=0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # ε of cdpo/robust (and simpo's smoothed form)
-    sft_weight: float = Field(0.0, ge=0.0)  # RPO-style NLL on the chosen response, any pairwise objective
-    gamma_beta_ratio: float = Field(0.5, ge=0.0)  # simpo: γ/β
-    # orpo: the NLL term over prompt + chosen response, as the paper's code and TRL (false = response only)
-    orpo_prompt_loss: bool = True
-    desirable_weight: float = Field(1.0, gt=0)  # kto λ_D
-    undesirable_weight: float = Field(1.0, gt=0)  # kto λ_U
-    center_rewards: float = Field(0.0, ge=0.0)  # reward model: c in c·(r⁺ + r⁻)²
-    probe: int = Field(64, ge=0)  # training pairs scored before/after training (results.json "train")
+    Shared on purpose: it is the run's measurement protocol, not a loss option, and must stay identical across the
+    objectives a study compares. Each objective's own options live in its section (``dpo:``, ``simpo:``, …)."""
+
+    probe: int = Field(64, ge=0)  # training pairs scored before/after (results.json "train")
 
 
 class ReferenceConfig(Strict):
@@ -134,11 +128,12 @@ class ReferenceConfig(Strict):
 
 
 class RLConfig(Strict):
-    """Online RL (`objective` grpo, rloo, rejection_sampling, online_dpo); see rl/rollout.py and objectives/grpo.py.
+    """The rollouts of every online objective (grpo, rloo, ppo, rejection_sampling, online_dpo; rl/rollout.py).
 
     One rollout round: `prompts_per_step` prompts × `group_size` completions sampled from the current policy,
     scored by `rewards`, then served to the loop for `ppo_epochs` passes in micro-batches of `train.batch_size`
-    rows (`train.grad_accum` micro-batches per optimizer step)."""
+    rows (`train.grad_accum` micro-batches per optimizer step). What an objective does with the rows (clip range,
+    KL coefficient, advantage estimator, which completions to keep) is in its own section (``grpo:``, ``ppo:``, …)."""
 
     group_size: int = Field(4, ge=1)  # G completions per prompt
     prompts_per_step: int = Field(2, ge=1)  # prompts per rollout round
@@ -149,38 +144,8 @@ class RLConfig(Strict):
     stop: list[str] = []  # extra stop strings (the template's end of turn always stops)
     # rewards: [{name: exact_match, weight: 1.0, ...options}] — see rl/rewards.py for names and options
     rewards: list[dict[str, Any]] = [{"name": "exact_match"}]
-    advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None  # None: the objective's own (grpo / rloo)
-    beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
-    kl_estimator: Literal["k1", "k3"] | None = None  # None: the objective's own (grpo/rloo k3, ppo k1)
-    epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
-    epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
-    loss_agg: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
-    # grpo/rloo: score a prompt's completions with the prompt encoded once (exact; objectives/prompt_sharing.py)
-    share_prompts: bool = True
-    keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
-    keep_threshold: float = 1.0
     eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)
-
-
-class PPOConfig(Strict):
-    """PPO (`objective: ppo`; objectives/ppo.py, objectives/value.py, rl/ppo_round.py). The KL coefficient β is
-    ``rl.beta`` (in the reward, per token), the policy clip ε is ``rl.epsilon``, the passes over a round are
-    ``rl.ppo_epochs``; a round is ``rl.prompts_per_step × rl.group_size`` completions."""
-
-    value_model: Literal["auto", "adapter", "copy"] = "auto"  # auto: adapter (adapter methods) / copy (full)
-    value_init: str | None = None  # an `objective: reward` run: V starts as it (head + body)
-    value_coef: float = Field(0.1, ge=0.0)  # c_v
-    epsilon_value: float | None = Field(0.2, gt=0.0)  # value clip ε_v (None: unclipped value loss)
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    whiten_advantages: bool = True  # normalise A over each round's completion tokens (Xu et al. 2024)
-    reward_norm: bool = False  # normalise the round's sequence scores to mean 0, std 1
-    reward_clip: float | None = Field(None, gt=0.0)  # then clip them to ±reward_clip
-    missing_eot_penalty: float = Field(0.0, ge=0.0)  # subtracted from the score of a completion that hit rl.max_new_tokens
-    adaptive_kl: bool = False  # Ziegler et al. 2019: β moves to keep the per-sequence KL near kl_target
-    kl_target: float = Field(6.0, gt=0.0)
-    kl_horizon: int = Field(10000, ge=1)
-    target_kl: float | None = Field(None, gt=0.0)  # early stop a round when a minibatch's approx-KL exceeds it
+    sampler: str = "torch"  # who samples the rollouts (rl/sampler.py SAMPLERS: torch | vllm)
 
 
 class EvalConfig(Strict):
@@ -192,14 +157,21 @@ class EvalConfig(Strict):
 
 
 class RunConfig(Strict):
+    """The run's sections that every objective shares. Each objective's own section (``dpo:``, ``grpo:``, …) is
+    added by the composed schema, `tunelab.objectives.run_config_schema()`, from the objectives' registry — the
+    schema every loader of a run config uses (config.py sits above objectives/ and cannot see them)."""
+
+    # Filled in by the composed schema: the registered objectives' names, and the options that moved from a
+    # shared section to an objective's own (old dotted key -> its new dotted keys; see `move_keys`).
+    OBJECTIVE_NAMES: ClassVar[tuple[str, ...]] = ()
+    MOVED: ClassVar[dict[str, tuple[str, ...]]] = {}
+
     output_dir: str = "runs/run"
     overwrite: bool = False
     resume: bool = True
-    # adapter methods: one options section each, named like the method (lora:, dora:, mora:, …)
-    method: Literal["full", "lora", "mora", "loreft", "freeze",
-                    "dora", "qlora"] = "lora"  # "partial" is accepted for "freeze"
-    objective: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward",
-                       "grpo", "rloo", "rejection_sampling", "online_dpo", "ppo"] = "sft"
+    # adapter methods (adapters.base's registry): one options section each, named like the method (lora:, …)
+    method: str = "lora"  # "partial" is accepted for "freeze"
+    objective: str = "sft"  # a registered objective (objectives/registry.py)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
@@ -214,7 +186,6 @@ class RunConfig(Strict):
     pref: PrefConfig = PrefConfig()
     reference: ReferenceConfig = ReferenceConfig()
     rl: RLConfig = RLConfig()
-    ppo: PPOConfig = PPOConfig()
     # under torchrun: ddp (replicate), fsdp (FSDP2: shard blocks + the rest), auto (fsdp when the weights would
     # take over a quarter of one accelerator's memory, else ddp) — see train/distributed.py
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -222,10 +193,25 @@ class RunConfig(Strict):
     # a stage trains from the previous stage's output (or `from: <stage name>`). See train/pipeline.py.
     stages: list[dict[str, Any]] = []
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_options(cls, data):
+        return move_keys(data, cls.MOVED) if isinstance(data, dict) and cls.MOVED else data
+
     @field_validator("method", mode="before")
     @classmethod
-    def _method_alias(cls, v):
-        return "freeze" if v == "partial" else v  # one method, one options section (freeze:)
+    def _method_known(cls, v):
+        v = "freeze" if v == "partial" else v  # one method, one options section (freeze:)
+        if isinstance(v, str) and v not in method_names():
+            raise ValueError(f"unknown method; choose from {', '.join(n for n in method_names() if n != 'partial')}")
+        return v
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_known(cls, v: str) -> str:
+        if cls.OBJECTIVE_NAMES and v not in cls.OBJECTIVE_NAMES:
+            raise ValueError(f"unknown objective; choose from {', '.join(cls.OBJECTIVE_NAMES)}")
+        return v
 
     @field_validator("output_dir")
     @classmethod
@@ -233,6 +219,46 @@ class RunConfig(Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+
+# old dotted keys already announced in this process (each deprecation notice is printed once)
+NOTICES_SHOWN: set[str] = set()
+
+
+def move_keys(raw: dict, moved: dict[str, tuple[str, ...]], lines: dict | None = None,
+              from_override: set | None = None) -> dict:
+    """`raw` (a run config mapping) with every option that moved read from its old place: ``pref.beta: 0.2``
+    becomes ``dpo.beta: 0.2`` (and the same in every other section that took the option over, since the old key
+    applied to whichever objective ran). An explicit new key wins; a null old value (it meant "the objective's
+    default") is dropped. `stages:` items are moved the same way. `lines` / `from_override` (load_config's
+    error bookkeeping) learn the new paths, so an error still names the old key's file line. Prints one
+    deprecation notice per old key and process."""
+    raw = dict(raw)
+    for old, targets in moved.items():
+        section, key = old.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        node = raw[section] = dict(node)
+        value = node.pop(key)
+        for target in targets:
+            tsec, tkey = target.split(".")
+            dest = raw.get(tsec)
+            dest = raw[tsec] = dict(dest) if isinstance(dest, dict) else {}
+            if value is not None and tkey not in dest:
+                dest[tkey] = value
+                if lines is not None and (section, key) in lines:
+                    lines.setdefault((tsec, tkey), lines[(section, key)])
+                if from_override is not None and (section, key) in from_override:
+                    from_override.add((tsec, tkey))
+        if old not in NOTICES_SHOWN:
+            NOTICES_SHOWN.add(old)
+            own = [t for t in targets if t.split(".")[0] == raw.get("objective")] or list(targets)
+            console.print(f"[yellow]deprecated: {old} is now {' / '.join(own)} (each objective has its own "
+                          "section; the old key still works)[/]", soft_wrap=True)
+    if isinstance(raw.get("stages"), list):
+        raw["stages"] = [move_keys(st, moved) if isinstance(st, dict) else st for st in raw["stages"]]
+    return raw
 
 
 def method_options(cfg: RunConfig):
@@ -321,13 +347,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
             node = node.setdefault(k, {})
         node[keys[-1]] = value
         from_override.add(tuple(keys))
+    if getattr(schema, "MOVED", None):
+        raw = move_keys(raw, schema.MOVED, lines, from_override)
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(str(x) for x in err["loc"])
         dotted = ".".join(loc)
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         if err["type"] != "extra_forbidden" and "input" in err:
             msg += f" (got {err['input']!r})"
         key = next((loc[:i] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)

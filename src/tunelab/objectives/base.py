@@ -9,7 +9,8 @@ which over-weights tokens of short batches.
 
 Everything else that differs per objective is declared on the objective (`RunHooks`), so the orchestrator
 (`train/run.py`) never branches on an objective's name. Adding an objective = one module with a class that
-sets these and implements `loss`, plus one line in `objectives/__init__.py`'s registry.
+sets these, brings its ``Options`` (its config section) and ``from_config``, and implements `loss`, plus one
+line in `registry.py`'s table (or `registry.register(cls)` from outside the package).
 """
 
 from __future__ import annotations
@@ -37,17 +38,36 @@ class Objective(Protocol):
 class RunHooks:
     """What a run needs to know about an objective, with the defaults of a plain generative objective.
 
-    Class attributes: ``data_kind`` (a `data.kinds` name: sft | pairs | unpaired), ``needs_reference`` (a
-    frozen/adapter-off reference model is built for it), ``generator`` (the trained model generates text, so
-    learning/forgetting tasks run on it; a reward model does not), ``nll_loss`` (the loss is a mean token NLL,
-so a loss near ln(vocab) means collapse). Class-level checks run before anything is
-    written; instance hooks run during the run. Measures come from `scoring.HeldOutLoss` (SFT) or `pairwise.PairMetrics` (preference objectives).
+    Class attributes: ``data_kind`` (a `data.kinds` name: sft | pairs | unpaired | prompts — the last registered
+    by `rl.prompts`), ``needs_reference`` (a frozen/adapter-off reference model is built for it), ``generator``
+    (the trained model generates text, so learning/forgetting tasks run on it; a reward model does not),
+    ``nll_loss`` (the loss is a mean token NLL, so a loss near ln(vocab) means collapse), ``Options`` (the
+    objective's options class — a `config.Strict` model whose config section is named like the objective — or
+    None). `from_config` builds the objective from its section. Class-level checks run before anything is
+    written; instance hooks run during the run. Measures come from `scoring.HeldOutLoss` (SFT),
+    `pairwise.PairMetrics` (preference objectives) or, for online objectives, the rollout source.
     """
 
     data_kind = "sft"
     needs_reference = False
     generator = True
     nll_loss = False  # the loss is a mean token NLL: the loop's collapse rule applies (train/guards.py)
+    Options = None  # the options class; its section of the run config is `cfg.<name>`
+
+    @classmethod
+    def options(cls, cfg):
+        """This objective's options: ``cfg.<name>``, or the defaults when `cfg` is None or has no such section
+        (a `config.RunConfig` built without the registry's composed schema)."""
+        if cls.Options is None:
+            return None
+        section = getattr(cfg, cls.name, None)
+        return section if isinstance(section, cls.Options) else cls.Options()
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        """The objective for run config `cfg`: reads its own section (`options`) and the shared ``train`` / ``rl``
+        settings; `reference` only for objectives that need one (None when log-probs are precomputed)."""
+        raise NotImplementedError(f"{cls.__name__} does not define from_config")
 
     @classmethod
     def wants_reference(cls, cfg) -> bool:

@@ -1,6 +1,6 @@
-"""Direct Preference Optimization and its loss variants (one objective, ``pref.loss`` picks the formula).
+"""Direct Preference Optimization and its loss variants (one objective, ``dpo.loss`` picks the formula).
 
-With Δ(y) = L_θ(y) − L_ref(y), h = Δ(y⁺) − Δ(y⁻) and ε = ``pref.label_smoothing``:
+With Δ(y) = L_θ(y) − L_ref(y), h = Δ(y⁺) − Δ(y⁻) and ε = ``dpo.label_smoothing``:
 
 ``sigmoid``  DPO (Rafailov et al. 2023, arXiv:2305.18290):          −log σ(βh),  β = 0.1
 ``ipo``      IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17):     (h̄ − 1/(2τ))², τ = β
@@ -13,17 +13,34 @@ With Δ(y) = L_θ(y) − L_ref(y), h = Δ(y⁺) − Δ(y⁻) and ε = ``pref.lab
 ``hinge``    SLiC-style hinge (Zhao et al. 2023, arXiv:2305.10425): max(0, 1 − βh)
 
 Implicit rewards (metrics): β·Δ(y). Reference implementation: TRL `DPOTrainer._compute_loss` (tests compare
-on identical log-probs). An optional SFT term on y⁺ is mixed in by `pref.sft_weight` (RPO; see pairwise.py).
+on identical log-probs). An optional SFT term on y⁺ is mixed in by `dpo.sft_weight` (RPO; see pairwise.py).
+Options: the ``dpo:`` section (`DPOOptions`).
 """
 
 from __future__ import annotations
 
+import typing
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from .pairwise import PairwiseObjective
+from .pairwise import PairwiseObjective, PairwiseOptions
 
-LOSSES = ("sigmoid", "ipo", "cdpo", "robust", "hinge")
+Loss = Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"]
+LOSSES = typing.get_args(Loss)
+
+
+class DPOOptions(PairwiseOptions):
+    """The ``dpo:`` section (online_dpo's extends it)."""
+
+    moved_from: ClassVar[dict[str, str]] = {"pref.beta": "beta", "pref.loss": "loss",
+                                            "pref.label_smoothing": "label_smoothing"}
+
+    loss: Loss = "sigmoid"
+    beta: float = Field(0.1, gt=0)  # β (τ for ipo)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # ε of cdpo/robust
 
 
 def dpo_losses(lc, lr, rc, rr, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0,
@@ -47,6 +64,13 @@ def dpo_losses(lc, lr, rc, rr, beta: float = 0.1, loss: str = "sigmoid", label_s
 
 class DPO(PairwiseObjective):
     name = "dpo"
+    Options = DPOOptions
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        o = cls.options(cfg)
+        return cls(o.beta, loss=o.loss, label_smoothing=o.label_smoothing, reference=reference,
+                   sft_weight=o.sft_weight, chunk_size=cfg.train.loss_chunk_size)
 
     def __init__(self, beta=None, loss: str = "sigmoid", label_smoothing: float = 0.0, **kw):
         super().__init__(beta, **kw)

@@ -3,7 +3,7 @@
 Online RL trains on completions the policy itself sampled. The rollout source (rl/rollout.py) samples G
 completions per prompt, scores them (rl/rewards.py) and turns the rewards into one advantage per completion
 (rl/advantages.py: ``grpo`` group-normalised, ``dr_grpo``, ``rloo`` leave-one-out — picked from the objective's
-`advantage_estimator` unless ``rl.advantage`` says otherwise). This objective only sees the result:
+`advantage_estimator` unless the section's ``advantage`` says otherwise). This objective only sees the result:
 
 Batch (B rows = completions, T = prompt + completion length; one sequence per row, never packed):
     input_ids       [B, T] long  — prompt followed by its completion; the prompt may be left-padded, the
@@ -45,6 +45,9 @@ Aggregation ``loss_agg`` → (loss_sum, n); the loop divides Σ loss_sum by Σ n
 ``constant``       Dr. GRPO (Liu et al. 2025, arXiv:2503.20783; TRL ``"dr_grpo"``): a fixed normaliser.
                    loss_sum = Σ_i Σ_t ℓ_t / L,  n = B,  L = max_completion_length (``rl.max_new_tokens``).
 
+Options: the ``grpo:`` / ``rloo:`` section (`GRPOOptions`; β, ε, ε_high, loss_agg, the KL estimator, the
+advantage estimator, share_prompts); the sampling settings (temperature, max_new_tokens) are the shared ``rl:``.
+
 Metrics (micro-batch; token means over completion tokens): ``kl`` (mean KL_t, when β > 0), ``clip_fraction``
 (share of tokens whose clip is active, i.e. the gradient is cut: ρ < 1−ε_low with A < 0 or ρ > 1+ε_high with
 A > 0 — TRL's clip_ratio/region_mean), ``ratio`` (mean ρ), ``adv_mean``/``adv_std`` over rows,
@@ -56,15 +59,46 @@ Reference implementation: TRL 1.16 `GRPOTrainer._compute_loss`, which the tests 
 
 from __future__ import annotations
 
-import torch
+from typing import ClassVar, Literal
 
+import torch
+from pydantic import Field
+
+from ..config import Strict
 from ..errors import TunelabError
 from .base import RunHooks
 from .prompt_sharing import group_token_logprobs
 from .reference import ReferenceHooks
 
-LOSS_AGGS = ("token_mean", "sequence_mean", "constant")
-KL_ESTIMATORS = ("k1", "k3")
+LossAgg = Literal["token_mean", "sequence_mean", "constant"]
+KLEstimator = Literal["k1", "k3"]
+LOSS_AGGS = LossAgg.__args__
+KL_ESTIMATORS = KLEstimator.__args__
+
+
+class ClipOptions(Strict):
+    """The clipped policy-gradient update every policy-gradient objective shares (grpo, rloo, ppo extend it)."""
+
+    moved_from: ClassVar[dict[str, str]] = {"rl.beta": "beta", "rl.kl_estimator": "kl_estimator",
+                                            "rl.epsilon": "epsilon", "rl.epsilon_high": "epsilon_high",
+                                            "rl.loss_agg": "loss_agg"}
+
+    beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
+    kl_estimator: KLEstimator = "k3"
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
+    epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
+    loss_agg: LossAgg = "token_mean"
+
+
+class GRPOOptions(ClipOptions):
+    """The ``grpo:`` section (``rloo:`` has the same options)."""
+
+    moved_from: ClassVar[dict[str, str]] = {"rl.advantage": "advantage", "rl.share_prompts": "share_prompts"}
+
+    # rl/advantages.py ESTIMATORS name; None: the objective's own (grpo: grpo, rloo: rloo)
+    advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None
+    # score a prompt's completions with the prompt encoded once (exact; objectives/prompt_sharing.py)
+    share_prompts: bool = True
 
 
 def targets(batch: dict) -> torch.Tensor:
@@ -131,10 +165,19 @@ class GRPO(ReferenceHooks, RunHooks):
     generator = True
     advantage_estimator = "grpo"  # rl/advantages.py ESTIMATORS name the rollout source uses by default
     rollout = "policy_gradient"  # rl/rollout.py: rows with advantages, the sampler's log-probs as π_old
+    Options = GRPOOptions
 
     @classmethod
     def wants_reference(cls, cfg) -> bool:
-        return cfg.rl.beta > 0  # no KL term: no reference model at all (a full-finetune copy costs memory)
+        return cls.options(cfg).beta > 0  # no KL term: no reference model at all (a full copy costs memory)
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        o, rl = cls.options(cfg), cfg.rl
+        return cls(beta=o.beta, epsilon=o.epsilon, epsilon_high=o.epsilon_high, loss_agg=o.loss_agg,
+                   kl_estimator=o.kl_estimator, max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
+                   reference=reference, chunk_size=cfg.train.loss_chunk_size, share_prompts=o.share_prompts,
+                   advantage=o.advantage)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -145,7 +188,8 @@ class GRPO(ReferenceHooks, RunHooks):
 
     def __init__(self, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                  loss_agg: str = "token_mean", kl_estimator: str = "k3", max_completion_length: int | None = None,
-                 temperature: float = 1.0, reference=None, chunk_size: int = 1024, share_prompts: bool = True):
+                 temperature: float = 1.0, reference=None, chunk_size: int = 1024, share_prompts: bool = True,
+                 advantage: str | None = None):
         if loss_agg not in LOSS_AGGS:
             raise TunelabError(f"unknown loss_agg {loss_agg!r}; choose {', '.join(LOSS_AGGS)}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -158,7 +202,9 @@ class GRPO(ReferenceHooks, RunHooks):
         self.max_completion_length = max_completion_length
         self.temperature = temperature if temperature and temperature > 0 else 1.0  # greedy: plain log-probs
         self.reference, self.chunk_size = reference, chunk_size
-        self.share_prompts = share_prompts  # rl.share_prompts: one prompt encoding per group (prompt_sharing.py)
+        self.share_prompts = share_prompts  # one prompt encoding per group (prompt_sharing.py)
+        # the estimator the rollout source applies: the options' `advantage`, else the objective's own
+        self.advantage_estimator = advantage or type(self).advantage_estimator
 
     def reference_logprobs(self, batch: dict) -> torch.Tensor:
         if batch.get("ref_logprobs") is not None:
@@ -201,8 +247,9 @@ class GRPO(ReferenceHooks, RunHooks):
         return out
 
     # ---------------------------------------------------------------------------------------- run measures
-    # The held-out measure of an RL run is the mean reward on held-out prompts, which needs the rollout
-    # machinery (rl/); the orchestrator wires it. Until then these measure nothing.
+    # An online run's measure is the mean greedy reward on held-out prompts, which needs the sampler and the
+    # reward functions: the rollout source supplies it (`RolloutSource.measure` …, preferred by train/run.py).
+    # These are what the objective alone can measure — nothing — for callers that build it without a source.
     def measure(self, model, train: list, evals: list, pad_id: int, cfg) -> dict:
         return {}
 
@@ -225,6 +272,6 @@ class RLOO(GRPO):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        if cfg.rl.group_size < 2 and (cfg.rl.advantage or cls.advantage_estimator) == "rloo":
+        if cfg.rl.group_size < 2 and (cls.options(cfg).advantage or cls.advantage_estimator) == "rloo":
             raise TunelabError(f"rl.group_size={cfg.rl.group_size}: rloo's leave-one-out baseline needs at least "
                                "2 completions per prompt")

@@ -19,8 +19,12 @@ Reference implementation: TRL `KTOTrainer._compute_loss` (loss_type="kto"), whic
 
 from __future__ import annotations
 
-import torch
+from typing import ClassVar
 
+import torch
+from pydantic import Field
+
+from ..config import Strict
 from ..console import console
 from .base import RunHooks
 from .logprobs import sequence_logprobs, token_logprobs
@@ -52,7 +56,18 @@ def weight_warning(n_desirable: int, n_undesirable: int, desirable_weight: float
     lo = n_undesirable * undesirable_weight / n_desirable
     return (f"KTO weighting is imbalanced: λ_D·n_D / (λ_U·n_U) = {desirable_weight}·{n_desirable} / "
             f"({undesirable_weight}·{n_undesirable}) = {ratio:.2f}, outside the recommended [1, 4/3]; "
-            f"try pref.desirable_weight in [{lo:.2f}, {lo * 4 / 3:.2f}]")
+            f"try kto.desirable_weight in [{lo:.2f}, {lo * 4 / 3:.2f}]")
+
+
+class KTOOptions(Strict):
+    """The ``kto:`` section."""
+
+    moved_from: ClassVar[dict[str, str]] = {"pref.beta": "beta", "pref.desirable_weight": "desirable_weight",
+                                            "pref.undesirable_weight": "undesirable_weight"}
+
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)  # λ_D
+    undesirable_weight: float = Field(1.0, gt=0)  # λ_U
 
 
 class KTO(PairMetrics, ReferenceHooks, RunHooks):
@@ -60,6 +75,13 @@ class KTO(PairMetrics, ReferenceHooks, RunHooks):
     data_kind = "unpaired"
     needs_reference = True
     default_beta = 0.1
+    Options = KTOOptions
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        o = cls.options(cfg)
+        return cls(o.beta, o.desirable_weight, o.undesirable_weight, reference=reference,
+                   chunk_size=cfg.train.loss_chunk_size)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -69,8 +91,9 @@ class KTO(PairMetrics, ReferenceHooks, RunHooks):
 
     @classmethod
     def check_data(cls, stats: dict, cfg) -> None:
-        warning = weight_warning(stats["n_desirable"], stats["n_undesirable"], cfg.pref.desirable_weight,
-                                 cfg.pref.undesirable_weight)
+        o = cls.options(cfg)
+        warning = weight_warning(stats["n_desirable"], stats["n_undesirable"], o.desirable_weight,
+                                 o.undesirable_weight)
         if warning:
             console.print(f"[yellow]warning: {warning}[/]")
 

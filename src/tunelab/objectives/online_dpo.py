@@ -7,16 +7,21 @@ Superior to PPO for LLM Alignment?" (arXiv:2404.10719: iterative DPO beats DPO o
                  toward the policy, i.e. refreshes it every τ steps)
 
 Pairing happens in the rollout source (`rl/rollout.py`, mode ``pairs``); the loss is DPO's, unchanged
-(``pref.loss``, ``pref.beta``…). A group whose completions all score the same gives a pair with no preference
+(the ``online_dpo:`` section has DPO's options: ``online_dpo.loss``, ``online_dpo.beta``…). A group whose completions all score the same gives a pair with no preference
 signal; it is kept (the DPO gradient of a pair is not zero even then) and counted as ``tied_groups``.
 """
 
 from __future__ import annotations
 
-from .dpo import DPO
+from .dpo import DPO, DPOOptions
+
+
+class OnlineDPOOptions(DPOOptions):
+    """The ``online_dpo:`` section: DPO's options (the rollouts' settings are the shared ``rl:`` section)."""
 
 
 class OnlineDPO(DPO):
     name = "online_dpo"
+    Options = OnlineDPOOptions
     data_kind = "prompts"
     rollout = "pairs"

@@ -10,7 +10,7 @@ The odds ratio uses the response tokens only (ā over y given x). The NLL term i
 sequence, and by default — as in the paper's code (xfactlab/orpo, unless ``--disable_prompt_loss``) and TRL's
 ``ORPOTrainer.concatenated_forward`` ("orpo chosen nll loss is computed over the full prompt and response") —
 over *prompt and response*: every token of x ⊕ y⁺ after the first, the token mean −log π(x ⊕ y⁺)/(|x ⊕ y⁺| − 1).
-``pref.orpo_prompt_loss: false`` restricts it to the response: NLL = −ā⁺ (the official ``--disable_prompt_loss``).
+``orpo.prompt_loss: false`` restricts it to the response: NLL = −ā⁺ (the official ``--disable_prompt_loss``).
 
 log(1 − eˣ) is computed stably as log1mexp (Mächler 2012): log(−expm1(x)) for x > −ln 2, log1p(−eˣ) below,
 so neither branch cancels catastrophically. ā is clamped just below 0: at exactly 0 the odds are infinite and
@@ -26,12 +26,23 @@ metrics are λ·ā, as TRL logs them. No reference model is built.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from .logprobs import forward_hidden, head_logprobs
-from .pairwise import PairwiseObjective
+from .pairwise import PairwiseObjective, PairwiseOptions
+
+
+class ORPOOptions(PairwiseOptions):
+    """The ``orpo:`` section."""
+
+    moved_from: ClassVar[dict[str, str]] = {"pref.beta": "beta", "pref.orpo_prompt_loss": "prompt_loss"}
+
+    beta: float = Field(0.1, gt=0)  # λ, the weight of the odds-ratio term
+    prompt_loss: bool = True  # the NLL term over prompt + chosen response (the paper's code, TRL); false: response
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +81,12 @@ class ORPO(PairwiseObjective):
     name = "orpo"
     needs_reference = False
     default_beta = 0.1  # λ
+    Options = ORPOOptions
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        o = cls.options(cfg)
+        return cls(o.beta, prompt_loss=o.prompt_loss, sft_weight=o.sft_weight, chunk_size=cfg.train.loss_chunk_size)
 
     def __init__(self, beta: float | None = None, prompt_loss: bool = True, **kw):
         super().__init__(beta, **kw)

@@ -30,9 +30,12 @@ KL(π_θ ‖ π_ref) = E_y~π_θ[Δ(y)] — exact in expectation only for on-pol
 from __future__ import annotations
 
 from functools import partial
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 
+from ..config import Strict
 from ..errors import TunelabError
 from .base import RunHooks
 from .logprobs import sequence_logprobs, token_logprobs
@@ -66,6 +69,14 @@ class PairMetrics:
 
     def describe(self, m: dict) -> str:
         return ", ".join(f"{k} {m['train'][k]:.3f}" for k in self.SUMMARY_KEYS if k in m["train"])
+
+
+class PairwiseOptions(Strict):
+    """What every pairwise loss (dpo, simpo, orpo) takes: the RPO-style NLL weight on the chosen response."""
+
+    moved_from: ClassVar[dict[str, str]] = {"pref.sft_weight": "sft_weight"}  # the keys' old places
+
+    sft_weight: float = Field(0.0, ge=0.0)  # w of the NLL term on y⁺ (module docstring); 0 = none
 
 
 class PairwiseObjective(PairMetrics, ReferenceHooks, RunHooks):

@@ -17,10 +17,10 @@ and β follows the adaptive controller of Ziegler et al. (2019, §2.2) when ``pp
 This objective is the update on those rows, for ``rl.ppo_epochs`` passes in minibatches (the loop's micro-batches):
 
     ρ_t     = exp(log π_θ(y_t) − log π_old(y_t))
-    pg_t    = − min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t)                       ε = rl.epsilon (0.2)
+    pg_t    = − min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t)                       ε = ppo.epsilon (0.2)
     vf_t    = ½·max((V_φ,t − R_t)², (clip(V_φ,t, V_old,t − ε_v, V_old,t + ε_v) − R_t)²)   ε_v = ppo.epsilon_value
     ℓ_t     = pg_t + c_v·vf_t                                                    c_v = ppo.value_coef
-    loss    = Σ_t ℓ_t / (number of completion tokens)   (the loop's Σ loss_sum / Σ n; rl.loss_agg as for GRPO)
+    loss    = Σ_t ℓ_t / (number of completion tokens)   (the loop's Σ loss_sum / Σ n; ppo.loss_agg as for GRPO)
 
 The KL penalty is in the reward, not in the loss (InstructGPT's form). Early stop: when a minibatch's
 approximate KL to π_old, mean((ρ − 1) − log ρ) (Schulman's k3), exceeds ``ppo.target_kl``, that minibatch and
@@ -39,11 +39,13 @@ values, not those implementations.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import TunelabError
-from .grpo import GRPO, aggregate, clipped_pg, targets, with_positions
+from .grpo import GRPO, ClipOptions, KLEstimator, aggregate, clipped_pg, targets, with_positions
 from .logprobs import token_logprobs
 from .value import add_value_model, detached, token_values
 
@@ -78,33 +80,60 @@ class AdaptiveKL:
         return self.value
 
 
+class PPOOptions(ClipOptions):
+    """The ``ppo:`` section: the clipped update's options (β is the per-token KL penalty *in the reward*, k1 by
+    default) plus the value model, GAE and the round's reward shaping. The passes over a round are
+    ``rl.ppo_epochs``; a round is ``rl.prompts_per_step × rl.group_size`` completions."""
+
+    kl_estimator: KLEstimator = "k1"  # of the KL in the reward (InstructGPT's log-ratio)
+    value_model: Literal["auto", "adapter", "copy"] = "auto"  # auto: adapter (adapter methods) / copy (full)
+    value_init: str | None = None  # an `objective: reward` run: V starts as it (head + body)
+    value_coef: float = Field(0.1, ge=0.0)  # c_v
+    epsilon_value: float | None = Field(0.2, gt=0.0)  # value clip ε_v (None: unclipped value loss)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = True  # normalise A over each round's completion tokens (Xu et al. 2024)
+    reward_norm: bool = False  # normalise the round's sequence scores to mean 0, std 1
+    reward_clip: float | None = Field(None, gt=0.0)  # then clip them to ±reward_clip
+    missing_eot_penalty: float = Field(0.0, ge=0.0)  # subtracted from the score of a completion that hit rl.max_new_tokens
+    adaptive_kl: bool = False  # Ziegler et al. 2019: β moves to keep the per-sequence KL near kl_target
+    kl_target: float = Field(6.0, gt=0.0)
+    kl_horizon: int = Field(10000, ge=1)
+    target_kl: float | None = Field(None, gt=0.0)  # early stop a round when a minibatch's approx-KL exceeds it
+
+
 class PPO(GRPO):
     """PPO with a value model and per-token GAE advantages (see the module docstring)."""
 
     name = "ppo"
     rollout = "ppo"
     advantage_estimator = None  # per-token GAE, computed in the rollout round (rl/ppo_round.py)
+    Options = PPOOptions
 
     @classmethod
-    def wants_reference(cls, cfg) -> bool:
-        return cfg.rl.beta > 0
+    def from_config(cls, cfg, reference=None):
+        o, rl = cls.options(cfg), cfg.rl
+        return cls(value_coef=o.value_coef, epsilon_value=o.epsilon_value, target_kl=o.target_kl,
+                   kl=AdaptiveKL(o.beta, o.kl_target, o.kl_horizon, o.adaptive_kl), epsilon=o.epsilon,
+                   epsilon_high=o.epsilon_high, loss_agg=o.loss_agg, kl_estimator=o.kl_estimator,
+                   max_completion_length=rl.max_new_tokens, temperature=rl.temperature, reference=reference,
+                   chunk_size=cfg.train.loss_chunk_size)
 
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        if cfg.rl.advantage is not None:
-            raise TunelabError(f"rl.advantage={cfg.rl.advantage} does not apply to ppo (GAE; see ppo.gamma, ppo.lam)")
-        if cfg.ppo.adaptive_kl and cfg.rl.beta <= 0:
-            raise TunelabError("ppo.adaptive_kl needs rl.beta > 0 (the controller's starting β)")
+        o = cls.options(cfg)
+        if o.adaptive_kl and o.beta <= 0:
+            raise TunelabError("ppo.adaptive_kl needs ppo.beta > 0 (the controller's starting β)")
         units = cfg.rl.prompts_per_step * cfg.rl.group_size
-        if cfg.ppo.whiten_advantages and units < 2:
+        if o.whiten_advantages and units < 2:
             raise TunelabError("ppo.whiten_advantages needs at least 2 completions per round "
                                "(rl.prompts_per_step × rl.group_size)")
 
     @classmethod
     def prepare_model(cls, model, cfg=None) -> None:
-        ppo = getattr(cfg, "ppo", None)
-        add_value_model(model, getattr(ppo, "value_model", "auto"), getattr(ppo, "value_init", None))
+        o = cls.options(cfg)
+        add_value_model(model, o.value_model, o.value_init)
 
     def saving(self, model, out):
         return detached(model, out)

@@ -274,7 +274,7 @@ def build_reference(cfg, model, sets: dict[str, list], pad_id: int, run_dir: Pat
     import time
 
     from ..console import console
-    from . import objective_class
+    from .registry import objective_class
 
     if not objective_class(cfg.objective).wants_reference(cfg):
         return None

@@ -2,7 +2,7 @@
 and the Llama 3 post-training recipe (Dubey et al. 2024, arXiv:2407.21783, §4.2):
 
     for each round:  y_1..y_N ~ π_θ(· | x)  for each prompt x;   keep y* = argmax_i r(x, y_i)
-                     (or every y_i with r(x, y_i) ≥ τ:  ``rl.keep: threshold``, ``rl.keep_threshold``)
+                     (or every y_i with r(x, y_i) ≥ τ:  ``rejection_sampling.keep: threshold``, ``.keep_threshold``)
                      minimise  −log π_θ(y* | x)  over the kept completions (plain SFT, prompt masked)
 
 The sampling, scoring and selection happen in the rollout source (`rl/rollout.py`, mode ``best_of_n``), which
@@ -12,10 +12,32 @@ so the selected set can be inspected and reused as an SFT dataset. The loss is S
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+from ..config import Strict
 from .sft import SFT
+
+
+class RejectionSamplingOptions(Strict):
+    """The ``rejection_sampling:`` section: which of a prompt's G completions are kept."""
+
+    moved_from: ClassVar[dict[str, str]] = {"rl.keep": "keep", "rl.keep_threshold": "keep_threshold"}
+
+    keep: Literal["best", "threshold"] = "best"  # best of G, or every one with reward ≥ keep_threshold
+    keep_threshold: float = 1.0  # a reward threshold: any finite value (rewards may be negative)
 
 
 class RejectionSampling(SFT):
     name = "rejection_sampling"
     data_kind = "prompts"
     rollout = "best_of_n"
+    Options = RejectionSamplingOptions
+
+    def __init__(self, chunk_size: int = 1024, keep: str = "best", keep_threshold: float = 1.0):
+        super().__init__(chunk_size)
+        self.keep, self.keep_threshold = keep, keep_threshold  # read by the rollout source when it selects
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        o = cls.options(cfg)
+        return cls(cfg.train.loss_chunk_size, o.keep, o.keep_threshold)

@@ -4,7 +4,7 @@
     L = −log σ(r⁺ − r⁻ − m) + c·(r⁺ + r⁻)²
 
 m is the pair's margin (data field ``margin``, default 0; Llama 2 §3.2.2 uses graded margins) and c =
-``pref.center_rewards`` pulls rewards towards zero mean (Eisenstein et al. 2023, arXiv:2312.09244; TRL's
+``reward.center_rewards`` pulls rewards towards zero mean (Eisenstein et al. 2023, arXiv:2312.09244; TRL's
 ``center_rewards_coefficient``, default off; 0.01 is the usual value). The head is ``nn.Linear(H, 1,
 bias=False)`` in fp32, like the ``score`` head of ``AutoModelForSequenceClassification`` that TRL's
 `RewardTrainer` uses. It trains with the adapter (LoRA) or with the whole model (full finetuning).
@@ -21,10 +21,14 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from ..config import Strict
 from .base import RunHooks
 from .logprobs import forward_hidden
 from .pairwise import PairMetrics
@@ -50,6 +54,14 @@ def rewards(model, batch: dict) -> torch.Tensor:
     return getattr(model, HEAD)(h.float()).squeeze(-1)
 
 
+class RewardOptions(Strict):
+    """The ``reward:`` section."""
+
+    moved_from: ClassVar[dict[str, str]] = {"pref.center_rewards": "center_rewards"}
+
+    center_rewards: float = Field(0.0, ge=0.0)  # c in c·(r⁺ + r⁻)²
+
+
 class RewardModelObjective(PairMetrics, RunHooks):
     """Bradley–Terry reward model: the LM with a scalar head on the last token's hidden state. Not a generator
     (no learning/forgetting tasks); the head is saved beside the adapter/model folder, which stays a plain LM."""
@@ -58,6 +70,11 @@ class RewardModelObjective(PairMetrics, RunHooks):
     data_kind = "pairs"
     needs_reference = False
     generator = False
+    Options = RewardOptions
+
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        return cls(cls.options(cfg).center_rewards)
 
     @classmethod
     def prepare_model(cls, model, cfg=None) -> None:

@@ -100,6 +100,10 @@ class SFT(HeldOutLoss, RunHooks):
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size
 
+    @classmethod
+    def from_config(cls, cfg, reference=None):
+        return cls(cfg.train.loss_chunk_size)
+
     def loss(self, model, batch):
         aux_spec = router_aux(model)
         lp, out = token_logprobs(model, batch, self.chunk_size, return_output=True,
