@@ -46,8 +46,8 @@ def tunelab_config(data: Path, out: Path, steps: int) -> Path:
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
            "train": {"max_steps": steps, "batch_size": 16, "grad_accum": 1, "lr": 1e-4, "scheduler": "linear",
                      "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42},
-           "rl": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 128, "temperature": 1.0, "beta": 0.04,
-                  "loss_agg": "token_mean", "epsilon": 0.2, "eval_prompts": 0,
+           "grpo": {"beta": 0.04, "loss_agg": "token_mean", "epsilon": 0.2},
+           "rl": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 128, "temperature": 1.0, "eval_prompts": 0,
                   "rewards": [{"name": "exact_match", "extract": "gsm8k", "answer_field": "answer"}]},
            "samples": {"n_heldout": 0}}
     path = out.parent / f"{out.name}.yaml"

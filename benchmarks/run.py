@@ -88,7 +88,7 @@ def dpo_config(data: Path, steps: int) -> dict:
     """peer_dpo.py's workload: 4 pairs per step, β 0.1 sigmoid, LoRA, lr 5e-5, reference log-probs precomputed."""
     return {"method": "lora", "objective": "dpo", "model": {"name": "smollm2-135m", "dtype": "float32"},
             "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 512}, "lora": LORA,
-            "pref": {"beta": 0.1, "loss": "sigmoid", "probe": 0}, "reference": {"precompute": True},
+            "dpo": {"beta": 0.1, "loss": "sigmoid"}, "pref": {"probe": 0}, "reference": {"precompute": True},
             "train": {"max_steps": steps, "batch_size": 4, "lr": 5e-5, "scheduler": "linear",
                       "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42},
             "samples": {"n_heldout": 0, "prompts": []}}

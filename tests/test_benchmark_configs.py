@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.config import RunConfig
+from tunelab.objectives import run_config_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_sft_configs_validate_and_match_the_peer_workload(tmp_path):
     run = _harness()
     for full, memory in ((False, False), (True, False), (False, True)):
         extra = {"memory_mode": True} if memory else {}
-        cfg = RunConfig.model_validate(json.loads(json.dumps(
+        cfg = run_config_schema().model_validate(json.loads(json.dumps(
             {"output_dir": str(tmp_path), **run.sft_config(tmp_path / "d.jsonl", 20, full, **extra)})))
         assert cfg.train.batch_size == 8 and cfg.data.max_length == 512 and cfg.train.seed == 42
         assert cfg.train.scheduler == "linear" and cfg.train.warmup_steps == 0 and cfg.data.packing
@@ -31,8 +31,8 @@ def test_sft_configs_validate_and_match_the_peer_workload(tmp_path):
         if not full:
             assert cfg.lora.r == 16 and cfg.lora.alpha == 32 and len(cfg.lora.target_modules) == 7
     yaml.safe_dump(run.sft_config(tmp_path / "d.jsonl", 2))  # what run_tunelab writes
-    dpo = RunConfig.model_validate({"output_dir": str(tmp_path), **run.dpo_config(tmp_path / "p.jsonl", 10)})
-    assert dpo.objective == "dpo" and dpo.reference.precompute and dpo.pref.beta == 0.1
+    dpo = run_config_schema().model_validate({"output_dir": str(tmp_path), **run.dpo_config(tmp_path / "p.jsonl", 10)})
+    assert dpo.objective == "dpo" and dpo.reference.precompute and dpo.dpo.beta == 0.1
 
 
 def test_ratios_and_mfu():

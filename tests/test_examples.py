@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.objectives import load_run_config
 from tunelab.objectives import objective_class
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -19,7 +19,7 @@ def test_example_config_validates(path):
     from tunelab.data.kinds import data_kind
     from tunelab.train.pipeline import resolve_stages
 
-    top = load_config(path)
+    top = load_run_config(path)
     assert top.output_dir.startswith("runs/")  # examples write under runs/, which .gitignore covers
     # a pipeline: every stage as it will run (`${PIPELINE_DIR}` resolved); otherwise the config itself
     stages = [scfg for _, scfg, _ in resolve_stages(top)] if top.stages else [top]

@@ -38,10 +38,10 @@ def _quiet() -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .objectives import load_run_config
     from .train.launch import train
 
-    cfg = load_config(args.config, args.overrides)  # a config error stops here, before any rank starts
+    cfg = load_run_config(args.config, args.overrides)  # a config error stops here, before any rank starts
     if args.nproc and args.nproc > 1:
         from .train.launch import relaunch
 
@@ -55,12 +55,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .config import load_config
+    from .objectives import load_run_config
     from .data.inspect import inspect_examples
     from .data.pipeline import build_examples
     from .models.load import load_tokenizer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     if not cfg.data.train:
         raise TunelabError("data.train: no training data given")
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -127,11 +127,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .config import load_config
+    from .objectives import load_run_config
     from .train.launch import train
 
     cfg_path = Path(__file__).parent / "assets" / "demo.yaml"
-    cfg = load_config(cfg_path, [f"output_dir={args.out}", "overwrite=true", *args.overrides])
+    cfg = load_run_config(cfg_path, [f"output_dir={args.out}", "overwrite=true", *args.overrides])
     out = train(cfg)
     res = json.loads((out / "results.json").read_text())
     from .console import console

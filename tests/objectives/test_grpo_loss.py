@@ -293,8 +293,9 @@ def test_equals_trl(model, agg, loss_type):
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_classes_and_config():
-    from tunelab.config import RunConfig
-    from tunelab.objectives import OBJECTIVES, build_objective
+    from tunelab.objectives import OBJECTIVES, build_objective, run_config_schema
+
+    RunConfig = run_config_schema()
 
     assert OBJECTIVES["grpo"] is GRPO and OBJECTIVES["rloo"] is RLOO
     for cls, est in ((GRPO, "grpo"), (RLOO, "rloo")):
@@ -303,8 +304,8 @@ def test_classes_and_config():
     obj = build_objective(RunConfig(objective="grpo"))
     assert (obj.beta, obj.epsilon, obj.epsilon_high, obj.loss_agg, obj.kl_estimator) == \
         (0.0, 0.2, 0.2, "token_mean", "k3")
-    cfg = RunConfig(objective="rloo", rl={"beta": 0.04, "epsilon_high": 0.28, "loss_agg": "constant",
-                                          "max_new_tokens": 64, "temperature": 0.9})
+    cfg = RunConfig(objective="rloo", rloo={"beta": 0.04, "epsilon_high": 0.28, "loss_agg": "constant"},
+                    rl={"max_new_tokens": 64, "temperature": 0.9})
     obj = build_objective(cfg)
     assert isinstance(obj, RLOO) and (obj.beta, obj.epsilon_high, obj.max_completion_length, obj.temperature) == \
         (0.04, 0.28, 64, 0.9)

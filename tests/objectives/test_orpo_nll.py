@@ -166,9 +166,9 @@ def test_response_only_option_differs_from_trl(model):
 
 
 def test_config_option_reaches_the_objective():
-    from tunelab.config import RunConfig
-    from tunelab.objectives import build_objective
+    from tunelab.objectives import build_objective, run_config_schema
 
+    RunConfig = run_config_schema()
     assert build_objective(RunConfig(objective="orpo")).prompt_loss is True
-    cfg = RunConfig(objective="orpo", pref={"orpo_prompt_loss": False})
+    cfg = RunConfig(objective="orpo", orpo={"prompt_loss": False})
     assert build_objective(cfg).prompt_loss is False

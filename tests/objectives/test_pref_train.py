@@ -8,7 +8,7 @@ import torch
 from pref_helpers import pair_rows
 
 from tunelab.adapters.base import get_method
-from tunelab.config import RunConfig, load_config
+from tunelab.objectives import load_run_config, run_config_schema
 from tunelab.data.preference import encode_pairs, to_pair
 from tunelab.data.sources import Record
 from tunelab.data.templates import get_template
@@ -24,7 +24,7 @@ def _cfg(tmp_path, tiny_dir, data, **over):
            "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3}, "samples": {"n_heldout": 0}}
     for k, v in over.items():
         raw[k] = {**raw[k], **v} if isinstance(v, dict) and k in raw else v
-    return RunConfig.model_validate(raw)
+    return run_config_schema().model_validate(raw)
 
 
 def _examples(tokenizer, n=8):
@@ -33,7 +33,7 @@ def _examples(tokenizer, n=8):
 
 
 def _fit(model, objective, examples, tokenizer, tmp_path, steps=8, lr=5e-3, **cfg):
-    rc = RunConfig.model_validate({"train": {"max_steps": steps, "batch_size": 4, "lr": lr, "warmup_steps": 0,
+    rc = run_config_schema().model_validate({"train": {"max_steps": steps, "batch_size": 4, "lr": lr, "warmup_steps": 0,
                                              "scheduler": "constant", **cfg}})
     fit(model, objective, data_kind("pairs").batches(examples, rc, tokenizer.pad_token_id), rc.train, tmp_path, resume=False)
 
@@ -73,8 +73,9 @@ def test_reward_model_separates_its_pairs(tiny, tokenizer, tmp_path):
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "kto", "reward"])
 def test_every_objective_trains_through_the_run(objective, method, tiny_dir, pairs_file, unpaired_file, tmp_path):
     data = unpaired_file if objective == "kto" else pairs_file
-    pref = {"loss": "ipo"} if (objective, method) == ("dpo", "full") else {"sft_weight": 0.5}
-    cfg = _cfg(tmp_path, tiny_dir, data, objective=objective, method=method, pref=pref,
+    own = {"loss": "ipo"} if (objective, method) == ("dpo", "full") else \
+        {"sft_weight": 0.5} if objective in ("dpo", "simpo", "orpo") else {}  # kto, reward: no NLL term
+    cfg = _cfg(tmp_path, tiny_dir, data, objective=objective, method=method, **{objective: own},
                reference={"precompute": objective == "kto" and method == "full"})
     out = train(cfg)
     res = json.loads((out / "results.json").read_text())
@@ -103,7 +104,7 @@ def test_pipeline_chains_and_resumes(tiny_dir, pairs_file, tmp_path, monkeypatch
         {"name": "dpo", "objective": "dpo", "train": {"lr": 1e-4}}])
     root = train(cfg)
     assert (root / "sft" / "merged" / "config.json").exists()
-    dpo_cfg = load_config(root / "dpo" / "config.yaml")
+    dpo_cfg = load_run_config(root / "dpo" / "config.yaml")
     assert dpo_cfg.model.name == str(root / "sft" / "merged") and dpo_cfg.train.lr == 1e-4
     assert json.loads((root / "dpo" / "results.json").read_text())["steps"] == 2
     import tunelab.train.run as run_mod

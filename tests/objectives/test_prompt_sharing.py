@@ -164,11 +164,11 @@ def test_switch_off_and_batches_without_index_use_the_old_path(model, shared_cal
 
 
 def test_config_switch_reaches_the_objective():
-    from tunelab.config import RunConfig
-    from tunelab.objectives import build_objective
+    from tunelab.objectives import build_objective, run_config_schema
 
-    assert RunConfig().rl.share_prompts is True
-    cfg = RunConfig(objective="grpo", rl={"share_prompts": False})
+    RunConfig = run_config_schema()
+    assert RunConfig().grpo.share_prompts is True
+    cfg = RunConfig(objective="grpo", grpo={"share_prompts": False})
     assert build_objective(cfg).share_prompts is False
 
 

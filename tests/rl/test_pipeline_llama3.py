@@ -10,7 +10,7 @@ import pytest
 import tunelab.train.loop as loop_mod
 import tunelab.train.pipeline as pipeline_mod
 from tests.helpers import save_tiny_model, write_config, write_jsonl
-from tunelab.config import load_config
+from tunelab.objectives import load_run_config
 from tunelab.lab.report import report_main
 from tunelab.lab.results import collect
 from tunelab.train.launch import train
@@ -42,13 +42,14 @@ def pipeline_cfg(tmp_path, tokenizer):
             {"name": "rm", "objective": "reward", "data": {"train": str(pairs)}},
             {"name": "ppo", "objective": "ppo", "data": {"train": str(prompts)},
              "train": {"max_steps": 4, "save_every": 1},
-             "rl": {**rl, "beta": 0.05, "rewards": [{"name": "reward_model", "run_dir": "${PIPELINE_DIR}/rm"}]}},
+             "ppo": {"beta": 0.05},
+             "rl": {**rl, "rewards": [{"name": "reward_model", "run_dir": "${PIPELINE_DIR}/rm"}]}},
             {"name": "dpo", "objective": "dpo", "data": {"train": str(pairs)}},
         ])
 
 
 def test_five_stages_chain_resume_and_report(pipeline_cfg, tmp_path, monkeypatch):
-    cfg = load_config(pipeline_cfg)
+    cfg = load_run_config(pipeline_cfg)
     root = tmp_path / "pipe"
     original_run = pipeline_mod.single_run.run
     started = []
@@ -82,11 +83,11 @@ def test_five_stages_chain_resume_and_report(pipeline_cfg, tmp_path, monkeypatch
     assert ppo_steps == [1, 2, 3, 4]
 
     # each stage starts from the previous policy stage's weights (the reward model is not a policy)
-    src = {n: load_config(root / n / "config.yaml").model.name for n in STAGES}
+    src = {n: load_run_config(root / n / "config.yaml").model.name for n in STAGES}
     assert src["sft"].endswith("tiny")
     assert src["rs"] == str(root / "sft" / "model")
     assert src["rm"] == src["ppo"] == str(root / "rs" / "model") and src["dpo"] == str(root / "ppo" / "model")
-    assert load_config(root / "ppo" / "config.yaml").rl.rewards[0]["run_dir"] == str(root / "rm")
+    assert load_run_config(root / "ppo" / "config.yaml").rl.rewards[0]["run_dir"] == str(root / "rm")
     ppo = json.loads((root / "ppo" / "results.json").read_text())
     assert "reward_before" in ppo and "reward_after" in ppo
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tunelab.config import load_config
+from tunelab.objectives import load_run_config
 from tunelab.errors import TunelabError
 from tunelab.objectives.ppo import AdaptiveKL, clipped_value_loss
 from tunelab.objectives.grpo import clipped_pg
@@ -151,7 +151,7 @@ PPO = {"rl": {"ppo_epochs": 2}, "train": {"batch_size": 4, "grad_accum": 2}}  # 
 
 
 def test_ppo_raises_the_reward(config):
-    out = train(load_config(config("ppo", method="lora", train={"max_steps": 16, "batch_size": 8, "lr": 3e-3})))
+    out = train(load_run_config(config("ppo", method="lora", train={"max_steps": 16, "batch_size": 8, "lr": 3e-3})))
     res = _results(out)
     assert res["steps"] == 16 and math.isfinite(res["final_train_loss"])
     assert res["reward_after"] > res["reward_before"] + 0.1, (res["reward_before"], res["reward_after"])
@@ -175,10 +175,10 @@ def test_ppo_raises_the_reward(config):
 
 def test_ppo_killed_mid_round_resumes_exactly_with_ema_reference_and_adaptive_kl(config):
     kw = dict(PPO, method="lora", reference={"sync_every": 1, "sync_alpha": 0.1},
-              rl={"ppo_epochs": 2, "beta": 0.05}, ppo={"adaptive_kl": True, "kl_target": 0.5, "kl_horizon": 20})
+              rl={"ppo_epochs": 2}, ppo={"beta": 0.05, "adaptive_kl": True, "kl_target": 0.5, "kl_horizon": 20})
     kw["train"] = {**PPO["train"], "max_steps": 4, "save_every": 1}
-    whole = train(load_config(config("ppo", name="whole", **kw)))
-    cfg = load_config(config("ppo", name="killed", **kw))
+    whole = train(load_run_config(config("ppo", name="whole", **kw)))
+    cfg = load_run_config(config("ppo", name="killed", **kw))
     train(cfg, stop_after=3)  # the checkpoint at step 3 is in the middle of round 1
     state = json.loads((cfg_out := (whole.parent / "killed")).joinpath("checkpoints", "step-000003", "state.json")
                        .read_text())["loop"]
@@ -196,17 +196,17 @@ def test_ppo_killed_mid_round_resumes_exactly_with_ema_reference_and_adaptive_kl
 
 
 def test_ppo_early_stop_on_approx_kl(config):
-    out = train(load_config(config("ppo", method="lora", train={"max_steps": 2, "batch_size": 2, "lr": 5e-2},
+    out = train(load_run_config(config("ppo", method="lora", train={"max_steps": 2, "batch_size": 2, "lr": 5e-2},
                                    rl={"ppo_epochs": 4}, ppo={"target_kl": 1e-6})))
     rows = _train_rows(out)
     assert any(r["early_stopped"] > 0 for r in rows)
 
 
 def test_ppo_config_errors(config):
-    with pytest.raises(TunelabError, match="adaptive_kl needs rl.beta"):
-        train(load_config(config("ppo", ppo={"adaptive_kl": True})))
-    with pytest.raises(TunelabError, match="does not apply to ppo"):
-        train(load_config(config("ppo", rl={"advantage": "rloo"})))
+    with pytest.raises(TunelabError, match="adaptive_kl needs ppo.beta"):
+        train(load_run_config(config("ppo", ppo={"adaptive_kl": True})))
+    with pytest.raises(TunelabError, match="ppo.advantage: unknown key"):  # ppo's advantages are GAE's
+        train(load_run_config(config("ppo", ppo={"advantage": "rloo"})))
 
 
 def _reward_run(tmp_path, tiny, tokenizer, method: str):

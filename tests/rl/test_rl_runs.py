@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import save_tiny_model, write_config, write_jsonl
 from tunelab.cli import main
-from tunelab.config import load_config
+from tunelab.objectives import load_run_config
 from tunelab.errors import TunelabError
 from tunelab.train.launch import train
 
@@ -88,7 +88,7 @@ def _results(run_dir) -> dict:
 
 @pytest.mark.parametrize("objective", ["grpo", "rloo"])
 def test_policy_gradient_raises_the_heldout_reward(objective, config):
-    out = train(load_config(config(objective)))
+    out = train(load_run_config(config(objective)))
     res = _results(out)
     assert res["steps"] == 8 and math.isfinite(res["final_train_loss"])
     # greedy completions of the 4 held-out prompts, scored by the same reward, before vs after 8 steps
@@ -112,8 +112,8 @@ def test_killed_mid_round_resumes_exactly(config):
     # a round: P·G = 8 rows served for 2 passes in micro-batches of 4 → 4 steps per round; the checkpoint at
     # step 3 falls inside round 0 (its rollouts live in the checkpoint), round 1 is sampled by the resumed policy
     kw = {"rl": {"ppo_epochs": 2}, "train": {"max_steps": 6, "batch_size": 4, "save_every": 3}}
-    whole = train(load_config(config("grpo", name="whole", **kw)))
-    cfg = load_config(config("grpo", name="killed", **kw))
+    whole = train(load_run_config(config("grpo", name="whole", **kw)))
+    cfg = load_run_config(config("grpo", name="killed", **kw))
     out = train(cfg, stop_after=4)
     assert not (out / "results.json").exists()
     assert [r["step"] for r in _train_rows(out)] == [1, 2, 3, 4]
@@ -143,8 +143,9 @@ def _rollouts(log) -> list[tuple[list[str], list[float]]]:
 @pytest.mark.parametrize("keep", ["best", "threshold"])
 def test_rejection_sampling_keeps_the_best(keep, config, tmp_path):
     log = tmp_path / "scores.jsonl"
-    rl = {"keep": keep, "keep_threshold": 0.5, "rewards": [{"name": EVEN, "log": str(log)}]}
-    out = train(load_config(config("rejection_sampling", train={"max_steps": 3}, rl=rl)))
+    rl = {"rewards": [{"name": EVEN, "log": str(log)}]}
+    out = train(load_run_config(config("rejection_sampling", train={"max_steps": 3}, rl=rl,
+                                       rejection_sampling={"keep": keep, "keep_threshold": 0.5})))
     res = _results(out)
     assert res["steps"] == 3 and math.isfinite(res["final_train_loss"])
     rounds = _rollouts(log)
@@ -172,15 +173,15 @@ def test_rejection_sampling_keeps_the_best(keep, config, tmp_path):
 def test_rejection_sampling_keeping_nothing_still_steps(config):
     # every micro-batch has an empty loss mask: the loss is 0 over 0 tokens and still backpropagates (was:
     # "element 0 of tensors does not require grad" from an empty log-prob tensor outside the graph)
-    out = train(load_config(config("rejection_sampling", train={"max_steps": 2},
-                                   rl={"keep": "threshold", "keep_threshold": 2.0})))
+    out = train(load_run_config(config("rejection_sampling", train={"max_steps": 2},
+                                   rejection_sampling={"keep": "threshold", "keep_threshold": 2.0})))
     rows = _train_rows(out)
     assert [(r["kept"], r["loss"], r["n_loss_units"]) for r in rows] == [(0, 0.0, 0), (0, 0.0, 0)]
     assert (out / "selected.jsonl").read_text() == ""
 
 
 def test_online_dpo_with_lora(config):
-    out = train(load_config(config("online_dpo", method="lora", train={"max_steps": 3})))
+    out = train(load_run_config(config("online_dpo", method="lora", train={"max_steps": 3})))
     res = _results(out)
     assert res["steps"] == 3 and math.isfinite(res["final_train_loss"])
     assert "reward_before" in res and "reward_after" in res
@@ -195,7 +196,7 @@ def test_online_dpo_with_lora(config):
 
 
 def test_grpo_lora_kl_to_the_adapter_off_reference(config):
-    out = train(load_config(config("grpo", method="lora", train={"max_steps": 4}, rl={"beta": 0.04})))
+    out = train(load_run_config(config("grpo", method="lora", train={"max_steps": 4}, grpo={"beta": 0.04})))
     rows = _train_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
     kls = [r["kl"] for r in rows]
@@ -206,7 +207,7 @@ def test_grpo_lora_kl_to_the_adapter_off_reference(config):
 
 def test_grpo_moving_reference_follows_the_policy(config):
     """reference.sync_every=1, sync_alpha=1: π_ref ← π_θ after every step, so each new round starts at KL 0."""
-    out = train(load_config(config("grpo", method="lora", train={"max_steps": 4}, rl={"beta": 0.04},
+    out = train(load_run_config(config("grpo", method="lora", train={"max_steps": 4}, grpo={"beta": 0.04},
                                    reference={"sync_every": 1, "sync_alpha": 1.0})))
     assert all(r["kl"] == pytest.approx(0.0, abs=1e-6) for r in _train_rows(out))
 
@@ -251,7 +252,7 @@ def test_rl_run_records_learning_and_forgetting_and_loads_like_any_run(config, t
     task = tmp_path / "prose.yaml"
     prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 2)
     task.write_text(f"name: prose\nkind: perplexity\ndata: {prose.name}\nformat: text\nmax_length: 32\n")
-    out = train(load_config(config("grpo", method="lora", train={"max_steps": 2},
+    out = train(load_run_config(config("grpo", method="lora", train={"max_steps": 2},
                                    eval={"target": [str(task)], "source": [str(task)]})))
     res = _results(out)
     assert set(res["eval"]["base"]) == {"prose"} and set(res["eval"]["final"]) == {"prose"}
@@ -266,7 +267,7 @@ def test_rl_run_records_learning_and_forgetting_and_loads_like_any_run(config, t
 def test_training_prompts_must_not_contain_heldout_task_problems(limit, refused, config, capsys, tmp_path):
     """HumanEval/0-81 may train; the full set contains humaneval_heldout's HumanEval/82-163 and is refused,
     before anything is written."""
-    cfg = load_config(config("grpo", eval={"target": ["humaneval_heldout"], "allow_code_execution": True}))
+    cfg = load_run_config(config("grpo", eval={"target": ["humaneval_heldout"], "allow_code_execution": True}))
     cfg.data.train = str(Path(__file__).resolve().parents[2] / "src/tunelab/assets/data/humaneval.jsonl")
     cfg.data.limit, cfg.data.eval_fraction, cfg.data.max_length = limit, 0.0, 4096
     if refused:

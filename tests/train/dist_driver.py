@@ -14,7 +14,7 @@ import torch
 
 
 def main(spec_path: str) -> None:
-    from tunelab.config import load_config
+    from tunelab.objectives import load_run_config
     from tunelab.errors import TunelabError
     from tunelab.rl.rollout import RolloutSource
     from tunelab.train import distributed
@@ -38,7 +38,7 @@ def main(spec_path: str) -> None:
             compare_main(job["compare"])
             distributed.barrier()
             continue
-        cfg = load_config(job["config"], job.get("overrides", []))
+        cfg = load_run_config(job["config"], job.get("overrides", []))
         try:
             train(cfg, stop_after=job.get("stop_after"))
         except TunelabError as e:

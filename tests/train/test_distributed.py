@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import alpaca_rows, save_tiny_model, train_losses, write_config, write_jsonl
 from tests.objectives.pref_helpers import pair_rows
-from tunelab.config import load_config
+from tunelab.objectives import load_run_config
 from tunelab.train.checkpoint_files import MANIFEST, damage
 from tunelab.train.launch import train
 from tunelab.train.rundir import LOCK_FILE
@@ -55,11 +55,11 @@ def runs(tmp_path_factory, tokenizer):
 
     two = {"train": {"batch_size": 2}}  # 2 ranks × 2 rows = the single process's 4
     rl = {"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 8, "temperature": 1.0, "eval_prompts": 2,
-          "rewards": [{"name": "length_penalty", "target": 4}], "beta": 0.04}  # KL: the adapter-off reference
+          "rewards": [{"name": "length_penalty", "target": 4}]}
     # single process: the references
     for m in SFT_RUNS:
-        train(load_config(config(f"one-{m}", method=m)))
-    train(load_config(config("one-dpo", objective="dpo", train_file=pairs, train={"max_steps": 3})))
+        train(load_run_config(config(f"one-{m}", method=m)))
+    train(load_run_config(config("one-dpo", objective="dpo", train_file=pairs, train={"max_steps": 3})))
     # a single-process run "killed" after step 2: the reference's step-2 checkpoint and metrics, no results
     _killed_copy(root / "one-lora", root / "cut-1to2")
     jobs = [{"config": config("fsdp-lora", parallel="fsdp", train={"batch_size": 2, "gradient_checkpointing": True})},
@@ -68,6 +68,7 @@ def runs(tmp_path_factory, tokenizer):
                               train={"batch_size": 2, "max_steps": 3}, reference={"precompute": True})},
             {"config": config("cut-1to2", parallel="fsdp", **two)},  # resumes the single-process checkpoint
             {"config": config("grpo", objective="grpo", train_file=prompts, parallel="fsdp", rl=rl,
+                              grpo={"beta": 0.04},  # KL: the adapter-off reference
                               train={"max_steps": 2, "batch_size": 4, "save_every": None})}]
     # `tunelab compare` under torchrun; its two variants are also this module's DDP-LoRA and FSDP2-DoRA runs
     sweep = {"name": "tiny", "output_dir": str(root / "sweep"), "base": config("ddp-lora", parallel="ddp", **two),
@@ -87,14 +88,14 @@ def runs(tmp_path_factory, tokenizer):
     with pytest.MonkeyPatch.context() as mp:  # resuming a sharded checkpoint unpickles nothing
         for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
             mp.setattr(module, name, _no_unpickling)
-        train(load_config(config("cut-2to1", train={"batch_size": 4})))
+        train(load_run_config(config("cut-2to1", train={"batch_size": 4})))
     # the sharded checkpoint with rank 1's shard (the last file) altered, same size: resuming must see it
     _killed_copy(root / "fsdp-lora", root / "damaged-2to1")
     shard = sorted((root / "damaged-2to1" / "checkpoints" / "step-000002" / "dcp").iterdir())[-1]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    train(load_config(config("damaged-2to1", train={"batch_size": 4})))
+    train(load_run_config(config("damaged-2to1", train={"batch_size": 4})))
     return root
 
 

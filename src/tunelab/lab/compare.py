@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from pydantic import ValidationError
 
 from ..errors import TunelabError
 from .results import STATE_FILE, flatten
@@ -73,7 +74,12 @@ def config_drift(run_dir: Path, cfg) -> list[str]:
         saved_path = run_dir / "pipeline.yaml"
     if not saved_path.exists():
         return []
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    try:  # as this version reads it: options that moved sections compare at their new place, new ones at defaults
+        saved = type(cfg).model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        pass  # a config this version cannot read: compared as saved (every difference shows)
+    saved = flatten(json.loads(json.dumps(saved)))
     now = flatten(json.loads(json.dumps(cfg.model_dump(mode="json"))))  # tuples → lists, as in the saved YAML
     keys = sorted(k for k in set(saved) | set(now) if k.split(".")[0] not in _IGNORED_KEYS)
     return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]

@@ -200,19 +200,20 @@ class Column:
     kind: str = "float"  # text | int | float | signed | params
 
 
-def _method_sections() -> set[str]:
-    from typing import get_args
+def _own_sections() -> set[str]:
+    """Sections that belong to one method or one objective (named like it), from the two registries."""
+    from ..adapters.base import method_names
+    from ..objectives import objective_names
 
-    from ..config import RunConfig
-
-    return set(get_args(RunConfig.model_fields["method"].annotation))
+    return set(method_names()) | set(objective_names())
 
 
 def applies(key: str, config: dict, sections: set[str] | None = None) -> bool:
-    """False for another method's options (``lora.r`` of a full-finetuning run): shown as —, never a difference."""
+    """False for another method's or objective's options (``lora.r`` of a full-finetuning run, ``dpo.beta`` of a
+    ppo run): shown as —, never a difference."""
     section = key.split(".")[0]
-    return section not in (sections if sections is not None else _method_sections()) or \
-        section == config.get("method")
+    return section not in (sections if sections is not None else _own_sections()) or \
+        section in (config.get("method"), config.get("objective"))
 
 
 def config_differences(runs: list[RunInfo]) -> list[str]:
@@ -220,7 +221,7 @@ def config_differences(runs: list[RunInfo]) -> list[str]:
     configs = [r.config for r in runs if r.config]
     if len(configs) < 2:
         return []
-    sections = _method_sections()
+    sections = _own_sections()
     flat = [flatten(c) for c in configs]
     keys = {k for f in flat for k in f}
     diff = [k for k in keys if k.split(".")[0] not in _NOT_A_DIFFERENCE

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import load_config, parse_override, substitute_text
 from ..errors import TunelabError
+from ..objectives import load_run_config
 from ..userfiles import read_text
 
 
@@ -158,7 +159,7 @@ def resolve(sweep: Sweep, variant: Variant):
         yaml.safe_dump(variant.raw, sort_keys=False)
     if not cfg_path.exists() or cfg_path.read_text() != text:  # unchanged files keep their mtime
         cfg_path.write_text(text)
-    return load_config(cfg_path)
+    return load_run_config(cfg_path)
 
 
 def variant_name(overrides: dict[str, Any]) -> str:

@@ -181,7 +181,7 @@ def load_reward_model(run_dir: str | Path, device: str = "auto") -> RewardModel:
     from transformers import AutoTokenizer
 
     from ..adapters.base import load_method
-    from ..config import load_config
+    from .registry import load_run_config
     from ..data.templates import get_template
     from ..errors import TunelabError
     from ..models.load import load_model
@@ -189,7 +189,7 @@ def load_reward_model(run_dir: str | Path, device: str = "auto") -> RewardModel:
     run_dir = Path(run_dir)
     if not (run_dir / HEAD_FILE).exists():
         raise TunelabError(f"{run_dir}: no {HEAD_FILE}; not a finished reward-model run")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     if (run_dir / "model").exists():
         model, tok = load_model(str(run_dir / "model"), cfg.model.dtype, device)
     else:

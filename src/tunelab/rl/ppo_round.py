@@ -74,10 +74,10 @@ def ppo_rows(rows: dict, rewards: torch.Tensor, truncated: torch.Tensor, model, 
     mask[:, 0] = False
     beta = objective.kl.value
     # step 1. the reference's log-probs and the KL of the sampling policy to it, per token
-    if rl.beta > 0 and objective.reference is not None:
+    if p.beta > 0 and objective.reference is not None:
         rows["ref_logprobs"] = _forward_rows(
             lambda b: objective.reference.token_logprobs(b, temperature=rl.temperature), rows, micro, device)
-        kl = token_kl(rows["old_logprobs"], rows["ref_logprobs"], rl.kl_estimator or "k1") * mask
+        kl = token_kl(rows["old_logprobs"], rows["ref_logprobs"], p.kl_estimator) * mask
     else:
         kl = torch.zeros_like(rows["old_logprobs"])
     # step 2. per-token rewards: −β·KL, the (penalised, normalised, clipped) score at the last token

@@ -64,14 +64,14 @@ class RolloutSource:
         rl = cfg.rl
         self.mode = context.objective.rollout
         self.rewards = build_rewards(rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)
-        self.estimator = ESTIMATORS[rl.advantage or context.objective.advantage_estimator] \
+        self.estimator = ESTIMATORS[context.objective.advantage_estimator] \
             if self.mode == "policy_gradient" else None
         if rl.prompts_per_step % context.world:
             raise TunelabError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the {context.world} "
                                "ranks (each rank samples whole prompt groups)")
         self.G, self.P, self.micro = rl.group_size, rl.prompts_per_step // context.world, cfg.train.batch_size
         units = {"policy_gradient": self.P * self.G, "ppo": self.P * self.G,
-                 "best_of_n": self.P * (1 if rl.keep == "best" else self.G),
+                 "best_of_n": self.P * (1 if getattr(context.objective, "keep", "best") == "best" else self.G),
                  "pairs": self.P}[self.mode]
         self.mb_per_pass = math.ceil(units / self.micro)
         self.per_epoch = rl.ppo_epochs * self.mb_per_pass
@@ -189,13 +189,13 @@ class RolloutSource:
         rows["advantages"] = self.estimator(rewards, group).float()
         rows["prompt_index"] = group.long()  # rows of one prompt: scored with the prompt encoded once (exact)
         reference = getattr(self.ctx.objective, "reference", None)
-        if self.cfg.rl.beta > 0 and reference is not None:  # once per round, not once per pass
+        if self.ctx.objective.beta > 0 and reference is not None:  # once per round, not once per pass
             device = next(self.ctx.model.parameters()).device
             keys = ("input_ids", "attention_mask", "position_ids", "loss_mask", "prompt_mask", "prompt_index")
             rows["ref_logprobs"] = torch.cat([
                 reference.token_logprobs({k: rows[k][i:i + self.micro].to(device) for k in keys},
                                          temperature=self.cfg.rl.temperature,
-                                         share_prompts=self.cfg.rl.share_prompts).cpu()
+                                         share_prompts=self.ctx.objective.share_prompts).cpu()
                 for i in range(0, len(rewards), self.micro)])
         self.metrics["advantage_abs"] = float(rows["advantages"].abs().mean())
         return rows
@@ -209,11 +209,11 @@ class RolloutSource:
         return rows
 
     def _best_rows(self, prompts, samples, texts, rewards) -> dict:
-        if self.cfg.rl.keep == "best":
+        if self.ctx.objective.keep == "best":
             keep = [g * self.G + int(rewards[g * self.G:(g + 1) * self.G].argmax()) for g in range(len(prompts))]
             rows = self._sequences(samples, keep, temperature_logprobs=False)
         else:  # every completion served; the ones under the threshold train nothing (their loss mask is empty)
-            keep = [i for i in range(len(rewards)) if rewards[i] >= self.cfg.rl.keep_threshold]
+            keep = [i for i in range(len(rewards)) if rewards[i] >= self.ctx.objective.keep_threshold]
             rows = self._sequences(samples, list(range(len(rewards))), temperature_logprobs=False)
             rejected = torch.ones(len(rewards), dtype=torch.bool)
             rejected[keep] = False

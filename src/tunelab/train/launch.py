@@ -9,12 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import RunConfig
+from ..objectives import validate_run_config
 from .pipeline import run_pipeline
 from .run import run
 
 
 def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
-    """Run `cfg` (or each of its stages) to completion; returns the run (or pipeline) directory."""
+    """Run `cfg` (or each of its stages) to completion; returns the run (or pipeline) directory. A `RunConfig`
+    built without the registry's schema is validated by it first (every objective's section, with defaults)."""
+    cfg = validate_run_config(cfg)
     if cfg.stages:
         return run_pipeline(cfg)
     return run(cfg, stop_after)

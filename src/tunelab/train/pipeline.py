@@ -43,7 +43,7 @@ from ..console import console
 from ..errors import TunelabError
 from ..eval import learning_forgetting
 from ..models.load import load_model, save_tokenizer
-from ..objectives import objective_class
+from ..objectives import objective_class, run_config_schema
 from . import run as single_run
 from .distributed import barrier, is_main
 from .guards import disk_full, is_disk_full, tensor_bytes
@@ -74,10 +74,11 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
             if key in st:
                 raise TunelabError(f"{where}: '{key}' is set for the whole pipeline, not per stage")
         try:
-            scfg = RunConfig.model_validate(_merge(base, st) | {"output_dir": str(root / name), "overwrite": False})
+            scfg = run_config_schema().model_validate(_merge(base, st) | {"output_dir": str(root / name),
+                                                                         "overwrite": False})
         except ValidationError as e:
             err = e.errors()[0]
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             raise TunelabError(f"{where}: {'.'.join(str(x) for x in err['loc'])}: {msg}") from None
         if src is None and "name" not in st.get("model", {}):
             src = policies[-1] if policies else None
