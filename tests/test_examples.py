@@ -34,3 +34,18 @@ def test_example_config_validates(path):
             specs = [r for r in cfg.rl.rewards if not str(r.get("run_dir", "")).startswith(top.output_dir)]
             rewards = build_rewards(specs, allow_code_execution=cfg.eval.allow_code_execution)
             assert len(rewards.entries) == len(specs) >= 1
+
+
+def test_examples_and_studies_use_the_current_option_names(monkeypatch, capsys):
+    """No shipped config needs a deprecation notice: they teach each objective's own section (dpo:, grpo:, …)."""
+    import tunelab.config as config_mod
+    from tunelab.lab.sweep import load_sweep
+    from tunelab.objectives import validate_run_config
+
+    monkeypatch.setattr(config_mod, "NOTICES_SHOWN", set())
+    for path in EXAMPLES:
+        load_run_config(path)
+    for path in sorted((ROOT / "examples" / "studies").glob("*.yaml")):
+        for v in load_sweep(path).variants:
+            validate_run_config(v.raw)
+    assert "deprecated:" not in capsys.readouterr().err

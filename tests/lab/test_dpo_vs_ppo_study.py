@@ -22,7 +22,7 @@ def _tiny(raw: dict, model: str) -> dict:
     raw["model"]["name"] = model
     raw["train"].update(max_steps=1, eval_every=None, save_every=None)
     raw["rl"].update(max_new_tokens=8, eval_prompts=1)
-    raw["pref"]["probe"] = 4
+    raw.setdefault("pref", {})["probe"] = 4
     raw["data"].update(limit=24, eval_max=4)
     raw["eval"]["limit"] = 1
     raw["samples"]["n_heldout"] = 0
