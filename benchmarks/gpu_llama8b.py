@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU side by side at Llama-3-8B scale (for a session with a CUDA device; nothing is downloaded).
+"""GPU side by side at Llama-3-8B scale (for a machine with a CUDA device; nothing is downloaded).
 
     PYTHONPATH=src .venv/bin/python benchmarks/gpu_llama8b.py [--steps 5] [--batch 2] [--seq 2048] [--parts ...]
 

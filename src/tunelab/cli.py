@@ -6,6 +6,9 @@
     tunelab export RUN_DIR --merged OUT_DIR
     tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
     tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0.7] [--top-p 0.9] [--max-new-tokens 256]
+    tunelab eval RUN_DIR_OR_MODEL --tasks TASK ... [--limit N] [--allow-code-execution] [--output FILE.json]
+    tunelab eval RUN_DIR --pairs PAIRS.jsonl           (a reward-model run: pairwise accuracy)
+    tunelab eval --list
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
     tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]

@@ -6,8 +6,8 @@ restores on resume. The loop never asks what kind of source it has:
 
 * `StaticBatches` — a fixed dataset, shuffled per epoch by a pure function of (seed, epoch), so it needs no
   state: every offline objective (SFT, DPO, KTO, reward…) trains from one;
-* an online RL rollout source (prompts → samples → rewards → advantages) is the next implementation; its prompt
-  cursor and RNG are its state.
+* `rl.rollout.RolloutSource` — online objectives (grpo, rloo, ppo, rejection_sampling, online_dpo): each "epoch"
+  is a rollout round (prompts → samples → rewards → rows); its state is the round in progress.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""THE training loop — one loop for every objective (SFT now; preference and RL objectives plug in).
+"""THE training loop — one loop for every objective (SFT, preference, online RL: the batch source differs).
 
 Per optimizer step:
   1. take `grad_accum` micro-batches from the batch source (`data.batches`: a static dataset or, for online
