@@ -74,6 +74,8 @@ def test_the_new_key_wins_and_null_meant_the_default(tmp_path, capsys):
     cfg = load_run_config(path)
     assert (cfg.grpo.beta, cfg.grpo.advantage, cfg.grpo.kl_estimator, cfg.rl.group_size) == (0.1, None, "k3", 2)
     assert cfg.ppo.beta == 0.5 and cfg.ppo.kl_estimator == "k1"
+    cfg = load_run_config(path, ["rl.beta=0.7"])  # an override wins over the file, whichever name it uses
+    assert cfg.grpo.beta == cfg.ppo.beta == 0.7
 
 
 def test_an_old_runs_saved_config_loads(tmp_path):

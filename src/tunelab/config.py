@@ -5,6 +5,11 @@
 Every mistake is reported as one line naming the key and, when it came from the file, its line:
 `lora.yaml:12: train.lrr: unknown key`. Overrides are parsed as YAML scalars (`1e-4`, `true`, `[q_proj,v_proj]`).
 The resolved config is saved in the run directory as `config.yaml`, so a run can always be reproduced.
+
+`RunConfig` holds the sections every run shares; each objective's own section (``dpo:``, ``grpo:``, …) lives with
+the objective, below this module, so the full schema is composed there (`objectives.run_config_schema()`, passed
+as `load_config(..., schema=)`). Options that moved from the old shared ``pref:`` / ``rl:`` sections to their
+objective's section are still read from the old place, with a one-line notice (`move_keys`).
 """
 
 from __future__ import annotations
@@ -225,14 +230,22 @@ class RunConfig(Strict):
 NOTICES_SHOWN: set[str] = set()
 
 
-def move_keys(raw: dict, moved: dict[str, tuple[str, ...]], lines: dict | None = None,
-              from_override: set | None = None) -> dict:
+def _deprecated(old: str, targets, objective) -> None:
+    """The one-line notice for moved key `old`, once per process (naming the running objective's new key)."""
+    if old not in NOTICES_SHOWN:
+        NOTICES_SHOWN.add(old)
+        own = [t for t in targets if t.split(".")[0] == objective] or list(targets)
+        console.print(f"[yellow]deprecated: {old} is now {' / '.join(own)} (each objective has its own "
+                      "section; the old key still works)[/]", soft_wrap=True)
+
+
+def move_keys(raw: dict, moved: dict[str, tuple[str, ...]], lines: dict | None = None) -> dict:
     """`raw` (a run config mapping) with every option that moved read from its old place: ``pref.beta: 0.2``
     becomes ``dpo.beta: 0.2`` (and the same in every other section that took the option over, since the old key
     applied to whichever objective ran). An explicit new key wins; a null old value (it meant "the objective's
-    default") is dropped. `stages:` items are moved the same way. `lines` / `from_override` (load_config's
-    error bookkeeping) learn the new paths, so an error still names the old key's file line. Prints one
-    deprecation notice per old key and process."""
+    default") is dropped. `stages:` items are moved the same way. `lines` (load_config's error bookkeeping)
+    learns the new paths, so an error still names the old key's file line. Prints one deprecation notice per
+    old key and process."""
     raw = dict(raw)
     for old, targets in moved.items():
         section, key = old.split(".")
@@ -249,13 +262,7 @@ def move_keys(raw: dict, moved: dict[str, tuple[str, ...]], lines: dict | None =
                 dest[tkey] = value
                 if lines is not None and (section, key) in lines:
                     lines.setdefault((tsec, tkey), lines[(section, key)])
-                if from_override is not None and (section, key) in from_override:
-                    from_override.add((tsec, tkey))
-        if old not in NOTICES_SHOWN:
-            NOTICES_SHOWN.add(old)
-            own = [t for t in targets if t.split(".")[0] == raw.get("objective")] or list(targets)
-            console.print(f"[yellow]deprecated: {old} is now {' / '.join(own)} (each objective has its own "
-                          "section; the old key still works)[/]", soft_wrap=True)
+        _deprecated(old, targets, raw.get("objective"))
     if isinstance(raw.get("stages"), list):
         raw["stages"] = [move_keys(st, moved) if isinstance(st, dict) else st for st in raw["stages"]]
     return raw
@@ -337,18 +344,23 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
             raise TunelabError(f"{p}: the config must be a mapping of keys to values")
         lines = _line_index(text)
         raw = _fix_floats(raw)
+    moved = getattr(schema, "MOVED", None) or {}
+    raw = move_keys(raw, moved, lines) if moved else raw  # the file's old keys, before any override
     from_override: set[tuple[str, ...]] = set()
-    for item in overrides:
-        keys, value = parse_override(item.replace("${ASSETS}", str(ASSETS)))
-        node = raw
-        for k in keys[:-1]:
-            if not isinstance(node.get(k, {}), dict):
-                raise TunelabError(f"override '{item}': {k} is not a section")
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-        from_override.add(tuple(keys))
-    if getattr(schema, "MOVED", None):
-        raw = move_keys(raw, schema.MOVED, lines, from_override)
+    parsed = [(item, *parse_override(item.replace("${ASSETS}", str(ASSETS)))) for item in overrides]
+    objective = next((v for _, k, v in reversed(parsed) if k == ["objective"]), raw.get("objective"))
+    for item, keys, value in parsed:
+        targets = moved.get(".".join(keys))
+        if targets:  # an override of a moved key sets it at every new place (and wins over the file, as overrides do)
+            _deprecated(".".join(keys), targets, objective)
+        for path in [t.split(".") for t in targets] if targets else [keys]:
+            node = raw
+            for k in path[:-1]:
+                if not isinstance(node.get(k, {}), dict):
+                    raise TunelabError(f"override '{item}': {k} is not a section")
+                node = node.setdefault(k, {})
+            node[path[-1]] = value
+            from_override.add(tuple(path))
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
