@@ -81,7 +81,8 @@ def workload_config(name: str, steps: int, cache: Path) -> dict:
 
 def run_config(workload: str, steps: int, cache: Path, overrides: list[str] = ()):
     """The workload's RunConfig for `steps` optimizer steps, with `key=value` overrides as `tunelab train` takes."""
-    from tunelab.config import RunConfig, parse_override
+    from tunelab.config import parse_override
+    from tunelab.objectives import run_config_schema
 
     raw = {"output_dir": str(ROOT / "runs" / f"profile_{workload}"), "overwrite": True,
            **workload_config(workload, steps, cache)}
@@ -91,7 +92,7 @@ def run_config(workload: str, steps: int, cache: Path, overrides: list[str] = ()
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    return RunConfig.model_validate(raw)
+    return run_config_schema().model_validate(raw)
 
 
 class Window:
