@@ -10,7 +10,8 @@ rewards of i's group g. Every estimator takes
                              returns with n = G); B must be a multiple of G
 
 and returns advantages [B] in the rewards' float dtype (float32 for integer rewards). `ESTIMATORS` maps a name
-to the function (the rollout source picks one by `rl.advantage`); `compute(name, rewards, ...)` looks it up.
+to the function (the rollout source picks one by the objective's `advantage` option, e.g. `grpo.advantage`);
+`compute(name, rewards, ...)` looks it up.
 Groups may differ in size when `group_index` is given.
 
 ``grpo``     GRPO (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300, §4.1.2, outcome supervision):
