@@ -248,7 +248,8 @@ def test_value_model_starts_as_the_reward_model(tiny, tokenizer, tmp_path, mode)
     """InstructGPT's initialisation: V's head and body are the reward model's, so V(x, y) at the last token is
     the reward model's score of (x, y) before any PPO step."""
     from tunelab.adapters.base import apply_method
-    from tunelab.config import RunConfig, method_options
+    from tunelab.config import method_options
+    from tunelab.objectives import run_config_schema
     from tunelab.objectives.ppo import PPO as PPOObjective
     from tunelab.objectives.reward import load_reward_model, rewards
     from tunelab.objectives.value import token_values
@@ -256,8 +257,8 @@ def test_value_model_starts_as_the_reward_model(tiny, tokenizer, tmp_path, mode)
     rm_method = "lora" if mode == "adapter" else "full"
     run = _reward_run(tmp_path, tiny, tokenizer, rm_method)
     model = tiny("llama")  # the same seed: the same base weights as the reward run's base
-    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora",
-                                    "ppo": {"value_model": mode, "value_init": str(run)}})
+    cfg = run_config_schema().model_validate({"objective": "ppo", "method": "lora",
+                                              "ppo": {"value_model": mode, "value_init": str(run)}})
     apply_method(model, "lora", method_options(cfg))
     PPOObjective.prepare_model(model, cfg)
     assert model.ppo_value.mode == mode
@@ -276,20 +277,21 @@ def test_value_model_starts_as_the_reward_model(tiny, tokenizer, tmp_path, mode)
 
 def test_value_init_refuses_an_adapter_over_other_base_weights(tiny, tokenizer, tmp_path):
     from tunelab.adapters.base import apply_method
-    from tunelab.config import RunConfig, method_options
+    from tunelab.config import method_options
+    from tunelab.objectives import run_config_schema
     from tunelab.objectives.ppo import PPO as PPOObjective
 
     run = _reward_run(tmp_path, tiny, tokenizer, "lora")
     model = tiny("llama", seed=1)  # other base weights
-    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora",
-                                    "ppo": {"value_model": "adapter", "value_init": str(run)}})
+    cfg = run_config_schema().model_validate({"objective": "ppo", "method": "lora",
+                                              "ppo": {"value_model": "adapter", "value_init": str(run)}})
     apply_method(model, "lora", method_options(cfg))
     with pytest.raises(TunelabError, match="different base weights") as e:
         PPOObjective.prepare_model(model, cfg)
     assert "\n" not in str(e.value)
     run_full = _reward_run(tmp_path, tiny, tokenizer, "full")
-    cfg = RunConfig.model_validate({"objective": "ppo", "method": "lora",
-                                    "ppo": {"value_model": "adapter", "value_init": str(run_full)}})
+    cfg = run_config_schema().model_validate({"objective": "ppo", "method": "lora",
+                                              "ppo": {"value_model": "adapter", "value_init": str(run_full)}})
     with pytest.raises(TunelabError, match="full-finetuning reward model"):
         _prep(tiny, cfg)
 
