@@ -173,13 +173,14 @@ def cmd_eval(args) -> int:
     if not args.model or not args.tasks:
         raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
     tasks = [t for s in args.tasks for t in s.split(",") if t]
-    validate_tasks(tasks, args.allow_code_execution)  # fail before loading the model
+    validate_tasks(tasks, args.allow_code_execution, args.sandbox)  # fail before loading the model
     if args.output:
         from .userfiles import check_can_create
 
         check_can_create(Path(args.output), "--output")
     model, tok, template = load_run(args.model, device=args.device, dtype=args.dtype)
-    res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit)
+    res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit,
+                    sandbox=args.sandbox)
     print_results(res, title=f"evaluation of {args.model}")
     if args.output:
         save_results(res, args.output, model=args.model)
@@ -255,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tasks", nargs="+", default=[], help="bundled task names or task YAML files (comma-separated ok)")
     v.add_argument("--limit", type=int, default=None, help="items per task")
     v.add_argument("--allow-code-execution", action="store_true",
-                   help="code tasks EXECUTE MODEL-WRITTEN CODE (in a sandboxed subprocess); opt in explicitly")
+                   help="code tasks EXECUTE MODEL-WRITTEN CODE (in a bubblewrap sandbox); opt in explicitly")
+    v.add_argument("--sandbox", default="bwrap", choices=["bwrap", "unsafe_inprocess"],
+                   help="where that code runs: bwrap (default), or a Python-level guard that hostile code defeats")
     v.add_argument("--output", help="write results as JSON here")
     v.add_argument("--device", default="auto")
     v.add_argument("--dtype", default="auto")
