@@ -211,6 +211,11 @@ def run_candidate(source, entry, calls, replies):
             reply = {"value": encode(value)}
         except BaseException as e:  # noqa: BLE001 — SystemExit included: the judge decides what it means
             reply = {"raised": type(e).__name__, "message": str(e)[:300]}
+        for stream in (sys.stdout, sys.stderr):  # what it printed reaches the log before the process is killed
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 — a replaced or closed stream is the candidate's business
+                pass
         send(replies, reply)
 
 

@@ -40,7 +40,7 @@ opt-in, the reward-model run's files) before anything runs, and returns a `Compo
 
     r_i = Σ_k w_k · r_k,i
 
-that the advantage estimator sees. A function may also report counts for the step's log: an attribute
+that the advantage estimator sees. A built-in function may also report counts for the step's log: an attribute
 ``metrics`` (dict) set by its last call is added to `RewardScores.metrics` (``code_tests`` reports
 ``reward_hacking_attempts``). A weight of 0 logs a function without optimising it. A second use of the
 same name is keyed ``<name>_2``. A function that raises, returns the wrong number of scores, or a non-finite
