@@ -187,6 +187,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sandbox(args) -> int:
+    from .eval.sandbox import self_check
+
+    return self_check()
+
+
 def cmd_compare(args) -> int:
     from .lab.compare import compare_main
 
@@ -265,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--list", action="store_true", help="list the bundled tasks")
     v.add_argument("--pairs", help="reward-model run: pairwise accuracy on this preference file")
     v.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sandbox", help="check the sandbox model-written code runs in (bubblewrap) on this machine")
+    s.set_defaults(func=cmd_sandbox)
 
     c = sub.add_parser("compare", help="train every variant of a sweep file (resumable), then write a report")
     c.add_argument("sweep", help="sweep YAML (base config + grid/variants), e.g. examples/studies/masking.yaml")

@@ -254,3 +254,31 @@ def run_many(programs: list[str], timeout: float = 5.0, memory_mb: int = 1024, w
     check_sandbox(mode)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda p: run_sandboxed(p, timeout, memory_mb, mode), programs))
+
+
+SELF_CHECK = r'''
+import os, socket, sys
+def attempt(name, fn):
+    try:
+        fn()
+        print("ESCAPED", name)
+    except OSError as e:
+        print("held", name, "(%s)" % e.__class__.__name__)
+attempt("write to the read-only root", lambda: open(os.path.join(sys.prefix, "tunelab-check"), "w"))
+attempt("read /etc/shadow", lambda: open("/etc/shadow").read())
+attempt("list /home", lambda: os.listdir("/home"))
+attempt("reach the network", lambda: socket.create_connection(("1.1.1.1", 53), timeout=2))
+attempt("signal tunelab's own process", lambda: os.kill(HOST_PID, 0))
+print("pids visible:", len([p for p in os.listdir("/proc") if p.isdigit()]), "uid:", os.getuid())
+'''
+
+
+def self_check() -> int:
+    """``tunelab sandbox``: can this machine run the sandbox, and does it hold? Prints what it tried; 0 = yes."""
+    why = probe()
+    if why is not None:
+        print(f"no OS sandbox: {why}; {INSTALL_HINT}")
+        return 1
+    res = run_sandboxed(SELF_CHECK.replace("HOST_PID", str(os.getpid())), timeout=10, memory_mb=512)
+    print(f"bubblewrap sandbox works here: {json.dumps(isolation())}\n{res.output.strip()}")
+    return 0 if res.passed and "ESCAPED" not in res.output else 1
