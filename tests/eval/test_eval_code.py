@@ -112,3 +112,27 @@ def test_sandbox_contains_bad_programs_and_passes_good_ones(tmp_path):
     prob = json.loads(load_task("humaneval").data_path.open().readline())
     (after,) = run_many([build_program(prob, prob["canonical_solution"])], timeout=5.0)
     assert after.passed
+
+
+@needs_bwrap
+def test_judge_batch_keeps_each_verdict_apart_and_values_plain():
+    """One judge, five candidates of two problems: a pass, an endless loop (timeout, the others unharmed), a
+    candidate that kills its own process, a wrong answer; return types survive the crossing exactly."""
+    from tunelab.eval.judge import run_batch
+
+    add = {"prelude": "def add(a, b):\n    pass\n", "entry_point": "add",
+           "test": "def check(c):\n    assert c(2, 3) == 5\n"}
+    kinds = {"prelude": "", "entry_point": "f", "test": (
+        "def check(c):\n    r = c()\n    assert r == ((1, 2), {3}, frozenset({4}), {'k': [5.5, None]}, b'x', 1j)\n"
+        "    assert [type(x) for x in r] == [tuple, set, frozenset, dict, bytes, complex]\n"
+        "    assert c(n=3) == [0, 1, 2] and type(c(n=3)) is list\n")}
+    kinds_src = ("import numpy as np\ndef f(n=None):\n    if n is not None:\n        return np.arange(n)\n"
+                 "    return ((1, 2), {3}, frozenset({4}), {'k': [5.5, None]}, b'x', 1j)\n")
+    jobs = [{**add, "candidate": "def add(a, b):\n    return a + b\n"},
+            {**add, "candidate": "def add(a, b):\n    while True:\n        pass\n"},
+            {**add, "candidate": "import os, signal\ndef add(a, b):\n    os.kill(os.getpid(), signal.SIGKILL)\n"},
+            {**kinds, "candidate": kinds_src},
+            {**add, "candidate": "def add(a, b):\n    return a - b\n"}]
+    res = run_batch(jobs, timeout=2.0, memory_mb=1024)
+    assert [r.status for r in res] == ["passed", "timeout", "failed", "passed", "failed"], [r.output for r in res]
+    assert "process died" in res[2].output and "AssertionError" in res[4].output

@@ -181,16 +181,18 @@ def _command(mode: str, cfg: dict) -> list[str]:
 
 
 def launch(mode: str, role: str, payload: dict | None, timeout: float, memory_mb: int, *, log, scratch: str,
-           fds: tuple[int, int] | None = None) -> subprocess.Popen:
+           fds: tuple[int, ...] = (), busy: int = 1) -> subprocess.Popen:
     """Start one sandboxed process in `role` (see sandbox_child.py), hand it `payload` on stdin.
 
     `log` (an open file) takes its stdout and stderr; `scratch` is a host folder that is its working
-    directory in ``unsafe_inprocess`` mode (bwrap gives it a private tmpfs instead); `fds` are the two pipe
-    ends it talks through (judge ↔ candidate).
+    directory in ``unsafe_inprocess`` mode (bwrap gives it a private tmpfs instead); `fds` are the pipe ends
+    it talks through (judge ↔ candidates); a judge of `busy` candidates gets `busy` times the CPU seconds.
     """
     cfg = {"role": role, **_limits(timeout, memory_mb), **({"fds": list(fds)} if fds else {})}
+    cfg["cpu"] *= busy
+    cfg["nofile"] += len(fds)
     proc = subprocess.Popen(_command(mode, cfg), cwd=scratch, env=_env(scratch), stdin=subprocess.PIPE, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=fds or ())
+                            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=fds)
     try:
         proc.stdin.write(json.dumps(payload).encode())
         proc.stdin.close()

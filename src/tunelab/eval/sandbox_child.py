@@ -11,10 +11,12 @@ audit-hook guard. Then one of three roles:
                ``sys.exit(0)`` is no pass — but this verdict is the program's own word, see sandbox.py).
 ``candidate``  exec the model's code, then answer calls ``entry_point(*args)`` read from a pipe, one frame per
                call, with the return value as plain data (or the exception's type and message).
-``judge``      exec the task's trusted prompt + test and run ``check(proxy)``, where the proxy forwards each
-               call to the candidate's process. The judge never runs a line of the model's code and decodes
-               only plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set,
-               frozenset): exit 0 means the asserts ran on values the candidate returned, and passed.
+``judge``      for each candidate of its batch in turn: exec the task's trusted prompt + test afresh and run
+               ``check(proxy)``, where the proxy forwards each call to that candidate's process (a deadline
+               per candidate); then one verdict line (passed | failed | timeout) on a pipe only the parent
+               reads. The judge never runs a line of the model's code and decodes only plain data (None,
+               bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset): "passed" means
+               the asserts ran on values the candidate returned, and held.
 
 Frames: 4-byte big-endian length + JSON. Plain data are tagged so a tuple stays a tuple:
 ``{"t": [...]}`` tuple, ``{"d": [[k, v], ...]}`` dict, ``{"s": ...}`` set, ``{"fs": ...}`` frozenset,
@@ -24,6 +26,7 @@ import json
 import os
 import resource
 import sys
+import time
 import traceback
 
 MAX_FRAME = 16 << 20  # bytes in one reply: more is a failure, not a memory blow-up in the judge
@@ -223,20 +226,69 @@ class CandidateError(Exception):
     """The candidate could not answer (died, sent junk, or its value is not plain data)."""
 
 
-def run_judge(spec, calls, replies):
+class CandidateTimeout(BaseException):
+    """Out of time for this candidate (a BaseException: a test's ``except Exception`` must not swallow it)."""
+
+
+def _wait(fd, deadline, write=False):
+    import select
+
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([] if write else [fd], [fd] if write else [], [], left)[int(write)]:
+        raise CandidateTimeout()
+
+
+def read_exact(fd, n, deadline):
+    buf = bytearray()
+    while len(buf) < n:
+        _wait(fd, deadline)
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_until(fd, deadline):
+    """One frame from the candidate before `deadline`; None if its pipe closed."""
+    head = read_exact(fd, 4, deadline)
+    if head is None:
+        return None
+    n = int.from_bytes(head, "big")
+    if n > MAX_FRAME:
+        raise CandidateError("reply of %d bytes is over the %d-byte limit" % (n, MAX_FRAME))
+    data = read_exact(fd, n, deadline)
+    return None if data is None else json.loads(data)
+
+
+def send_until(fd, obj, deadline):
+    data = json.dumps(obj).encode()
+    view = memoryview(len(data).to_bytes(4, "big") + data)
+    while view:
+        _wait(fd, deadline, write=True)
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            continue
+        except BrokenPipeError:
+            raise CandidateError("the candidate's process died") from None
+
+
+def judge_one(code, spec, rfd, wfd, deadline):
+    """Run the test against one candidate (its pipes `rfd`/`wfd`) → (status, message)."""
     import builtins
 
     state = {"loaded": False}
 
     def call(*args, **kwargs):
         if not state["loaded"]:
-            first = recv(replies)
+            first = recv_until(rfd, deadline)
             if first is None or first.get("load"):
                 raise CandidateError("the candidate's code failed to load: %s" % ((first or {}).get("load")
                                                                                  or "its process died"))
             state["loaded"] = True
-        send(calls, {"args": encode(list(args)), "kwargs": encode(dict(kwargs))})
-        reply = recv(replies)
+        send_until(wfd, {"args": encode(list(args)), "kwargs": encode(dict(kwargs))}, deadline)
+        reply = recv_until(rfd, deadline)
         if reply is None:
             raise CandidateError("the candidate's process died during the call")
         if "raised" in reply:
@@ -251,21 +303,47 @@ def run_judge(spec, calls, replies):
 
     ns = {"__name__": "__judge__", "__builtins__": __builtins__}
     try:
-        prelude = spec["prelude"]
-        for attempt in (prelude, prelude + "    pass\n", ""):  # the prompt defines helpers the test may use
-            try:
-                code = compile(attempt, "prompt.py", "exec")
-                break
-            except SyntaxError:
-                continue
-        exec(code, ns)
+        exec(code[0], ns)
         ns[spec["entry"]] = call  # as in prompt + completion + test: the test's own uses of the name mean the candidate
-        exec(compile(spec["test"], "test.py", "exec"), ns)
+        exec(code[1], ns)
         ns[spec["check"]](call)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    except CandidateTimeout:
+        return "timeout", "out of time"
+    except BaseException:  # noqa: BLE001 — an assert, the candidate's error, or the test's own: all "failed"
+        return "failed", traceback.format_exc(limit=-3)[-1500:]
+    return "passed", ""
+
+
+def compile_problem(spec):
+    """(prompt code, test code) of one problem; the prompt alone may not parse (a stub without a body)."""
+    prelude = spec["prelude"]
+    for attempt in (prelude, prelude + "    pass\n", ""):  # the prompt defines helpers the test may use
+        try:
+            prelude_code = compile(attempt, "prompt.py", "exec")
+            break
+        except SyntaxError:
+            continue
+    return prelude_code, compile(spec["test"], "test.py", "exec")
+
+
+def run_judge(batch, fds, verdicts):
+    """Judge candidates one after another (``batch["jobs"][i]`` is candidate i's problem; fds: their
+    (read, write) pipe pairs), writing one verdict line each."""
+    compiled = {}
+    for i, spec in enumerate(batch["jobs"]):
+        rfd, wfd = fds[2 * i], fds[2 * i + 1]
+        os.set_blocking(wfd, False)
+        key = (spec["prelude"], spec["test"])
+        try:
+            if key not in compiled:
+                compiled[key] = compile_problem(spec)
+            status, message = judge_one(compiled[key], spec, rfd, wfd, time.monotonic() + batch["timeout"])
+        except BaseException:  # noqa: BLE001 — a test that does not compile fails its candidates, with the reason
+            status, message = "failed", traceback.format_exc(limit=-1)[-1500:]
+        os.close(rfd)
+        os.close(wfd)  # the candidate reads EOF and exits
+        verdicts.write((json.dumps({"i": i, "status": status, "message": message}) + "\n").encode())
+        verdicts.flush()
     os._exit(0)
 
 
@@ -284,11 +362,11 @@ def main():
     payload = json.loads(sys.stdin.buffer.read())  # the parent wrote it and closed the pipe
     if role == "program":
         run_program(payload["source"], payload["nonce"])
-    incoming, outgoing = os.fdopen(cfg["fds"][0], "rb"), os.fdopen(cfg["fds"][1], "wb")
     if role == "candidate":
-        run_candidate(payload["source"], payload["entry"], calls=incoming, replies=outgoing)
+        run_candidate(payload["source"], payload["entry"], calls=os.fdopen(cfg["fds"][0], "rb"),
+                      replies=os.fdopen(cfg["fds"][1], "wb"))
     else:
-        run_judge(payload, calls=outgoing, replies=incoming)
+        run_judge(payload, cfg["fds"][:-1], os.fdopen(cfg["fds"][-1], "wb"))
 
 
 if __name__ == "__main__":
