@@ -269,3 +269,45 @@ def test_the_probe_on_this_machine_matches_bwrap():
         assert WHY_NOT == "bubblewrap (bwrap) is not installed"
     elif sys.platform.startswith("linux") and WHY_NOT is None:
         assert sandbox.run_sandboxed("print('inside')", timeout=5).passed
+
+
+def test_tunelab_sandbox_command(capsys, monkeypatch):
+    """`tunelab sandbox`: exit 0 and every attempt 'held' where bwrap works; exit 1 and one line where not."""
+    from tunelab.cli import main
+
+    if WHY_NOT is None:
+        assert main(["sandbox"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("held ") == 5 and "ESCAPED" not in out
+    monkeypatch.setattr(sandbox, "probe", lambda: "bubblewrap (bwrap) is not installed")
+    assert main(["sandbox"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "apt-get install bubblewrap" in out
+
+
+def test_eval_sandbox_setting_reaches_the_code_paths(monkeypatch, tmp_path):
+    """``eval.sandbox`` is validated by the config, and a run that declares a code task is refused (one line,
+    before anything is written) where bwrap cannot run unless it chose unsafe_inprocess."""
+    from tunelab.config import load_config
+    from tunelab.train.task_eval import check_tasks
+
+    base = ["model.name=tiny", "eval.target=[humaneval]", "eval.allow_code_execution=true"]
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("objective: sft\n")
+    with pytest.raises(TunelabError, match="sandbox"):
+        load_config(str(cfg_path), base + ["eval.sandbox=firejail"])
+    monkeypatch.setattr(sandbox, "probe", lambda: "bubblewrap (bwrap) is not installed")
+    with pytest.raises(TunelabError, match="eval.sandbox: unsafe_inprocess"):
+        check_tasks(load_config(str(cfg_path), base))
+    check_tasks(load_config(str(cfg_path), base + ["eval.sandbox=unsafe_inprocess"]))
+
+
+def test_tunelab_eval_refuses_code_without_bubblewrap_in_one_line(capsys, monkeypatch):
+    from tunelab.cli import main
+
+    monkeypatch.setattr(sandbox, "probe", lambda: "bubblewrap (bwrap) is not installed")
+    assert main(["eval", "no-model-needed", "--tasks", "humaneval", "--allow-code-execution"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sandbox unsafe_inprocess" in err and "apt-get install bubblewrap" in err
+    assert main(["eval", "no-model-needed", "--tasks", "humaneval"]) == 2  # without the opt-in: the eval switch
+    assert "--allow-code-execution (tunelab eval)" in capsys.readouterr().err
