@@ -243,7 +243,7 @@ def test_code_tests_reward_scores_every_escape_zero_and_counts_the_hacks(tmp_pat
     assert scores.metrics()["reward_hacking_attempts"] == len(flagged)
 
 
-def test_refused_without_bubblewrap(monkeypatch):
+def test_refused_without_bubblewrap(monkeypatch, tmp_path):
     """Where bwrap is missing (or cannot create namespaces) model-written code is refused in one line naming
     how to install it and the explicit weaker mode; ``unsafe_inprocess`` is accepted only when asked for."""
     monkeypatch.setattr(sandbox, "probe", lambda: "bubblewrap (bwrap) is not installed")
@@ -259,6 +259,12 @@ def test_refused_without_bubblewrap(monkeypatch):
         assert "apt-get install bubblewrap" in msg and "eval.sandbox: unsafe_inprocess" in msg
     require_code_execution("humaneval", True, "unsafe_inprocess")  # the explicit weaker mode is allowed
     assert run_tests(PROMPT + "    return a + b\n", PROMPT, TEST, "add", mode="unsafe_inprocess").passed
+    # ... with the Python-level guard on: careless writes outside and process starts are still refused
+    outside = tmp_path / "careless.txt"
+    res = sandbox.run_sandboxed(f"open({str(outside)!r}, 'w').write('x')\n", mode="unsafe_inprocess")
+    assert res.status == "failed" and "outside the sandbox directory" in res.output and not outside.exists()
+    res = sandbox.run_sandboxed("import os\nos.system('true')\n", mode="unsafe_inprocess")
+    assert res.status == "failed" and "os.system" in res.output
 
 
 def test_the_probe_on_this_machine_matches_bwrap():

@@ -88,9 +88,10 @@ def probe() -> str | None:
                               stdin=subprocess.DEVNULL, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         return f"bwrap failed to start ({e})"
-    if proc.returncode == 0 and proc.stdout.decode(errors="replace").strip().endswith("ok"):
+    out = proc.stdout.decode(errors="replace").strip()
+    if proc.returncode == 0 and out.endswith(" ok"):
         return None
-    why = (proc.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    why = (proc.stderr.decode(errors="replace").strip().splitlines() or [out or f"exit status {proc.returncode}"])[-1]
     return f"bwrap cannot create its sandbox here ({why})"
 
 

@@ -355,8 +355,13 @@ def main():
     if cfg.get("guard"):
         guard(os.path.realpath(os.getcwd()))
     role = cfg["role"]
-    if role == "probe":
-        sys.stdout.write("%d ok\n" % os.getuid())
+    if role == "probe":  # the sandbox is what it should be: not root, the Python installation read-only
+        try:
+            open(os.path.join(sys.prefix, "tunelab-probe"), "w")
+            writable = True
+        except OSError:
+            writable = False
+        sys.stdout.write("%d %s\n" % (os.getuid(), "ok" if os.getuid() != 0 and not writable else "NOT ISOLATED"))
         sys.stdout.flush()
         os._exit(0)
     payload = json.loads(sys.stdin.buffer.read())  # the parent wrote it and closed the pipe
