@@ -2,13 +2,13 @@
 
 A problem is ``{task_id, prompt, test, entry_point}`` (HumanEval, Chen et al. 2021): ``prompt`` is a function
 signature with its docstring, ``test`` defines ``check(candidate)``. The model writes ``n_samples``
-completions per problem (greedy for one, sampled otherwise), and each program
+completions per problem (greedy for one, sampled otherwise), and each one passes if the program
 
-    prompt + completion + test + "check(entry_point)"
+    prompt + completion + test + "check(entry_point)"          (`build_program`)
 
-is judged by `judge.run_tests`: prompt + completion run in one bubblewrap sandbox (`sandbox.py`), the test
-in another that sees only the plain data the candidate returns, so the model cannot print, patch or exit its
-way to "passed". `screen.flag` first scores completions that reach for exits or introspection as failed
+would, judged in two parts by `judge.run_tests`: prompt + completion run in one bubblewrap sandbox
+(`sandbox.py`), prompt + test in another that sees only the plain data the candidate returns, so the model
+cannot print, patch or exit its way to "passed". `screen.flag` first scores completions that reach for exits or introspection as failed
 without running them, and counts them (``reward_hacking_attempts``). Because this executes code written by
 a model, nothing runs unless the caller opts in (``tunelab eval --allow-code-execution``; in a run config
 ``eval.allow_code_execution: true``; in Python ``allow_code_execution=True``), and only behind bubblewrap
