@@ -21,7 +21,8 @@ whatever scores will be found. Each process runs under ``bwrap`` (bubblewrap, th
   the outer bwrap, which takes the whole namespace with it.
 
 What it is not: a VM. The code shares the kernel with the machine (a kernel exploit escapes it); there is no
-seccomp filter and no inode cap on the tmpfs; CPU and memory are limited per process, not by a cgroup.
+seccomp filter (and, run as root, nested user namespaces stay allowed: more kernel surface) and no inode cap on
+the tmpfs; CPU and memory are limited per process, not by a cgroup (so NPROC × memory_mb in all).
 
 Where bwrap is missing or cannot create namespaces (a probe run, cached, decides), model-written code is
 refused with one line, unless the caller explicitly chose ``sandbox="unsafe_inprocess"``: a plain subprocess
@@ -54,7 +55,9 @@ from ..errors import TunelabError
 MODES = ("bwrap", "unsafe_inprocess")
 OUTPUT_LIMIT = 1 << 20  # bytes of stdout/stderr (and of any one file) a program may write: RLIMIT_FSIZE
 TMPFS_MB = 64  # the whole writable space of one sandbox
-NPROC = 32  # processes + threads one sandbox may have (a uid of its own, so this is per sandbox)
+# processes + threads one sandbox may have (a uid of its own, so this is per sandbox); memory is capped per
+# process, so NPROC × memory_mb bounds a sandbox's total
+NPROC = 16
 NOFILE = 64
 CHILD = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
