@@ -54,7 +54,7 @@ from ..errors import TunelabError
 
 MODES = ("bwrap", "unsafe_inprocess")
 OUTPUT_LIMIT = 1 << 20  # bytes of stdout/stderr (and of any one file) a program may write: RLIMIT_FSIZE
-TMPFS_MB = 64  # the whole writable space of one sandbox
+TMPFS_MB = 32  # the whole writable space of one sandbox, in RAM (8 candidates × `workers` may be alive at once)
 # processes + threads one sandbox may have (a uid of its own, so this is per sandbox); memory is capped per
 # process, so NPROC × memory_mb bounds a sandbox's total
 NPROC = 16
