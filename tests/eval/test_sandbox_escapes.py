@@ -135,8 +135,8 @@ print('0123456789abcdef0123456789abcdef')
 sys.stdout.flush()
 os._exit(0)
 """),
-        "patch_exit_and_traceback": "    return None\n\nimport os, sys, traceback, builtins\nos._exit = lambda code: None\n"
-                                    "sys.exit = lambda *a: None\ntraceback.print_exc = lambda *a, **k: None\n"
+        "patch_exit_and_traceback": "    return None\n\nimport os, sys, traceback, builtins\n"
+                                    "os._exit = lambda code: None\nsys.exit = lambda *a: None\ntraceback.print_exc = lambda *a, **k: None\n"
                                     "builtins.AssertionError = type('AssertionError', (Exception,), {})\n",
         "always_equal": "    class Eq:\n        def __eq__(self, other):\n            return True\n"
                         "        __hash__ = object.__hash__\n    return Eq()\n",

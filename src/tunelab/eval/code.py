@@ -8,11 +8,12 @@ completions per problem (greedy for one, sampled otherwise), and each one passes
 
 would, judged in two parts by `judge.run_tests`: prompt + completion run in one bubblewrap sandbox
 (`sandbox.py`), prompt + test in another that sees only the plain data the candidate returns, so the model
-cannot print, patch or exit its way to "passed". `screen.flag` first scores completions that reach for exits or introspection as failed
-without running them, and counts them (``reward_hacking_attempts``). Because this executes code written by
-a model, nothing runs unless the caller opts in (``tunelab eval --allow-code-execution``; in a run config
-``eval.allow_code_execution: true``; in Python ``allow_code_execution=True``), and only behind bubblewrap
-unless ``sandbox="unsafe_inprocess"`` (``eval.sandbox``) explicitly accepts a Python-level guard instead.
+cannot print, patch or exit its way to "passed". `screen.flag` first scores completions that reach for exits
+or introspection as failed without running them, and counts them (``reward_hacking_attempts``). Because this
+executes code written by a model, nothing runs unless the caller opts in (``tunelab eval
+--allow-code-execution``; in a run config ``eval.allow_code_execution: true``; in Python
+``allow_code_execution=True``), and only behind bubblewrap unless ``sandbox="unsafe_inprocess"``
+(``eval.sandbox``) explicitly accepts a Python-level guard instead.
 
 **pass@k** is the probability that at least one of k completions passes. Estimating it as "did any of the
 first k pass" is high-variance; Chen et al. give the unbiased estimator from n ≥ k samples with c correct:
