@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -q -n 2 --durations=15 -m 'not llamacpp' tests  # the llama.cpp c
 # The extras every venv gets: the test tools, and sentencepiece for the GGUF export of SentencePiece tokenizers
 EXTRAS := test,sentencepiece
 
-.PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp bench
+.PHONY: demo test install clean test-latest test-oldest lock oldest-lock test-llamacpp bench bwrap
 
 # $(1) = venv folder, $(2) = pip arguments for everything but torch (constraints, or upgrade flags)
 define make_venv
@@ -28,12 +28,21 @@ $(STAMP): pyproject.toml requirements.lock
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) bwrap
+
+# Model-written code (code tasks, the code_tests reward) runs only behind bubblewrap. Installed where this can
+# (root with apt); otherwise one line, and the code-execution tests check the refusal. Never fails the install.
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; } >/dev/null 2>&1 \
+	      || echo "bubblewrap could not be installed (apt-get failed): code-execution tests will check the refusal"; \
+	  else echo "bubblewrap (bwrap) is not installed: code-execution tests will check the refusal (to run code: apt-get install bubblewrap)"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/tunelab demo
 
-test: $(STAMP)
+test: $(STAMP) bwrap
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # tunelab vs HF PEFT + TRL side by side (benchmarks/run.py; BENCH_ARGS=--quick for a smoke run). Run it on a
@@ -43,13 +52,13 @@ bench: $(STAMP)
 	PYTHONPATH=src $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # The suite against the newest versions pyproject.toml allows (torch stays the CPU 2.13.0 build).
-test-latest:
+test-latest: bwrap
 	$(call make_venv,.venv-latest,--upgrade --upgrade-strategy eager)
 	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|peft|trl|datasets|safetensors|pydantic|numpy) '
 	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 # The suite against the lower bounds of pyproject.toml (requirements-oldest.txt).
-test-oldest:
+test-oldest: bwrap
 	$(call make_venv,.venv-oldest,-c requirements-oldest.txt)
 	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
 

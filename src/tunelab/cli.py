@@ -176,17 +176,24 @@ def cmd_eval(args) -> int:
     if not args.model or not args.tasks:
         raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
     tasks = [t for s in args.tasks for t in s.split(",") if t]
-    validate_tasks(tasks, args.allow_code_execution)  # fail before loading the model
+    validate_tasks(tasks, args.allow_code_execution, args.sandbox)  # fail before loading the model
     if args.output:
         from .userfiles import check_can_create
 
         check_can_create(Path(args.output), "--output")
     model, tok, template = load_run(args.model, device=args.device, dtype=args.dtype)
-    res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit)
+    res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit,
+                    sandbox=args.sandbox)
     print_results(res, title=f"evaluation of {args.model}")
     if args.output:
         save_results(res, args.output, model=args.model)
     return 0
+
+
+def cmd_sandbox(args) -> int:
+    from .eval.sandbox import self_check
+
+    return self_check()
 
 
 def cmd_compare(args) -> int:
@@ -258,13 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tasks", nargs="+", default=[], help="bundled task names or task YAML files (comma-separated ok)")
     v.add_argument("--limit", type=int, default=None, help="items per task")
     v.add_argument("--allow-code-execution", action="store_true",
-                   help="code tasks EXECUTE MODEL-WRITTEN CODE (in a sandboxed subprocess); opt in explicitly")
+                   help="code tasks EXECUTE MODEL-WRITTEN CODE (in a bubblewrap sandbox); opt in explicitly")
+    v.add_argument("--sandbox", default="bwrap", choices=["bwrap", "unsafe_inprocess"],
+                   help="where that code runs: bwrap (default), or a Python-level guard that hostile code defeats")
     v.add_argument("--output", help="write results as JSON here")
     v.add_argument("--device", default="auto")
     v.add_argument("--dtype", default="auto")
     v.add_argument("--list", action="store_true", help="list the bundled tasks")
     v.add_argument("--pairs", help="reward-model run: pairwise accuracy on this preference file")
     v.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sandbox", help="check the sandbox model-written code runs in (bubblewrap) on this machine")
+    s.set_defaults(func=cmd_sandbox)
 
     c = sub.add_parser("compare", help="train every variant of a sweep file (resumable), then write a report")
     c.add_argument("sweep", help="sweep YAML (base config + grid/variants), e.g. examples/studies/masking.yaml")

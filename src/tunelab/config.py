@@ -158,6 +158,8 @@ class EvalConfig(Strict):
     source: list[str] = []  # tasks it should not forget
     limit: int | None = Field(None, ge=1)  # items per task
     allow_code_execution: bool = False  # code tasks run model-written code (sandboxed); opt in explicitly
+    # where that code runs: bubblewrap (refused where it cannot run), or a Python-level guard you accept knowingly
+    sandbox: Literal["bwrap", "unsafe_inprocess"] = "bwrap"
     during_training: bool = False  # also evaluate the target tasks at every train.eval_every (→ metrics.jsonl)
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import socket
+import sys
 import uuid
 
 import pytest
@@ -9,8 +11,11 @@ import pytest
 from tunelab.errors import TunelabError
 from tunelab.eval.code import build_program, evaluate_code, pass_at_k
 from tunelab.eval.runner import run_tasks
-from tunelab.eval.sandbox import run_many
+from tunelab.eval.sandbox import probe, run_many
 from tunelab.eval.tasks import load_task
+
+# Code runs only behind bubblewrap; without it these are refused (tests/eval/test_sandbox_escapes.py checks that)
+needs_bwrap = pytest.mark.skipif(probe() is not None, reason=f"no OS sandbox here ({probe()}): code is refused")
 
 
 @pytest.mark.parametrize("n, c, k, want", [(5, 2, 1, 0.4), (5, 2, 2, 0.7), (5, 0, 3, 0.0), (5, 4, 2, 1.0),
@@ -32,12 +37,14 @@ def _humaneval_task(make_task, n_samples, k):
     return rows, make_task(rows, kind="code", n_samples=n_samples, k=k, timeout=5.0)
 
 
+@needs_bwrap
 def test_scoring_saved_completions(make_task):
     rows, task = _humaneval_task(make_task, 1, [1])
     good = rows[0]["canonical_solution"]
     res = evaluate_code(None, None, None, task, allow_code_execution=True, completions=[[good], ["    return 0\n"]])
     assert res["metrics"] == {"pass@1": 0.5}
     assert res["details"]["programs"] == {"passed": 1, "failed": 1, "timeout": 0}
+    assert res["details"]["isolation"]["sandbox"] == "bwrap" and res["details"]["reward_hacking_attempts"] == 0
     rows, task = _humaneval_task(make_task, 2, [1, 2])
     good0 = rows[0]["canonical_solution"]
     res = evaluate_code(None, None, None, task, allow_code_execution=True,
@@ -46,6 +53,7 @@ def test_scoring_saved_completions(make_task):
     assert res["metrics"]["pass@1"] == pytest.approx(0.25) and res["metrics"]["pass@2"] == pytest.approx(0.5)
 
 
+@needs_bwrap
 def test_generation_path_on_tiny_model(tokenizer, tiny, make_task):
     rows, _ = _humaneval_task(make_task, 1, [1])
     task = make_task(rows[:1], kind="code", max_new_tokens=8, timeout=3.0)
@@ -55,15 +63,25 @@ def test_generation_path_on_tiny_model(tokenizer, tiny, make_task):
     assert sum(r["details"]["programs"].values()) == 1 and isinstance(r["samples"][0]["completion"], str)
 
 
+@needs_bwrap
 def test_sandbox_contains_bad_programs_and_passes_good_ones(tmp_path):
-    outside = f"/tmp/tunelab-escape-{uuid.uuid4().hex}.txt"
+    outside = str(tmp_path / "escaped.txt")  # the host's /tmp: the sandbox has a private /tmp of its own
+    read_only = os.path.join(sys.prefix, f"tunelab-escape-{uuid.uuid4().hex}.txt")  # visible to it, read-only
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # a service on the host's loopback
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.setblocking(False)
+    port = server.getsockname()[1]
     programs = {
         "loop": "while True:\n    pass\n",
         "memory": "x, n = [], 2**20\nwhile True:\n    x.append(bytearray(n))\n    n *= 2\n",  # doubling: fails fast
-        "socket": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', 9))\n",
+        "socket": f"import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', {port}))\n",
         "write_outside": f"open({outside!r}, 'w').write('escaped')\n",
+        "write_read_only": f"open({read_only!r}, 'w').write('escaped')\n",
+        "write_own_tmp": "open('/tmp/mine.txt', 'w').write('ok')\nassert open('/tmp/mine.txt').read() == 'ok'\n",
         "remove_outside": f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n",
-        "spawn": "import os\nos.system('true')\n",
+        # processes may start inside the sandbox; what they do stays inside it
+        "spawn": f"import os\nassert os.system('echo escaped > {outside}') == 0\n",
         "fake_success": "import os\nos._exit(0)\n",
         "exit_zero": "raise SystemExit(0)\n",
         "good": "import os\nopen('scratch.txt', 'w').write('ok')\nassert sum(range(5)) == 10\n"
@@ -78,12 +96,44 @@ def test_sandbox_contains_bad_programs_and_passes_good_ones(tmp_path):
     assert results["good"].status == "passed", results["good"].output
     assert results["loop"].status == "timeout"
     assert results["memory"].status == "failed" and "MemoryError" in results["memory"].output
-    assert results["socket"].status == "failed" and "socket" in results["socket"].output
+    # the sandbox's own loopback (network namespace): the host's service is out of reach
+    assert results["socket"].status == "failed" and "ConnectionRefusedError" in results["socket"].output
+    with pytest.raises(BlockingIOError):
+        server.accept()
+    server.close()
     assert results["write_outside"].status == "failed" and not os.path.exists(outside)
+    assert results["write_read_only"].status == "failed"
+    assert "Read-only file system" in results["write_read_only"].output
+    assert not os.path.exists(read_only) and results["write_own_tmp"].status == "passed"
     assert results["remove_outside"].status == "failed" and (tmp_path / "keep.txt").read_text() == "precious"
-    assert results["spawn"].status == "failed" and "os.system" in results["spawn"].output
+    assert results["spawn"].status == "failed" and "AssertionError" in results["spawn"].output
+    assert not os.path.exists(outside)
     assert results["fake_success"].status == "failed" and results["exit_zero"].status == "failed"
     # The harness is still fine afterwards.
     prob = json.loads(load_task("humaneval").data_path.open().readline())
     (after,) = run_many([build_program(prob, prob["canonical_solution"])], timeout=5.0)
     assert after.passed
+
+
+@needs_bwrap
+def test_judge_batch_keeps_each_verdict_apart_and_values_plain():
+    """One judge, five candidates of two problems: a pass, an endless loop (timeout, the others unharmed), a
+    candidate that kills its own process, a wrong answer; return types survive the crossing exactly."""
+    from tunelab.eval.judge import run_batch
+
+    add = {"prelude": "def add(a, b):\n    pass\n", "entry_point": "add",
+           "test": "def check(c):\n    assert c(2, 3) == 5\n"}
+    kinds = {"prelude": "", "entry_point": "f", "test": (
+        "def check(c):\n    r = c()\n    assert r == ((1, 2), {3}, frozenset({4}), {'k': [5.5, None]}, b'x', 1j)\n"
+        "    assert [type(x) for x in r] == [tuple, set, frozenset, dict, bytes, complex]\n"
+        "    assert c(n=3) == [0, 1, 2] and type(c(n=3)) is list\n")}
+    kinds_src = ("import numpy as np\ndef f(n=None):\n    if n is not None:\n        return np.arange(n)\n"
+                 "    return ((1, 2), {3}, frozenset({4}), {'k': [5.5, None]}, b'x', 1j)\n")
+    jobs = [{**add, "candidate": "def add(a, b):\n    return a + b\n"},
+            {**add, "candidate": "def add(a, b):\n    while True:\n        pass\n"},
+            {**add, "candidate": "import os, signal\ndef add(a, b):\n    os.kill(os.getpid(), signal.SIGKILL)\n"},
+            {**kinds, "candidate": kinds_src},
+            {**add, "candidate": "def add(a, b):\n    return a - b\n"}]
+    res = run_batch(jobs, timeout=2.0, memory_mb=1024)
+    assert [r.status for r in res] == ["passed", "timeout", "failed", "passed", "failed"], [r.output for r in res]
+    assert "process died" in res[2].output and "AssertionError" in res[4].output

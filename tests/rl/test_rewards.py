@@ -8,7 +8,11 @@ import yaml
 
 from tunelab.data.sources import Record
 from tunelab.errors import TunelabError
+from tunelab.eval.sandbox import probe
 from tunelab.rl.rewards import REWARDS, RewardInputs, build_rewards
+
+needs_bwrap = pytest.mark.skipif(probe() is not None, reason=f"no OS sandbox here ({probe()}): code is refused "
+                                 "(tests/eval/test_sandbox_escapes.py checks the refusal)")
 
 GSM = {"instruction": "Solve the math word problem.", "input": "What is 600 + 400?",
        "output": "600 + 400 = 1000\n#### 1000", "answer": "1000"}
@@ -55,6 +59,7 @@ def test_exact_match_missing_gold_answer_names_reward_and_record():
         _one({"name": "exact_match", "answer_field": "gold"}, _inputs(["#### 1"]))
 
 
+@needs_bwrap
 def test_code_tests_pass_fail_and_chat_blocks():
     batch = _inputs(["    return a + b\n", "    return a - b\n", "    while True:\n        pass\n"], ADD)
     assert _one({"name": "code_tests", "timeout": 3.0}, batch, allow_code_execution=True) == [1.0, 0.0, 0.0]
@@ -64,10 +69,30 @@ def test_code_tests_pass_fail_and_chat_blocks():
 
 
 def test_code_tests_refused_without_the_flag():
-    with pytest.raises(TunelabError, match=r"^reward 'code_tests' executes model-written code.*--allow-code-execution"):
+    # rewards run in `tunelab train`, which takes eval.allow_code_execution=true (it has no --allow-code-execution)
+    with pytest.raises(TunelabError, match=r"^reward 'code_tests' executes model-written code.*"
+                                           r"eval.allow_code_execution=true") as e:
         build_rewards([{"name": "code_tests"}])
+    assert "--allow-code-execution" not in str(e.value)
     with pytest.raises(TunelabError, match="allow_code_execution is not a reward option"):
         build_rewards([{"name": "code_tests", "allow_code_execution": True}])  # a config cannot opt in by itself
+    with pytest.raises(TunelabError, match="sandbox is not a reward option; it is the run's eval.sandbox"):
+        build_rewards([{"name": "code_tests", "sandbox": "unsafe_inprocess"}], allow_code_execution=True)
+
+
+@needs_bwrap
+def test_code_tests_called_directly_scores_a_nonce_faking_wrong_completion_zero():
+    """The factory called by hand, no composition: a wrong add() that prints a nonce-like line, reads
+    ``__main__`` and exits 0 before the asserts scores 0.0 — screened (counted) and, run anyway, failed."""
+    fake = ("    import os, sys\n    print(getattr(sys.modules['__main__'], '_nonce', '0' * 32))\n"
+            "    sys.stdout.flush()\n    os._exit(0)\n")
+    hidden = "    import os\n    print('0' * 32, flush=True)\n    getattr(os, '_' + 'exit')(0)\n"  # past the screen
+    fn = REWARDS["code_tests"](allow_code_execution=True, timeout=5.0)
+    assert fn(_inputs([fake, hidden, "    return a + b\n"], ADD)) == [0.0, 0.0, 1.0]
+    assert fn.metrics == {"reward_hacking_attempts": 1}
+    scores = build_rewards([{"name": "code_tests"}, {"name": "format", "weight": 0.0}],
+                           allow_code_execution=True)(_inputs([fake, fake], ADD))
+    assert scores.metrics()["reward_hacking_attempts"] == 2 and scores.metrics()["reward_code_tests"] == 0.0
 
 
 def test_format_truncation_and_length_penalty():

@@ -1,13 +1,13 @@
 """Evaluation: tasks defined in small YAML files, four ways to score them, learning vs forgetting.
 
-=============  ================================================================  ==========================
+=============  ================================================================  ====================================
 kind           what is measured                                                  module
-=============  ================================================================  ==========================
+=============  ================================================================  ====================================
 perplexity     mean token loss on a text/instruction set, exp of it              `perplexity`
 choice         log-likelihood of each choice: acc, acc_norm (per character)      `choice`
 exact          greedy generation, answer extraction, exact match                 `exact`
-code           HumanEval-style pass@k, programs run in a sandbox (opt-in)        `code`, `sandbox`
-=============  ================================================================  ==========================
+code           HumanEval-style pass@k in a bubblewrap sandbox (opt-in)           `code`, `screen`, `judge`, `sandbox`
+=============  ================================================================  ====================================
 
 Entry points: `run_tasks` (a list of task names/paths → results dict), `print_results` / `save_results`,
 `learning_forgetting` (base vs trained on target and source tasks), `EvalCache` + `model_fingerprint`

@@ -2,12 +2,18 @@
 
 A problem is ``{task_id, prompt, test, entry_point}`` (HumanEval, Chen et al. 2021): ``prompt`` is a function
 signature with its docstring, ``test`` defines ``check(candidate)``. The model writes ``n_samples``
-completions per problem (greedy for one, sampled otherwise), and each program
+completions per problem (greedy for one, sampled otherwise), and each one passes if the program
 
-    prompt + completion + test + "check(entry_point)"
+    prompt + completion + test + "check(entry_point)"          (`build_program`)
 
-runs in `sandbox.run_sandboxed`. Because that executes code written by a model, nothing runs unless the
-caller passes ``allow_code_execution=True`` (CLI: ``--allow-code-execution``).
+would, judged in two parts by `judge.run_tests`: prompt + completion run in one bubblewrap sandbox
+(`sandbox.py`), prompt + test in another that sees only the plain data the candidate returns, so the model
+cannot print, patch or exit its way to "passed". `screen.flag` first scores completions that reach for exits
+or introspection as failed without running them, and counts them (``reward_hacking_attempts``). Because this
+executes code written by a model, nothing runs unless the caller opts in (``tunelab eval
+--allow-code-execution``; in a run config ``eval.allow_code_execution: true``; in Python
+``allow_code_execution=True``), and only behind bubblewrap unless ``sandbox="unsafe_inprocess"``
+(``eval.sandbox``) explicitly accepts a Python-level guard instead.
 
 **pass@k** is the probability that at least one of k completions passes. Estimating it as "did any of the
 first k pass" is high-variance; Chen et al. give the unbiased estimator from n ≥ k samples with c correct:
@@ -28,19 +34,23 @@ import re
 
 from ..errors import TunelabError
 from .completion import complete
-from .sandbox import isolation, run_many
+from .judge import run_tests_many
+from .sandbox import SandboxResult, check_sandbox, isolation
+from .screen import flag
 from .tasks import Task
 
-CODE_FLAG_HELP = ("executes model-written code; pass allow_code_execution=True (CLI: --allow-code-execution) "
-                  "to run it in tunelab's sandbox (own temp dir, time/memory limits, no network, no writes "
-                  "outside the temp dir)")
+SANDBOX_HELP = "to run it in tunelab's bubblewrap sandbox (read-only root, private tmpfs, no network, limits)"
+CODE_FLAG_HELP = ("executes model-written code; opt in with --allow-code-execution (tunelab eval), "
+                  "eval.allow_code_execution: true (a run config; tunelab train ... eval.allow_code_execution=true) "
+                  f"or allow_code_execution=True (Python) {SANDBOX_HELP}")
 _FENCE = re.compile(r"```(?:[\w+-]*)\n(.*?)(?:```|$)", re.S)
 
 
-def require_code_execution(task_name: str, allowed: bool) -> None:
-    """Refuse to run a code task unless the caller opted in."""
+def require_code_execution(task_name: str, allowed: bool, sandbox: str = "bwrap") -> None:
+    """Refuse to run a code task unless the caller opted in and the sandbox works on this machine."""
     if not allowed:
         raise TunelabError(f"task '{task_name}' {CODE_FLAG_HELP}")
+    check_sandbox(sandbox)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -67,6 +77,26 @@ def build_program(problem: dict, completion: str) -> str:
             + f"check({problem['entry_point']})\n")
 
 
+def judge_completions(pairs: list[tuple[dict, str]], *, timeout: float = 5.0, memory_mb: int = 1024,
+                      workers: int = 2, sandbox: str = "bwrap") -> list[SandboxResult]:
+    """Judge each (problem, completion): screened (`screen.flag`: failed, ``flagged`` set, not run) or run
+    by `judge.run_tests` — prompt + completion as the candidate, the problem's test as the judge."""
+    results: list[SandboxResult | None] = [None] * len(pairs)
+    jobs = []
+    for i, (problem, completion) in enumerate(pairs):
+        source = problem["prompt"] + completion
+        why = flag(source, problem["prompt"].count("\n") + 1)
+        if why:
+            results[i] = SandboxResult("failed", f"not run: the completion {why}", 0.0, flagged=why)
+        else:
+            jobs.append((i, {"candidate": source, "prelude": problem["prompt"], "test": problem["test"],
+                             "entry_point": problem["entry_point"]}))
+    ran = run_tests_many([j for _, j in jobs], timeout=timeout, memory_mb=memory_mb, workers=workers, mode=sandbox)
+    for (i, _), r in zip(jobs, ran):
+        results[i] = r
+    return results
+
+
 def _problems(task: Task, limit: int | None) -> list[dict]:
     out = []
     for rec in task.records(limit):
@@ -78,12 +108,14 @@ def _problems(task: Task, limit: int | None) -> list[dict]:
 
 
 def evaluate_code(model, tokenizer, template, task: Task, limit: int | None = None,
-                  allow_code_execution: bool = False, completions: list[list[str]] | None = None) -> dict:
+                  allow_code_execution: bool = False, completions: list[list[str]] | None = None,
+                  sandbox: str = "bwrap") -> dict:
     """Score a ``kind: code`` task: ``pass@k`` for each k in the task (see the module docstring).
 
     `completions` (one list of n_samples strings per problem) skips generation — for scoring saved outputs.
+    `sandbox`: ``bwrap`` (default; refused with one line where it cannot run) or ``unsafe_inprocess``.
     """
-    require_code_execution(task.name, allow_code_execution)
+    require_code_execution(task.name, allow_code_execution, sandbox)
     spec = task.spec
     problems = _problems(task, limit)
     n = spec.n_samples
@@ -103,8 +135,8 @@ def evaluate_code(model, tokenizer, template, task: Task, limit: int | None = No
         completions = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
     if len(completions) != len(problems) or any(len(c) != n for c in completions):
         raise ValueError(f"expected {n} completions for each of {len(problems)} problems")
-    programs = [build_program(p, c) for p, cs in zip(problems, completions) for c in cs]
-    results = run_many(programs, timeout=spec.timeout, memory_mb=spec.memory_mb, workers=spec.workers)
+    results = judge_completions([(p, c) for p, cs in zip(problems, completions) for c in cs], timeout=spec.timeout,
+                                memory_mb=spec.memory_mb, workers=spec.workers, sandbox=sandbox)
     per_problem, statuses = [], {"passed": 0, "failed": 0, "timeout": 0}
     for i, p in enumerate(problems):
         rs = results[i * n:(i + 1) * n]
@@ -117,4 +149,6 @@ def evaluate_code(model, tokenizer, template, task: Task, limit: int | None = No
                 "output": rs[0].output[-500:], "correct": c} for p, cs, rs, c in per_problem[:3]]
     return {"n": len(problems), "metrics": metrics, "primary": f"pass@{min(spec.k)}",
             "higher_is_better": {m: True for m in metrics},
-            "details": {"n_samples": n, "programs": statuses, "isolation": isolation()}, "samples": samples}
+            "details": {"n_samples": n, "programs": statuses, "isolation": isolation(sandbox),
+                        "reward_hacking_attempts": sum(r.flagged is not None for r in results)},
+            "samples": samples}

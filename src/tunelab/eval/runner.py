@@ -31,17 +31,18 @@ from .tasks import Task, load_task
 HARNESS_PREFIX = "harness:"
 
 
-def _evaluate(model, tokenizer, template, task: Task, limit, allow_code_execution: bool) -> dict:
+def _evaluate(model, tokenizer, template, task: Task, limit, allow_code_execution: bool, sandbox: str) -> dict:
     if task.kind == "perplexity":
         return evaluate_perplexity(model, tokenizer, template, task, limit)
     if task.kind == "choice":
         return evaluate_choice(model, tokenizer, template, task, limit)
     if task.kind == "exact":
         return evaluate_exact(model, tokenizer, template, task, limit)
-    return evaluate_code(model, tokenizer, template, task, limit, allow_code_execution=allow_code_execution)
+    return evaluate_code(model, tokenizer, template, task, limit, allow_code_execution=allow_code_execution,
+                         sandbox=sandbox)
 
 
-def validate_tasks(tasks, allow_code_execution: bool = False) -> tuple[list[Task], list[str]]:
+def validate_tasks(tasks, allow_code_execution: bool = False, sandbox: str = "bwrap") -> tuple[list[Task], list[str]]:
     """Load every task (raising `TunelabError` for any problem) → (tunelab tasks, lm-eval task names).
 
     Cheap (no model): call it before a training run starts so a typo in ``eval.target`` fails in seconds.
@@ -55,13 +56,13 @@ def validate_tasks(tasks, allow_code_execution: bool = False) -> tuple[list[Task
             raise TunelabError(f"task '{task.name}' is listed twice")
         seen.add(task.name)
         if task.kind == "code":
-            require_code_execution(task.name, allow_code_execution)
+            require_code_execution(task.name, allow_code_execution, sandbox)
     return loaded, harness
 
 
 def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow_code_execution: bool = False,
               limit: int | None = None, cache: EvalCache | None = None, model_key: str | None = None,
-              harness_include_path: str | None = None, verbose: bool = True) -> dict:
+              harness_include_path: str | None = None, verbose: bool = True, sandbox: str = "bwrap") -> dict:
     """Evaluate `model` on `tasks` (bundled names, task YAML paths, `Task`s or ``harness:<name>``).
 
     `template` is the model's chat template (a `Template`, or a name for `get_template`; None = ``auto``).
@@ -69,13 +70,13 @@ def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow
     `cache` + `model_key` (see `forgetting.model_fingerprint`) reuse stored results — pass them for the
     *base* model only: a trained model's weights change while its reference may not.
     Every task is loaded and validated, and code tasks are checked against `allow_code_execution`, before any
-    model time is spent.
+    model time is spent; `sandbox` is where code tasks run (``bwrap``, or the explicit ``unsafe_inprocess``).
     """
     if cache is not None and not model_key:
         raise ValueError("run_tasks: a cache needs a model_key (e.g. forgetting.model_fingerprint(ref))")
     if not isinstance(template, Template):
         template = get_template(template or "auto", tokenizer)
-    loaded, harness = validate_tasks(tasks, allow_code_execution)
+    loaded, harness = validate_tasks(tasks, allow_code_execution, sandbox)
     results: dict = {}
     for task in loaded:
         tpl = get_template(task.spec.template, tokenizer) if task.spec.template else template
@@ -86,7 +87,7 @@ def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow
             res["cached"] = True
         else:
             t0 = time.perf_counter()
-            res = _evaluate(model, tokenizer, tpl, task, limit, allow_code_execution)
+            res = _evaluate(model, tokenizer, tpl, task, limit, allow_code_execution, sandbox)
             res = {"task": task.name, "kind": task.kind, **res, "limit": limit or task.spec.limit,
                    "task_hash": task_hash, "template": tpl.name, "seconds": time.perf_counter() - t0,
                    "cached": False}

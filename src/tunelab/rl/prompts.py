@@ -63,7 +63,8 @@ class PromptData:
                                "(alpaca, messages or prompt_completion records)")
         from .rewards import build_rewards
 
-        build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)  # fail before any write
+        build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution,
+                      sandbox=cfg.eval.sandbox)  # fail before any write
 
     def _encode(self, tokenizer, template, records, budget: int | None):
         out, dropped = [], 0

@@ -18,8 +18,11 @@ exact_match       extract=gsm8k | last_number | regex | none  1.0 if the extract
                   answer_field=answer, regex, ignore_case     gold answer (eval/exact.py's extractors and
                                                               normalisation: ``$1,000`` = ``1000``), else 0.0
 code_tests        timeout=5.0, memory_mb=1024, workers=2,     1.0 if prompt + completion passes the record's
-                  chat=false                                  HumanEval ``test`` in the sandbox, else 0.0;
-                                                              needs ``allow_code_execution``
+                  chat=false                                  HumanEval ``test`` (eval/judge.py: the test runs
+                                                              in a second sandbox), else 0.0; exits and
+                                                              introspection score 0 (eval/screen.py) and are
+                                                              logged as ``reward_hacking_attempts``; needs
+                                                              ``eval.allow_code_execution: true``
 reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run
 format            pattern=``#### <number>`` at the end        1.0 if ``re.search(pattern, completion)``, else 0
 truncation        (none)                                      −1.0 if the completion hit ``max_new_tokens``
@@ -37,7 +40,9 @@ opt-in, the reward-model run's files) before anything runs, and returns a `Compo
 
     r_i = Σ_k w_k · r_k,i
 
-that the advantage estimator sees. A weight of 0 logs a function without optimising it. A second use of the
+that the advantage estimator sees. A built-in function may also report counts for the step's log: an attribute
+``metrics`` (dict) set by its last call is added to `RewardScores.metrics` (``code_tests`` reports
+``reward_hacking_attempts``). A weight of 0 logs a function without optimising it. A second use of the
 same name is keyed ``<name>_2``. A function that raises, returns the wrong number of scores, or a non-finite
 one stops the run with one line naming it: ``reward 'exact_match': KeyError: 'answer'``.
 
@@ -59,9 +64,9 @@ from typing import Callable, Mapping, Sequence
 from ..data.formats import prompt_of
 from ..data.sources import Record
 from ..errors import TunelabError
-from ..eval.code import CODE_FLAG_HELP, build_program, extract_code
+from ..eval.code import SANDBOX_HELP, extract_code, judge_completions
 from ..eval.exact import gold_answer, is_correct
-from ..eval.sandbox import run_many
+from ..eval.sandbox import check_sandbox
 
 RewardFn = Callable[["RewardInputs"], Sequence[float]]
 EXTRACTORS = ("gsm8k", "last_number", "regex", "none")
@@ -158,22 +163,29 @@ def exact_match(*, extract: str = "gsm8k", answer_field: str = "answer", regex: 
 
 @register("code_tests")
 def code_tests(*, timeout: float = 5.0, memory_mb: int = 1024, workers: int = 2, chat: bool = False,
-               allow_code_execution: bool = False) -> RewardFn:
-    """1.0 when prompt + completion passes the record's HumanEval ``test`` in the sandbox (eval/code.py), else 0.0.
-    Code blocks are taken from chat replies (``chat: true``) as the ``chat`` code task does."""
+               allow_code_execution: bool = False, sandbox: str = "bwrap") -> RewardFn:
+    """1.0 when prompt + completion passes the record's HumanEval ``test`` (eval/code.py `judge_completions`:
+    screened, then judged from a second sandbox), else 0.0. Code blocks are taken from chat replies
+    (``chat: true``) as the ``chat`` code task does. After each call ``score.metrics`` holds
+    ``reward_hacking_attempts``: how many completions of the batch the screen flagged."""
     if not allow_code_execution:
-        raise TunelabError(f"reward 'code_tests' {CODE_FLAG_HELP}")
+        raise TunelabError("reward 'code_tests' executes model-written code; opt in with "
+                           f"eval.allow_code_execution: true in the run config (tunelab train CONFIG "
+                           f"eval.allow_code_execution=true) {SANDBOX_HELP}")
     if not (timeout > 0 and memory_mb > 0 and workers >= 1):
         raise TunelabError("reward 'code_tests': timeout, memory_mb and workers must be positive")
+    check_sandbox(sandbox)
 
     def score(batch: RewardInputs) -> list[float]:
-        programs = []
+        pairs = []
         for text, rec in zip(batch.completions, batch.prompt_records):
             missing = [k for k in _CODE_FIELDS if not isinstance(rec.data.get(k), str)]
             if missing:
                 raise TunelabError(f"{rec.origin}: HumanEval-format problem needs string field(s) {', '.join(missing)}")
-            programs.append(build_program(rec.data, "\n" + extract_code(text) if chat else text))
-        return [float(r.passed) for r in run_many(programs, timeout=timeout, memory_mb=memory_mb, workers=workers)]
+            pairs.append((rec.data, "\n" + extract_code(text) if chat else text))
+        results = judge_completions(pairs, timeout=timeout, memory_mb=memory_mb, workers=workers, sandbox=sandbox)
+        score.metrics = {"reward_hacking_attempts": sum(r.flagged is not None for r in results)}
+        return [float(r.passed) for r in results]
     return score
 
 
@@ -262,18 +274,23 @@ class RewardScores:
     total          list of B float — Σ_k w_k · r_k,i, the reward the advantages are computed from.
     per_function   {key: list of B float} — each function's unweighted scores, in spec order.
     weights        {key: w_k}.
+    counts         {name: number} the functions reported for this batch (summed over functions), e.g.
+                   ``reward_hacking_attempts``.
     """
 
     total: list[float]
     per_function: dict[str, list[float]]
     weights: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """Batch means for metrics.jsonl: ``reward`` (weighted total) and ``reward_<key>`` per function."""
+        """For metrics.jsonl: batch means ``reward`` (weighted total) and ``reward_<key>`` per function, and
+        the functions' counts as they are."""
         if not self.total:
             return {}
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        return {"reward": mean(self.total), **{f"reward_{k}": mean(v) for k, v in self.per_function.items()}}
+        return {"reward": mean(self.total), **{f"reward_{k}": mean(v) for k, v in self.per_function.items()},
+                **self.counts}
 
 
 class CompositeReward:
@@ -290,7 +307,11 @@ class CompositeReward:
         B = len(batch)
         per = {key: _checked(key, fn, batch, B) for key, _, fn in self.entries}
         total = [math.fsum(w * per[key][i] for key, w, _ in self.entries) for i in range(B)]
-        return RewardScores(total, per, self.weights)
+        counts: dict[str, float] = {}
+        for _, _, fn in self.entries:
+            for name, value in (getattr(fn, "metrics", None) or {}).items():
+                counts[name] = counts.get(name, 0) + value
+        return RewardScores(total, per, self.weights, counts)
 
 
 def _checked(key: str, fn: RewardFn, batch: RewardInputs, B: int) -> list[float]:
@@ -313,11 +334,12 @@ def _checked(key: str, fn: RewardFn, batch: RewardInputs, B: int) -> list[float]
     return scores
 
 
-def build_rewards(specs: Sequence[Mapping], *, allow_code_execution: bool = False) -> CompositeReward:
+def build_rewards(specs: Sequence[Mapping], *, allow_code_execution: bool = False,
+                  sandbox: str = "bwrap") -> CompositeReward:
     """Validate ``rl.rewards`` and build the functions: ``[{name, weight=1.0, **options}, …]`` → `CompositeReward`.
 
-    `allow_code_execution` is the explicit opt-in ``code_tests`` needs (CLI: ``--allow-code-execution``); it is
-    not a per-reward option, so a config file alone cannot switch it on.
+    `allow_code_execution` is the explicit opt-in ``code_tests`` needs (``eval.allow_code_execution``), and
+    `sandbox` where its code runs (``eval.sandbox``); neither is a per-reward option.
     """
     if not specs:
         raise TunelabError("rl.rewards is empty: list at least one reward (e.g. - {name: exact_match})")
@@ -330,21 +352,22 @@ def build_rewards(specs: Sequence[Mapping], *, allow_code_execution: bool = Fals
             raise TunelabError(f"rl.rewards[{i}]: needs a 'name' (known: {', '.join(REWARDS)}, or 'module:function')")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise TunelabError(f"reward '{name}': weight must be a finite number, not {weight!r}")
-        fn = _user_function(name, spec) if ":" in name else _builtin(name, spec, allow_code_execution)
+        fn = _user_function(name, spec) if ":" in name else _builtin(name, spec, allow_code_execution, sandbox)
         seen[name] = seen.get(name, 0) + 1
         entries.append((name if seen[name] == 1 else f"{name}_{seen[name]}", float(weight), fn))
     return CompositeReward(entries)
 
 
-def _builtin(name: str, options: dict, allow_code_execution: bool) -> RewardFn:
+def _builtin(name: str, options: dict, allow_code_execution: bool, sandbox: str) -> RewardFn:
     if name not in REWARDS:
         raise TunelabError(f"unknown reward '{name}' (known: {', '.join(REWARDS)}; or 'module:function' for your own)")
     factory = REWARDS[name]
     params = inspect.signature(factory).parameters
-    accepted = [p for p, v in params.items() if p != "allow_code_execution" and v.kind == v.KEYWORD_ONLY]
-    if "allow_code_execution" in options:
-        raise TunelabError(f"reward '{name}': allow_code_execution is not a reward option; it is the run's explicit "
-                           "opt-in (CLI: --allow-code-execution)")
+    run_wide = ("allow_code_execution", "sandbox")
+    accepted = [p for p, v in params.items() if p not in run_wide and v.kind == v.KEYWORD_ONLY]
+    hit = next((k for k in run_wide if k in options), None)
+    if hit:
+        raise TunelabError(f"reward '{name}': {hit} is not a reward option; it is the run's eval.{hit}")
     open_ended = any(v.kind == v.VAR_KEYWORD for v in params.values())
     unknown = [] if open_ended else [k for k in options if k not in accepted]
     if unknown:
@@ -353,7 +376,7 @@ def _builtin(name: str, options: dict, allow_code_execution: bool) -> RewardFn:
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and p not in options]
     if missing:
         raise TunelabError(f"reward '{name}': missing option '{missing[0]}' (options: {', '.join(accepted)})")
-    extra = {"allow_code_execution": allow_code_execution} if "allow_code_execution" in params else {}
+    extra = {k: v for k, v in (("allow_code_execution", allow_code_execution), ("sandbox", sandbox)) if k in params}
     try:
         return factory(**options, **extra)
     except (TypeError, ValueError) as e:  # e.g. a string where a number belongs

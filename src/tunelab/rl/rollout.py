@@ -63,7 +63,8 @@ class RolloutSource:
         self.prompts, self.cfg, self.ctx = prompts, cfg, context
         rl = cfg.rl
         self.mode = context.objective.rollout
-        self.rewards = build_rewards(rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)
+        self.rewards = build_rewards(rl.rewards, allow_code_execution=cfg.eval.allow_code_execution,
+                                     sandbox=cfg.eval.sandbox)
         self.estimator = ESTIMATORS[context.objective.advantage_estimator] \
             if self.mode == "policy_gradient" else None
         if rl.prompts_per_step % context.world:

@@ -28,7 +28,7 @@ def task_names(cfg) -> list[str]:
 def check_tasks(cfg) -> None:
     """Fail fast (before anything is written) on an unknown task or missing --allow-code-execution."""
     if task_names(cfg):
-        validate_tasks(task_names(cfg), cfg.eval.allow_code_execution)
+        validate_tasks(task_names(cfg), cfg.eval.allow_code_execution, cfg.eval.sandbox)
 
 
 def evaluate_base(cfg, model, tokenizer, template) -> dict | None:
@@ -38,7 +38,7 @@ def evaluate_base(cfg, model, tokenizer, template) -> dict | None:
     ctx = disabled(model) if has_adapter(model) else contextlib.nullcontext()
     with ctx:
         return run_tasks(model, tokenizer, template, task_names(cfg), allow_code_execution=cfg.eval.allow_code_execution,
-                         limit=cfg.eval.limit, cache=EvalCache(), model_key=key)
+                         limit=cfg.eval.limit, cache=EvalCache(), model_key=key, sandbox=cfg.eval.sandbox)
 
 
 def evaluate_final(cfg, model, tokenizer, template, base: dict | None) -> dict:
@@ -46,7 +46,7 @@ def evaluate_final(cfg, model, tokenizer, template, base: dict | None) -> dict:
     if base is None:
         return {}
     final = run_tasks(model, tokenizer, template, task_names(cfg), allow_code_execution=cfg.eval.allow_code_execution,
-                      limit=cfg.eval.limit)
+                      limit=cfg.eval.limit, sandbox=cfg.eval.sandbox)
     print_results(final, base=base, title="learning (target) and forgetting (source)")
     name = {t: load_task(t).name for t in task_names(cfg)}  # results are keyed by task name, not YAML path
     fields = run_results_fields(base, final, [name[t] for t in cfg.eval.target], [name[t] for t in cfg.eval.source])
@@ -60,6 +60,6 @@ def evaluate_during(cfg, model, tokenizer, template) -> dict:
     if not (cfg.eval.during_training and cfg.eval.target):
         return {}
     res = run_tasks(model, tokenizer, template, cfg.eval.target, allow_code_execution=cfg.eval.allow_code_execution,
-                    limit=cfg.eval.limit, verbose=False)
+                    limit=cfg.eval.limit, verbose=False, sandbox=cfg.eval.sandbox)
     return {f"{name}/{k}": v for name, r in res.items() for k, v in r["metrics"].items()
             if isinstance(v, (int, float))}
