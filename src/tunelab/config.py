@@ -130,7 +130,9 @@ class ReferenceConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # copy only
     precompute: bool = False  # one pass before training, cached as <output_dir>/reference_logps.safetensors
     sync_every: int | None = Field(None, ge=1)  # TR-DPO: move the reference every τ optimizer steps
-    sync_alpha: float = Field(0.6, gt=0.0, le=1.0)  # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy)
+    # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy); None: the objective's default — 0.6 for the DPO family (TR-DPO's
+    # soft update, also online_dpo) and 0.001 for grpo, rloo, ppo (ReaLHF's EMA reference, per step)
+    sync_alpha: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class RLConfig(Strict):
@@ -149,7 +151,8 @@ class RLConfig(Strict):
     stop: list[str] = []  # extra stop strings (the template's end of turn always stops)
     # rewards: [{name: exact_match, weight: 1.0, ...options}] — see rl/rewards.py for names and options
     rewards: list[dict[str, Any]] = [{"name": "exact_match"}]
-    advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None  # None: the objective's own (grpo / rloo)
+    # None: the objective's own (grpo / rloo); reinforce_pp(_baseline): REINFORCE++ (rl/advantages.py)
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] | None = None
     beta: float = Field(0.0, ge=0.0)  # KL(π‖π_ref) coefficient (0: no reference forward at all)
     kl_estimator: Literal["k1", "k3"] | None = None  # None: the objective's own (grpo/rloo k3, ppo k1)
     epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
@@ -160,6 +163,15 @@ class RLConfig(Strict):
     keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
     keep_threshold: float = 1.0
     eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)
+    # issue 24 options (moved to the objective's section at merge)
+    # grpo/rloo: "token" (PPO/GRPO ratio per token), "sequence" (GSPO), "sequence_token" (GSPO-token)
+    importance_sampling: Literal["token", "sequence", "sequence_token"] = "token"
+    mask_truncated: bool = False  # grpo/rloo: DAPO overlong filtering (truncated completions train nothing)
+    entropy_coef: float = Field(0.0, ge=0.0)  # grpo/rloo/ppo: ℓ_t − c_H·H_t (entropy bonus; 0 = off)
+    # grpo/rloo/ppo: π_old = the trainer's own no-grad forward at the round's start (TRL/verl), not the sampler's
+    recompute_old_logprobs: bool = False
+    dynamic_sampling: bool = False  # grpo/rloo: DAPO — drop all-equal-reward groups, sample more to fill the round
+    dynamic_sampling_max_rounds: int = Field(3, ge=1)  # extra sampling passes at most per round (then fill)
 
 
 class PPOConfig(Strict):
@@ -176,11 +188,15 @@ class PPOConfig(Strict):
     whiten_advantages: bool = True  # normalise A over each round's completion tokens (Xu et al. 2024)
     reward_norm: bool = False  # normalise the round's sequence scores to mean 0, std 1
     reward_clip: float | None = Field(None, gt=0.0)  # then clip them to ±reward_clip
-    missing_eot_penalty: float = Field(0.0, ge=0.0)  # subtracted from the score of a completion that hit rl.max_new_tokens
+    # p in s' = s − p·[completion hit rl.max_new_tokens, no end of turn]; 0 (TRL's default: none) leaves a truncated
+    # completion's score to the reward functions, which score it unclosed (a reward model sees no end of turn)
+    missing_eot_penalty: float = Field(0.0, ge=0.0)
     adaptive_kl: bool = False  # Ziegler et al. 2019: β moves to keep the per-sequence KL near kl_target
     kl_target: float = Field(6.0, gt=0.0)
     kl_horizon: int = Field(10000, ge=1)
     target_kl: float | None = Field(None, gt=0.0)  # early stop a round when a minibatch's approx-KL exceeds it
+    # issue 24 options (moved to the objective's section at merge)
+    value_warmup_rounds: int = Field(0, ge=0)  # critic warm-up: the first N rounds train the value model only
 
 
 class EvalConfig(Strict):

@@ -73,11 +73,14 @@ def build_objective(cfg, reference=None):
             kl_estimator=getattr(rl, "kl_estimator", None) or "k3",
             max_completion_length=getattr(rl, "max_new_tokens", None),
             temperature=getattr(rl, "temperature", 1.0), reference=reference, chunk_size=chunk,
-            share_prompts=getattr(rl, "share_prompts", True))
+            share_prompts=getattr(rl, "share_prompts", True),
+            importance_sampling=getattr(rl, "importance_sampling", "token"),
+            mask_truncated=getattr(rl, "mask_truncated", False), entropy_coef=getattr(rl, "entropy_coef", 0.0))
     if cfg.objective == "ppo":
         rl, p = cfg.rl, cfg.ppo
         return PPO(value_coef=p.value_coef, epsilon_value=p.epsilon_value, target_kl=p.target_kl,
                    kl=AdaptiveKL(rl.beta, p.kl_target, p.kl_horizon, p.adaptive_kl), epsilon=rl.epsilon,
                    epsilon_high=rl.epsilon_high, loss_agg=rl.loss_agg, max_completion_length=rl.max_new_tokens,
-                   temperature=rl.temperature, reference=reference, chunk_size=chunk)
+                   temperature=rl.temperature, reference=reference, chunk_size=chunk,
+                   entropy_coef=rl.entropy_coef, value_warmup_rounds=p.value_warmup_rounds)
     raise ValueError(f"unknown objective {cfg.objective!r}")

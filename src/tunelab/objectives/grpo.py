@@ -60,11 +60,13 @@ import torch
 
 from ..errors import TunelabError
 from .base import RunHooks
+from .policy_loss import clipped_pg, entropy_bonus, gspo_pg, overlong_mask
 from .prompt_sharing import group_token_logprobs
 from .reference import ReferenceHooks
 
 LOSS_AGGS = ("token_mean", "sequence_mean", "constant")
 KL_ESTIMATORS = ("k1", "k3")
+IMPORTANCE_SAMPLING = ("token", "sequence", "sequence_token")  # PPO/GRPO, GSPO, GSPO-token (policy_loss.py)
 
 
 def targets(batch: dict) -> torch.Tensor:
@@ -90,18 +92,6 @@ def token_kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str = "k3") -> to
     if estimator == "k1":
         return -d
     raise TunelabError(f"unknown KL estimator {estimator!r}; choose {', '.join(KL_ESTIMATORS)}")
-
-
-def clipped_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
-               eps_high: float | None = None):
-    """(pg [B, T], ratio [B, T], clipped [B, T] bool): −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) per token;
-    `advantages` one per row [B] (GRPO) or one per token [B, T] (PPO)."""
-    eps_high = eps_low if eps_high is None else eps_high
-    A = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
-    ratio = torch.exp(logp - old_logp)
-    pg = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
-    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
-    return pg, ratio, clipped
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean",
@@ -145,7 +135,11 @@ class GRPO(ReferenceHooks, RunHooks):
 
     def __init__(self, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                  loss_agg: str = "token_mean", kl_estimator: str = "k3", max_completion_length: int | None = None,
-                 temperature: float = 1.0, reference=None, chunk_size: int = 1024, share_prompts: bool = True):
+                 temperature: float = 1.0, reference=None, chunk_size: int = 1024, share_prompts: bool = True,
+                 importance_sampling: str = "token", mask_truncated: bool = False, entropy_coef: float = 0.0):
+        if importance_sampling not in IMPORTANCE_SAMPLING:
+            raise TunelabError(f"unknown importance_sampling {importance_sampling!r}; "
+                               f"choose {', '.join(IMPORTANCE_SAMPLING)}")
         if loss_agg not in LOSS_AGGS:
             raise TunelabError(f"unknown loss_agg {loss_agg!r}; choose {', '.join(LOSS_AGGS)}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -159,6 +153,9 @@ class GRPO(ReferenceHooks, RunHooks):
         self.temperature = temperature if temperature and temperature > 0 else 1.0  # greedy: plain log-probs
         self.reference, self.chunk_size = reference, chunk_size
         self.share_prompts = share_prompts  # rl.share_prompts: one prompt encoding per group (prompt_sharing.py)
+        # issue 24 options (objectives/policy_loss.py): GSPO, DAPO overlong filtering, entropy bonus
+        self.importance_sampling, self.mask_truncated, self.entropy_coef = \
+            importance_sampling, mask_truncated, entropy_coef
 
     def reference_logprobs(self, batch: dict) -> torch.Tensor:
         if batch.get("ref_logprobs") is not None:
@@ -170,18 +167,30 @@ class GRPO(ReferenceHooks, RunHooks):
     def loss(self, model, batch: dict):
         batch = with_positions(batch)
         mask = targets(batch)
+        if self.mask_truncated:  # DAPO overlong filtering: truncated completions train nothing
+            mask = overlong_mask(mask, batch.get("truncated"))
         ref = self.reference_logprobs(batch).masked_fill(~mask, 0.0) if self.beta else None  # before the policy
         logp, entropy = group_token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                             return_entropy=True, share=self.share_prompts)
+                                             return_entropy="grad" if self.entropy_coef else True,
+                                             share=self.share_prompts)
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old.float().masked_fill(~mask, 0.0)
         adv = batch["advantages"].float().to(logp.device)
-        per_token, ratio, clipped = clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+        per_token, ratio, clipped = self.policy_term(logp, old, adv, mask)
         kl = token_kl(logp, ref, self.kl_estimator) if self.beta else None
         if kl is not None:
             per_token = per_token + self.beta * kl
+        if self.entropy_coef:
+            per_token = per_token + entropy_bonus(entropy, self.entropy_coef)
         loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
         return loss_sum, n, self.metrics(mask, ratio, clipped, adv, kl, entropy)
+
+    def policy_term(self, logp, old, adv, mask):
+        """(pg, ratio, clipped) [B, T]: the token-level clipped surrogate, or GSPO's sequence-level one."""
+        if self.importance_sampling == "token":
+            return clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+        return gspo_pg(logp, old, adv, mask, self.epsilon, self.epsilon_high,
+                       per_token=self.importance_sampling == "sequence_token")
 
     @staticmethod
     def metrics(mask, ratio, clipped, adv, kl=None, entropy=None) -> dict[str, float]:

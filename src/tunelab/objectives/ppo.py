@@ -38,12 +38,15 @@ values, not those implementations.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
 from ..errors import TunelabError
-from .grpo import GRPO, aggregate, clipped_pg, targets, with_positions
+from .grpo import GRPO, aggregate, targets, with_positions
+from .policy_loss import clipped_pg, entropy_bonus
 from .logprobs import token_logprobs
 from .value import add_value_model, detached, token_values
 
@@ -96,6 +99,12 @@ class PPO(GRPO):
             raise TunelabError(f"rl.advantage={cfg.rl.advantage} does not apply to ppo (GAE; see ppo.gamma, ppo.lam)")
         if cfg.ppo.adaptive_kl and cfg.rl.beta <= 0:
             raise TunelabError("ppo.adaptive_kl needs rl.beta > 0 (the controller's starting β)")
+        for key, off in (("importance_sampling", "token"), ("mask_truncated", False), ("dynamic_sampling", False)):
+            if getattr(cfg.rl, key) != off:
+                raise TunelabError(f"rl.{key} applies to grpo/rloo, not ppo (per-token GAE advantages)")
+        if cfg.ppo.value_warmup_rounds and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TunelabError("ppo.value_warmup_rounds is not supported under torchrun (DDP expects every "
+                               "trainable parameter to get a gradient at every step)")
         units = cfg.rl.prompts_per_step * cfg.rl.group_size
         if cfg.ppo.whiten_advantages and units < 2:
             raise TunelabError("ppo.whiten_advantages needs at least 2 completions per round "
@@ -110,9 +119,11 @@ class PPO(GRPO):
         return detached(model, out)
 
     def __init__(self, *, value_coef: float = 0.1, epsilon_value: float | None = 0.2,
-                 target_kl: float | None = None, kl: AdaptiveKL | None = None, **grpo_options):
+                 target_kl: float | None = None, kl: AdaptiveKL | None = None, value_warmup_rounds: int = 0,
+                 **grpo_options):
         super().__init__(**{**grpo_options, "beta": 0.0})  # no KL term in the loss: it is in the reward
         self.value_coef, self.epsilon_value, self.target_kl = value_coef, epsilon_value, target_kl
+        self.value_warmup_rounds = value_warmup_rounds  # rounds 0..N−1 train V only (critic warm-up)
         self.kl = kl or AdaptiveKL(0.0)
         self.stopped_round = -1  # the rollout round whose remaining minibatches are skipped (approx-KL stop)
 
@@ -122,8 +133,12 @@ class PPO(GRPO):
         round_ = int(batch["round"][0]) if batch.get("round") is not None else None
         if round_ is not None and round_ == self.stopped_round:
             return self._skip(model, mask)
-        logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                       return_entropy=True)
+        # critic warm-up (ReaLHF / OpenRLHF's freezing_actor_steps): the policy forward runs without a graph, so
+        # the policy's parameters get no gradient at all and the optimizer leaves them exactly as they are
+        warmup = round_ is not None and round_ < self.value_warmup_rounds
+        with torch.no_grad() if warmup else contextlib.nullcontext():
+            logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
+                                           return_entropy="grad" if self.entropy_coef and not warmup else True)
         old = batch["old_logprobs"].float().masked_fill(~mask, 0.0)
         m = mask.float()
         tokens = m.sum().clamp(min=1)
@@ -137,7 +152,9 @@ class PPO(GRPO):
         values = token_values(model, batch)
         vf, v_clipped = clipped_value_loss(values, batch["old_values"].float(), batch["returns"].float(),
                                            self.epsilon_value)
-        per_token = pg + self.value_coef * vf
+        per_token = self.value_coef * vf if warmup else pg + self.value_coef * vf
+        if self.entropy_coef and not warmup:
+            per_token = per_token + entropy_bonus(entropy, self.entropy_coef)
         loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
 
         def mean(x):
@@ -145,7 +162,8 @@ class PPO(GRPO):
 
         metrics = {"clip_fraction": mean(clipped), "value_clip_fraction": mean(v_clipped), "value_loss": mean(vf),
                    "policy_loss": mean(pg), "approx_kl": approx_kl, "ratio": mean(ratio), "early_stopped": 0.0,
-                   "value_mean": mean(values), "completion_len": float(m.sum(-1).mean()), "entropy": mean(entropy)}
+                   "value_mean": mean(values), "completion_len": float(m.sum(-1).mean()), "entropy": mean(entropy),
+                   "value_warmup": float(warmup)}
         return loss_sum, n, metrics
 
     @staticmethod

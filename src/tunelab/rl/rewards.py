@@ -20,7 +20,9 @@ exact_match       extract=gsm8k | last_number | regex | none  1.0 if the extract
 code_tests        timeout=5.0, memory_mb=1024, workers=2,     1.0 if prompt + completion passes the record's
                   chat=false                                  HumanEval ``test`` in the sandbox, else 0.0;
                                                               needs ``allow_code_execution``
-reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run
+reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run;
+                                                              a completion cut by max_new_tokens is scored
+                                                              as sampled, its turn left open (no end of turn)
 format            pattern=``#### <number>`` at the end        1.0 if ``re.search(pattern, completion)``, else 0
 truncation        (none)                                      −1.0 if the completion hit ``max_new_tokens``
                                                               (finish reason ``length``), else 0.0
@@ -191,7 +193,10 @@ def reward_model(*, run_dir: str, device: str = "auto") -> RewardFn:
     def score(batch: RewardInputs) -> list[float]:
         if not loaded:
             loaded.append(load_reward_model(path, device))
-        return [loaded[0].score(batch.messages(i), text) for i, text in enumerate(batch.completions)]
+        # a completion cut by max_new_tokens is scored as sampled: no end of turn closes it (RewardModel.score)
+        cut = batch.finish_reasons or [None] * len(batch)
+        return [loaded[0].score(batch.messages(i), text, closed=cut[i] != "length")
+                for i, text in enumerate(batch.completions)]
     return score
 
 

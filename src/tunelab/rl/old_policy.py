@@ -1,0 +1,56 @@
+"""π_old and the train–inference mismatch: one no-grad *training* forward over a round's rows, right after sampling.
+
+The sampler (`sampling.sample`: KV cache, one token at a time, other batch shapes) and the trainer's forward
+(`logprobs.token_logprobs`: the whole sequence at once, chunked head) compute log π(y_t) of the same weights
+by different kernels; with bf16, a separate inference engine or stale weights they differ. Every round, before
+any update (the weights are still the sampler's), the rows are scored by the trainer's forward, at the sampling
+temperature, in eval mode (no dropout), and
+
+    mismatch_kl, mismatch_max_abs_logp     (objectives/policy_loss.py `mismatch`, over the completion tokens)
+
+go into the round's metrics (every step of the round logs them). With ``rl.recompute_old_logprobs`` the trainer's
+log-probs then *replace* the sampler's as π_old in the importance ratio — what TRL (``old_per_token_logps``,
+computed when a generation batch is used for more than one step) and verl (``actor.compute_log_prob`` before the
+update) do — so the ratio measures only the policy's own movement, not the kernels' disagreement. Off (the
+default), π_old is the sampler's log-prob, and the ratio's first value is exp(−mismatch) rather than 1.
+
+Cost: one forward of the round's rows without gradient (no backward), small next to generating them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.modes import eval_mode
+from ..objectives.policy_loss import mismatch
+from ..objectives.prompt_sharing import group_token_logprobs
+
+KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask", "prompt_mask", "prompt_index")
+
+
+@torch.no_grad()
+def trainer_logprobs(model, rows: dict, micro: int, temperature: float, chunk_size: int = 1024,
+                     share_prompts: bool = True) -> torch.Tensor:
+    """log π_θ(y_t) [B, T] fp32 on the CPU of the rows' target tokens by the training forward (0 off the mask)."""
+    device = next(model.parameters()).device
+    B = rows["input_ids"].shape[0]
+    out = []
+    with eval_mode(model):
+        for i in range(0, B, micro):
+            part = {k: rows[k][i:i + micro].to(device) for k in KEYS if k in rows}
+            out.append(group_token_logprobs(model, part, chunk_size, temperature=temperature,
+                                            share=share_prompts).float().cpu())
+    return torch.cat(out)
+
+
+def settle_old_logprobs(rows: dict, model, cfg, micro: int) -> dict[str, float]:
+    """Score `rows` with the trainer, return the mismatch metrics; with ``rl.recompute_old_logprobs`` replace
+    ``rows["old_logprobs"]`` (the sampler's) by the trainer's. `rows` as rl/rollout.py builds them."""
+    rl = cfg.rl
+    trainer = trainer_logprobs(model, rows, micro, rl.temperature, cfg.train.loss_chunk_size, rl.share_prompts)
+    mask = rows["loss_mask"].clone()
+    mask[:, 0] = False
+    metrics = mismatch(rows["old_logprobs"], trainer, mask)
+    if rl.recompute_old_logprobs:
+        rows["old_logprobs"] = trainer.masked_fill(~mask, 0.0)
+    return metrics
