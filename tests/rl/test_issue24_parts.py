@@ -3,6 +3,7 @@ built from the policy alone (no value model), the factor-space EMA bound for LoR
 EMA rate, the loop skipping an optimizer step with no loss unit, and PPO's critic warm-up."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -194,3 +195,37 @@ def test_critic_warmup_trains_the_value_model_only(tiny):
         assert m["value_warmup"] == float(frozen)
         assert all(p.grad is None for p in policy) == frozen  # no gradient at all: AdamW leaves them exactly
         assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.ppo_value.parameters())
+
+
+def test_dynamic_sampling_loop_keeps_the_informative_groups_in_order():
+    """RolloutSource._dynamic_sampling with a scripted sampler: pass 0 has no informative group, extra pass 1 one,
+    extra pass 2 one more → the round is those two, with their prompts, texts and rewards aligned."""
+    from types import SimpleNamespace
+
+    from tunelab.config import RunConfig
+    from tunelab.rl.rollout import RolloutSource
+
+    G, P = 2, 2
+    script = {1: [0.0, 1.0, 5.0, 5.0], 2: [7.0, 7.0, 2.0, 3.0]}  # rewards of the extra passes
+
+    def complete(model, prompts, n, temperature, seed):
+        k = 1 if 1 not in calls else 2
+        calls.append(k)
+        s = _samples(2, 3, P, G, 100 * k)
+        return s, [f"pass{k}-row{i}" for i in range(P * G)], SimpleNamespace(total=script[k])
+
+    calls = []
+    fake = SimpleNamespace(cfg=RunConfig.model_validate({"objective": "grpo", "rl": {
+        "dynamic_sampling": True, "dynamic_sampling_max_rounds": 3}}), prompts=[f"p{i}" for i in range(10)],
+        G=G, P=P, pad_id=-1, metrics={}, ctx=SimpleNamespace(rank=0, model=None, gathered=lambda: nullcontext()),
+        _complete=complete)
+    first = _samples(2, 3, P, G, 0)
+    prompts, samples, texts, rewards = RolloutSource._dynamic_sampling(
+        fake, 0, ["a", "b"], first, [f"pass0-row{i}" for i in range(4)], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert calls == [1, 2]  # stopped as soon as P groups were informative
+    assert texts == ["pass1-row0", "pass1-row1", "pass2-row2", "pass2-row3"]
+    assert rewards.tolist() == [0.0, 1.0, 2.0, 3.0] and len(prompts) == 2
+    assert samples.prompt_index.tolist() == [0, 0, 1, 1]
+    assert torch.equal(samples.completion_ids[2:], _samples(2, 3, P, G, 200).completion_ids[2:])
+    assert fake.metrics == {"dynamic_sampling_informative": 0.0, "dynamic_sampling_extra_passes": 2,
+                            "dynamic_sampling_filled": 0}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.rl.test_rl_runs import _train_rows, config, toy  # noqa: F401  (fixtures)
+from tests.rl.test_rl_runs import _results, _train_rows, config, toy  # noqa: F401  (fixtures)
 from tunelab.config import RunConfig, load_config
 from tunelab.train.launch import train
 
@@ -20,6 +20,14 @@ def test_every_online_run_logs_the_mismatch(objective, config):
     assert len(rows) == 2
     for r in rows:
         assert math.isfinite(r["mismatch_kl"]) and 0 <= r["mismatch_max_abs_logp"] < 1e-4, r  # fp32 CPU: agree
+    res = _results(out)  # the run's summary, and the comparison report's columns
+    assert res["mismatch_max_abs_logp"] == max(r["mismatch_max_abs_logp"] for r in rows)
+    assert res["mismatch_kl"] == pytest.approx(sum(r["mismatch_kl"] for r in rows) / 2, abs=1e-12)
+    from tunelab.lab.results import build_table, load_run
+
+    cols, table = build_table([load_run(out)])
+    assert "mismatch_max_abs_logp" in [c.key for c in cols]
+    assert table[0]["mismatch_max_abs_logp"] == res["mismatch_max_abs_logp"]
 
 
 def _rows_for(tiny, tokenizer, delta: float):

@@ -64,7 +64,6 @@ from .prompt_sharing import group_token_logprobs
 from ..models.load import check_device
 from ..models.modes import eval_mode
 from .scoring import score_batches
-from .value import detached
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,7 +103,7 @@ class Reference:
         self.model = None
         self._ref_adapter: dict[str, torch.Tensor] | None = None
         if mode == "copy":
-            with detached(model):  # the policy alone: no value model in the reference (nor in its EMA)
+            with policy_alone(model):  # no value model in the reference (nor in its EMA)
                 self.model = copy.deepcopy(model)
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -197,6 +196,23 @@ class Reference:
     def release(self) -> None:
         """Drop the copy (after precomputing): its memory is the reason to precompute."""
         self.model = None
+
+
+EXTRAS = ("ppo_value",)  # modules an objective hangs on the policy (value.ATTR; value.py is not imported here:
+# value → reward → pairwise → reference would be an import cycle)
+
+
+@contextmanager
+def policy_alone(model):
+    """`model` without the modules of `EXTRAS` for the block (they are put back after)."""
+    taken = {name: getattr(model, name) for name in EXTRAS if getattr(model, name, None) is not None}
+    for name in taken:
+        delattr(model, name)
+    try:
+        yield model
+    finally:
+        for name, module in taken.items():
+            setattr(model, name, module)
 
 
 class ReferenceHooks:

@@ -15,6 +15,9 @@ update) do — so the ratio measures only the policy's own movement, not the ker
 default), π_old is the sampler's log-prob, and the ratio's first value is exp(−mismatch) rather than 1.
 
 Cost: one forward of the round's rows without gradient (no backward), small next to generating them.
+
+results.json (and the comparison report's table) gets the run's summary (`summarize`): ``mismatch_kl`` (mean
+over the logged steps) and ``mismatch_max_abs_logp`` (max over them).
 """
 
 from __future__ import annotations
@@ -54,3 +57,12 @@ def settle_old_logprobs(rows: dict, model, cfg, micro: int) -> dict[str, float]:
     if rl.recompute_old_logprobs:
         rows["old_logprobs"] = trainer.masked_fill(~mask, 0.0)
     return metrics
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """The run's mismatch from its metrics.jsonl rows: mean ``mismatch_kl``, max ``mismatch_max_abs_logp``."""
+    kl = [r["mismatch_kl"] for r in rows if "mismatch_kl" in r]
+    mx = [r["mismatch_max_abs_logp"] for r in rows if "mismatch_max_abs_logp" in r]
+    if not kl:
+        return {}
+    return {"mismatch_kl": sum(kl) / len(kl), "mismatch_max_abs_logp": max(mx)}

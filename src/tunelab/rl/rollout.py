@@ -48,7 +48,7 @@ from ..jsonl import read_rows
 from ..sampling import sample
 from .advantages import ESTIMATORS
 from .dynamic_sampling import choose_groups, concat_samples, informative_groups, select_groups
-from .old_policy import settle_old_logprobs
+from .old_policy import settle_old_logprobs, summarize as summarize_mismatch
 from .ppo_round import ppo_rows
 from .rewards import RewardInputs, build_rewards
 
@@ -309,8 +309,10 @@ class RolloutSource:
         return {f"eval_{k}": v for k, v in self.measure(model, [], evals, pad_id, cfg).items()}
 
     def result_fields(self, before: dict, after: dict) -> dict:
+        logged = read_rows(Path(self.ctx.run_dir) / "metrics.jsonl") if self.ctx.run_dir else []
         return {"before": before, "after": after,
-                **({"reward_before": before["reward"], "reward_after": after["reward"]} if before else {})}
+                **({"reward_before": before["reward"], "reward_after": after["reward"]} if before else {}),
+                **summarize_mismatch(logged)}  # issue 24: the run's train–inference mismatch (rl/old_policy.py)
 
     def describe(self, m: dict) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in m.items()) if m else "no held-out prompts"
