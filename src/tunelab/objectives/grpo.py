@@ -36,6 +36,11 @@ k3 is Schulman's unbiased, non-negative approximator of KL(π_θ ‖ π_ref) ("A
 Log-probs are those of softmax(logits / temperature) at the sampling temperature (as TRL and verl score them),
 so that π_θ = π_old exactly before the first update.
 
+Options (the formulas in `objectives/policy_loss.py`): ``importance_sampling`` — ``token`` (above), ``sequence``
+(GSPO: one ratio s_i per completion, clipped as a whole) or ``sequence_token`` (GSPO-token); ``mask_truncated`` —
+DAPO's overlong filtering, rows with ``truncated`` [B] true leave the loss and its normaliser; ``entropy_coef`` c_H
+— ℓ_t ← ℓ_t − c_H·H_t, the entropy with its gradient.
+
 Aggregation ``loss_agg`` → (loss_sum, n); the loop divides Σ loss_sum by Σ n over all micro-batches and ranks:
 
 ``token_mean``     DAPO (TRL 1.16's default ``loss_type="dapo"``): every completion token of the optimizer

@@ -5,18 +5,18 @@ tokens scored), log π_θ(y_t) the trainer's log-prob with gradient, log π_old(
 that sampled the row, A the advantage (one per row [B], GRPO; or one per token [B, T], PPO).
 
 ``clipped_pg`` — PPO's clipped surrogate per token (Schulman et al. 2017, arXiv:1707.06347), with DAPO's
-asymmetric clip ε_high ("clip-higher", Yu et al. 2025, arXiv:2503.14476, eq. 10):
+asymmetric clip ε_high ("clip-higher", Yu et al. 2025, arXiv:2503.14476, §3.1):
 
     ρ_t  = exp(log π_θ(y_t) − log π_old(y_t))
     pg_t = − min(ρ_t·A,  clip(ρ_t, 1 − ε_low, 1 + ε_high)·A)
 
 ``sequence_ratio`` / ``gspo_pg`` — GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization",
-arXiv:2507.18071, eq. 5–7): one importance ratio per completion, the geometric mean of its token ratios,
+arXiv:2507.18071): one importance ratio per completion, the geometric mean of its token ratios,
 
     s_i = exp( (1/|y_i|) Σ_t (log π_θ(y_t) − log π_old(y_t)) )
     pg_i = − min(s_i·A_i,  clip(s_i, 1 − ε_low, 1 + ε_high)·A_i)      applied to every token t of row i
 
-so the clip acts on whole sequences (the paper's ε is small: 3e-4 / 4e-4). GSPO-token (eq. 13) keeps one
+so the clip acts on whole sequences (the paper's ε is small: 3e-4 / 4e-4). GSPO-token (the same paper) keeps one
 ratio per token with the sequence's value and its own token's gradient:
 
     s_i,t = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)]

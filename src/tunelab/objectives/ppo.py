@@ -24,7 +24,12 @@ This objective is the update on those rows, for ``rl.ppo_epochs`` passes in mini
 
 The KL penalty is in the reward, not in the loss (InstructGPT's form). Early stop: when a minibatch's
 approximate KL to π_old, mean((ρ − 1) − log ρ) (Schulman's k3), exceeds ``ppo.target_kl``, that minibatch and
-the rest of its round train nothing (a zero loss over zero units), as in Stable-Baselines3.
+the rest of its round train nothing (a zero loss over zero units), as in Stable-Baselines3; an optimizer step
+left with no loss unit at all is skipped by the loop (AdamW would otherwise still move the weights).
+
+Critic warm-up (``ppo.value_warmup_rounds`` N): in rounds 0 … N−1 the policy forward runs without a graph and
+ℓ_t = c_v·vf_t, so only the value model learns (the policy's parameters get no gradient; refused under torchrun,
+where DDP expects every parameter to get one). Entropy bonus (``rl.entropy_coef`` c_H): ℓ_t ← ℓ_t − c_H·H_t.
 
 Metrics (micro-batch; token means over completion tokens): ``clip_fraction`` (policy), ``value_clip_fraction``
 (share of tokens where the clipped value term is the larger), ``value_loss`` (mean vf_t), ``approx_kl``,

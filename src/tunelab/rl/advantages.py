@@ -33,7 +33,7 @@ Groups may differ in size when `group_index` is given.
              unbiased (the baseline does not depend on r_i); needs G ≥ 2 (a clear error otherwise).
 
 ``reinforce_pp``  REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
-             Language Models", arXiv:2501.03262, §3): no critic, no group baseline — the rewards are
+             Language Models", arXiv:2501.03262): no critic, no group baseline — the rewards are
              normalised over the *whole batch* (the round's B completions):
 
                  A_i = (r_i − μ_B) / (σ_B + ε)        μ_B, σ_B: mean and unbiased std of all B rewards
@@ -41,7 +41,7 @@ Groups may differ in size when `group_index` is given.
              (OpenRLHF ``advantage_estimator=reinforce``, outcome reward, γ = 1, the KL kept in the loss rather
              than in the reward). OpenRLHF normalises over tokens (each completion weighted by its length);
              this normalises over completions.
-``reinforce_pp_baseline``  REINFORCE++-baseline (the same paper, §3.2; OpenRLHF ``reinforce_baseline``): the
+``reinforce_pp_baseline``  REINFORCE++-baseline (the same paper; OpenRLHF ``reinforce_baseline``): the
              group mean first, then the batch normalisation:
 
                  A_i = (d_i − μ_B(d)) / (σ_B(d) + ε),    d_i = r_i − r̄_g

@@ -1,4 +1,4 @@
-"""DAPO's dynamic sampling (Yu et al. 2025, "DAPO", arXiv:2503.14476, §3.2, eq. 11): a round trains only on
+"""DAPO's dynamic sampling (Yu et al. 2025, "DAPO", arXiv:2503.14476, §3.2): a round trains only on
 prompt groups whose completions do not all get the same reward.
 
 A group whose G rewards are all equal (always solved, never solved) has advantage 0 under every group-relative
