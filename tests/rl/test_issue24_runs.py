@@ -116,3 +116,39 @@ def test_reward_model_scores_a_truncated_completion_unclosed(tiny, tokenizer, tm
                                                   "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})[0])
     assert cut == pytest.approx(by_hand, abs=1e-5)  # the prompt + the text as sampled, no end of turn
     assert closed == pytest.approx(rm.score(prompt, text), abs=1e-6) and abs(cut - closed) > 1e-4
+
+
+def test_ppo_early_stop_leaves_the_weights_exactly_as_they_were(config):
+    """Defect 5 in a PPO run: the steps after the approx-KL stop of a round hold no loss unit; their checkpoints'
+    weights (policy and value model) equal the previous step's, though AdamW has momentum and weight decay."""
+    from safetensors.torch import load_file
+
+    out = train(load_config(config("ppo", method="lora", rl={"ppo_epochs": 4}, ppo={"target_kl": 1e-6},
+                                   train={"max_steps": 4, "batch_size": 2, "lr": 5e-2, "weight_decay": 0.1,
+                                          "save_every": 1, "keep_last": 10})))
+    rows = _train_rows(out)
+    stopped = [r["step"] for r in rows if r["early_stopped"] == 1.0 and r["n_loss_units"] == 0]
+    assert stopped and stopped[0] > 1, rows  # the first minibatch of the round trained, then the stop
+    for step in stopped:
+        if step == 4:  # no checkpoint is written at the last step (the run's artifacts are)
+            continue
+        a = load_file(str(out / "checkpoints" / f"step-{step - 1:06d}" / "trainable.safetensors"))
+        b = load_file(str(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+
+
+def test_grpo_run_with_gspo_overlong_filtering_entropy_bonus_and_reinforce_pp(config):
+    """The options wired end to end: a run with all of them trains and logs; every toy completion runs into
+    max_new_tokens (12) here, so overlong filtering leaves no loss unit and the steps move nothing."""
+    out = train(load_config(config("grpo", train={"max_steps": 2}, rl={
+        "importance_sampling": "sequence", "epsilon": 3e-4, "entropy_coef": 0.01, "advantage": "reinforce_pp",
+        "mask_truncated": True})))
+    rows = _train_rows(out)
+    assert len(rows) == 2
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["entropy"])
+        assert r["truncated"] == 1.0 and r["n_loss_units"] == 0 and r["loss"] == 0.0
+        assert r["adv_std"] == pytest.approx(1.0, abs=1e-3)  # REINFORCE++: normalised over the round's 8 rows
+    out = train(load_config(config("grpo", name="no_mask", train={"max_steps": 2}, rl={
+        "importance_sampling": "sequence_token", "advantage": "reinforce_pp_baseline"})))
+    assert all(r["n_loss_units"] > 0 and math.isfinite(r["loss"]) for r in _train_rows(out))
