@@ -4,7 +4,8 @@ The sampler (`sampling.sample`: KV cache, one token at a time, other batch shape
 (`logprobs.token_logprobs`: the whole sequence at once, chunked head) compute log π(y_t) of the same weights
 by different kernels; with bf16, a separate inference engine or stale weights they differ. Every round, before
 any update (the weights are still the sampler's), the rows are scored by the trainer's forward, at the sampling
-temperature, in eval mode (no dropout), and
+temperature, in eval mode (no dropout), in the loop's precision (`models.modes.training_autocast`: bf16 autocast on
+CUDA over fp32 weights — the sampler itself runs outside it, so on a GPU the mismatch includes that), and
 
     mismatch_kl, mismatch_max_abs_logp     (objectives/policy_loss.py `mismatch`, over the completion tokens)
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.modes import eval_mode
+from ..models.modes import eval_mode, training_autocast
 from ..objectives.policy_loss import mismatch
 from ..objectives.prompt_sharing import group_token_logprobs
 
@@ -38,7 +39,7 @@ def trainer_logprobs(model, rows: dict, micro: int, temperature: float, chunk_si
     device = next(model.parameters()).device
     B = rows["input_ids"].shape[0]
     out = []
-    with eval_mode(model):
+    with eval_mode(model), training_autocast(model):  # the loop's precision (bf16 autocast on CUDA)
         for i in range(0, B, micro):
             part = {k: rows[k][i:i + micro].to(device) for k in KEYS if k in rows}
             out.append(group_token_logprobs(model, part, chunk_size, temperature=temperature,

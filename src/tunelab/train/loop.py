@@ -37,7 +37,6 @@ checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -52,6 +51,7 @@ from ..data.batches import BatchSource, split_rows
 from ..errors import TunelabError
 from ..models.checkpointing import checkpoint_layers
 from ..models.compiling import compile_layers
+from ..models.modes import training_autocast
 from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
@@ -152,8 +152,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         console.print(f"resumed from {latest} (step {step})")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
                      trackers=cfg.trackers, run_dir=run_dir) if main else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
+    autocast = training_autocast(model)  # bf16 on CUDA over fp32 weights (online RL's π_old forward uses it too)
 
     model.train()
     prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
