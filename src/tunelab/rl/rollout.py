@@ -16,6 +16,9 @@ index)``, ``state_dict()``. Each round (one "epoch" of this source):
     #         "ppo": per-token rewards (−β·KL + the score at the last token), the value model's estimates,
     #                 GAE advantages and returns (rl/ppo_round.py)
     # step 5. serve the rows for `rl.ppo_epochs` passes, reshuffled per pass, `train.batch_size` rows at a time
+    # (grpo, rloo, ppo: between steps 3 and 4, `rl.dynamic_sampling` may sample more groups (rl/dynamic_sampling.py);
+    #  their rows carry `truncated`, and one no-grad training forward gives the train–inference mismatch metrics
+    #  and, with `rl.recompute_old_logprobs`, π_old (rl/old_policy.py))
 
 Exact resume: the prompts and sampling seeds of a round are functions of (seed, round), and the round's rollout
 (which depends on the policy at the round's start) is part of `state_dict()` as tensors, so a run killed in
