@@ -229,3 +229,22 @@ def test_dynamic_sampling_loop_keeps_the_informative_groups_in_order():
     assert torch.equal(samples.completion_ids[2:], _samples(2, 3, P, G, 200).completion_ids[2:])
     assert fake.metrics == {"dynamic_sampling_informative": 0.0, "dynamic_sampling_extra_passes": 2,
                             "dynamic_sampling_filled": 0}
+
+
+def test_ppo_entropy_bonus_by_hand(tiny):
+    """PPO's ℓ_t gains −c_H·H_t on every completion token: Σ-loss(c) − Σ-loss(0) = −c · Σ_t H_t."""
+    from tunelab.config import RunConfig
+    from tunelab.objectives.ppo import PPO
+
+    model = tiny("llama")
+    PPO.prepare_model(model, RunConfig.model_validate({"objective": "ppo", "method": "full"}))
+    ids = torch.randint(5, 900, (2, 7))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask,
+             "old_logprobs": torch.full((2, 7), -5.0) * mask, "advantages": torch.randn(2, 7) * mask,
+             "old_values": torch.zeros(2, 7), "returns": torch.ones(2, 7) * mask, "round": torch.zeros(2)}
+    base, n, m = PPO().loss(model, batch)
+    bonus, n2, _ = PPO(entropy_coef=0.1).loss(model, batch)
+    tokens = int(n)
+    assert tokens == 7 == int(n2)  # 4 + 3 completion tokens
+    assert (bonus - base).item() == pytest.approx(-0.1 * m["entropy"] * tokens, rel=1e-5)
