@@ -129,7 +129,9 @@ class ReferenceConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # copy only
     precompute: bool = False  # one pass before training, cached as <output_dir>/reference_logps.safetensors
     sync_every: int | None = Field(None, ge=1)  # TR-DPO: move the reference every τ optimizer steps
-    sync_alpha: float = Field(0.6, gt=0.0, le=1.0)  # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy)
+    # θ_ref ← α·θ + (1−α)·θ_ref (1 = hard copy); None: the objective's default — 0.6 for the DPO family (TR-DPO's
+    # soft update, also online_dpo) and 0.001 for grpo, rloo, ppo (ReaLHF's EMA reference, per step)
+    sync_alpha: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class RLConfig(Strict):

@@ -250,8 +250,9 @@ class Acc:
         return x
 
 
-def trl_loss(model, inputs, loss_type, beta, eps, eps_high, temperature):
-    """TRL's `_compute_loss` with its own fused log-prob head (on a copy of `model`) and a stand-in `self`."""
+def trl_loss(model, inputs, loss_type, beta, eps, eps_high, temperature, **fake_attributes):
+    """TRL's `_compute_loss` with its own fused log-prob head (on a copy of `model`) and a stand-in `self`;
+    `fake_attributes` override the stand-in's (e.g. importance_sampling_level="sequence": GSPO)."""
     trl = pytest.importorskip("trl")
     from trl.trainer.utils import add_fused_lm_head
 
@@ -266,6 +267,8 @@ def trl_loss(model, inputs, loss_type, beta, eps, eps_high, temperature):
         vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=1,
         max_completion_length=MAXLEN, _entropy_bonus_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    for k, v in fake_attributes.items():
+        setattr(fake, k, v)
     fake._get_per_token_logps_and_entropies = lambda *a, **k: T._get_per_token_logps_and_entropies(fake, *a, **k)
     loss = T._compute_loss(fake, m, inputs)
     return loss, m, {k: v[-1] for k, v in fake._metrics["eval"].items()}

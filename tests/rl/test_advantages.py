@@ -18,7 +18,7 @@ def _std(xs):  # unbiased, by hand
 
 
 def test_registry_names():
-    assert set(ESTIMATORS) == {"grpo", "dr_grpo", "rloo"}
+    assert set(ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"}
     with pytest.raises(TunelabError, match="unknown advantage estimator 'ppo'"):
         compute("ppo", R, group_size=4)
 

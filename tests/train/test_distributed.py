@@ -215,6 +215,8 @@ def test_grpo_ranks_sample_different_prompts(runs):
     assert res["steps"] == 2 and "reward_after" in res
     rows = [json.loads(ln) for ln in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in r for r in rows if "loss" in r)  # the reference ran (inside the gathered FSDP2 weights)
+    # the train–inference mismatch: the trainer's forward on the gathered FSDP2 weights agrees with the sampler
+    assert all(0 <= r["mismatch_max_abs_logp"] < 1e-4 for r in rows if "loss" in r)
 
 
 FLAKY = '''

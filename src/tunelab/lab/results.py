@@ -245,6 +245,8 @@ def build_table(runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
              Column("learning", "learning ↑", "signed"), Column("forgetting", "forgetting ↓", "signed")]
     cols += [Column(f"learn:{t}", f"learn · {t}", "signed") for t in learn_tasks]
     cols += [Column(f"forget:{t}", f"forget · {t}", "signed") for t in forget_tasks]
+    if any("mismatch_max_abs_logp" in (r.results or {}) for r in runs):  # online RL: sampler vs trainer
+        cols += [Column("mismatch_kl", "mismatch KL"), Column("mismatch_max_abs_logp", "mismatch max |Δ log p|")]
     cols += [Column("steps", "steps", "int"), Column("tokens_per_s", "tokens/s", "int"),
              Column("train_seconds", "train s"), Column("total_seconds", "total s")]
     rows = []
@@ -260,7 +262,8 @@ def build_table(runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
                **{f"cfg:{k}": _short_value(flat.get(k)) if applies(k, r.config) else None for k in diff},
                **{f"learn:{t}": v for t, v in s["learn"].items()},
                **{f"forget:{t}": v for t, v in s["forget"].items()},
-               **{k: res.get(k) for k in ("steps", "tokens_per_s", "train_seconds", "total_seconds")}}
+               **{k: res.get(k) for k in ("steps", "tokens_per_s", "train_seconds", "total_seconds",
+                                          "mismatch_kl", "mismatch_max_abs_logp")}}
         rows.append(row)
     return cols, rows
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 @contextmanager
@@ -18,3 +18,14 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was)
+
+
+def training_autocast(model):
+    """The precision the training loop computes losses in: bf16 autocast on CUDA over fp32 weights, else none.
+    Anything that must reproduce the loop's log-probs (online RL's π_old recompute and mismatch metric) uses it."""
+    import torch
+
+    p = next(model.parameters())
+    if p.device.type == "cuda" and p.dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -36,6 +36,11 @@ k3 is Schulman's unbiased, non-negative approximator of KL(π_θ ‖ π_ref) ("A
 Log-probs are those of softmax(logits / temperature) at the sampling temperature (as TRL and verl score them),
 so that π_θ = π_old exactly before the first update.
 
+Options (the formulas in `objectives/policy_loss.py`): ``importance_sampling`` — ``token`` (above), ``sequence``
+(GSPO: one ratio s_i per completion, clipped as a whole) or ``sequence_token`` (GSPO-token); ``mask_truncated`` —
+DAPO's overlong filtering, rows with ``truncated`` [B] true leave the loss and its normaliser; ``entropy_coef`` c_H
+— ℓ_t ← ℓ_t − c_H·H_t, the entropy with its gradient.
+
 Aggregation ``loss_agg`` → (loss_sum, n); the loop divides Σ loss_sum by Σ n over all micro-batches and ranks:
 
 ``token_mean``     DAPO (TRL 1.16's default ``loss_type="dapo"``): every completion token of the optimizer
@@ -67,6 +72,7 @@ from pydantic import Field
 from ..config import Strict
 from ..errors import TunelabError
 from .base import RunHooks
+from .policy_loss import clipped_pg, entropy_bonus, gspo_pg, overlong_mask
 from .prompt_sharing import group_token_logprobs
 from .reference import ReferenceHooks
 
@@ -74,6 +80,8 @@ LossAgg = Literal["token_mean", "sequence_mean", "constant"]
 KLEstimator = Literal["k1", "k3"]
 LOSS_AGGS = LossAgg.__args__
 KL_ESTIMATORS = KLEstimator.__args__
+ImportanceSampling = Literal["token", "sequence", "sequence_token"]  # PPO/GRPO, GSPO, GSPO-token
+IMPORTANCE_SAMPLING = ImportanceSampling.__args__
 
 
 class ClipOptions(Strict):
@@ -88,6 +96,9 @@ class ClipOptions(Strict):
     epsilon: float = Field(0.2, gt=0.0, lt=1.0)  # clip range (low): ratios below 1 − ε are clipped
     epsilon_high: float | None = Field(None, gt=0.0)  # clip range (high); None = epsilon (DAPO: 0.28)
     loss_agg: LossAgg = "token_mean"
+    entropy_coef: float = Field(0.0, ge=0.0)  # ℓ_t − c_H·H_t (entropy bonus; 0 = off; objectives/policy_loss.py)
+    # π_old = the trainer's own no-grad forward at the round's start (TRL/verl), not the sampler's (rl/old_policy.py)
+    recompute_old_logprobs: bool = False
 
 
 class GRPOOptions(ClipOptions):
@@ -95,10 +106,16 @@ class GRPOOptions(ClipOptions):
 
     moved_from: ClassVar[dict[str, str]] = {"rl.advantage": "advantage", "rl.share_prompts": "share_prompts"}
 
-    # rl/advantages.py ESTIMATORS name; None: the objective's own (grpo: grpo, rloo: rloo)
-    advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None
+    # rl/advantages.py ESTIMATORS name; None: the objective's own (grpo: grpo, rloo: rloo); reinforce_pp(_baseline):
+    # REINFORCE++ (global-batch normalisation, no critic)
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] | None = None
     # score a prompt's completions with the prompt encoded once (exact; objectives/prompt_sharing.py)
     share_prompts: bool = True
+    # "token" (PPO/GRPO ratio per token), "sequence" (GSPO), "sequence_token" (GSPO-token); objectives/policy_loss.py
+    importance_sampling: ImportanceSampling = "token"
+    mask_truncated: bool = False  # DAPO overlong filtering: completions cut at max_new_tokens train nothing
+    dynamic_sampling: bool = False  # DAPO: drop all-equal-reward groups, sample more to fill the round
+    dynamic_sampling_max_rounds: int = Field(3, ge=1)  # extra sampling passes at most per round (then fill)
 
 
 def targets(batch: dict) -> torch.Tensor:
@@ -124,18 +141,6 @@ def token_kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str = "k3") -> to
     if estimator == "k1":
         return -d
     raise TunelabError(f"unknown KL estimator {estimator!r}; choose {', '.join(KL_ESTIMATORS)}")
-
-
-def clipped_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
-               eps_high: float | None = None):
-    """(pg [B, T], ratio [B, T], clipped [B, T] bool): −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) per token;
-    `advantages` one per row [B] (GRPO) or one per token [B, T] (PPO)."""
-    eps_high = eps_low if eps_high is None else eps_high
-    A = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
-    ratio = torch.exp(logp - old_logp)
-    pg = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
-    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
-    return pg, ratio, clipped
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean",
@@ -177,7 +182,10 @@ class GRPO(ReferenceHooks, RunHooks):
         return cls(beta=o.beta, epsilon=o.epsilon, epsilon_high=o.epsilon_high, loss_agg=o.loss_agg,
                    kl_estimator=o.kl_estimator, max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
                    reference=reference, chunk_size=cfg.train.loss_chunk_size, share_prompts=o.share_prompts,
-                   advantage=o.advantage)
+                   advantage=o.advantage, importance_sampling=o.importance_sampling,
+                   mask_truncated=o.mask_truncated, entropy_coef=o.entropy_coef,
+                   recompute_old_logprobs=o.recompute_old_logprobs, dynamic_sampling=o.dynamic_sampling,
+                   dynamic_sampling_max_rounds=o.dynamic_sampling_max_rounds)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -189,7 +197,12 @@ class GRPO(ReferenceHooks, RunHooks):
     def __init__(self, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                  loss_agg: str = "token_mean", kl_estimator: str = "k3", max_completion_length: int | None = None,
                  temperature: float = 1.0, reference=None, chunk_size: int = 1024, share_prompts: bool = True,
-                 advantage: str | None = None):
+                 advantage: str | None = None, importance_sampling: str = "token", mask_truncated: bool = False,
+                 entropy_coef: float = 0.0, recompute_old_logprobs: bool = False, dynamic_sampling: bool = False,
+                 dynamic_sampling_max_rounds: int = 3):
+        if importance_sampling not in IMPORTANCE_SAMPLING:
+            raise TunelabError(f"unknown importance_sampling {importance_sampling!r}; "
+                               f"choose {', '.join(IMPORTANCE_SAMPLING)}")
         if loss_agg not in LOSS_AGGS:
             raise TunelabError(f"unknown loss_agg {loss_agg!r}; choose {', '.join(LOSS_AGGS)}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -205,6 +218,12 @@ class GRPO(ReferenceHooks, RunHooks):
         self.share_prompts = share_prompts  # one prompt encoding per group (prompt_sharing.py)
         # the estimator the rollout source applies: the options' `advantage`, else the objective's own
         self.advantage_estimator = advantage or type(self).advantage_estimator
+        # objectives/policy_loss.py: GSPO, DAPO overlong filtering, entropy bonus
+        self.importance_sampling, self.mask_truncated, self.entropy_coef = \
+            importance_sampling, mask_truncated, entropy_coef
+        # read by the rollout source: π_old recompute (rl/old_policy.py), DAPO dynamic sampling
+        self.recompute_old_logprobs = recompute_old_logprobs
+        self.dynamic_sampling, self.dynamic_sampling_max_rounds = dynamic_sampling, dynamic_sampling_max_rounds
 
     def reference_logprobs(self, batch: dict) -> torch.Tensor:
         if batch.get("ref_logprobs") is not None:
@@ -216,18 +235,30 @@ class GRPO(ReferenceHooks, RunHooks):
     def loss(self, model, batch: dict):
         batch = with_positions(batch)
         mask = targets(batch)
+        if self.mask_truncated:  # DAPO overlong filtering: truncated completions train nothing
+            mask = overlong_mask(mask, batch.get("truncated"))
         ref = self.reference_logprobs(batch).masked_fill(~mask, 0.0) if self.beta else None  # before the policy
         logp, entropy = group_token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                             return_entropy=True, share=self.share_prompts)
+                                             return_entropy="grad" if self.entropy_coef else True,
+                                             share=self.share_prompts)
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old.float().masked_fill(~mask, 0.0)
         adv = batch["advantages"].float().to(logp.device)
-        per_token, ratio, clipped = clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+        per_token, ratio, clipped = self.policy_term(logp, old, adv, mask)
         kl = token_kl(logp, ref, self.kl_estimator) if self.beta else None
         if kl is not None:
             per_token = per_token + self.beta * kl
+        if self.entropy_coef:
+            per_token = per_token + entropy_bonus(entropy, self.entropy_coef)
         loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
         return loss_sum, n, self.metrics(mask, ratio, clipped, adv, kl, entropy)
+
+    def policy_term(self, logp, old, adv, mask):
+        """(pg, ratio, clipped) [B, T]: the token-level clipped surrogate, or GSPO's sequence-level one."""
+        if self.importance_sampling == "token":
+            return clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+        return gspo_pg(logp, old, adv, mask, self.epsilon, self.epsilon_high,
+                       per_token=self.importance_sampling == "sequence_token")
 
     @staticmethod
     def metrics(mask, ratio, clipped, adv, kl=None, entropy=None) -> dict[str, float]:

@@ -23,6 +23,7 @@ whose head does something else that is not reproduced here is refused rather tha
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -178,8 +179,9 @@ def _chunk_logp(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bi
     logp = -F.cross_entropy(logits, targets, reduction="none")
     if not with_entropy:
         return logp
-    # H = −Σ_v p_v log p_v of the same distribution, while its logits exist anyway (a metric: no gradient)
-    with torch.no_grad():
+    # H = −Σ_v p_v log p_v of the same distribution, while its logits exist anyway (a metric: no gradient,
+    # unless with_entropy == "grad": an entropy bonus in the loss differentiates it)
+    with contextlib.nullcontext() if with_entropy == "grad" else torch.no_grad():
         log_all = logits.log_softmax(dim=-1)
         entropy = -(log_all.exp() * log_all).sum(-1)
     return logp, entropy
@@ -191,7 +193,8 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
 
     `temperature`: log_softmax(logits / temperature), the model's own logits (after its transform) divided as
     the sampler divides them — what online RL scores its samples with (1: the plain distribution).
-    `with_entropy`: also return the entropy [N] (detached) of each row's whole next-token distribution."""
+    `with_entropy`: also return the entropy [N] (detached) of each row's whole next-token distribution;
+    ``"grad"``: with its gradient (an entropy bonus)."""
     weight, bias, transform = output_head(model)
     outs = []
     n = hidden.shape[0]

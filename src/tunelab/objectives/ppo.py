@@ -24,7 +24,12 @@ This objective is the update on those rows, for ``rl.ppo_epochs`` passes in mini
 
 The KL penalty is in the reward, not in the loss (InstructGPT's form). Early stop: when a minibatch's
 approximate KL to π_old, mean((ρ − 1) − log ρ) (Schulman's k3), exceeds ``ppo.target_kl``, that minibatch and
-the rest of its round train nothing (a zero loss over zero units), as in Stable-Baselines3.
+the rest of its round train nothing (a zero loss over zero units), as in Stable-Baselines3; an optimizer step
+left with no loss unit at all is skipped by the loop (AdamW would otherwise still move the weights).
+
+Critic warm-up (``ppo.value_warmup_rounds`` N): in rounds 0 … N−1 the policy forward runs without a graph and
+ℓ_t = c_v·vf_t, so only the value model learns (the policy's parameters get no gradient; refused under torchrun,
+where DDP expects every parameter to get one). Entropy bonus (``ppo.entropy_coef`` c_H): ℓ_t ← ℓ_t − c_H·H_t.
 
 Metrics (micro-batch; token means over completion tokens): ``clip_fraction`` (policy), ``value_clip_fraction``
 (share of tokens where the clipped value term is the larger), ``value_loss`` (mean vf_t), ``approx_kl``,
@@ -38,14 +43,17 @@ values, not those implementations.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from ..errors import TunelabError
-from .grpo import GRPO, ClipOptions, KLEstimator, aggregate, clipped_pg, targets, with_positions
+from .grpo import GRPO, ClipOptions, KLEstimator, aggregate, targets, with_positions
+from .policy_loss import clipped_pg, entropy_bonus
 from .logprobs import token_logprobs
 from .value import add_value_model, detached, token_values
 
@@ -95,11 +103,14 @@ class PPOOptions(ClipOptions):
     whiten_advantages: bool = True  # normalise A over each round's completion tokens (Xu et al. 2024)
     reward_norm: bool = False  # normalise the round's sequence scores to mean 0, std 1
     reward_clip: float | None = Field(None, gt=0.0)  # then clip them to ±reward_clip
-    missing_eot_penalty: float = Field(0.0, ge=0.0)  # subtracted from the score of a completion that hit rl.max_new_tokens
+    # p in s' = s − p·[completion hit rl.max_new_tokens, no end of turn]; 0 (TRL's default: none) leaves a truncated
+    # completion's score to the reward functions, which score it unclosed (a reward model sees no end of turn)
+    missing_eot_penalty: float = Field(0.0, ge=0.0)
     adaptive_kl: bool = False  # Ziegler et al. 2019: β moves to keep the per-sequence KL near kl_target
     kl_target: float = Field(6.0, gt=0.0)
     kl_horizon: int = Field(10000, ge=1)
     target_kl: float | None = Field(None, gt=0.0)  # early stop a round when a minibatch's approx-KL exceeds it
+    value_warmup_rounds: int = Field(0, ge=0)  # critic warm-up: the first N rounds train the value model only
 
 
 class PPO(GRPO):
@@ -117,7 +128,8 @@ class PPO(GRPO):
                    kl=AdaptiveKL(o.beta, o.kl_target, o.kl_horizon, o.adaptive_kl), epsilon=o.epsilon,
                    epsilon_high=o.epsilon_high, loss_agg=o.loss_agg, kl_estimator=o.kl_estimator,
                    max_completion_length=rl.max_new_tokens, temperature=rl.temperature, reference=reference,
-                   chunk_size=cfg.train.loss_chunk_size)
+                   chunk_size=cfg.train.loss_chunk_size, entropy_coef=o.entropy_coef,
+                   recompute_old_logprobs=o.recompute_old_logprobs, value_warmup_rounds=o.value_warmup_rounds)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -125,6 +137,9 @@ class PPO(GRPO):
         o = cls.options(cfg)
         if o.adaptive_kl and o.beta <= 0:
             raise TunelabError("ppo.adaptive_kl needs ppo.beta > 0 (the controller's starting β)")
+        if o.value_warmup_rounds and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TunelabError("ppo.value_warmup_rounds is not supported under torchrun (DDP expects every "
+                               "trainable parameter to get a gradient at every step)")
         units = cfg.rl.prompts_per_step * cfg.rl.group_size
         if o.whiten_advantages and units < 2:
             raise TunelabError("ppo.whiten_advantages needs at least 2 completions per round "
@@ -139,9 +154,11 @@ class PPO(GRPO):
         return detached(model, out)
 
     def __init__(self, *, value_coef: float = 0.1, epsilon_value: float | None = 0.2,
-                 target_kl: float | None = None, kl: AdaptiveKL | None = None, **grpo_options):
+                 target_kl: float | None = None, kl: AdaptiveKL | None = None, value_warmup_rounds: int = 0,
+                 **grpo_options):
         super().__init__(**{**grpo_options, "beta": 0.0})  # no KL term in the loss: it is in the reward
         self.value_coef, self.epsilon_value, self.target_kl = value_coef, epsilon_value, target_kl
+        self.value_warmup_rounds = value_warmup_rounds  # rounds 0..N−1 train V only (critic warm-up)
         self.kl = kl or AdaptiveKL(0.0)
         self.stopped_round = -1  # the rollout round whose remaining minibatches are skipped (approx-KL stop)
 
@@ -151,8 +168,12 @@ class PPO(GRPO):
         round_ = int(batch["round"][0]) if batch.get("round") is not None else None
         if round_ is not None and round_ == self.stopped_round:
             return self._skip(model, mask)
-        logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                       return_entropy=True)
+        # critic warm-up (ReaLHF / OpenRLHF's freezing_actor_steps): the policy forward runs without a graph, so
+        # the policy's parameters get no gradient at all and the optimizer leaves them exactly as they are
+        warmup = round_ is not None and round_ < self.value_warmup_rounds
+        with torch.no_grad() if warmup else contextlib.nullcontext():
+            logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
+                                           return_entropy="grad" if self.entropy_coef and not warmup else True)
         old = batch["old_logprobs"].float().masked_fill(~mask, 0.0)
         m = mask.float()
         tokens = m.sum().clamp(min=1)
@@ -166,7 +187,9 @@ class PPO(GRPO):
         values = token_values(model, batch)
         vf, v_clipped = clipped_value_loss(values, batch["old_values"].float(), batch["returns"].float(),
                                            self.epsilon_value)
-        per_token = pg + self.value_coef * vf
+        per_token = self.value_coef * vf if warmup else pg + self.value_coef * vf
+        if self.entropy_coef and not warmup:
+            per_token = per_token + entropy_bonus(entropy, self.entropy_coef)
         loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
 
         def mean(x):
@@ -174,7 +197,8 @@ class PPO(GRPO):
 
         metrics = {"clip_fraction": mean(clipped), "value_clip_fraction": mean(v_clipped), "value_loss": mean(vf),
                    "policy_loss": mean(pg), "approx_kl": approx_kl, "ratio": mean(ratio), "early_stopped": 0.0,
-                   "value_mean": mean(values), "completion_len": float(m.sum(-1).mean()), "entropy": mean(entropy)}
+                   "value_mean": mean(values), "completion_len": float(m.sum(-1).mean()), "entropy": mean(entropy),
+                   "value_warmup": float(warmup)}
         return loss_sum, n, metrics
 
     @staticmethod

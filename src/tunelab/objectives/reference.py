@@ -15,12 +15,31 @@ arXiv:2404.09656): every ``sync_every`` optimizer steps
 
     θ_ref ← α·θ + (1 − α)·θ_ref          (α = ``sync_alpha``; α = 1 is TR-DPO's hard update)
 
+α defaults (``reference.sync_alpha: null``) to 0.6 for the DPO family (TR-DPO's soft update) and to 0.001 per step
+for grpo, rloo and ppo — ReaLHF's EMA reference (η = 0.001): θ_ref then lags the policy by ~1/η = 1000 steps
+(after k steps a weight of (1−η)^k stays on the start, 98 % after 20 steps). A larger η (e.g. 0.05: 64 % of the way
+in 20 steps) is a weaker KL anchor, a different arm, not an EMA of the same kind.
+
+The copy is of the *policy alone*: objects an objective hangs on the model beside it (PPO's value model,
+``model.ppo_value``) are taken off while the copy is made, so the reference holds no value parameters and the
+moving average never touches the value network.
+
 For ``copy`` this updates every parameter of the copy. For ``adapter`` the reference keeps a *second set of
 adapter weights* (initially the adapter at construction — zero-initialised LoRA, i.e. exactly the base model)
 and the update is applied to that set; its log-probs are computed by swapping the set into the adapter modules
 for the no-grad forward and swapping the policy's weights back. The swap is safe because objectives compute the
 reference *before* the policy forward of a micro-batch, so no activation saved for backward sees the swap.
-The loop calls ``on_step`` after every optimizer step (through the objective's `ReferenceHooks`), and the
+Low-rank adapters: the moving average acts on the factors (LoRA's A and B separately), not on the merged
+update ΔW = s·B·A. With weights w_k (w_0 = (1−α)^n on the start, w_k = α(1−α)^{n−k} on the k-th synced
+policy; Σ w_k = 1), B̄ = Σ w_k B_k, Ā = Σ w_k A_k, the reference's update differs from the average update by
+exactly the weighted covariance of the factors' trajectory:
+
+    Σ_k w_k B_k A_k − B̄ Ā = Σ_k w_k (B_k − B̄)(A_k − Ā),     ‖·‖_F ≤ Σ_k w_k ‖B_k − B̄‖_F ‖A_k − Ā‖_F
+
+(`factor_ema_gap` computes both sides; tests/rl/test_ppo.py checks the identity and the bound). It is second
+order in how far the factors move within the averaging window (~1/α syncs): small for a slow EMA, but not zero;
+use ``reference.mode: copy`` with a full-finetuning run when the merged-space average matters. The loop calls
+``on_step`` after every optimizer step (through the objective's `ReferenceHooks`), and the
 moved weights go into every checkpoint (`state_dict`), so a resumed run continues with the reference it had.
 
 Precomputed log-probs (`fill_cache`): one no-grad pass over the data before training, stored as safetensors in
@@ -84,7 +103,8 @@ class Reference:
         self.model = None
         self._ref_adapter: dict[str, torch.Tensor] | None = None
         if mode == "copy":
-            self.model = copy.deepcopy(model)
+            with policy_alone(model):  # no value model in the reference (nor in its EMA)
+                self.model = copy.deepcopy(model)
             for p in self.model.parameters():
                 p.requires_grad_(False)
             if device or dtype:
@@ -178,6 +198,23 @@ class Reference:
         self.model = None
 
 
+EXTRAS = ("ppo_value",)  # modules an objective hangs on the policy (value.ATTR; value.py is not imported here:
+# value → reward → pairwise → reference would be an import cycle)
+
+
+@contextmanager
+def policy_alone(model):
+    """`model` without the modules of `EXTRAS` for the block (they are put back after)."""
+    taken = {name: getattr(model, name) for name in EXTRAS if getattr(model, name, None) is not None}
+    for name in taken:
+        delattr(model, name)
+    try:
+        yield model
+    finally:
+        for name, module in taken.items():
+            setattr(model, name, module)
+
+
 class ReferenceHooks:
     """The loop's objective hooks (see `objectives.base`) for objectives holding a `self.reference`."""
 
@@ -267,6 +304,31 @@ def fill_cache(path: Path, reference: Reference, sets: dict[str, list], pad_id: 
     return loaded
 
 
+EMA_OBJECTIVES = ("grpo", "rloo", "ppo")  # their moving reference is an EMA: α = 0.001 per step by default
+
+
+def default_sync_alpha(cfg) -> float:
+    """``reference.sync_alpha``, or its objective's default when null (see the module docstring)."""
+    if cfg.reference.sync_alpha is not None:
+        return cfg.reference.sync_alpha
+    return 0.001 if cfg.objective in EMA_OBJECTIVES else 0.6
+
+
+def factor_ema_gap(factors: list[tuple[torch.Tensor, torch.Tensor]], alpha: float) -> tuple[float, float]:
+    """(‖Σ w_k B_k A_k − B̄Ā‖_F, Σ_k w_k ‖B_k − B̄‖_F ‖A_k − Ā‖_F) for a trajectory [(B_0, A_0), …, (B_n, A_n)]
+    of one LoRA module's factors synced with α after each step (k = 0 is the reference's start): the gap between
+    averaging the factors and averaging the merged update, and its bound (module docstring)."""
+    n = len(factors) - 1
+    w = [(1 - alpha) ** n] + [alpha * (1 - alpha) ** (n - k) for k in range(1, n + 1)]
+    B_bar = sum(wk * B for wk, (B, _) in zip(w, factors))
+    A_bar = sum(wk * A for wk, (_, A) in zip(w, factors))
+    merged = sum(wk * (B @ A) for wk, (B, A) in zip(w, factors))
+    gap = float(torch.linalg.norm(merged - B_bar @ A_bar))
+    bound = sum(wk * float(torch.linalg.norm(B - B_bar)) * float(torch.linalg.norm(A - A_bar))
+                for wk, (B, A) in zip(w, factors))
+    return gap, bound
+
+
 def build_reference(cfg, model, sets: dict[str, list], pad_id: int, run_dir: Path) -> Reference | None:
     """The run's Reference when its objective needs one, else None. With ``reference.precompute`` the
     log-probs of every example in `sets` are cached (``reference_logps.safetensors`` in `run_dir`, reused on
@@ -279,7 +341,8 @@ def build_reference(cfg, model, sets: dict[str, list], pad_id: int, run_dir: Pat
     if not objective_class(cfg.objective).wants_reference(cfg):
         return None
     r = cfg.reference
-    ref = Reference(model, r.mode, r.device, r.dtype, r.sync_every, r.sync_alpha, cfg.train.loss_chunk_size)
+    ref = Reference(model, r.mode, r.device, r.dtype, r.sync_every, default_sync_alpha(cfg),
+                    cfg.train.loss_chunk_size)
     if not r.precompute:
         return ref
     t0 = time.perf_counter()

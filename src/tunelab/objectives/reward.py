@@ -154,13 +154,25 @@ class RewardModel:
     def __init__(self, model, tokenizer, template):
         self.model, self.tokenizer, self.template = model, tokenizer, template
 
-    def score(self, prompt: list[dict] | str, response: str) -> float:
+    def score(self, prompt: list[dict] | str, response: str, closed: bool = True) -> float:
+        """r(x, y) of `response` to `prompt`. `closed=False` (a completion cut by the token budget, online RL):
+        the prompt rendered up to the assistant's turn + the response text as sampled, with *no* end of turn
+        appended — the model scores what was generated, not a turn it never finished."""
         from ..data.collate import collate
+        from ..data.masking import Encoded
         from ..data.preference import encode_response
 
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        enc = encode_response(self.tokenizer, self.template, prompt, {"role": "assistant", "content": response}, "", None)
+        if closed:
+            enc = encode_response(self.tokenizer, self.template, prompt, {"role": "assistant", "content": response},
+                                  "", None)
+        else:
+            head = self.tokenizer(self.template.generation_prompt(prompt), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(self.template.generation_prompt(prompt) + response,
+                                 add_special_tokens=False)["input_ids"]
+            enc = Encoded(ids, [False] * len(head) + [True] * (len(ids) - len(head)), False,
+                          len(ids) - len(head))
         [r] = score_batches(self.model, [enc], partial(collate, pad_id=self.tokenizer.pad_token_id), rewards,
                             batch_size=1)
         return float(r[0])

@@ -33,6 +33,23 @@ Groups may differ in size when `group_index` is given.
 
              unbiased (the baseline does not depend on r_i); needs G ≥ 2 (a clear error otherwise).
 
+``reinforce_pp``  REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+             Language Models", arXiv:2501.03262): no critic, no group baseline — the rewards are
+             normalised over the *whole batch* (the round's B completions):
+
+                 A_i = (r_i − μ_B) / (σ_B + ε)        μ_B, σ_B: mean and unbiased std of all B rewards
+
+             (OpenRLHF ``advantage_estimator=reinforce``, outcome reward, γ = 1, the KL kept in the loss rather
+             than in the reward). OpenRLHF normalises over tokens (each completion weighted by its length);
+             this normalises over completions.
+``reinforce_pp_baseline``  REINFORCE++-baseline (the same paper; OpenRLHF ``reinforce_baseline``): the
+             group mean first, then the batch normalisation:
+
+                 A_i = (d_i − μ_B(d)) / (σ_B(d) + ε),    d_i = r_i − r̄_g
+
+Under torchrun the batch is each rank's share of the round (groups never straddle ranks; the batch statistics
+are per rank).
+
 Groups whose rewards are all equal (a prompt always or never solved) get advantage 0 everywhere: they carry no
 learning signal. A group of one has r_i = r̄_g, so advantage 0 under grpo and dr_grpo (as in TRL; verl instead
 passes the raw reward through).
@@ -135,6 +152,27 @@ def rloo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = No
     return G / (G - 1) * (r - mean)
 
 
+def _batch_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / (x.std() + eps)
+
+
+def reinforce_pp(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++: A_i = (r_i − μ_B) / (σ_B + ε) over all B rewards of the batch (Hu 2025, arXiv:2501.03262);
+    the groups are validated but not used."""
+    r = _float(rewards)
+    groups(r, group_index, group_size)
+    return _batch_norm(r, eps)
+
+
+def reinforce_pp_baseline(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,
+                          eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++-baseline: d_i = r_i − r̄_g, then A_i = (d_i − μ_B(d)) / (σ_B(d) + ε) over the batch."""
+    return _batch_norm(dr_grpo(rewards, group_index, group_size=group_size), eps)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
            eps: float = 1e-8) -> torch.Tensor:
     """(x − μ) / sqrt(σ² + eps) with μ, σ² the mean and unbiased variance of the entries where `mask` is true
@@ -169,7 +207,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + v) * m
 
 
-ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo,
+                                                      "reinforce_pp": reinforce_pp,
+                                                      "reinforce_pp_baseline": reinforce_pp_baseline}
 
 
 def compute(name: str, rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,

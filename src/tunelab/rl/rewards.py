@@ -23,7 +23,9 @@ code_tests        timeout=5.0, memory_mb=1024, workers=2,     1.0 if prompt + co
                                                               introspection score 0 (eval/screen.py) and are
                                                               logged as ``reward_hacking_attempts``; needs
                                                               ``eval.allow_code_execution: true``
-reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run
+reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run;
+                                                              a completion cut by max_new_tokens is scored
+                                                              as sampled, its turn left open (no end of turn)
 format            pattern=``#### <number>`` at the end        1.0 if ``re.search(pattern, completion)``, else 0
 truncation        (none)                                      −1.0 if the completion hit ``max_new_tokens``
                                                               (finish reason ``length``), else 0.0
@@ -203,7 +205,10 @@ def reward_model(*, run_dir: str, device: str = "auto") -> RewardFn:
     def score(batch: RewardInputs) -> list[float]:
         if not loaded:
             loaded.append(load_reward_model(path, device))
-        return [loaded[0].score(batch.messages(i), text) for i, text in enumerate(batch.completions)]
+        # a completion cut by max_new_tokens is scored as sampled: no end of turn closes it (RewardModel.score)
+        cut = batch.finish_reasons or [None] * len(batch)
+        return [loaded[0].score(batch.messages(i), text, closed=cut[i] != "length")
+                for i, text in enumerate(batch.completions)]
     return score
 
 

@@ -16,6 +16,9 @@ index)``, ``state_dict()``. Each round (one "epoch" of this source):
     #         "ppo": per-token rewards (−β·KL + the score at the last token), the value model's estimates,
     #                 GAE advantages and returns (rl/ppo_round.py)
     # step 5. serve the rows for `rl.ppo_epochs` passes, reshuffled per pass, `train.batch_size` rows at a time
+    # (grpo, rloo, ppo: between steps 3 and 4, `grpo.dynamic_sampling` may sample more groups (rl/dynamic_sampling.py);
+    #  their rows carry `truncated`, and one no-grad training forward gives the train–inference mismatch metrics
+    #  and, with `grpo.recompute_old_logprobs`, π_old (rl/old_policy.py))
 
 Exact resume: the prompts and sampling seeds of a round are functions of (seed, round), and the round's rollout
 (which depends on the policy at the round's start) is part of `state_dict()` as tensors, so a run killed in
@@ -47,6 +50,8 @@ from ..generate import cut_at_stop
 from ..jsonl import read_rows
 from ..sampling import sample
 from .advantages import ESTIMATORS
+from .dynamic_sampling import choose_groups, concat_samples, informative_groups, select_groups
+from .old_policy import settle_old_logprobs, summarize as summarize_mismatch
 from .ppo_round import ppo_rows
 from .rewards import RewardInputs, build_rewards
 
@@ -151,6 +156,8 @@ class RolloutSource:
                         "completion_length": float(lengths.float().mean()),
                         "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
                         "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
+        if getattr(self.ctx.objective, "dynamic_sampling", False) and self.mode == "policy_gradient":  # DAPO; the metrics above: the first sample's
+            prompts, samples, texts, rewards = self._dynamic_sampling(r, prompts, samples, texts, rewards)
         build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
                  "ppo": self._ppo_rows}
         self.round_pending = r
@@ -182,7 +189,38 @@ class RolloutSource:
         out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if not temperature_logprobs:
             del out["old_logprobs"]
+            return out
+        # issue 24: the rows' finish (DAPO overlong filtering); π_old and the train–inference mismatch
+        # (rl/old_policy.py: one no-grad training forward while the weights are still the sampler's)
+        out["truncated"] = torch.tensor([samples.finish_reason[i] == "length" for i in rows])
+        out["prompt_index"] = samples.prompt_index.cpu()[rows].long()
+        self.metrics.update(settle_old_logprobs(out, self.ctx.model, self.ctx.objective, self.cfg, self.micro))
         return out
+
+    def _dynamic_sampling(self, r: int, prompts: list, samples, texts: list, rewards: torch.Tensor):
+        """DAPO dynamic sampling (rl/dynamic_sampling.py): sample up to `grpo.dynamic_sampling_max_rounds` more
+        passes of P prompts until P groups have differing rewards; keep P groups (informative first)."""
+        rl, N = self.cfg.rl, len(self.prompts)
+        informative = informative_groups(rewards, self.G)
+        first, extra = int(informative.sum()), 0
+        while int(informative.sum()) < self.P and extra < self.ctx.objective.dynamic_sampling_max_rounds:
+            extra += 1
+            order = torch.randperm(N, generator=_gen(self.cfg.train.seed, 11, r, extra, self.ctx.rank))
+            more = [self.prompts[i] for i in order[:self.P].tolist()]
+            with self.ctx.gathered():
+                s2, t2, sc2 = self._complete(self.ctx.model, more, self.G, rl.temperature,
+                                             seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank
+                                             + 104729 * extra)
+            samples = concat_samples(samples, s2, self.pad_id)
+            prompts, texts = prompts + more, texts + t2
+            rewards = torch.cat([rewards, torch.tensor(sc2.total, dtype=torch.float32)])
+            informative = informative_groups(rewards, self.G)
+        keep = choose_groups(informative, self.P)
+        self.metrics.update(dynamic_sampling_informative=first / self.P, dynamic_sampling_extra_passes=extra,
+                            dynamic_sampling_filled=sum(not bool(informative[g]) for g in keep))
+        rows = [g * self.G + j for g in keep for j in range(self.G)]
+        return ([prompts[g] for g in keep], select_groups(samples, keep, self.G), [texts[i] for i in rows],
+                rewards[rows])
 
     def _policy_rows(self, prompts, samples, texts, rewards) -> dict:
         group = samples.prompt_index.cpu()
@@ -275,8 +313,10 @@ class RolloutSource:
         return {f"eval_{k}": v for k, v in self.measure(model, [], evals, pad_id, cfg).items()}
 
     def result_fields(self, before: dict, after: dict) -> dict:
+        logged = read_rows(Path(self.ctx.run_dir) / "metrics.jsonl") if self.ctx.run_dir else []
         return {"before": before, "after": after,
-                **({"reward_before": before["reward"], "reward_after": after["reward"]} if before else {})}
+                **({"reward_before": before["reward"], "reward_after": after["reward"]} if before else {}),
+                **summarize_mismatch(logged)}  # issue 24: the run's train–inference mismatch (rl/old_policy.py)
 
     def describe(self, m: dict) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in m.items()) if m else "no held-out prompts"

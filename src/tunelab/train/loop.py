@@ -7,7 +7,10 @@ Per optimizer step:
   3. divide all gradients by N = Σ n (tokens or pairs) of the accumulated micro-batches — the gradient of
      the mean over every unit, identical to one big batch (not a mean of per-micro-batch means);
   4. clip the global gradient norm, optimizer step, scheduler step, then the objective's `on_step` hook (a
-     moving reference syncs here);
+     moving reference syncs here). A step whose micro-batches hold no loss unit at all (N = 0: PPO's approx-KL
+     early stop skipping the rest of a round, a rejection-sampling step whose rows were all rejected) skips the
+     optimizer step — with zero gradients AdamW would still move the weights (momentum, weight decay) — as
+     Stable-Baselines3 breaks out of the epoch; the scheduler and the step counter still advance;
   5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
 
 Distributed (`train/distributed.py`, under torchrun): the `Engine` runs each loss as the DDP/FSDP2 wrapper's
@@ -34,10 +37,10 @@ checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,6 +51,7 @@ from ..data.batches import BatchSource, split_rows
 from ..errors import TunelabError
 from ..models.checkpointing import checkpoint_layers
 from ..models.compiling import compile_layers
+from ..models.modes import training_autocast
 from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
@@ -148,8 +152,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         console.print(f"resumed from {latest} (step {step})")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
                      trackers=cfg.trackers, run_dir=run_dir) if main else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                and next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext())
+    autocast = training_autocast(model)  # bf16 on CUDA over fp32 weights (online RL's π_old forward uses it too)
 
     model.train()
     prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
@@ -216,8 +219,11 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 if main:
                     prune_checkpoints(ckpt_dir, cfg.keep_last)
                 prune_due = False
-            optimizer.step()
-            scheduler.step()
+            if n_sum > 0:  # no loss unit in the whole step (PPO's approx-KL early stop, every row rejected): no
+                optimizer.step()  # step at all — AdamW's momentum and weight decay would move the weights anyway
+            with warnings.catch_warnings():  # a skipped first step makes torch warn about the order: intended
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_step is not None:
