@@ -60,6 +60,7 @@ import torch
 
 from ..errors import TunelabError
 from .base import RunHooks
+from .logprobs import target_mask
 from .prompt_sharing import group_token_logprobs
 from .reference import ReferenceHooks
 
@@ -69,9 +70,7 @@ KL_ESTIMATORS = ("k1", "k3")
 
 def targets(batch: dict) -> torch.Tensor:
     """The completion tokens scored: `loss_mask` without position 0 (never predicted), [B, T] bool."""
-    mask = batch["loss_mask"].bool().clone()
-    mask[:, 0] = False
-    return mask
+    return target_mask(batch["loss_mask"])
 
 
 def with_positions(batch: dict) -> dict:
