@@ -160,6 +160,8 @@ class RLConfig(Strict):
     keep: Literal["best", "threshold"] = "best"  # rejection_sampling: best of G, or every one ≥ keep_threshold
     keep_threshold: float = 1.0
     eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)
+    sampler: str = "torch"  # rl/sampler.py SAMPLERS: torch | vllm (checked when the rollout source is built)
+    missing_eos_penalty: float = Field(0.0, ge=0.0)  # online_dpo: subtracted from the score of an unfinished completion
 
 
 class PPOConfig(Strict):

@@ -199,7 +199,8 @@ def test_grpo_lora_kl_to_the_adapter_off_reference(config):
     rows = _train_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
     kls = [r["kl"] for r in rows]
-    assert all(math.isfinite(k) and k >= 0 for k in kls)  # k3 is non-negative
+    # k3 is non-negative; exp(d) − d − 1 at d ≈ 0 in fp32 may round to −1e-9
+    assert all(math.isfinite(k) and k >= -1e-6 for k in kls)
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # zero-initialised LoRA: π_θ = π_ref before the first update
     assert max(kls[1:]) > 0  # afterwards the policy moved away from the adapter-off reference
 

@@ -63,7 +63,10 @@ class PromptData:
                                "(alpaca, messages or prompt_completion records)")
         from .rewards import build_rewards
 
+        from .sampler import sampler_class
+
         build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution)  # fail before any write
+        sampler_class(cfg.rl.sampler)
 
     def _encode(self, tokenizer, template, records, budget: int | None):
         out, dropped = [], 0
