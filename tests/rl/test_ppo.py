@@ -321,3 +321,19 @@ def test_ppo_owns_its_kl_controller_and_updates_it_once_per_round():
     restored.load_state_dict(ppo.state_dict())
     restored.before_round({**batch, "round": torch.tensor([1, 1])})  # resumed inside round 1: already counted
     assert restored.kl.value == pytest.approx(ppo.kl.value)
+
+
+def test_a_reward_model_loads_with_its_runs_template(tiny, tokenizer, tmp_path):
+    """The reward model is loaded by the one run loader (`saved_run.load_run`), so it scores prompts rendered
+    with the template the reward run trained with (was: the tokenizer's own, ignoring tunelab_template.json)."""
+    from tunelab.data.templates import get_template
+    from tunelab.export import load_run
+    from tunelab.objectives.reward import load_reward_model
+
+    run = _reward_run(tmp_path, tiny, tokenizer, "lora")
+    llama3 = get_template("llama3", tokenizer)
+    (run / "adapter" / "tunelab_template.json").write_text(json.dumps({"name": "llama3", "jinja": llama3.jinja}))
+    rm = load_reward_model(run, "cpu")
+    assert rm.template.name == "llama3" and rm.template.jinja == llama3.jinja
+    _, _, template = load_run(run, device="cpu")
+    assert template.name == "llama3"  # the same loader
