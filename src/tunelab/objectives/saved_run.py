@@ -30,8 +30,11 @@ def run_info(run_dir: Path) -> dict:
     if not cfg_path.is_file():
         raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
     cfg = yaml.safe_load(cfg_path.read_text())
-    # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter
-    art = run_dir / ("model" if saves_full_model(cfg.get("method", "lora")) else "adapter")
+    # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter; a config
+    # that names no method (written by hand) is read by what the folder holds
+    method = cfg.get("method")
+    full = saves_full_model(method) if method else (run_dir / "model").is_dir()
+    art = run_dir / ("model" if full else "adapter")
     if not art.is_dir():
         raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
     return {"config": cfg, "artifact": art}
@@ -55,7 +58,7 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str | None = "aut
     else:
         model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False),
                                 allow_pickle=mcfg.get("allow_pickle", False))
-        load_method(model, cfg.get("method", "lora"), art)
+        load_method(model, cfg.get("method") or "lora", art)
         if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
             from transformers import AutoTokenizer
 
