@@ -80,9 +80,11 @@ def sampler_class(name: str) -> type:
     """The class ``rl.sampler`` names; ``vllm`` is imported on first use. One-line error for an unknown name."""
     if name == "vllm" and "vllm" not in SAMPLERS:
         try:
-            from . import vllm_sampler  # noqa: F401  (registers "vllm")
+            from . import vllm_sampler  # registers "vllm" itself, or defines VLLMSampler
         except ImportError as e:
             raise TunelabError(f"rl.sampler=vllm: the vLLM sampler is not available here ({e})") from None
+        if "vllm" not in SAMPLERS and hasattr(vllm_sampler, "VLLMSampler"):
+            SAMPLERS["vllm"] = vllm_sampler.VLLMSampler
     if name not in SAMPLERS:
         raise TunelabError(f"rl.sampler={name!r}: unknown sampler; choose {', '.join(sorted(SAMPLERS))}")
     return SAMPLERS[name]
