@@ -97,10 +97,38 @@ def test_inspect_json_flags_match_masking(tmp_path, capsys, model_dir, tokenizer
 def test_inspect_shows_chosen_and_rejected(tmp_path, capsys, model_dir):
     rows = [{"prompt": "2 + 2?", "chosen": "4", "rejected": "5"}]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
-    cfg = _cfg(tmp_path, model_dir, data)
+    cfg = _cfg(tmp_path, model_dir, data, objective="dpo")  # a preference objective: both responses train
     assert main(["data", "inspect", str(cfg), "--n", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["origin"].split()[-1] for r in out] == ["chosen", "rejected"]
     for r, want in zip(out, ["4", "5"]):
         trained = "".join(t for t, f in zip(r["tokens"], r["loss"]) if f)
         assert trained.startswith(want) and trained.endswith("<|im_end|>")
+
+
+def _inspect(capsys, cfg, n=1) -> list[dict]:
+    assert main(["data", "inspect", str(cfg), "--n", str(n), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _trained(row) -> str:
+    return "".join(t for t, f in zip(row["tokens"], row["loss"]) if f)
+
+
+def test_inspect_shows_what_the_runs_objective_trains_on(tmp_path, capsys, model_dir):
+    """`data inspect` goes through the config's objective's data kind: the same preference file shows pairs to
+    DPO, prompt + chosen to SFT, and a prompts file shows GRPO its prompts with nothing trained."""
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2 + 2?", "chosen": "4", "rejected": "5"}])
+    sft = _inspect(capsys, _cfg(tmp_path, model_dir, pairs))  # objective: sft (the default)
+    assert len(sft) == 1 and not sft[0]["origin"].endswith(("chosen", "rejected"))
+    assert _trained(sft[0]).startswith("4") and _trained(sft[0]).endswith("<|im_end|>")
+    assert "5" not in _trained(sft[0])
+    kto = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "2 + 2?", "completion": "5", "label": False}])
+    [row] = _inspect(capsys, _cfg(tmp_path, model_dir, kto, objective="kto"))
+    assert row["origin"].endswith("undesirable") and _trained(row).startswith("5")
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                 for i in range(3)])
+    rows = _inspect(capsys, _cfg(tmp_path, model_dir, prompts, objective="grpo", rl={"max_new_tokens": 16}), n=2)
+    assert len(rows) == 2 and not any(any(r["loss"]) for r in rows)  # completions are sampled, not given
+    text = "".join(rows[0]["tokens"])
+    assert "What is 0 + 0?" in text and text.endswith("<|im_start|>assistant\n")

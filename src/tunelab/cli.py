@@ -59,41 +59,10 @@ def cmd_train(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .objectives import load_run_config
-    from .data.inspect import inspect_examples
-    from .data.pipeline import build_examples
-    from .models.load import load_tokenizer
+    from .train.inspect_data import inspect_data
 
-    cfg = load_run_config(args.config, args.overrides)
-    if not cfg.data.train:
-        raise TunelabError("data.train: no training data given")
-    tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    d = cfg.data
-    if _is_preference_data(cfg):  # chosen and rejected (or unpaired completions), each with its mask
-        from .data.preference import inspect_pairs
-        from .data.sources import load_records
-        from .data.templates import get_template
-
-        records = load_records(d.train, split=d.split, limit=max(args.n, 1))
-        examples = inspect_pairs(tok, get_template(d.template, tok), records, d.max_length, n=args.n)
-        inspect_examples(examples, tok, n=len(examples), as_json=args.json)
-        return 0
-    examples, stats, _ = build_examples(d.train, tok, fmt=d.format, template=d.template, mode=d.masking,
-                                        turns=d.turns, max_length=d.max_length, split=d.split,
-                                        limit=d.limit if d.limit else max(args.n, 1) * 50)
-    inspect_examples(examples, tok, n=args.n, stats=stats, as_json=args.json)
+    inspect_data(load_run_config(args.config, args.overrides), n=args.n, as_json=args.json)
     return 0
-
-
-def _is_preference_data(cfg) -> bool:
-    from .data.preference import is_preference, is_unpaired
-    from .data.sources import load_records
-
-    if cfg.data.format in ("preference", "unpaired"):
-        return True
-    if cfg.data.format != "auto":
-        return False
-    first = load_records(cfg.data.train, split=cfg.data.split, limit=1)
-    return bool(first) and (is_preference(first[0].data) or is_unpaired(first[0].data))
 
 
 def cmd_generate(args) -> int:

@@ -2,7 +2,7 @@
 
 `load_run(RUN_DIR)` rebuilds exactly what was trained: the base model from the run's `config.yaml`, the
 adapter from `adapter/` (PEFT format, loaded by tunelab's own reader) or the full model from `model/`, and the
-run's chat template. `export_merged` folds the adapter into the base weights and writes a plain Hugging Face
+run's chat template (the one loader, `objectives/saved_run.py`, re-exported here). `export_merged` folds the adapter into the base weights and writes a plain Hugging Face
 folder that `AutoModelForCausalLM.from_pretrained` loads, with the tokenizer (a SentencePiece tokenizer's
 `tokenizer.model` included) and the run's chat template; weights with NaN/inf are refused, and a full disk
 stops with one line and no half-written folder.
@@ -10,62 +10,15 @@ stops with one line and no half-written folder.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import yaml
-
-from .adapters.base import load_method, merge, saves_full_model
+from .adapters.base import merge
 from .errors import TunelabError
-from .models.load import load_model, save_tokenizer
+from .models.load import save_tokenizer
+from .objectives.saved_run import load_run, run_info
 from .train.guards import check_finite, disk_full, is_disk_full, tensor_bytes
 from .userfiles import check_can_create, make_folder
-
-
-def run_info(run_dir: Path) -> dict:
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter
-    art = run_dir / ("model" if saves_full_model(cfg.get("method", "lora")) else "adapter")
-    if not art.is_dir():
-        raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
-    return {"config": cfg, "artifact": art}
-
-
-def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer, template) of a finished run, or of a plain model reference."""
-    from .data.templates import from_jinja, get_template
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():  # a model reference, not a run
-        model, tok = load_model(str(run_dir), dtype, device)
-        return model, tok, get_template("auto", tok)
-    info = run_info(run_dir)
-    cfg, art = info["config"], info["artifact"]
-    mcfg = cfg.get("model", {})
-    if art.name == "model":
-        model, tok = load_model(str(art), dtype, device, mcfg.get("trust_remote_code", False))
-    else:
-        model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False),
-                               allow_pickle=mcfg.get("allow_pickle", False))
-        load_method(model, cfg.get("method", "lora"), art)
-        if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(art))
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-    model.eval()
-    meta = art / "tunelab_template.json"
-    if meta.exists():
-        t = json.loads(meta.read_text())
-        template = from_jinja(t["name"], t["jinja"], tok)
-    else:
-        template = get_template("auto", tok)
-    return model, tok, template
 
 
 def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:

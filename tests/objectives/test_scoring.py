@@ -190,3 +190,14 @@ def test_compute_pairs_matches_per_sequence_reference_logps(tiny, tokenizer):
                          for e in exs])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert compute_pairs(ref, [], tokenizer.pad_token_id).shape == (0, 2)
+
+
+def test_target_mask_never_targets_the_first_position():
+    import torch
+
+    from tunelab.objectives.logprobs import target_mask
+
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    out = target_mask(mask)
+    assert out.dtype == torch.bool and out.tolist() == [[False, True, False], [False, True, True]]
+    assert mask.tolist() == [[1, 1, 0], [0, 1, 1]]  # a new tensor: the batch's mask is untouched

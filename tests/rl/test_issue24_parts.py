@@ -208,17 +208,20 @@ def test_dynamic_sampling_loop_keeps_the_informative_groups_in_order():
     G, P = 2, 2
     script = {1: [0.0, 1.0, 5.0, 5.0], 2: [7.0, 7.0, 2.0, 3.0]}  # rewards of the extra passes
 
-    def complete(model, prompts, n, temperature, seed):
+    def complete(prompts, params):
         k = 1 if 1 not in calls else 2
         calls.append(k)
         s = _samples(2, 3, P, G, 100 * k)
         return s, [f"pass{k}-row{i}" for i in range(P * G)], SimpleNamespace(total=script[k])
 
     calls = []
+    from tunelab.rl.sampler import SamplingParams
+
     fake = SimpleNamespace(cfg=RunConfig.model_validate({"objective": "grpo"}), prompts=[f"p{i}" for i in range(10)],
-        G=G, P=P, pad_id=-1, metrics={}, ctx=SimpleNamespace(rank=0, model=None, gathered=lambda: nullcontext(),
-                                                             objective=SimpleNamespace(dynamic_sampling=True,
-                                                                                       dynamic_sampling_max_rounds=3)),
+        G=G, P=P, params=SamplingParams(n=G), metrics={},
+        ctx=SimpleNamespace(rank=0, model=None, gathered=lambda: nullcontext(),
+                            tokenizer=SimpleNamespace(pad_token_id=-1),
+                            objective=SimpleNamespace(dynamic_sampling=True, dynamic_sampling_max_rounds=3)),
         _complete=complete)
     first = _samples(2, 3, P, G, 0)
     prompts, samples, texts, rewards = RolloutSource._dynamic_sampling(

@@ -304,3 +304,38 @@ def _prep(tiny, cfg):
     model = tiny("llama")
     apply_method(model, "lora", method_options(cfg))
     PPOObjective.prepare_model(model, cfg)
+
+
+def test_ppo_owns_its_kl_controller_and_updates_it_once_per_round():
+    """The rows of a round carry its KL over every rank (rl/rows/ppo.py); PPO updates β from them at the round's
+    first micro-batch, never twice for one round (a round is served in several micro-batches and passes)."""
+    from tunelab.objectives.ppo import PPO
+
+    ppo = PPO(kl=AdaptiveKL(0.1, target=1.0, horizon=10, adaptive=True))
+    batch = {"round": torch.tensor([0, 0]), "round_kl": torch.tensor([2.0, 2.0]),
+             "round_sequences": torch.tensor([4.0, 4.0])}
+    ppo.before_round(batch)
+    ppo.before_round(batch)  # the round's next micro-batch
+    assert ppo.kl.value == pytest.approx(0.1 * (1 + 0.2 * 4 / 10))
+    ppo.before_round({**batch, "round": torch.tensor([1, 1])})
+    assert ppo.kl.value == pytest.approx(0.1 * 1.08 ** 2)
+    restored = PPO(kl=AdaptiveKL(0.1, target=1.0, horizon=10, adaptive=True))
+    restored.load_state_dict(ppo.state_dict())
+    restored.before_round({**batch, "round": torch.tensor([1, 1])})  # resumed inside round 1: already counted
+    assert restored.kl.value == pytest.approx(ppo.kl.value)
+
+
+def test_a_reward_model_loads_with_its_runs_template(tiny, tokenizer, tmp_path):
+    """The reward model is loaded by the one run loader (`saved_run.load_run`), so it scores prompts rendered
+    with the template the reward run trained with (was: the tokenizer's own, ignoring tunelab_template.json)."""
+    from tunelab.data.templates import get_template
+    from tunelab.export import load_run
+    from tunelab.objectives.reward import load_reward_model
+
+    run = _reward_run(tmp_path, tiny, tokenizer, "lora")
+    llama3 = get_template("llama3", tokenizer)
+    (run / "adapter" / "tunelab_template.json").write_text(json.dumps({"name": "llama3", "jinja": llama3.jinja}))
+    rm = load_reward_model(run, "cpu")
+    assert rm.template.name == "llama3" and rm.template.jinja == llama3.jinja
+    _, _, template = load_run(run, device="cpu")
+    assert template.name == "llama3"  # the same loader

@@ -35,6 +35,11 @@ def even_share(batch, log=None):
 
 def boom(batch):
     raise RuntimeError("boom")
+
+
+def zero(batch):
+    """Every completion wrong (a 0/1 verifiable reward on a prompt the policy never solves)."""
+    return [0.0] * len(batch.completion_ids)
 '''
 EVEN = f"{REWARDS}:even_share"
 P, G = 2, 4  # prompts per round, completions per prompt
@@ -152,22 +157,25 @@ def test_rejection_sampling_keeps_the_best(keep, config, tmp_path):
     assert len(rounds) == 3  # one round per step: every kept row fits one micro-batch
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     for r, (texts, scores) in enumerate(rounds):
-        if keep == "best":  # the first best completion of each group
-            idx = [g * G + max(range(G), key=lambda i: (scores[g * G + i], -i)) for g in range(P)]
+        if keep == "best":  # the first best completion of each group, if it reaches the threshold
+            best = [g * G + max(range(G), key=lambda i: (scores[g * G + i], -i)) for g in range(P)]
+            idx = [i for i in best if scores[i] >= 0.5]
         else:
             idx = [i for i, s in enumerate(scores) if s >= 0.5]
         got = [row for row in selected if row["round"] == r]
         assert [row["completion"] for row in got] == [texts[i] for i in idx]
         assert [row["reward"] for row in got] == pytest.approx([scores[i] for i in idx], rel=1e-6)
-        if keep == "threshold":
-            assert all(row["reward"] >= 0.5 for row in got)
+        assert all(row["reward"] >= 0.5 for row in got)
     assert {row["round"] for row in selected} <= {0, 1, 2}
+    assert selected  # the toy's best completions mostly reach 0.5: the comparison above is not vacuous
     if keep == "best":
-        assert len(selected) == 3 * P
-        for r in range(3):  # one row per prompt of the round
-            assert len({row["prompt"] for row in selected if row["round"] == r}) == P
+        assert len(selected) <= 3 * P
+        for r in range(3):  # at most one row per prompt of the round
+            prompts = [row["prompt"] for row in selected if row["round"] == r]
+            assert len(set(prompts)) == len(prompts)
     kept = [row["kept"] for row in _train_rows(out)]
     assert kept == [sum(1 for row in selected if row["round"] == r) for r in range(3)]
+    assert [row["kept_of"] for row in _train_rows(out)] == [P if keep == "best" else P * G] * 3
 
 
 def test_rejection_sampling_keeping_nothing_still_steps(config):
@@ -200,7 +208,8 @@ def test_grpo_lora_kl_to_the_adapter_off_reference(config):
     rows = _train_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
     kls = [r["kl"] for r in rows]
-    assert all(math.isfinite(k) and k >= 0 for k in kls)  # k3 is non-negative
+    # k3 is non-negative; exp(d) − d − 1 at d ≈ 0 in fp32 may round to −1e-9
+    assert all(math.isfinite(k) and k >= -1e-6 for k in kls)
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # zero-initialised LoRA: π_θ = π_ref before the first update
     assert max(kls[1:]) > 0  # afterwards the policy moved away from the adapter-off reference
 

@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/train/dist_driver.py SPEC.json
 
-SPEC: [{"config": path, "overrides": [...], "stop_after": int | null} | {"compare": sweep.yaml}, ...]. Each rank also appends the prompts
+SPEC: [{"config": path, "overrides": [...], "stop_after": int | null, "samplers": {name: "module:Class"}} |
+{"compare": sweep.yaml}, ...] ("samplers": test samplers registered in `rl.sampler.SAMPLERS` first). Each rank also appends the prompts
 it sampled in every rollout round to ``<output_dir>/prompts-rank<R>.jsonl`` (test evidence, not a tunelab
 file), and a run that raises TunelabError is recorded in ``<output_dir>.error`` instead of ending the launch.
 """
@@ -38,6 +39,13 @@ def main(spec_path: str) -> None:
             compare_main(job["compare"])
             distributed.barrier()
             continue
+        for name, path in job.get("samplers", {}).items():  # a test sampler, "module:Class"
+            import importlib
+
+            from tunelab.rl.sampler import SAMPLERS
+
+            module, cls = path.split(":")
+            SAMPLERS[name] = getattr(importlib.import_module(module), cls)
         cfg = load_run_config(job["config"], job.get("overrides", []))
         try:
             train(cfg, stop_after=job.get("stop_after"))

@@ -171,3 +171,25 @@ def test_export_refuses_a_non_finite_adapter(tmp_path, tokenizer):
     with pytest.raises(TunelabError, match=f"^refusing to write the merged model {tmp_path / 'merged'}: tensor '"):
         export_merged(out, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and not (tmp_path / ".tmp-merged").exists()
+
+
+def test_a_divergence_still_undoes_what_the_loop_did_to_the_model(tiny, tmp_path):
+    # memory mode checkpoints every MLP by replacing its forward; the loop must put the originals back even when
+    # the divergence guard raises out of it (was: skipped, leaving a model that recomputes its MLPs forever)
+    model = tiny("llama")
+    mlps = [layer.mlp for layer in model.model.layers]
+    cfg = TrainConfig(max_steps=6, lr=1e-3, memory_mode=True)
+    with pytest.raises(TunelabError, match="training diverged at step 2"):
+        fit(model, NaNAt(2), _batches(), cfg, tmp_path)
+    assert all("forward" not in m.__dict__ for m in mlps)
+
+
+def test_batch_tokens_counts_real_tokens_only():
+    from tunelab.train.loop import batch_tokens
+
+    packed = {"seq_ids": torch.tensor([[0, 0, 1, -1]]), "attention_mask": torch.ones(1, 1, 4, 4),
+              "input_ids": torch.zeros(1, 4)}
+    assert batch_tokens(packed) == 3
+    assert batch_tokens({"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]), "input_ids": torch.zeros(2, 3)}) == 3
+    assert batch_tokens({"attention_mask": torch.ones(2, 1, 3, 3, dtype=torch.bool),
+                         "input_ids": torch.zeros(2, 3)}) == 6

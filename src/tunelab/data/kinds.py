@@ -15,6 +15,9 @@ kind           examples                                 batches                 
                by tunelab.rl)                           (`rl.rollout.RolloutSource`)                 rejection_sampling, online_dpo, ppo
 =============  =======================================  ==========================================  ==========
 
+`inspect(tokenizer, template, records, cfg, n)` is what `tunelab data inspect` shows: the first `n` examples as
+this kind trains on them (`masking.Encoded`, trained tokens flagged) and dataset stats where the kind has them.
+
 `batches(examples, cfg, pad_id, context)` gets the run's context (model, tokenizer, template, objective) for
 kinds that generate their batches (rollouts); static kinds ignore it and reshuffle their rows per epoch from
 (seed, epoch) (`batches.shuffled_batches`). Preference kinds
@@ -33,8 +36,8 @@ from .collate import collate
 from .formats import to_sample
 from .masking import encode_dataset
 from .packing import pack
-from .preference import (collate_pairs, collate_unpaired, encode_pairs, encode_unpaired, is_preference,
-                         is_unpaired, sft_samples, to_pair, to_unpaired)
+from .preference import (collate_pairs, collate_unpaired, encode_pairs, encode_unpaired, inspect_pairs,
+                         is_preference, is_unpaired, sft_samples, to_pair, to_unpaired)
 
 
 @dataclass
@@ -111,6 +114,14 @@ class SFTData:
                    for s in eval_s[:cfg.samples.n_heldout] if s.messages]
         return EncodedData(train, evals, prompts + _user_prompts(cfg, template), {**stats.as_dict(), **counts})
 
+    def inspect(self, tokenizer, template, records, cfg, n: int):
+        """(the first `n` examples as this kind trains on them, stats over `records`) for `tunelab data inspect`:
+        any SFT format, preference data as prompt + chosen (what SFT trains on)."""
+        d = cfg.data
+        examples, stats = encode_dataset(tokenizer, self.samples(records, d.format), template, mode=d.masking,
+                                         turns=d.turns, max_length=d.max_length)
+        return examples[:n], stats
+
     def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
         packed = cfg.data.packing
         rows = pack(examples, cfg.data.max_length) if packed else [[e] for e in examples]
@@ -153,6 +164,13 @@ class PairData:
         evals = held_out(evals, len(eval_s), cfg, self.unit)
         prompts = [template.generation_prompt(s.prompt) for s in eval_s[:cfg.samples.n_heldout]]
         return EncodedData(train, evals, prompts + _user_prompts(cfg, template), {**stats.as_dict(), **counts})
+
+    def inspect(self, tokenizer, template, records, cfg, n: int):
+        """The first `n` records as trained: chosen and rejected (or an unpaired completion with its label),
+        each prompt masked; no dataset-wide stats."""
+        for r in records[:n]:
+            self.parse(r)  # a record of the wrong shape: the same one-line error as training gives
+        return inspect_pairs(tokenizer, template, records, cfg.data.max_length, n=n), None
 
     def batches(self, examples: list, cfg, pad_id: int, context=None) -> StaticBatches:
         return shuffled_batches(examples, cfg.train.batch_size, cfg.train.seed,

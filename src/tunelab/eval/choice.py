@@ -27,7 +27,7 @@ import torch
 from ..data.collate import collate
 from ..data.masking import Encoded, adds_bos
 from ..errors import TunelabError
-from ..objectives.logprobs import forward_hidden, head_logits, output_head, token_logprobs
+from ..objectives.logprobs import forward_hidden, head_logits, output_head, target_mask, token_logprobs
 from ..objectives.scoring import score_rows
 from .tasks import Task, format_prompt
 
@@ -74,8 +74,7 @@ def _scores_with_greedy(model, batch: dict, chunk_size: int) -> tuple[torch.Tens
     but keeping the argmax too (lm-eval's is_greedy).
     """
     hidden, _ = forward_hidden(model, batch)
-    mask = batch["loss_mask"].clone()
-    mask[:, 0] = False
+    mask = target_mask(batch["loss_mask"])
     pos = mask.nonzero(as_tuple=True)
     h = hidden[pos[0], pos[1] - 1]
     targets = batch["input_ids"][pos]
@@ -96,8 +95,7 @@ def _scores_with_greedy(model, batch: dict, chunk_size: int) -> tuple[torch.Tens
 
 def _row_scores(model, batch: dict, chunk_size: int, greedy: bool) -> list[Score]:
     """One `Score` per row of `batch`: summed log-prob and count of its loss tokens (+ is_greedy)."""
-    mask = batch["loss_mask"].clone()
-    mask[:, 0] = False
+    mask = target_mask(batch["loss_mask"])
     if greedy:
         lp, hit = _scores_with_greedy(model, batch, chunk_size)
         flags = (hit | ~mask).all(-1).tolist()

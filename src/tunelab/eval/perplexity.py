@@ -24,7 +24,7 @@ from functools import partial
 from ..data.collate import collate
 from ..data.formats import to_sample
 from ..data.masking import encode_dataset
-from ..objectives.logprobs import token_logprobs
+from ..objectives.logprobs import target_mask, token_logprobs
 from ..objectives.scoring import score_rows
 from .tasks import Task
 
@@ -32,8 +32,7 @@ from .tasks import Task
 def _nll_rows(model, batch: dict, chunk_size: int) -> list[tuple[float, int]]:
     """(−Σ log p, number of loss tokens) of each row of `batch`."""
     lp = token_logprobs(model, batch, chunk_size)
-    mask = batch["loss_mask"].clone()
-    mask[:, 0] = False
+    mask = target_mask(batch["loss_mask"])
     return [(-float(lp[row].sum()), int(mask[row].sum())) for row in range(lp.shape[0])]
 
 

@@ -64,6 +64,7 @@ Reference implementation: TRL 1.16 `GRPOTrainer._compute_loss`, which the tests 
 
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar, Literal
 
 import torch
@@ -72,6 +73,7 @@ from pydantic import Field
 from ..config import Strict
 from ..errors import TunelabError
 from .base import RunHooks
+from .logprobs import target_mask
 from .policy_loss import clipped_pg, entropy_bonus, gspo_pg, overlong_mask
 from .prompt_sharing import group_token_logprobs
 from .reference import ReferenceHooks
@@ -120,9 +122,7 @@ class GRPOOptions(ClipOptions):
 
 def targets(batch: dict) -> torch.Tensor:
     """The completion tokens scored: `loss_mask` without position 0 (never predicted), [B, T] bool."""
-    mask = batch["loss_mask"].bool().clone()
-    mask[:, 0] = False
-    return mask
+    return target_mask(batch["loss_mask"])
 
 
 def with_positions(batch: dict) -> dict:
@@ -141,6 +141,12 @@ def token_kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str = "k3") -> to
     if estimator == "k1":
         return -d
     raise TunelabError(f"unknown KL estimator {estimator!r}; choose {', '.join(KL_ESTIMATORS)}")
+
+
+def skip_loss(model, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss of 0 over 0 units that still backpropagates (the loop calls backward on every micro-batch)."""
+    p = next(p for p in model.parameters() if p.requires_grad)
+    return (p.sum() * 0.0).float(), torch.zeros((), dtype=torch.long, device=mask.device)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean",
@@ -168,8 +174,8 @@ class GRPO(ReferenceHooks, RunHooks):
     # The run builds a Reference from this class attribute; with beta == 0 the loss never calls it.
     needs_reference = True
     generator = True
-    advantage_estimator = "grpo"  # rl/advantages.py ESTIMATORS name the rollout source uses by default
-    rollout = "policy_gradient"  # rl/rollout.py: rows with advantages, the sampler's log-probs as π_old
+    advantage_estimator = "grpo"  # rl/advantages.py ESTIMATORS name the row builder uses by default
+    row_builder = "policy_gradient"  # rl/rows/policy_gradient.py: advantages, the sampler's log-probs as π_old
     Options = GRPOOptions
 
     @classmethod
@@ -233,25 +239,59 @@ class GRPO(ReferenceHooks, RunHooks):
         return self.reference.token_logprobs(batch, temperature=self.temperature, share_prompts=self.share_prompts)
 
     def loss(self, model, batch: dict):
+        """The clipped surrogate of the module docstring. A subclass extends it through named points rather than
+        replacing it: `before_round` (state updated from what a round's rows carry), `trains_policy` (whether the
+        policy term trains this micro-batch: PPO's critic warm-up), `skipped` (a micro-batch that trains nothing)
+        and `extra_loss` (per-token terms added to the policy loss: GRPO's β·KL; PPO's value loss)."""
         batch = with_positions(batch)
         mask = targets(batch)
         if self.mask_truncated:  # DAPO overlong filtering: truncated completions train nothing
             mask = overlong_mask(mask, batch.get("truncated"))
+        self.before_round(batch)
+        policy = self.trains_policy(batch)
         ref = self.reference_logprobs(batch).masked_fill(~mask, 0.0) if self.beta else None  # before the policy
-        logp, entropy = group_token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                             return_entropy="grad" if self.entropy_coef else True,
-                                             share=self.share_prompts)
+        # without a graph when the policy term does not train: its parameters get no gradient at all
+        with contextlib.nullcontext() if policy else torch.no_grad():
+            logp, entropy = group_token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
+                                                 return_entropy="grad" if self.entropy_coef and policy else True,
+                                                 share=self.share_prompts)
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old.float().masked_fill(~mask, 0.0)
+        skip = self.skipped(batch, mask, logp, old)
+        if skip is not None:
+            return (*skip_loss(model, mask), skip)
         adv = batch["advantages"].float().to(logp.device)
-        per_token, ratio, clipped = self.policy_term(logp, old, adv, mask)
-        kl = token_kl(logp, ref, self.kl_estimator) if self.beta else None
-        if kl is not None:
-            per_token = per_token + self.beta * kl
-        if self.entropy_coef:
+        if adv.dim() == 2:  # per-token advantages (PPO's GAE): nothing off the completion tokens
+            adv = adv.masked_fill(~mask, 0.0)
+        pg, ratio, clipped = self.policy_term(logp, old, adv, mask)
+        per_token = pg if policy else torch.zeros_like(pg)
+        if self.entropy_coef and policy:
             per_token = per_token + entropy_bonus(entropy, self.entropy_coef)
+        extra, extra_metrics = self.extra_loss(model, batch, mask, logp, ref, pg)
+        if extra is not None:
+            per_token = per_token + extra
         loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
-        return loss_sum, n, self.metrics(mask, ratio, clipped, adv, kl, entropy)
+        return loss_sum, n, {**self.metrics(mask, ratio, clipped, adv, None, entropy), **extra_metrics}
+
+    # ------------------------------------------------------------------ extension points (see `loss`)
+    def before_round(self, batch: dict) -> None:
+        """Called first with every micro-batch (GRPO keeps no state of its own)."""
+
+    def trains_policy(self, batch: dict) -> bool:
+        """Whether the policy term (surrogate + entropy bonus) trains on this micro-batch."""
+        return True
+
+    def skipped(self, batch: dict, mask, logp, old) -> dict | None:
+        """Metrics of a micro-batch that trains nothing (a loss of 0 over 0 units), or None to train on it."""
+        return None
+
+    def extra_loss(self, model, batch: dict, mask, logp, ref, pg) -> tuple[torch.Tensor | None, dict]:
+        """(per-token term [B, T] added to the policy loss, or None; its metrics): GRPO's β·KL_t to π_ref."""
+        if not self.beta:
+            return None, {}
+        kl = token_kl(logp, ref, self.kl_estimator)
+        m = mask.float()
+        return self.beta * kl, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))}
 
     def policy_term(self, logp, old, adv, mask):
         """(pg, ratio, clipped) [B, T]: the token-level clipped surrogate, or GSPO's sequence-level one."""
@@ -268,8 +308,9 @@ class GRPO(ReferenceHooks, RunHooks):
         def mean(x):
             return float((x.detach().float() * m).sum() / tokens)
 
-        out = {"clip_fraction": mean(clipped), "ratio": mean(ratio), "adv_mean": float(adv.mean()),
-               "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+        a = adv[mask] if adv.dim() == 2 else adv  # per-token advantages: over the completion tokens
+        out = {"clip_fraction": mean(clipped), "ratio": mean(ratio), "adv_mean": float(a.mean()) if a.numel() else 0.0,
+               "adv_std": float(a.std()) if a.numel() > 1 else 0.0,
                "completion_len": float(m.sum(-1).mean())}
         if kl is not None:
             out["kl"] = mean(kl)

@@ -216,6 +216,15 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
     return torch.cat(outs) if outs else hidden.sum(-1).float()
 
 
+def target_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The loss targets of a `loss_mask`-style [B, T] mask, as a new bool tensor: the first position of a row is
+    never a target, since no position precedes it to predict it from (`loss_mask[t]` means token t is predicted
+    from position t − 1). Every objective, evaluation and RL round takes its targets through this rule."""
+    out = mask.bool().clone()
+    out[:, 0] = False
+    return out
+
+
 def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bool = False,
                    router_logits: bool = False, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probs of each target token, as a [B, T] fp32 tensor (0 where `loss_mask` is False).
@@ -227,8 +236,7 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024, return_output: bo
     token was drawn from — ``(logp, entropy)``, or ``(logp, entropy, output)`` with `return_output`.
     """
     hidden, out = forward_hidden(model, batch, router_logits)
-    mask = batch["loss_mask"].clone()
-    mask[:, 0] = False
+    mask = target_mask(batch["loss_mask"])
     pos = mask.nonzero(as_tuple=True)
     scored = scatter_logprobs(model, hidden, (pos[0], pos[1] - 1), batch["input_ids"], pos, chunk_size,
                               temperature, return_entropy)
@@ -258,6 +266,4 @@ def scatter_logprobs(model, hidden: torch.Tensor, sources: tuple, input_ids: tor
 
 def sequence_logprobs(token_lp: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probs and number of target tokens per sequence ([B] each; one sequence per row)."""
-    mask = batch["loss_mask"].clone()
-    mask[:, 0] = False
-    return token_lp.sum(-1), mask.sum(-1)
+    return token_lp.sum(-1), target_mask(batch["loss_mask"]).sum(-1)

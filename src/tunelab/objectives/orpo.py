@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .logprobs import forward_hidden, head_logprobs
+from .logprobs import forward_hidden, head_logprobs, target_mask
 from .pairwise import PairwiseObjective, PairwiseOptions
 
 
@@ -73,8 +73,7 @@ def sequence_targets(batch: dict) -> torch.Tensor:
         real = batch["attention_mask"].bool()
         mask = real.clone()
         mask[:, 1:] = real[:, 1:] & real[:, :-1]
-    mask[:, 0] = False
-    return mask
+    return target_mask(mask)
 
 
 class ORPO(PairwiseObjective):
@@ -104,8 +103,7 @@ class ORPO(PairwiseObjective):
         pos = every.nonzero(as_tuple=True)
         logp = head_logprobs(model, hidden[pos[0], pos[1] - 1], batch["input_ids"][pos], self.chunk_size)
         tok = torch.zeros(every.shape, dtype=torch.float32, device=hidden.device).index_put(pos, logp)
-        resp = batch["loss_mask"].clone()
-        resp[:, 0] = False
+        resp = target_mask(batch["loss_mask"])
         self._full = (tok.sum(-1), every.sum(-1).to(tok.dtype).clamp(min=1))
         logps = torch.where(resp, tok, torch.zeros_like(tok)).sum(-1)
         return logps, resp.sum(-1).to(logps.dtype).clamp(min=1)

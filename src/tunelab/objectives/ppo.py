@@ -3,7 +3,7 @@ Schulman et al. 2017, arXiv:1707.06347), with the practices Xu et al. 2024 ("Is 
 Alignment?", arXiv:2404.10719, §5) find decisive as switches: advantage normalisation, large rollout batches,
 an exponential-moving-average reference.
 
-The rollout source (`rl/rollout.py`, mode ``ppo``; `rl/ppo_round.py`) prepares each round — per completion token t
+PPO's row builder (`rl/rows/ppo.py`; the pure functions in `rl/ppo_round.py`) prepares each round — per completion token t
 of row i, with s_i the sequence score of the reward functions (`rl.rewards`, e.g. a tunelab reward-model run or
 a verifiable reward):
 
@@ -36,25 +36,21 @@ Metrics (micro-batch; token means over completion tokens): ``clip_fraction`` (po
 ``ratio``, ``early_stopped``, ``entropy`` (mean H(π_θ(·|y_<t)) over completion tokens, from the full
 distribution); the round's ``reward``, ``kl``, ``kl_coef``, ``entropy_sampled`` (−mean log π_old(y)),
 ``explained_variance``,
-``completion_length``… come from the rollout source. The same recipe is implemented by TRL's `PPOTrainer` and
+``completion_length``… come from the rollout round. The same recipe is implemented by TRL's `PPOTrainer` and
 verl (`core_algos.compute_gae_advantage_return`, `compute_value_loss`); the tests here check hand-computed
 values, not those implementations.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from ..errors import TunelabError
-from .grpo import GRPO, ClipOptions, KLEstimator, aggregate, targets, with_positions
-from .policy_loss import clipped_pg, entropy_bonus
-from .logprobs import token_logprobs
+from .grpo import GRPO, ClipOptions, KLEstimator
 from .value import add_value_model, detached, token_values
 
 
@@ -114,11 +110,14 @@ class PPOOptions(ClipOptions):
 
 
 class PPO(GRPO):
-    """PPO with a value model and per-token GAE advantages (see the module docstring)."""
+    """PPO with a value model and per-token GAE advantages (see the module docstring): GRPO's clipped surrogate
+    on per-token advantages, extended through GRPO's named points — `before_round` (the adaptive KL controller,
+    which PPO owns), `trains_policy` (the critic warm-up), `skipped` (the approx-KL early stop), `extra_loss` (the
+    clipped value loss). The reference is built when ``ppo.beta`` > 0, as for GRPO (inherited `wants_reference`)."""
 
     name = "ppo"
-    rollout = "ppo"
-    advantage_estimator = None  # per-token GAE, computed in the rollout round (rl/ppo_round.py)
+    row_builder = "ppo"  # rl/rows/ppo.py: per-token rewards, values, GAE
+    advantage_estimator = None  # per-token GAE, computed by the row builder
     Options = PPOOptions
 
     @classmethod
@@ -160,62 +159,66 @@ class PPO(GRPO):
         self.value_coef, self.epsilon_value, self.target_kl = value_coef, epsilon_value, target_kl
         self.value_warmup_rounds = value_warmup_rounds  # rounds 0..N−1 train V only (critic warm-up)
         self.kl = kl or AdaptiveKL(0.0)
+        self.kl_round = -1  # the last rollout round the KL controller has seen
         self.stopped_round = -1  # the rollout round whose remaining minibatches are skipped (approx-KL stop)
 
-    def loss(self, model, batch: dict):
-        batch = with_positions(batch)
-        mask = targets(batch)
-        round_ = int(batch["round"][0]) if batch.get("round") is not None else None
+    @staticmethod
+    def _round(batch: dict) -> int | None:
+        return int(batch["round"][0]) if batch.get("round") is not None else None
+
+    def before_round(self, batch: dict) -> None:
+        """At a round's first micro-batch, the controller sees that round's KL (β for the next round). The rows
+        carry the round's mean per-sequence KL and sequence count over every rank, so β is the same on all."""
+        round_ = self._round(batch)
+        if round_ is None or round_ == self.kl_round or batch.get("round_kl") is None:
+            return
+        self.kl.update(float(batch["round_kl"][0]), int(round(float(batch["round_sequences"][0]))))
+        self.kl_round = round_
+
+    def trains_policy(self, batch: dict) -> bool:
+        """Critic warm-up (ReaLHF / OpenRLHF's freezing_actor_steps): in rounds 0 … N−1 only the value model
+        learns; the policy forward runs without a graph, so the optimizer leaves the policy exactly as it is."""
+        round_ = self._round(batch)
+        return not (round_ is not None and round_ < self.value_warmup_rounds)
+
+    def skipped(self, batch: dict, mask, logp, old) -> dict | None:
+        """Early stop: a minibatch whose approx KL to π_old, mean((ρ − 1) − log ρ), exceeds ``target_kl`` and the
+        rest of its round train nothing."""
+        round_ = self._round(batch)
         if round_ is not None and round_ == self.stopped_round:
-            return self._skip(model, mask)
-        # critic warm-up (ReaLHF / OpenRLHF's freezing_actor_steps): the policy forward runs without a graph, so
-        # the policy's parameters get no gradient at all and the optimizer leaves them exactly as they are
-        warmup = round_ is not None and round_ < self.value_warmup_rounds
-        with torch.no_grad() if warmup else contextlib.nullcontext():
-            logp, entropy = token_logprobs(model, batch, self.chunk_size, temperature=self.temperature,
-                                           return_entropy="grad" if self.entropy_coef and not warmup else True)
-        old = batch["old_logprobs"].float().masked_fill(~mask, 0.0)
+            return {"early_stopped": 1.0}
         m = mask.float()
-        tokens = m.sum().clamp(min=1)
         log_ratio = (logp.detach() - old) * m
-        approx_kl = float(((torch.exp(log_ratio) - 1 - log_ratio) * m).sum() / tokens)
-        if self.target_kl is not None and approx_kl > self.target_kl and round_ is not None:
+        self._approx_kl = float(((torch.exp(log_ratio) - 1 - log_ratio) * m).sum() / m.sum().clamp(min=1))
+        if self.target_kl is not None and self._approx_kl > self.target_kl and round_ is not None:
             self.stopped_round = round_
-            return self._skip(model, mask, approx_kl)
-        adv = batch["advantages"].float().masked_fill(~mask, 0.0)
-        pg, ratio, clipped = clipped_pg(logp, old, adv, self.epsilon, self.epsilon_high)
+            return {"early_stopped": 1.0, "approx_kl": self._approx_kl}
+        return None
+
+    def extra_loss(self, model, batch: dict, mask, logp, ref, pg) -> tuple[torch.Tensor, dict]:
+        """c_v · vf_t, the clipped value loss, and its metrics."""
         values = token_values(model, batch)
         vf, v_clipped = clipped_value_loss(values, batch["old_values"].float(), batch["returns"].float(),
                                            self.epsilon_value)
-        per_token = self.value_coef * vf if warmup else pg + self.value_coef * vf
-        if self.entropy_coef and not warmup:
-            per_token = per_token + entropy_bonus(entropy, self.entropy_coef)
-        loss_sum, n = aggregate(per_token, mask, self.loss_agg, self.max_completion_length)
+        m = mask.float()
+        tokens = m.sum().clamp(min=1)
 
         def mean(x):
             return float((x.detach().float() * m).sum() / tokens)
 
-        metrics = {"clip_fraction": mean(clipped), "value_clip_fraction": mean(v_clipped), "value_loss": mean(vf),
-                   "policy_loss": mean(pg), "approx_kl": approx_kl, "ratio": mean(ratio), "early_stopped": 0.0,
-                   "value_mean": mean(values), "completion_len": float(m.sum(-1).mean()), "entropy": mean(entropy),
-                   "value_warmup": float(warmup)}
-        return loss_sum, n, metrics
-
-    @staticmethod
-    def _skip(model, mask, approx_kl: float = math.nan):
-        """A loss of 0 over 0 units that still backpropagates (the loop calls backward on every micro-batch)."""
-        p = next(p for p in model.parameters() if p.requires_grad)
-        zero = (p.sum() * 0.0).float()
-        return zero, torch.zeros((), dtype=torch.long, device=mask.device), \
-            {"early_stopped": 1.0, **({} if math.isnan(approx_kl) else {"approx_kl": approx_kl})}
+        return self.value_coef * vf, {"value_clip_fraction": mean(v_clipped), "value_loss": mean(vf),
+                                      "policy_loss": mean(pg), "approx_kl": self._approx_kl, "early_stopped": 0.0,
+                                      "value_mean": mean(values), "value_warmup": float(not self.trains_policy(batch))}
 
     # ------------------------------------------------------------------------------------- state (resume)
     def state_dict(self) -> dict[str, torch.Tensor]:
         own = {"ppo.kl_coef": torch.tensor(self.kl.value, dtype=torch.float64),
+               "ppo.kl_round": torch.tensor(self.kl_round, dtype=torch.long),
                "ppo.stopped_round": torch.tensor(self.stopped_round, dtype=torch.long)}
         return {**own, **{f"ref.{k}": v for k, v in super().state_dict().items()}}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.kl.value = float(sd["ppo.kl_coef"]) if "ppo.kl_coef" in sd else self.kl.value
+        self.kl_round = int(sd["ppo.kl_round"]) if "ppo.kl_round" in sd else -1
         self.stopped_round = int(sd["ppo.stopped_round"]) if "ppo.stopped_round" in sd else -1
         super().load_state_dict({k[len("ref."):]: v for k, v in sd.items() if k.startswith("ref.")})

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import reads_batch
-from .logprobs import forward_hidden, scatter_logprobs, token_logprobs
+from .logprobs import forward_hidden, scatter_logprobs, target_mask, token_logprobs
 
 # Plain decoders whose layers are full causal self-attention with RoPE positions from `position_ids` and that
 # take a prepared 4-D mask as given (transformers 5.x `create_causal_mask` returns it unchanged). Only the ones
@@ -104,8 +104,7 @@ def shared_layout(batch: dict) -> SharedLayout | None:
     ids, real = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
     pos = batch.get("position_ids")
     pos = (real.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos.cpu()
-    tmask = batch["loss_mask"].cpu().bool().clone()
-    tmask[:, 0] = False
+    tmask = target_mask(batch["loss_mask"].cpu())
     if bool((tmask & ~real).any()) or bool((tmask[:, 1:] & ~real[:, :-1]).any()):
         return None
     groups = _groups(batch, ids, pos, real, tmask)

@@ -188,30 +188,18 @@ class RewardModel:
 
 
 def load_reward_model(run_dir: str | Path, device: str = "auto") -> RewardModel:
-    """Rebuild the reward model a `objective: reward` run saved in `run_dir`."""
+    """Rebuild the reward model a `objective: reward` run saved in `run_dir`: the run as `saved_run.load_run`
+    loads it (weights, tokenizer, the run's own chat template) plus its head."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
-    from ..adapters.base import load_method
-    from .registry import load_run_config
-    from ..data.templates import get_template
     from ..errors import TunelabError
-    from ..models.load import load_model
+    from .saved_run import load_run
 
     run_dir = Path(run_dir)
     if not (run_dir / HEAD_FILE).exists():
         raise TunelabError(f"{run_dir}: no {HEAD_FILE}; not a finished reward-model run")
-    cfg = load_run_config(run_dir / "config.yaml")
-    if (run_dir / "model").exists():
-        model, tok = load_model(str(run_dir / "model"), cfg.model.dtype, device)
-    else:
-        model, _ = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code,
-                              allow_pickle=cfg.model.allow_pickle)
-        load_method(model, cfg.method, run_dir / "adapter")
-        tok = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+    model, tok, template = load_run(run_dir, device, dtype=None)
     head = add_reward_head(model)
     with torch.no_grad():
         head.weight.copy_(load_file(str(run_dir / HEAD_FILE))["weight"])
-    return RewardModel(model, tok, get_template("auto", tok))
+    return RewardModel(model, tok, template)

@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from ..adapters.base import adapter_modules, adapter_parameters, batch_context, has_adapter
 from ..errors import TunelabError
-from .logprobs import decoder
+from .logprobs import decoder, target_mask
 
 ATTR = "ppo_value"
 FILE = "value_model.safetensors"
@@ -107,8 +107,7 @@ def token_values(model, batch: dict) -> torch.Tensor:
     """V(x, y_<t) at every target token t, [B, T] fp32 (0 off the loss mask; see the module docstring)."""
     vm = value_model(model)
     h = vm.hidden(model, batch)
-    mask = batch["loss_mask"].bool().clone()
-    mask[:, 0] = False
+    mask = target_mask(batch["loss_mask"])
     pos = mask.nonzero(as_tuple=True)
     v = vm.head(h[pos[0], pos[1] - 1].float()).squeeze(-1)
     return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).index_put(pos, v)

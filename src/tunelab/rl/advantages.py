@@ -174,19 +174,21 @@ def reinforce_pp_baseline(rewards: torch.Tensor, group_index=None, *, group_size
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+           eps: float = 1e-8, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x − μ) / sqrt(σ² + eps) with μ, σ² the mean and unbiased variance of the entries where `mask` is true
     (all entries without a mask); `shift_mean=False` adds μ back (rescale only). As verl's `masked_whiten`.
     Entries outside the mask are transformed too (callers mask them later).
-    Needs at least 2 masked entries."""
+    `all_sum`: sums a tensor over the ranks of a data-parallel run (`rl.collective.all_sum`), so μ and σ² are
+    those of every rank's masked entries together. Needs at least 2 masked entries (over all ranks)."""
+    total = all_sum or (lambda t: t)
     xf = x if torch.is_floating_point(x) else x.float()
     m = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask.bool()
-    n = m.sum()
+    n = total(m.sum())
     if int(n) < 2:
         raise ValueError(f"whiten: need at least 2 entries to estimate a variance; got {int(n)}")
     mf = m.to(xf.dtype)
-    mean = (xf * mf).sum() / n
-    var = (((xf - mean) ** 2) * mf).sum() / (n - 1)
+    mean = total((xf * mf).sum()) / n
+    var = total((((xf - mean) ** 2) * mf).sum()) / (n - 1)
     out = (xf - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..data.formats import prompt_of
 from ..data.kinds import EncodedData, register_kind
+from ..data.masking import Encoded
 from ..errors import TunelabError
 
 
@@ -63,8 +64,11 @@ class PromptData:
                                "(alpaca, messages or prompt_completion records)")
         from .rewards import build_rewards
 
+        from .sampler import sampler_class
+
         build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution,
                       sandbox=cfg.eval.sandbox)  # fail before any write
+        sampler_class(cfg.rl.sampler)
 
     def _encode(self, tokenizer, template, records, budget: int | None):
         out, dropped = [], 0
@@ -77,11 +81,17 @@ class PromptData:
             out.append(PromptExample(ids, text, dict(r.data), r.origin))
         return out, dropped
 
-    def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
+    @staticmethod
+    def _budget(cfg) -> int | None:
+        """The longest prompt that leaves room for `rl.max_new_tokens` within `data.max_length`."""
         budget = None if cfg.data.max_length is None else cfg.data.max_length - cfg.rl.max_new_tokens
         if budget is not None and budget < 1:
             raise TunelabError(f"data.max_length={cfg.data.max_length} leaves no room for a prompt with "
                                f"rl.max_new_tokens={cfg.rl.max_new_tokens}")
+        return budget
+
+    def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
+        budget = self._budget(cfg)
         train, dropped = self._encode(tokenizer, template, train_records, budget)
         evals, _ = self._encode(tokenizer, template, eval_records, budget)
         if not train:
@@ -91,6 +101,12 @@ class PromptData:
         stats = {"n_examples": len(train), "n_dropped": dropped, "total_tokens": sum(len(e.prompt_ids) for e in train),
                  "trained_tokens": 0, "n_truncated": 0}
         return EncodedData(train, evals, [e.prompt for e in evals[:cfg.samples.n_heldout]], stats)
+
+    def inspect(self, tokenizer, template, records, cfg, n: int):
+        """The first `n` prompts as the policy is prompted with them: no token is a target (the completions the
+        policy samples are what trains)."""
+        shown, _ = self._encode(tokenizer, template, records[:n], self._budget(cfg))
+        return [Encoded(e.prompt_ids, [False] * len(e.prompt_ids), False, 0, e.origin) for e in shown], None
 
     def batches(self, examples: list, cfg, pad_id: int, context=None):
         from .rollout import RolloutSource

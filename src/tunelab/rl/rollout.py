@@ -4,30 +4,32 @@ The loop sees an ordinary batch source (`data.batches`): ``per_epoch`` micro-bat
 index)``, ``state_dict()``. Each round (one "epoch" of this source):
 
     # step 1. pick the round's prompts: `rl.prompts_per_step` of them, a pure function of (seed, round)
-    # step 2. sample `rl.group_size` completions per prompt from the current policy (`sampling.sample`,
-    #         seeded by (seed, round)), with the sampler's per-token log-probs at `rl.temperature`
+    # step 2. push the current policy to the sampler (`rl.sampler`, `rl/sampler.py`) and sample `rl.group_size`
+    #         completions per prompt at `rl.temperature`, with the sampler's per-token log-probs (π_old)
     # step 3. score every completion with the weighted reward functions (`rl.rewards`)
-    # step 4. turn the round into training rows, as the objective asks (`objective.rollout`):
-    #         "policy_gradient" (grpo, rloo): advantages per prompt group (`rl.advantages`), the sampler's
-    #                 log-probs as π_old, the reference's log-probs when the KL term is on;
-    #         "best_of_n" (rejection_sampling): the best completion of each group (or every completion with
-    #                 reward ≥ `rl.keep_threshold`) as an SFT example; the kept ones go to selected.jsonl;
-    #         "pairs" (online_dpo): the best vs the worst completion of each group as a DPO pair;
-    #         "ppo": per-token rewards (−β·KL + the score at the last token), the value model's estimates,
-    #                 GAE advantages and returns (rl/ppo_round.py)
-    # step 5. serve the rows for `rl.ppo_epochs` passes, reshuffled per pass, `train.batch_size` rows at a time
-    # (grpo, rloo, ppo: between steps 3 and 4, `grpo.dynamic_sampling` may sample more groups (rl/dynamic_sampling.py);
-    #  their rows carry `truncated`, and one no-grad training forward gives the train–inference mismatch metrics
-    #  and, with `grpo.recompute_old_logprobs`, π_old (rl/old_policy.py))
+    # step 4. hand the scored round to the objective's row builder (`rl/rows/`, named by the objective's
+    #         ``row_builder``): policy-gradient rows, PPO rows, kept completions or preference pairs
+    # step 5. serve the rows that train for `rl.ppo_epochs` passes, reshuffled per pass, `train.batch_size` rows
+    #         at a time; a micro-batch with no row left is a filler that counts for nothing (``zero_weight``)
+    # (grpo, rloo: between steps 3 and 4, `grpo.dynamic_sampling` may sample more groups (rl/dynamic_sampling.py);
+    #  policy-gradient and PPO rows carry `truncated`, and one no-grad training forward gives the train–inference
+    #  mismatch metrics and, with `recompute_old_logprobs`, π_old (rl/old_policy.py))
 
-Exact resume: the prompts and sampling seeds of a round are functions of (seed, round), and the round's rollout
-(which depends on the policy at the round's start) is part of `state_dict()` as tensors, so a run killed in
-the middle of a round resumes with the same rollouts and reproduces the uninterrupted curve on CPU.
+The source holds no objective-specific logic and never writes an objective's state: what differs between
+objectives is in their row builders, and an objective with state of its own (PPO's KL controller) updates it
+from what its rows carry.
+
+Randomness: every draw comes from a named stream (`rl/seeds.py`): ``prompt_order`` (seed, pass over the
+prompts), ``rollout`` (seed, round, rank) and ``minibatch`` (seed, round, pass). Exact resume: the prompts and
+sampling seeds of a round are functions of those keys, and the round's rows (which depend on the policy at the
+round's start) are part of `state_dict()` as tensors, so a run killed in the middle of a round resumes with the
+same rows and reproduces the uninterrupted curve on CPU.
 
 Data parallel (torchrun, `train/distributed.py`): rank r of W samples the r-th contiguous W-th of each round's
-prompts (`rl.prompts_per_step` must divide by W) with a rank-specific sampling seed, so every group of G
+prompts (`rl.prompts_per_step` must divide by W) with its own ``rollout`` stream, so every group of G
 completions — whose rewards are normalised together — lives on one rank; the loop then sums the loss units of
-all ranks. Generation and reference log-probs run inside `context.gathered()` (the full weights, no collective).
+all ranks, and statistics over the whole round (PPO's) are all-reduced by the row builder. Sampling and the row
+builders' forwards run inside `context.gathered()` (the full weights, no collective of the wrapper).
 
 Held-out measures (`measure`): greedy completions of the first `rl.eval_prompts` held-out prompts, scored by
 the same rewards — the run's before/after reward and, for `exact_match`, its accuracy.
@@ -35,9 +37,7 @@ the same rewards — the run's before/after reward and, for `exact_match`, its a
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -48,75 +48,63 @@ from ..data.sources import Record
 from ..errors import TunelabError
 from ..generate import cut_at_stop
 from ..jsonl import read_rows
-from ..sampling import sample
-from .advantages import ESTIMATORS
 from .dynamic_sampling import choose_groups, concat_samples, informative_groups, select_groups
-from .old_policy import settle_old_logprobs, summarize as summarize_mismatch
-from .ppo_round import ppo_rows
+from .old_policy import summarize as summarize_mismatch
 from .rewards import RewardInputs, build_rewards
-
-
-def _gen(*keys: int) -> torch.Generator:
-    seed = 0
-    for k in keys:
-        seed = (seed * 1000003 + int(k)) % (2 ** 62)
-    return torch.Generator().manual_seed(seed)
+from .rows import Round, row_builder
+from .sampler import SamplingParams, build_sampler
+from .seeds import seed_of, seeded
 
 
 class RolloutSource:
     def __init__(self, prompts: list, cfg, context: RunContext):
         self.prompts, self.cfg, self.ctx = prompts, cfg, context
         rl = cfg.rl
-        self.mode = context.objective.rollout
         self.rewards = build_rewards(rl.rewards, allow_code_execution=cfg.eval.allow_code_execution,
                                      sandbox=cfg.eval.sandbox)
-        self.estimator = ESTIMATORS[context.objective.advantage_estimator] \
-            if self.mode == "policy_gradient" else None
         if rl.prompts_per_step % context.world:
             raise TunelabError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the {context.world} "
                                "ranks (each rank samples whole prompt groups)")
         self.G, self.P, self.micro = rl.group_size, rl.prompts_per_step // context.world, cfg.train.batch_size
-        units = {"policy_gradient": self.P * self.G, "ppo": self.P * self.G,
-                 "best_of_n": self.P * (1 if getattr(context.objective, "keep", "best") == "best" else self.G),
-                 "pairs": self.P}[self.mode]
-        self.mb_per_pass = math.ceil(units / self.micro)
+        self.builder = row_builder(context.objective, cfg, context, self.micro)
+        self.sampler = build_sampler(getattr(rl, "sampler", "torch"), context.model, context.tokenizer, self.micro)
+        self.mb_per_pass = math.ceil(self.builder.units(self.P, self.G) / self.micro)
         self.per_epoch = rl.ppo_epochs * self.mb_per_pass
         tok = context.tokenizer
-        self.stop_strings = [s for s in [*context.template.stop_strings, *rl.stop] if s]
-        self.stop_ids = [i for s in self.stop_strings if (i := tok.convert_tokens_to_ids(s)) is not None
-                         and i != tok.unk_token_id and len(tok(s, add_special_tokens=False)["input_ids"]) == 1]
-        self.pad_id = tok.pad_token_id
-        self.round, self.rows, self.metrics = None, None, {}
-        self.round_pending = None  # the round being built (selected.jsonl rows carry it)
+        stop_strings = [s for s in [*context.template.stop_strings, *rl.stop] if s]
+        stop_ids = [i for s in stop_strings if (i := tok.convert_tokens_to_ids(s)) is not None
+                    and i != tok.unk_token_id and len(tok(s, add_special_tokens=False)["input_ids"]) == 1]
+        self.stop_strings = stop_strings
+        self.params = SamplingParams(n=self.G, temperature=rl.temperature, top_p=rl.top_p,
+                                     max_new_tokens=rl.max_new_tokens, stop_token_ids=tuple(stop_ids),
+                                     stop_strings=tuple(stop_strings))
+        self.round, self.rows, self.served, self.metrics = None, None, 0, {}
 
     # ------------------------------------------------------------------------------------------ the interface
     def get(self, epoch: int, index: int) -> dict:
         if epoch != self.round:
             self._rollout(epoch)
         pass_, mb = divmod(index, self.mb_per_pass)
-        n = next(iter(self.rows.values())).shape[0]
-        order = torch.randperm(n, generator=_gen(self.cfg.train.seed, epoch, pass_ + 1))
-        return self._batch(order[mb * self.micro:(mb + 1) * self.micro])
+        order = torch.randperm(self.served, generator=seeded("minibatch", self.cfg.train.seed, epoch, pass_))
+        idx = order[mb * self.micro:(mb + 1) * self.micro]
+        if len(idx):
+            batch = self.builder.batch(self.rows, idx)
+        else:  # every row that trains is served: this micro-batch is a filler the loop counts as nothing
+            batch = {**self.builder.batch(self.rows, torch.tensor([0])), "zero_weight": True}
+        batch["source_metrics"] = dict(self.metrics)
+        return batch
 
     def state_dict(self) -> dict:
         if self.rows is None:
             return {}
-        return {"round": self.round, "metrics": self.metrics, "tensors": dict(self.rows)}
+        return {"round": self.round, "served": self.served, "metrics": self.metrics, "tensors": dict(self.rows)}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.round, self.metrics = state["round"], state["metrics"]
             self.rows = dict(state["tensors"])
-        self._truncate_selected(self.round if state else -1)
-
-    def _truncate_selected(self, last_round: int) -> None:
-        """On resume: forget selections of rounds after the checkpoint (they are sampled again)."""
-        if self.ctx.run_dir is None or self.ctx.rank or not os.path.exists(f"{self.ctx.run_dir}/selected.jsonl"):
-            return
-        path = f"{self.ctx.run_dir}/selected.jsonl"
-        keep = [r for r in read_rows(Path(path), strict=True) if r.get("round", 0) <= last_round]  # torn row: dropped
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+            self.served = state.get("served", next(iter(self.rows.values())).shape[0])
+        self.builder.resume(self.round if state else -1)
 
     # -------------------------------------------------------------------------------------------- a round
     def round_prompts(self, r: int) -> list:
@@ -126,15 +114,12 @@ class RolloutSource:
         for k in range(first, first + self.P):
             e, pos = divmod(k, N)
             if e not in orders:  # one shuffle per pass over the prompts
-                orders[e] = torch.randperm(N, generator=_gen(self.cfg.train.seed, 7, e))
+                orders[e] = torch.randperm(N, generator=seeded("prompt_order", self.cfg.train.seed, e))
             out.append(self.prompts[orders[e][pos].item()])
         return out
 
-    def _complete(self, model, prompts: list, n: int, temperature: float, seed: int):
-        rl = self.cfg.rl
-        samples = sample(model, self.ctx.tokenizer, [p.prompt_ids for p in prompts], n=n, temperature=temperature,
-                         top_p=rl.top_p, max_new_tokens=rl.max_new_tokens, stop_token_ids=self.stop_ids,
-                         stop_strings=self.stop_strings, seed=seed, batch_size=max(self.micro, n))
+    def _complete(self, prompts: list, params: SamplingParams):
+        samples = self.sampler.sample([p.prompt_ids for p in prompts], params)
         # not stripped: a code continuation's first token is its indentation (rewards normalise what they compare)
         texts = [cut_at_stop(self.ctx.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
                  for ids in samples.completions()]
@@ -144,74 +129,42 @@ class RolloutSource:
 
     def _rollout(self, r: int) -> None:
         t0 = time.perf_counter()
-        rl = self.cfg.rl
         prompts = self.round_prompts(r)
+        params = SamplingParams(**{**self.params.__dict__,
+                                   "seed": seed_of("rollout", self.cfg.train.seed, r, self.ctx.rank)})
         with self.ctx.gathered():
-            samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
-                                                    seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank)
+            self.sampler.load_weights(self.ctx.model)  # the round samples from the policy as it is now
+            samples, texts, scores = self._complete(prompts, params)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
         seconds = time.perf_counter() - t0
-        self.metrics = {**scores.metrics(), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                        "completion_length": float(lengths.float().mean()),
-                        "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
-                        "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
-        if getattr(self.ctx.objective, "dynamic_sampling", False) and self.mode == "policy_gradient":  # DAPO; the metrics above: the first sample's
+        metrics = {**scores.metrics(), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                   "completion_length": float(lengths.float().mean()),
+                   "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
+                   "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
+        if getattr(self.ctx.objective, "dynamic_sampling", False):  # DAPO; the metrics above: the first sample's
+            self.metrics = metrics
             prompts, samples, texts, rewards = self._dynamic_sampling(r, prompts, samples, texts, rewards)
-        build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
-                 "ppo": self._ppo_rows}
-        self.round_pending = r
-        with self.ctx.gathered():  # the reference's log-probs
-            self.rows = build[self.mode](prompts, samples, texts, rewards)
+        with self.ctx.gathered():  # the builders' no-grad forwards (reference log-probs, values)
+            built = self.builder.build(Round(r, prompts, samples, texts, rewards, self.G))
+        self.rows, self.served, self.metrics = built.rows, built.served, {**metrics, **built.metrics}
         self.round = r
-
-    def _sequences(self, samples, rows: list[int], temperature_logprobs: bool) -> dict:
-        """Right-padded prompt+completion rows with masks (and the sampler's log-probs aligned to targets)."""
-        pm, cm = samples.prompt_mask.cpu(), samples.completion_mask.cpu()
-        pids, cids, clp = samples.prompt_ids.cpu(), samples.completion_ids.cpu(), samples.logprobs.cpu()
-        seqs = []
-        for i in rows:
-            p, c = pids[i][pm[i].bool()], cids[i][cm[i].bool()]
-            seqs.append((p, c, clp[i][cm[i].bool()]))
-        T = max(len(p) + len(c) for p, c, _ in seqs)
-        B = len(seqs)
-        out = {"input_ids": torch.full((B, T), self.pad_id, dtype=torch.long),
-               "attention_mask": torch.zeros(B, T, dtype=torch.long),
-               "loss_mask": torch.zeros(B, T, dtype=torch.bool), "prompt_mask": torch.zeros(B, T, dtype=torch.bool),
-               "old_logprobs": torch.zeros(B, T, dtype=torch.float32)}
-        for b, (p, c, lp) in enumerate(seqs):
-            P, L = len(p), len(c)
-            out["input_ids"][b, :P + L] = torch.cat([p, c])
-            out["attention_mask"][b, :P + L] = 1
-            out["prompt_mask"][b, :P] = True
-            out["loss_mask"][b, P:P + L] = True
-            out["old_logprobs"][b, P:P + L] = lp
-        out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        if not temperature_logprobs:
-            del out["old_logprobs"]
-            return out
-        # issue 24: the rows' finish (DAPO overlong filtering); π_old and the train–inference mismatch
-        # (rl/old_policy.py: one no-grad training forward while the weights are still the sampler's)
-        out["truncated"] = torch.tensor([samples.finish_reason[i] == "length" for i in rows])
-        out["prompt_index"] = samples.prompt_index.cpu()[rows].long()
-        self.metrics.update(settle_old_logprobs(out, self.ctx.model, self.ctx.objective, self.cfg, self.micro))
-        return out
 
     def _dynamic_sampling(self, r: int, prompts: list, samples, texts: list, rewards: torch.Tensor):
         """DAPO dynamic sampling (rl/dynamic_sampling.py): sample up to `grpo.dynamic_sampling_max_rounds` more
         passes of P prompts until P groups have differing rewards; keep P groups (informative first)."""
-        rl, N = self.cfg.rl, len(self.prompts)
+        N, seed, rank = len(self.prompts), self.cfg.train.seed, self.ctx.rank
         informative = informative_groups(rewards, self.G)
         first, extra = int(informative.sum()), 0
         while int(informative.sum()) < self.P and extra < self.ctx.objective.dynamic_sampling_max_rounds:
             extra += 1
-            order = torch.randperm(N, generator=_gen(self.cfg.train.seed, 11, r, extra, self.ctx.rank))
+            order = torch.randperm(N, generator=seeded("extra_prompts", seed, r, extra, rank))
             more = [self.prompts[i] for i in order[:self.P].tolist()]
+            params = SamplingParams(**{**self.params.__dict__,
+                                       "seed": seed_of("extra_rollout", seed, r, extra, rank)})
             with self.ctx.gathered():
-                s2, t2, sc2 = self._complete(self.ctx.model, more, self.G, rl.temperature,
-                                             seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank
-                                             + 104729 * extra)
-            samples = concat_samples(samples, s2, self.pad_id)
+                s2, t2, sc2 = self._complete(more, params)
+            samples = concat_samples(samples, s2, self.ctx.tokenizer.pad_token_id)
             prompts, texts = prompts + more, texts + t2
             rewards = torch.cat([rewards, torch.tensor(sc2.total, dtype=torch.float32)])
             informative = informative_groups(rewards, self.G)
@@ -222,91 +175,14 @@ class RolloutSource:
         return ([prompts[g] for g in keep], select_groups(samples, keep, self.G), [texts[i] for i in rows],
                 rewards[rows])
 
-    def _policy_rows(self, prompts, samples, texts, rewards) -> dict:
-        group = samples.prompt_index.cpu()
-        rows = self._sequences(samples, list(range(len(rewards))), temperature_logprobs=True)
-        rows["advantages"] = self.estimator(rewards, group).float()
-        rows["prompt_index"] = group.long()  # rows of one prompt: scored with the prompt encoded once (exact)
-        reference = getattr(self.ctx.objective, "reference", None)
-        if self.ctx.objective.beta > 0 and reference is not None:  # once per round, not once per pass
-            device = next(self.ctx.model.parameters()).device
-            keys = ("input_ids", "attention_mask", "position_ids", "loss_mask", "prompt_mask", "prompt_index")
-            rows["ref_logprobs"] = torch.cat([
-                reference.token_logprobs({k: rows[k][i:i + self.micro].to(device) for k in keys},
-                                         temperature=self.cfg.rl.temperature,
-                                         share_prompts=self.ctx.objective.share_prompts).cpu()
-                for i in range(0, len(rewards), self.micro)])
-        self.metrics["advantage_abs"] = float(rows["advantages"].abs().mean())
-        return rows
-
-    def _ppo_rows(self, prompts, samples, texts, rewards) -> dict:
-        rows = self._sequences(samples, list(range(len(rewards))), temperature_logprobs=True)
-        truncated = torch.tensor([f == "length" for f in samples.finish_reason])
-        rows, metrics = ppo_rows(rows, rewards, truncated, self.ctx.model, self.ctx.objective, self.cfg,
-                                 self.round_pending, self.micro)
-        self.metrics.update(metrics)
-        return rows
-
-    def _best_rows(self, prompts, samples, texts, rewards) -> dict:
-        if self.ctx.objective.keep == "best":
-            keep = [g * self.G + int(rewards[g * self.G:(g + 1) * self.G].argmax()) for g in range(len(prompts))]
-            rows = self._sequences(samples, keep, temperature_logprobs=False)
-        else:  # every completion served; the ones under the threshold train nothing (their loss mask is empty)
-            keep = [i for i in range(len(rewards)) if rewards[i] >= self.ctx.objective.keep_threshold]
-            rows = self._sequences(samples, list(range(len(rewards))), temperature_logprobs=False)
-            rejected = torch.ones(len(rewards), dtype=torch.bool)
-            rejected[keep] = False
-            rows["loss_mask"][rejected] = False
-        self.metrics["kept"] = len(keep)
-        self._save_selected([{"round": self.round_pending, "prompt": prompts[i // self.G].prompt, "completion": texts[i],
-                              "reward": float(rewards[i]), "origin": prompts[i // self.G].origin} for i in keep])
-        return rows
-
-    def _pair_rows(self, prompts, samples, texts, rewards) -> dict:
-        best, worst, ties = [], [], 0
-        for g in range(len(prompts)):
-            r = rewards[g * self.G:(g + 1) * self.G]
-            best.append(g * self.G + int(r.argmax()))
-            worst.append(g * self.G + int(r.argmin()))
-            ties += bool(r.max() == r.min())
-        self.metrics["tied_groups"] = ties
-        rows = self._sequences(samples, best + worst, temperature_logprobs=False)
-        P = len(prompts)  # DPO batches hold the chosen rows, then the rejected rows
-        return {f"{side}{k}": v[sl] for k, v in rows.items()
-                for side, sl in (("chosen_", slice(0, P)), ("rejected_", slice(P, 2 * P)))}
-
-    def _batch(self, idx: torch.Tensor) -> dict:
-        if self.mode != "pairs":
-            batch = {k: v[idx] for k, v in self.rows.items()}
-            width = int(batch["attention_mask"].sum(-1).max())
-            batch = {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
-        else:  # chosen rows then rejected rows, trimmed to the longest of both
-            c = {k[len("chosen_"):]: v[idx] for k, v in self.rows.items() if k.startswith("chosen_")}
-            j = {k[len("rejected_"):]: v[idx] for k, v in self.rows.items() if k.startswith("rejected_")}
-            width = int(max(c["attention_mask"].sum(-1).max(), j["attention_mask"].sum(-1).max()))
-            T = max(c["input_ids"].shape[1], j["input_ids"].shape[1])
-            batch = {}
-            for k in c:
-                a, b = c[k], j[k]
-                a = torch.nn.functional.pad(a, (0, T - a.shape[1]), value=self.pad_id if k == "input_ids" else 0)
-                b = torch.nn.functional.pad(b, (0, T - b.shape[1]), value=self.pad_id if k == "input_ids" else 0)
-                batch[k] = torch.cat([a, b])[:, :width]
-        batch["source_metrics"] = dict(self.metrics)
-        return batch
-
-    def _save_selected(self, rows: list[dict]) -> None:
-        if self.ctx.run_dir is None:
-            return
-        with open(f"{self.ctx.run_dir}/selected.jsonl", "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
     # ---------------------------------------------------------------------------------- held-out measures
     def measure(self, model, train: list, evals: list, pad_id: int, cfg) -> dict:
         prompts = evals[:cfg.rl.eval_prompts]
         if not prompts:
             return {}
-        _, _, scores = self._complete(model, prompts, 1, 0.0, seed=0)
+        self.sampler.load_weights(model)
+        greedy = SamplingParams(**{**self.params.__dict__, "n": 1, "temperature": 0.0, "seed": 0})
+        _, _, scores = self._complete(prompts, greedy)
         return scores.metrics()
 
     def measure_during(self, model, evals: list, pad_id: int, cfg) -> dict:
@@ -316,7 +192,7 @@ class RolloutSource:
         logged = read_rows(Path(self.ctx.run_dir) / "metrics.jsonl") if self.ctx.run_dir else []
         return {"before": before, "after": after,
                 **({"reward_before": before["reward"], "reward_after": after["reward"]} if before else {}),
-                **summarize_mismatch(logged)}  # issue 24: the run's train–inference mismatch (rl/old_policy.py)
+                **summarize_mismatch(logged)}  # the run's train–inference mismatch (rl/old_policy.py)
 
     def describe(self, m: dict) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in m.items()) if m else "no held-out prompts"

@@ -37,6 +37,7 @@ checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -95,6 +96,17 @@ def _position(loop: dict, cfg, engine: Engine) -> int:
     return rows // now
 
 
+def batch_tokens(batch: dict) -> int:
+    """The real tokens of a micro-batch, for throughput and the run's token count: a packed row's padding has
+    `seq_ids` −1 (pad ids are real ids — eos for SmolLM2 — so the ids cannot tell), an unpacked row's has
+    attention_mask 0; a 4-D (block) attention mask says nothing per token, so every position counts."""
+    if "seq_ids" in batch:
+        return int((batch["seq_ids"] >= 0).sum())
+    if batch["attention_mask"].dim() == 2:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
 def _vocab_size(model) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "weight"):
@@ -132,134 +144,135 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     split = cfg.memory_mode and getattr(objective, "rows_additive", False)
-    undo_checkpointing = checkpoint_layers(model, "mlp") if cfg.memory_mode else None
-    undo_compile = compile_layers(model) if cfg.compile else None  # after: a compiled layer calls the checkpointed MLP
+    # what the loop changes on the model is undone however the loop ends — a divergence or a user error raises
+    # out of it — last in, first out: the compiled layers go before the checkpointed MLP they call
+    undo = contextlib.ExitStack()
+    if cfg.memory_mode:
+        undo.callback(checkpoint_layers(model, "mlp"))
+    if cfg.compile:  # after: a compiled layer calls the checkpointed MLP
+        undo.callback(compile_layers(model))
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run_dir / "checkpoints"
-    step, micro, tokens, resumed = 0, 0, 0, None
-    latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
-    if latest is not None:
-        if engine.distributed or dist_checkpoint.is_sharded(latest):
-            state = dist_checkpoint.load(latest, model, optimizer, scheduler, objective, engine)
-        else:
-            state = load_checkpoint(latest, model, optimizer, scheduler, objective)
-        step, micro, tokens = state["step"], _position(state["loop"], cfg, engine), state["loop"]["tokens"]
-        if hasattr(stream, "load_state_dict"):
-            stream.load_state_dict(state["loop"].get("source", {}))
-        resumed = step
-        console.print(f"resumed from {latest} (step {step})")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
-                     trackers=cfg.trackers, run_dir=run_dir) if main else None
-    autocast = training_autocast(model)  # bf16 on CUDA over fp32 weights (online RL's π_old forward uses it too)
-
-    model.train()
-    prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
-    guard = DivergenceGuard(cfg.divergence, _vocab_size(model), getattr(objective, "nll_loss", False))
-    on_step = getattr(objective, "on_step", None)
-    last_loss = float("nan")
-    eval_seconds = 0.0  # kept out of the training throughput
-    t_start = time.perf_counter()
-    with progress_bar(total, step) as bar:
-        task = bar.task_ids[0]
-        while step < total:
-            if stop_after is not None and step >= stop_after:
-                break
-            t0 = time.perf_counter()
-            loss_sum, n_sum, step_tokens, metrics = 0.0, 0, 0, {}
-            for i in range(cfg.grad_accum):
-                epoch, index = divmod(micro, stream.per_epoch)
-                batch = _to(stream.get(epoch, index), device)
-                micro += 1
-                source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
-                filler = batch.pop("zero_weight", False)  # a rank's empty share of a short last batch
-                parts = split_rows(batch) if split else [batch]  # memory mode: row by row
-                m = dict(source_metrics)
-                for j, part in enumerate(parts):
-                    # reduce gradients on the step's last backward only
-                    with engine.sync(last=i == cfg.grad_accum - 1 and j == len(parts) - 1):
-                        with autocast:
-                            ls, n, part_m = engine.forward(objective.loss, part)
-                        if filler:
-                            ls, n = ls * 0.0, 0
-                        ls.backward()
-                    loss_sum += float(ls.detach())
-                    n_sum += int(n)
-                    for k, v in part_m.items():
-                        m[k] = m.get(k, 0.0) + v / len(parts)
-                # real tokens only: a packed row's padding has seq_ids -1 (and pad ids are real ids, eos for SmolLM2)
-                step_tokens += 0 if filler else int((batch["seq_ids"] >= 0).sum()) if "seq_ids" in batch \
-                    else int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 \
-                    else int(batch["input_ids"].numel())
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
-            if engine.distributed:  # every rank's units, loss and tokens; DDP/FSDP2 averaged the gradients
-                loss_sum, n_sum, step_tokens = engine.all_sum(loss_sum, n_sum, step_tokens)
-                n_sum, step_tokens = int(n_sum), int(step_tokens)
-                metrics = engine.mean_metrics(metrics)
-            denom = max(n_sum, 1)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(denom / engine.grad_world)
-            if engine.distributed:
-                gnorm = engine.clip(params, cfg.max_grad_norm)
+    with undo:
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = run_dir / "checkpoints"
+        step, micro, tokens, resumed = 0, 0, 0, None
+        latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
+        if latest is not None:
+            if engine.distributed or dist_checkpoint.is_sharded(latest):
+                state = dist_checkpoint.load(latest, model, optimizer, scheduler, objective, engine)
             else:
-                gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                         else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
-            lr = scheduler.get_last_lr()[0]
-            diagnosis = guard.check(loss_sum / denom, float(gnorm))  # all-reduced loss, global norm: same on all ranks
-            if engine.distributed:  # and should a rank still disagree, every rank stops with it: none hangs alone
-                stopper = engine.max_int(engine.rank + 1 if diagnosis else 0)
-                if stopper and not diagnosis:
-                    diagnosis = f"rank {stopper - 1} diagnosed a divergence"
-            if diagnosis:
-                _diverged(ckpt_dir, step, diagnosis, cfg.lr, engine)
-            if prune_due:  # the newest checkpoint's weights just gave a healthy loss: older ones may go
-                if main:
-                    prune_checkpoints(ckpt_dir, cfg.keep_last)
-                prune_due = False
-            if n_sum > 0:  # no loss unit in the whole step (PPO's approx-KL early stop, every row rejected): no
-                optimizer.step()  # step at all — AdamW's momentum and weight decay would move the weights anyway
-            with warnings.catch_warnings():  # a skipped first step makes torch warn about the order: intended
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if on_step is not None:
-                on_step(step)
-            tokens += step_tokens
-            dt = time.perf_counter() - t0
-            last_loss = loss_sum / denom
-            if main and (step % cfg.log_every == 0 or step == total):
-                log.write({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / dt,
-                           "step_seconds": dt, "grad_norm": float(gnorm), "tokens": tokens, "epoch": micro / stream.per_epoch,
-                           "n_loss_units": n_sum, **metrics})
-            extra = " ".join(f"{k} {metrics[k]:.3f}" for k in BAR_METRICS if k in metrics)  # online RL: reward, kl
-            bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{step_tokens / dt:,.0f}",
-                       extra=extra)
-            if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                t_eval = time.perf_counter()
-                row = evaluate(step)
-                if row and main:  # an objective with nothing held out and no tasks measures nothing
-                    log.write({"step": step, **row})
-                model.train()
-                eval_seconds += time.perf_counter() - t_eval
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
-                              **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
-                obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
-                if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
-                    dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
+                state = load_checkpoint(latest, model, optimizer, scheduler, objective)
+            step, micro, tokens = state["step"], _position(state["loop"], cfg, engine), state["loop"]["tokens"]
+            if hasattr(stream, "load_state_dict"):
+                stream.load_state_dict(state["loop"].get("source", {}))
+            resumed = step
+            console.print(f"resumed from {latest} (step {step})")
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
+                         trackers=cfg.trackers, run_dir=run_dir) if main else None
+        autocast = training_autocast(model)  # bf16 on CUDA over fp32 weights (online RL's π_old forward uses it too)
+
+        model.train()
+        prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
+        guard = DivergenceGuard(cfg.divergence, _vocab_size(model), getattr(objective, "nll_loss", False))
+        on_step = getattr(objective, "on_step", None)
+        last_loss = float("nan")
+        eval_seconds = 0.0  # kept out of the training throughput
+        t_start = time.perf_counter()
+        with progress_bar(total, step) as bar:
+            task = bar.task_ids[0]
+            while step < total:
+                if stop_after is not None and step >= stop_after:
+                    break
+                t0 = time.perf_counter()
+                loss_sum, n_sum, step_tokens, metrics = 0.0, 0, 0, {}
+                for i in range(cfg.grad_accum):
+                    epoch, index = divmod(micro, stream.per_epoch)
+                    batch = _to(stream.get(epoch, index), device)
+                    micro += 1
+                    source_metrics = batch.pop("source_metrics", None) or {}  # e.g. a rollout round's rewards
+                    filler = batch.pop("zero_weight", False)  # a rank's empty share of a short last batch
+                    parts = split_rows(batch) if split else [batch]  # memory mode: row by row
+                    m = dict(source_metrics)
+                    for j, part in enumerate(parts):
+                        # reduce gradients on the step's last backward only
+                        with engine.sync(last=i == cfg.grad_accum - 1 and j == len(parts) - 1):
+                            with autocast:
+                                ls, n, part_m = engine.forward(objective.loss, part)
+                            if filler:
+                                ls, n = ls * 0.0, 0
+                            ls.backward()
+                        loss_sum += float(ls.detach())
+                        n_sum += int(n)
+                        for k, v in part_m.items():
+                            m[k] = m.get(k, 0.0) + v / len(parts)
+                    step_tokens += 0 if filler else batch_tokens(batch)
+                    for k, v in m.items():
+                        metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+                if engine.distributed:  # every rank's units, loss and tokens; DDP/FSDP2 averaged the gradients
+                    loss_sum, n_sum, step_tokens = engine.all_sum(loss_sum, n_sum, step_tokens)
+                    n_sum, step_tokens = int(n_sum), int(step_tokens)
+                    metrics = engine.mean_metrics(metrics)
+                denom = max(n_sum, 1)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(denom / engine.grad_world)
+                if engine.distributed:
+                    gnorm = engine.clip(params, cfg.max_grad_norm)
                 else:
-                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
-                prune_due = True
-    if prune_due and main:
-        prune_checkpoints(ckpt_dir, cfg.keep_last)
-    if undo_compile is not None:
-        undo_compile()
-    if undo_checkpointing is not None:
-        undo_checkpointing()
+                    gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                             else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+                lr = scheduler.get_last_lr()[0]
+                # the all-reduced loss and the global norm: the same on all ranks
+                diagnosis = guard.check(loss_sum / denom, float(gnorm))
+                if engine.distributed:  # and should a rank still disagree, every rank stops with it: none hangs alone
+                    stopper = engine.max_int(engine.rank + 1 if diagnosis else 0)
+                    if stopper and not diagnosis:
+                        diagnosis = f"rank {stopper - 1} diagnosed a divergence"
+                if diagnosis:
+                    _diverged(ckpt_dir, step, diagnosis, cfg.lr, engine)
+                if prune_due:  # the newest checkpoint's weights just gave a healthy loss: older ones may go
+                    if main:
+                        prune_checkpoints(ckpt_dir, cfg.keep_last)
+                    prune_due = False
+                if n_sum > 0:  # no loss unit in the whole step (PPO's approx-KL early stop, every row rejected): no
+                    optimizer.step()  # step at all — AdamW's momentum and weight decay would move the weights anyway
+                with warnings.catch_warnings():  # a skipped first step makes torch warn about the order: intended
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if on_step is not None:
+                    on_step(step)
+                tokens += step_tokens
+                dt = time.perf_counter() - t0
+                last_loss = loss_sum / denom
+                if main and (step % cfg.log_every == 0 or step == total):
+                    log.write({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / dt,
+                               "step_seconds": dt, "grad_norm": float(gnorm), "tokens": tokens,
+                               "epoch": micro / stream.per_epoch,
+                               "n_loss_units": n_sum, **metrics})
+                extra = " ".join(f"{k} {metrics[k]:.3f}" for k in BAR_METRICS if k in metrics)  # online RL: reward, kl
+                bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
+                           tps=f"{step_tokens / dt:,.0f}", extra=extra)
+                if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                    t_eval = time.perf_counter()
+                    row = evaluate(step)
+                    if row and main:  # an objective with nothing held out and no tasks measures nothing
+                        log.write({"step": step, **row})
+                    model.train()
+                    eval_seconds += time.perf_counter() - t_eval
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
+                                  **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
+                    obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
+                    if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
+                        dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
+                    else:
+                        save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
+                    prune_due = True
+        if prune_due and main:
+            prune_checkpoints(ckpt_dir, cfg.keep_last)
     if evaluate and step == total:
         row = evaluate(step)
         if row and main:
