@@ -29,7 +29,7 @@ import re
 from ..errors import TunelabError
 from .completion import complete
 from .sandbox import isolation, run_many
-from .tasks import Task
+from .tasks import Task, item_id
 
 CODE_FLAG_HELP = ("executes model-written code; pass allow_code_execution=True (CLI: --allow-code-execution) "
                   "to run it in tunelab's sandbox (own temp dir, time/memory limits, no network, no writes "
@@ -115,6 +115,9 @@ def evaluate_code(model, tokenizer, template, task: Task, limit: int | None = No
                for k in sorted(set(spec.k))}
     samples = [{"task_id": p["task_id"], "completion": cs[0], "status": rs[0].status,
                 "output": rs[0].output[-500:], "correct": c} for p, cs, rs, c in per_problem[:3]]
-    return {"n": len(problems), "metrics": metrics, "primary": f"pass@{min(spec.k)}",
+    k0 = min(spec.k)
+    items = [{"id": item_id(task.name, i, p), "score": pass_at_k(n, c, k0), "passed": c, "n_samples": n,
+              "text": cs[0]} for i, (p, cs, rs, c) in enumerate(per_problem)]
+    return {"n": len(problems), "metrics": metrics, "primary": f"pass@{k0}", "items": items,
             "higher_is_better": {m: True for m in metrics},
             "details": {"n_samples": n, "programs": statuses, "isolation": isolation()}, "samples": samples}
