@@ -8,7 +8,7 @@
     tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0.7] [--top-p 0.9] [--max-new-tokens 256]
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
-    tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]
+    tunelab report RUN_OR_SWEEP_DIRS... [--out DIR] [--markdown [README.md]]
 
 A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
 Under torchrun the first rank that fails prints it and exits at once; torchrun then stops the other ranks, so
@@ -195,7 +195,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from .lab.report import report_main
 
-    return report_main(args.run_dirs, args.out)
+    return report_main(args.run_dirs, args.out, markdown=args.markdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")
     r.add_argument("run_dirs", nargs="+", help="run directories and/or sweep folders")
     r.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    r.add_argument("--markdown", nargs="?", const="-", default=None, metavar="README.md",
+                   help="a study's generated README block (claims, budgets, provenance): printed, or replaced "
+                        "between its <!-- study:NAME --> markers in the given file")
     r.set_defaults(func=cmd_report)
     return p
 

@@ -42,10 +42,17 @@ def versions() -> dict:
     return out
 
 
-def tunelab_version() -> str:
-    from . import __version__
+def tunelab_version() -> str | None:
+    """The imported package's version (its ``__version__``; the installed metadata otherwise)."""
+    import sys
 
-    return __version__
+    version = getattr(sys.modules.get(__package__ or "tunelab"), "__version__", None)
+    if version:
+        return version
+    try:
+        return metadata.version("tunelab")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 @lru_cache(maxsize=1)

@@ -149,12 +149,8 @@ def _local_rows(path: str | None, limit: int | None) -> int | None:
 
 
 def configured(cfg) -> dict:
-    """The budget a config asks for (module docstring), before running; a pipeline sums its stages."""
-    if getattr(cfg, "stages", None):
-        from .pipeline import resolve_stages
-
-        parts = [configured(s) for _, s, _ in resolve_stages(cfg)]
-        return {q: None if any(p[q] is None for p in parts) else sum(p[q] for p in parts) for q in QUANTITIES}
+    """The budget a single-stage config asks for (module docstring), before running (a pipeline: `add` its
+    stages' budgets)."""
     t, rl = cfg.train, cfg.rl
     mode = _rollout_mode(cfg)
     micro = t.batch_size
@@ -177,6 +173,11 @@ def configured(cfg) -> dict:
             "tokens_trained": steps * micro * t.grad_accum * cfg.data.max_length if steps else None,  # an upper bound
             "completions_sampled": completions, "tokens_sampled": completions * rl.max_new_tokens if mode else 0,
             "reward_model_calls": completions * _reward_models(cfg)}
+
+
+def add(parts: list[dict]) -> dict:
+    """Budgets summed quantity by quantity (None when any part's is unknown): a pipeline's stages."""
+    return {q: None if any(p.get(q) is None for p in parts) else sum(p[q] for p in parts) for q in QUANTITIES}
 
 
 def sha256_file(path: Path) -> str:
