@@ -206,8 +206,10 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
     title = f"sweep {sweep.name}: {len(groups)} variants" + (f" × {n_seeds} seeds" if sweep.seeds else "")
     table = Table(title=f"{title} → {sweep.output_dir}")
     right = ("#", "steps", "≤ train tokens", "sampled", "runs done")
-    for col in ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled", "runs done"):
-        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + (("runs done",) if sweep.seeds
+                                                                                       else ())
+    for col in cols:  # a variant's name is its folder name: show all of it; a state stays on one line
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col == "state")
     totals = {"tokens": 0, "sampled": 0, "steps": 0, "runs": 0}
     for i, (name, members) in enumerate(groups.items(), 1):
         b = budgets.get(name) or {}
@@ -223,7 +225,8 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
         shown = sorted(set(states), key=states.index)
         table.add_row(str(i), name, cfg.method if not cfg.stages else "pipeline", ", ".join(shown),
                       str(steps) if steps else f"{cfg.train.epochs:g} ep", f"{tokens:,}" if tokens else "—",
-                      f"{sampled:,}" if sampled else "—", f"{states.count('done')}/{len(members)}")
+                      f"{sampled:,}" if sampled else "—",
+                      *((f"{states.count('done')}/{len(members)}",) if sweep.seeds else ()))
     console.print(table)
     console.print(f"{totals['runs']} runs; configured in all: {totals['steps']:,} optimizer steps, at most "
                   f"{totals['tokens']:,} training tokens, {totals['sampled']:,} sampled completions (per run × "
