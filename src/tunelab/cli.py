@@ -189,7 +189,8 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     from .lab.compare import compare_main
 
-    return compare_main(args.sweep, args.overrides, dry_run=args.dry_run, scale=args.scale)
+    return compare_main(args.sweep, args.overrides, dry_run=args.dry_run, scale=args.scale, only=args.only,
+                        seeds=args.seeds)
 
 
 def cmd_report(args) -> int:
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant, e.g. model.name=...")
     c.add_argument("--dry-run", action="store_true", help="validate and list the variants; train nothing")
     c.add_argument("--scale", action="store_true", help="apply the sweep's `scale:` section (real-model sizes)")
+    c.add_argument("--only", metavar="NAME,...", help="train only these variants now (a study in parts)")
+    c.add_argument("--seeds", metavar="K,...", help="train only these of the study's seeds now, e.g. --seeds 0")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")

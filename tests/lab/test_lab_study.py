@@ -171,4 +171,4 @@ def test_claims_name_known_variants_and_tasks(assets, tmp_path, capsys, claim, c
     err = capsys.readouterr().err.strip()
     assert culprit in err and len(err.splitlines()) == 1
     lines = [i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith("- better:")]
-    assert err.startswith(f"{path}:{lines[1]}: "), (err, lines)  # the second claim's line
+    assert err.startswith(f"error: {path}:{lines[1]}: "), (err, lines)  # the second claim's line

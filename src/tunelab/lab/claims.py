@@ -14,6 +14,9 @@ Budgets (`budget_rows`): per variant, the mean over its seeds of what each run c
 ["budget"]``, a pipeline's stages summed) and, with `configured`, what the resolved config asks for
 (`train.accounting.configured`, plus a variant's declared outside ``budget:``). `match_problem` is the check
 `tunelab compare` runs before training: configured budgets differing by more than 5 % on a matched quantity.
+A variant that spends none of a quantity (an offline objective samples no completions) is left out of that
+quantity's match — the budget table still shows its 0; a variant that sampled its training pairs beforehand
+declares them (``budget: {completions_sampled: 640}`` in the study) and is matched.
 """
 
 from __future__ import annotations
@@ -230,13 +233,15 @@ def budget_rows(runs, configured: dict[str, dict] | None = None) -> list[dict]:
 def match_problem(configured: dict[str, dict], match: list[str], tolerance: float = MATCH_TOLERANCE) -> str | None:
     """The first matched quantity whose configured values differ by more than `tolerance`, as one sentence."""
     for q in match:
-        values = {name: b.get(q) for name, b in configured.items()}
+        values = {name: b.get(q) for name, b in configured.items() if b.get(q) != 0}  # 0: does not spend q
         unknown = [n for n, v in values.items() if v is None]
         if unknown:
             return (f"match: {q}: the configured budget of variant '{unknown[0]}' cannot be computed before training "
                     "(set train.max_steps, or unpacked local data)")
+        if len(values) < 2:
+            continue
         lo, hi = min(values, key=values.get), max(values, key=values.get)
-        if values[hi] > (1 + tolerance) * values[lo] or (values[lo] == 0 and values[hi] > 0):
+        if values[hi] > (1 + tolerance) * values[lo]:
             return (f"match: {q}: configured budgets differ by more than {tolerance:.0%} — '{lo}' {values[lo]:,.0f} "
                     f"vs '{hi}' {values[hi]:,.0f}")
     return None

@@ -102,8 +102,11 @@ def _recoverable() -> tuple[type[BaseException], ...]:
 
 
 def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = None,
-              report: bool = True) -> list[Outcome]:
+              report: bool = True, only: list[str] | None = None, seeds: list[int] | None = None) -> list[Outcome]:
     """Train the sweep's unfinished variants one after another, then build its report.
+
+    `only` (variant names) and `seeds` (a subset of the sweep's seeds) train part of a study now — the rest stays
+    as it is on disk and in sweep.json, so a long study runs in parts and the report covers every finished run.
 
     `runner(cfg) -> run_dir` trains one variant (default: `tunelab.train.launch.train`); tests pass their own.
     Returns one `Outcome` per variant, in sweep order; ``sweep.json`` is rewritten after every variant so a
@@ -125,6 +128,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     outcomes = [Outcome(v.key, str(v.run_dir), v.overrides, "planned", variant=v.name, seed=v.seed)
                 for v in sweep.variants]
     main = is_main()
+    _check_selection(sweep, only, seeds)
     budgets = configured_budgets(sweep, configs)
     problem = match_problem(budgets, sweep.match) if sweep.match else None
     if dry_run:
@@ -137,6 +141,9 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
         return outcomes
     for i, (v, cfg, out) in enumerate(zip(sweep.variants, configs, outcomes), 1):
         state = run_status(v.run_dir)
+        if (only and v.name not in only) or (seeds is not None and v.seed not in seeds):
+            out.status = "skipped" if state == "done" else "planned"  # not selected now: its record is kept
+            continue
         drift = config_drift(v.run_dir, cfg)
         if drift:
             more = " …" if len(drift) > 3 else ""
@@ -175,6 +182,20 @@ def write_sweep_report(sweep: Sweep) -> Path:
 
     return build_report(collect([sweep.output_dir]), sweep.report_dir, title=sweep.name,
                         description=sweep.description, study=sweep_meta(sweep.output_dir))
+
+
+def _check_selection(sweep: Sweep, only: list[str] | None, seeds: list[int] | None) -> None:
+    names = list(dict.fromkeys(v.name for v in sweep.variants))
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise TunelabError(f"--only: no variant named '{unknown[0]}' (variants: {', '.join(names)})")
+    if seeds is not None:
+        if sweep.seeds is None:
+            raise TunelabError(f"--seeds: {sweep.path or sweep.name} declares no `seeds:`")
+        bad = [s for s in seeds if s not in sweep.seeds]
+        if bad:
+            raise TunelabError(f"--seeds: {bad[0]} is not one of the study's seeds "
+                               f"({', '.join(map(str, sweep.seeds))})")
 
 
 def configured_budgets(sweep: Sweep, configs: list) -> dict[str, dict]:
@@ -259,12 +280,19 @@ def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = No
     tmp.replace(path)  # atomic: a kill never leaves half a file
 
 
-def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = False, scale: bool = False) -> int:
-    """`tunelab compare`: 0 when every variant finished, 1 when some failed (the report is written anyway)."""
+def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = False, scale: bool = False,
+                 only: str | None = None, seeds: str | None = None) -> int:
+    """`tunelab compare`: 0 when every variant finished, 1 when some failed (the report is written anyway).
+    `only`/`seeds`: comma-separated variant names / seeds to train now (`run_sweep`)."""
     from .sweep import load_sweep
 
     sweep = load_sweep(sweep_file, overrides, scale=scale)
-    outcomes = run_sweep(sweep, dry_run=dry_run)
+    names = [x.strip() for x in only.split(",") if x.strip()] if only else None
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+    except ValueError:
+        raise TunelabError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
+    outcomes = run_sweep(sweep, dry_run=dry_run, only=names, seeds=seed_list)
     if dry_run:
         return 0
     failed = [o for o in outcomes if o.status == "failed"]

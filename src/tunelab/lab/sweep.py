@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..config import load_config, parse_override, substitute_text
 from ..errors import TunelabError
@@ -76,6 +76,14 @@ class ClaimSpec(BaseModel):
     on: str
     direction: Literal["higher", "lower"] | None = None
     expected: str = ""  # what the paper says, quoted in the report
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data):
+        """YAML 1.1 reads a bare ``on:`` key as the boolean True: take it back as ``on``."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
 
 
 
@@ -208,15 +216,19 @@ def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
 def resolve(sweep: Sweep, variant: Variant):
     """Validate one variant's run config: written to ``<sweep>/configs/<name>.yaml`` and loaded from there,
     so errors name a real file and line, and any variant can be rerun by hand with `tunelab train`."""
-    cfg_dir = sweep.output_dir / "configs"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    stem = variant.run_dir.name if variant.seed is None else f"{variant.run_dir.parent.name}.seed-{variant.seed}"
-    cfg_path = cfg_dir / f"{stem}.yaml"
+    cfg_path = config_path(sweep, variant)
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# variant '{variant.key}' of sweep '{sweep.name}' (written by tunelab compare)\n" + \
         yaml.safe_dump(variant.raw, sort_keys=False)
     if not cfg_path.exists() or cfg_path.read_text() != text:  # unchanged files keep their mtime
         cfg_path.write_text(text)
     return load_config(cfg_path)
+
+
+def config_path(sweep: Sweep, variant: Variant) -> Path:
+    """``<sweep>/configs/<variant>.yaml`` (with seeds: ``<variant>.seed-<k>.yaml``)."""
+    stem = variant.run_dir.name if variant.seed is None else f"{variant.run_dir.parent.name}.seed-{variant.seed}"
+    return sweep.output_dir / "configs" / f"{stem}.yaml"
 
 
 def variant_name(overrides: dict[str, Any]) -> str:
