@@ -172,3 +172,16 @@ def test_claims_name_known_variants_and_tasks(assets, tmp_path, capsys, claim, c
     assert culprit in err and len(err.splitlines()) == 1
     lines = [i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith("- better:")]
     assert err.startswith(f"error: {path}:{lines[1]}: "), (err, lines)  # the second claim's line
+
+
+def test_overwrite_clears_a_previous_runs_item_files(tmp_path):
+    """eval/ is the run's own (per-item scores): `overwrite` clears it like results.json, never refusing."""
+    from tunelab.train.rundir import claim_run_dir
+
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "config.yaml").write_text("method: lora\n")
+    (out / "results.json").write_text("{}")
+    (out / "eval" / "t.items.jsonl").write_text('{"id": "t:0:abc", "score": 1}\n')
+    with claim_run_dir(out, True, False):
+        assert not (out / "eval").exists() and not (out / "results.json").exists()
