@@ -190,7 +190,7 @@ def cmd_compare(args) -> int:
     from .lab.compare import compare_main
 
     return compare_main(args.sweep, args.overrides, dry_run=args.dry_run, scale=args.scale, only=args.only,
-                        seeds=args.seeds)
+                        seeds=args.seeds, claimed=args.claimed)
 
 
 def cmd_report(args) -> int:
@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant, e.g. model.name=...")
     c.add_argument("--dry-run", action="store_true", help="validate and list the variants; train nothing")
     c.add_argument("--scale", action="store_true", help="apply the sweep's `scale:` section (real-model sizes)")
-    c.add_argument("--only", metavar="NAME,...", help="train only these variants now (a study in parts)")
+    c.add_argument("--only", metavar="NAME", action="append",
+                   help="train only this variant now (repeatable; a study in parts)")
+    c.add_argument("--claimed", action="store_true", help="train only the variants the study's claims name")
     c.add_argument("--seeds", metavar="K,...", help="train only these of the study's seeds now, e.g. --seeds 0")
     c.set_defaults(func=cmd_compare)
 

@@ -51,6 +51,14 @@ def test_every_variant_runs_one_step(tmp_path, tokenizer, monkeypatch):
         res = json.loads((runs / name / "seed-0" / "results.json").read_text())
         assert res["steps"] == (2 if name == "sft_then_dpo_ood" else 1)
         assert res["learning_score"] is not None or res["eval"]["base"]["arith"]["exact_match"] == 0
+        if name != "sft_then_dpo_ood":  # what a run sampled is what its config asked for (train/accounting.py)
+            from tunelab.config import load_config
+            from tunelab.train.accounting import configured
+
+            want = configured(load_config(runs / name / "seed-0" / "config.yaml"))
+            assert res["budget"]["completions_sampled"] == want["completions_sampled"], name
+            assert (res["budget"]["completions_sampled"] > 0) == (name in ("online_dpo", "grpo") or "ppo" in name)
+            assert res["budget"]["tokens_sampled"] <= want["tokens_sampled"] and res["budget"]["steps"] == 1
     pipe = json.loads((runs / "sft_then_dpo_ood" / "seed-0" / "results.json").read_text())
     assert [s["name"] for s in pipe["stages"]] == ["sft", "dpo"]
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((runs / "ppo" / "seed-0" / "config.yaml").read_text())))

@@ -115,6 +115,7 @@ def test_report_shows_claims_budgets_and_provenance(study, capsys):
     assert "trained > untrained on target ↓" in md and "training lowers the loss" in md
     assert "untrained > trained on prose ↓" in md
     assert "Provenance: tunelab" in md and "| trained | 2 | 2 |" in md  # budget table: 2 seeds, 2 steps
+    assert "steps (configured) | completions sampled (configured) |" in md and "h wall" in md
     page = (out / "report" / "index.html").read_text()
     assert "<h2>Claims</h2>" in page and "<h2>Budgets</h2>" in page
     # 4 items × 2 seeds cannot reach p < .05 (the exact sign-flip test's smallest p is 2/16): honest inconclusive
@@ -185,3 +186,21 @@ def test_overwrite_clears_a_previous_runs_item_files(tmp_path):
     (out / "eval" / "t.items.jsonl").write_text('{"id": "t:0:abc", "score": 1}\n')
     with claim_run_dir(out, True, False):
         assert not (out / "eval").exists() and not (out / "results.json").exists()
+
+
+def test_a_study_runs_in_parts(assets, tmp_path, capsys):
+    """--seeds / --only train part of a study now; the rest keeps its state, the report covers what finished."""
+    model, data, _ = assets
+    path = write_study(tmp_path / "s.yaml", model, data, tmp_path / "out", VARIANTS, seeds=2, claims=CLAIMS[:1])
+    assert main(["compare", str(path), "--seeds", "0", "--only", "trained"]) == 0
+    runs = tmp_path / "out" / "runs"
+    assert (runs / "trained" / "seed-0" / "results.json").exists()
+    assert not (runs / "trained" / "seed-1").exists() and not (runs / "untrained").exists()
+    state = {v["name"]: v["status"] for v in json.loads((tmp_path / "out" / "sweep.json").read_text())["variants"]}
+    assert state == {"trained/seed-0": "done", "trained/seed-1": "planned", "untrained/seed-0": "planned",
+                     "untrained/seed-1": "planned"}
+    assert "→ not run" in capsys.readouterr().out  # the claim needs both variants
+    assert main(["compare", str(path), "--seeds", "7"]) == 2
+    assert "--seeds: 7 is not one of the study's seeds (0, 1)" in capsys.readouterr().err
+    assert main(["compare", str(path), "--only", "nope"]) == 2
+    assert "--only: no variant named 'nope'" in capsys.readouterr().err

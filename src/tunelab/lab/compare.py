@@ -281,13 +281,18 @@ def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = No
 
 
 def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = False, scale: bool = False,
-                 only: str | None = None, seeds: str | None = None) -> int:
+                 only: list[str] | None = None, seeds: str | None = None, claimed: bool = False) -> int:
     """`tunelab compare`: 0 when every variant finished, 1 when some failed (the report is written anyway).
-    `only`/`seeds`: comma-separated variant names / seeds to train now (`run_sweep`)."""
+    `only`: variant names, `claimed`: the variants the claims name, `seeds`: comma-separated seeds — what to train
+    now (`run_sweep`); the rest of the study keeps its state."""
     from .sweep import load_sweep
 
     sweep = load_sweep(sweep_file, overrides, scale=scale)
-    names = [x.strip() for x in only.split(",") if x.strip()] if only else None
+    names = list(only) if only else None
+    if claimed:
+        if not sweep.claims:
+            raise TunelabError(f"--claimed: {sweep_file} declares no `claims:`")
+        names = (names or []) + [n for c in sweep.claims for n in (c.better, c.than)]
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
     except ValueError:

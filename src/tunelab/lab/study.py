@@ -89,13 +89,26 @@ def means_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def budget_markdown(rows: list[dict]) -> str:
+def budget_columns(match: list[str] = ()) -> list[tuple[str, str]]:
+    """The budget table's columns: what each run consumed, then the configured value of each matched quantity
+    (it includes what a variant declared it consumed outside its run)."""
+    return list(_BUDGET_HEADERS) + [(f"configured:{q}", f"{q.replace('_', ' ')} (configured)") for q in match]
+
+
+def budget_markdown(rows: list[dict], match: list[str] = ()) -> str:
     if not rows:
         return ""
-    head = "| variant | " + " | ".join(h for _, h in _BUDGET_HEADERS) + " |\n|---|" + "---:|" * len(_BUDGET_HEADERS)
-    body = ["| " + r["variant"] + " | " + " | ".join(_num(r.get(k)) for k, _ in _BUDGET_HEADERS) + " |"
-            for r in rows]
+    cols = budget_columns(match)
+    head = "| variant | " + " | ".join(h for _, h in cols) + " |\n|---|" + "---:|" * len(cols)
+    body = ["| " + r["variant"] + " | " + " | ".join(_num(r.get(k)) for k, _ in cols) + " |" for r in rows]
     return head + "\n" + "\n".join(body) + "\n"
+
+
+def study_seconds(rows: list[dict]) -> tuple[float, float]:
+    """(wall, CPU) seconds of the whole study: Σ over variants of the mean per run × finished seeds."""
+    wall = sum((r.get("wall_seconds") or 0) * r["seeds"] for r in rows)
+    cpu = sum((r.get("cpu_seconds") or 0) * r["seeds"] for r in rows)
+    return wall, cpu
 
 
 def study_parts(runs, study: dict | None) -> dict:
@@ -122,7 +135,9 @@ def study_markdown(runs, study: dict | None, name: str, source: str = "") -> str
         out += ["No claims declared.", ""]
     if parts["budgets"]:
         match = f" (matched: {', '.join(parts['match'])})" if parts["match"] else ""
-        out += [f"Budget per run, mean over seeds{match}:", "", budget_markdown(parts["budgets"])]
+        wall, cpu = study_seconds(parts["budgets"])
+        out += [f"Budget per run, mean over seeds{match}; the whole study: {wall / 3600:.2f} h wall, "
+                f"{cpu / 3600:.2f} h CPU:", "", budget_markdown(parts["budgets"], parts["match"])]
     out.append(f"Provenance: {parts['provenance']}")
     out += [f"\n**Warning:** {w}" for w in parts["warnings"]]
     out.append(f"<!-- /study:{name} -->")
@@ -162,11 +177,12 @@ def study_html(parts: dict) -> str:
         out.append("</tbody></table><p class='note'>Paired bootstrap CI and paired test over items × seeds, "
                    "Holm-adjusted across the claims; a verdict also needs every seed to agree (lab/stats.py).</p>")
     if parts["budgets"]:
-        heads = "".join(f"<th>{e(h)}</th>" for _, h in _BUDGET_HEADERS)
+        cols = budget_columns(parts["match"])
+        heads = "".join(f"<th>{e(h)}</th>" for _, h in cols)
         out.append(f"<h2>Budgets</h2><table><thead><tr><th class='t'>variant</th>{heads}</tr></thead><tbody>")
         for r in parts["budgets"]:
             out.append(f"<tr><td class='t'>{e(r['variant'])}</td>"
-                       + "".join(f"<td>{e(_num(r.get(k)))}</td>" for k, _ in _BUDGET_HEADERS) + "</tr>")
+                       + "".join(f"<td>{e(_num(r.get(k)))}</td>" for k, _ in cols) + "</tr>")
         out.append("</tbody></table>")
     out.append(f"<p class='note'>Provenance: {e(parts['provenance'])}</p>")
     return "\n".join(out)
