@@ -204,3 +204,21 @@ def test_a_study_runs_in_parts(assets, tmp_path, capsys):
     assert "--seeds: 7 is not one of the study's seeds (0, 1)" in capsys.readouterr().err
     assert main(["compare", str(path), "--only", "nope"]) == 2
     assert "--only: no variant named 'nope'" in capsys.readouterr().err
+
+
+def test_the_seed_drives_adapter_init(assets):
+    """train.seed reaches the adapter's random init (data order: test_every_variant_runs_once_per_seed; dropout and
+    sampling draw from the generators run.py / rl.rollout seed from it)."""
+    from tunelab.config import RunConfig
+    from tunelab.train.prepare import prepare
+
+    model, data, _ = assets
+
+    def lora_a(seed):
+        cfg = RunConfig.model_validate({"model": {"name": str(model)}, "lora": {"r": 2},
+                                        "data": {"train": str(data), "max_length": 64}, "train": {"seed": seed}})
+        p = prepare(cfg)
+        return next(t.detach().clone() for n, t in p.model.named_parameters() if "lora_A" in n or "lora_a" in n)
+
+    a0, a1, again = lora_a(0), lora_a(1), lora_a(0)
+    assert not a0.equal(a1) and a0.equal(again)
