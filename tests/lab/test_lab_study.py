@@ -222,3 +222,30 @@ def test_the_seed_drives_adapter_init(assets):
 
     a0, a1, again = lora_a(0), lora_a(1), lora_a(0)
     assert not a0.equal(a1) and a0.equal(again)
+
+
+def test_runs_from_different_machines_are_flagged(study, tmp_path, capsys):
+    import shutil
+
+    from tunelab.lab.compare import print_verdicts
+    from tunelab.lab.study import study_markdown
+    from tunelab.lab.results import collect
+    from tunelab.lab.sweep import load_sweep
+
+    path, out, _ = study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    runs = collect([copy])
+    assert "Warning" not in study_markdown(runs, None, "x")  # one machine, one version: no warning
+    res_path = copy / "runs" / "untrained" / "seed-1" / "results.json"
+    res = json.loads(res_path.read_text())
+    res["provenance"]["machine"]["cpu"] = "Another CPU"
+    res_path.write_text(json.dumps(res))
+    assert "**Warning:** runs of this study came from 2 different versions/machines" in \
+        study_markdown(collect([copy]), None, "x")
+    sweep = load_sweep(path)
+    sweep.output_dir = copy
+    print_verdicts(sweep)
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("warning: runs of this study came from 2 different") for line in printed) == 1
+    assert sum(line.startswith("claim: ") for line in printed) == 2

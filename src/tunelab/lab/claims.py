@@ -150,7 +150,7 @@ def run_budget(run) -> dict:
     return total
 
 
-def run_provenance(run) -> dict | None:
+def provenance_of(run) -> dict | None:
     res = run.results or {}
     if isinstance(res.get("provenance"), dict):
         return res["provenance"]
@@ -250,7 +250,7 @@ def match_problem(configured: dict[str, dict], match: list[str], tolerance: floa
 # -------------------------------------------------------------------------------------------- provenance
 def provenance_summary(runs) -> tuple[str, list[str]]:
     """(one line describing the setup of the finished runs, warnings when they came from different setups)."""
-    provs = [(r.label, run_provenance(r)) for r in runs if r.status == "done"]
+    provs = [(r.label, provenance_of(r)) for r in runs if r.status == "done"]
     provs = [(label, p) for label, p in provs if p]
     if not provs:
         return "provenance not recorded", []
