@@ -113,3 +113,14 @@ def test_one_seed_cannot_carry_a_verdict():
     r = decide([compare_paired(a, b)])[0]
     assert r.low > 0 and r.p_holm < 0.05 and r.per_seed == pytest.approx([0.6, -0.1])
     assert r.verdict == "inconclusive"
+
+
+def test_too_few_items_have_no_detectable_difference():
+    """4 items: the sign flip's smallest p is 2/16 = .125 ≥ .05, so nothing is detectable, however large."""
+    a, b = np.ones((2, 4)), np.zeros((2, 4))
+    r = decide([compare_paired(a, b)])[0]
+    assert r.p == pytest.approx(0.125) and r.mdd == math.inf and r.verdict == "inconclusive"
+    assert compare_paired(np.ones((2, 5)), np.zeros((2, 5))).mdd == math.inf  # 2/32 = .0625
+    assert compare_paired(np.ones((2, 6)), np.zeros((2, 6))).mdd < math.inf  # 2/64 < .05
+    one = compare_paired(np.ones((1, 5)), np.zeros((1, 5)))  # McNemar, 5 discordant: 2/32 ≥ .05
+    assert one.test == "mcnemar" and one.mdd == math.inf

@@ -115,7 +115,7 @@ def test_report_shows_claims_budgets_and_provenance(study, capsys):
     assert "trained > untrained on target ↓" in md and "training lowers the loss" in md
     assert "untrained > trained on prose ↓" in md
     assert "Provenance: tunelab" in md and "| trained | 2 | 2 |" in md  # budget table: 2 seeds, 2 steps
-    assert "steps (configured) | completions sampled (configured) |" in md and "h wall" in md
+    assert "steps (configured) | completions sampled (configured) |" in md and "min wall" in md
     page = (out / "report" / "index.html").read_text()
     assert "<h2>Claims</h2>" in page and "<h2>Budgets</h2>" in page
     # 4 items × 2 seeds cannot reach p < .05 (the exact sign-flip test's smallest p is 2/16): honest inconclusive
@@ -125,7 +125,8 @@ def test_report_shows_claims_budgets_and_provenance(study, capsys):
     rows = evaluate_claims(collect([out]), CLAIMS)
     assert [r["outcome"] for r in rows] == ["inconclusive", "inconclusive"]
     assert rows[0]["diff"] > 0 and rows[0]["n_items"] == 4 and rows[0]["n_seeds"] == 2 and rows[0]["p"] >= 0.125
-    assert rows[0]["mdd"] > 0 and rows[0]["per_seed"][0] > 0
+    assert rows[0]["mdd"] == float("inf") and rows[0]["per_seed"][0] > 0  # 4 items: nothing is detectable
+    assert "∞ (too few items)" in md
 
 
 def test_markdown_block_regenerates_the_readme_section(study, tmp_path, capsys):

@@ -29,7 +29,10 @@ score move from seed to seed".
               noise honest: one lucky seed cannot carry a verdict that the item bootstrap alone would grant.
 * MDD         the minimum detectable difference at this n: (z_{1−α/2} + z_{power}) · SE = 2.80 · SE for α = .05
               and power .8 (Cohen 1988), SE the bootstrap standard error of d̄. An inconclusive |d̄| well below the
-              MDD says "this study is too small to see a difference this size", not "there is none".
+              MDD says "this study is too small to see a difference this size", not "there is none". The normal
+              approximation fails at a handful of items: when even the most extreme data could not give p < α (the
+              exact test's smallest p — 2 / 2^n for the sign flip over n items, 2 / 2^(b+c) for McNemar — is ≥ α),
+              no difference is detectable and the MDD is infinite.
 
 Only numpy is needed (scipy is not a dependency); the t and normal quantiles are computed here.
 """
@@ -183,8 +186,18 @@ def compare_paired(a, b, higher_is_better: bool = True, n_resamples: int = N_RES
     se = float(boot.std(ddof=1))
     low, high = (float(x) for x in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
     mdd = (z_quantile(1 - alpha / 2) + z_quantile(power)) * se
+    if smallest_p(test, n, a, b, n_resamples) >= alpha:
+        mdd = math.inf  # no data of this size could reach p < α
     return Paired(float(diff.mean()), low, high, float(p), test, se, mdd, n, S,
                   [float(x) for x in diff.mean(axis=1)])
+
+
+def smallest_p(test: str, n: int, a=None, b=None, n_resamples: int = N_RESAMPLES) -> float:
+    """The smallest p-value the test can give at this size (see MDD in the module docstring)."""
+    if test == "mcnemar":
+        discordant = int((np.asarray(a) != np.asarray(b)).sum())
+        return min(1.0, 2 * 0.5 ** discordant) if discordant else 1.0
+    return 2 / 2 ** n if 2 ** n <= n_resamples else 1 / (1 + n_resamples)
 
 
 def holm(pvalues) -> list[float]:

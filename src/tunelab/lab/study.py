@@ -46,11 +46,22 @@ def measured(row: dict) -> str:
     return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
+def mdd_text(row: dict) -> str:
+    mdd = row.get("mdd")
+    if mdd is None:
+        return "—"
+    return "∞ (too few items)" if mdd == float("inf") else f"{mdd:.3f}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def claim_line(row: dict) -> str:
     """One line per claim for the terminal: ``claim: A > B on T ↑ · Δ +0.03 [−0.02, +0.08] · … → inconclusive``."""
     if row.get("diff") is None:
         return f"claim: {claim_text(row)} → not run ({row.get('why', '')})"
-    return (f"claim: {claim_text(row)} · Δ {measured(row)} · p(Holm) {row['p_holm']:.3g} · MDD {row['mdd']:.3f} · "
+    return (f"claim: {claim_text(row)} · Δ {measured(row)} · p(Holm) {row['p_holm']:.3g} · MDD {mdd_text(row)} · "
             f"n={row['n_items']}×{row['n_seeds']} seeds → {row['outcome']}")
 
 
@@ -61,7 +72,7 @@ def claims_markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [claim_text(r), r.get("expected") or "—", measured(r),
                  f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "—",
-                 f"{r['mdd']:.3f}" if r.get("mdd") is not None else "—",
+                 mdd_text(r),
                  f"{r['n_items']} × {r['n_seeds']}" if r.get("n_items") else "—", f"**{r['outcome']}**"]
         body.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return head + "\n".join(body) + "\n"
@@ -136,8 +147,8 @@ def study_markdown(runs, study: dict | None, name: str, source: str = "") -> str
     if parts["budgets"]:
         match = f" (matched: {', '.join(parts['match'])})" if parts["match"] else ""
         wall, cpu = study_seconds(parts["budgets"])
-        out += [f"Budget per run, mean over seeds{match}; the whole study: {wall / 3600:.2f} h wall, "
-                f"{cpu / 3600:.2f} h CPU:", "", budget_markdown(parts["budgets"], parts["match"])]
+        out += [f"Budget per run, mean over seeds{match}; the whole study: {_hours(wall)} wall, {_hours(cpu)} CPU:",
+                "", budget_markdown(parts["budgets"], parts["match"])]
     out.append(f"Provenance: {parts['provenance']}")
     out += [f"\n**Warning:** {w}" for w in parts["warnings"]]
     out.append(f"<!-- /study:{name} -->")
@@ -169,7 +180,7 @@ def study_html(parts: dict) -> str:
         for r in parts["claims"]:
             cls = {"matched": "pos", "contradicted": "neg"}.get(r["outcome"], "")
             p = f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "—"
-            mdd = f"{r['mdd']:.3f}" if r.get("mdd") is not None else "—"
+            mdd = mdd_text(r)
             n = f"{r['n_items']} × {r['n_seeds']}" if r.get("n_items") else "—"
             cells = [claim_text(r), r.get("expected") or "—", measured(r), p, mdd, n]
             out.append("<tr>" + "".join(f"<td class='{'t' if i < 2 else ''}'>{e(c)}</td>" for i, c in enumerate(cells))
