@@ -129,7 +129,7 @@ def same_setup_key(prov: dict | None) -> tuple:
 
 
 def describe(prov: dict | None) -> str:
-    """One line: ``tunelab 0.1.0 (c1de1be) · torch 2.13.0 · transformers 5.24 · AMD EPYC … (2 cores, avx2 …)``."""
+    """One line: ``tunelab 0.1.0 (c1de1be) · torch 2.13.0 · transformers 5.24 · <CPU> (2 cores, avx2 …)``."""
     if not prov:
         return "provenance not recorded"
     v, m = prov.get("versions") or {}, prov.get("machine") or {}

@@ -39,7 +39,8 @@ def write_study(path, model, data, out, variants, **extra):
     return path
 
 
-VARIANTS = [{"name": "trained", "overrides": {"train.lr": 1e-2}}, {"name": "untrained", "overrides": {"train.lr": 1e-9}}]
+VARIANTS = [{"name": "trained", "overrides": {"train.lr": 1e-2}},
+            {"name": "untrained", "overrides": {"train.lr": 1e-9}}]
 CLAIMS = [{"better": "trained", "than": "untrained", "on": "target", "expected": "training lowers the loss"},
           {"better": "untrained", "than": "trained", "on": "prose", "direction": "lower"}]
 

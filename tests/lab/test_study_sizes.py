@@ -1,7 +1,8 @@
 """The five bundled studies at test size: each runs its first claim's two variants (and checks every claim between
-them), on a tiny random model, at 2 seeds and one optimizer step, through `tunelab compare`'s own runner — and its report carries a claims table
-computed by `lab.stats` from the runs' per-item scores. What is checked is the machinery (every claim is computed
-over 2 seeds and the same items, nothing is "not run"), not the verdicts: a random tiny model has none to give.
+them), on a tiny random model, at 2 seeds and one optimizer step, through `tunelab compare`'s own runner — and
+its report carries a claims table computed by `lab.stats` from the runs' per-item scores. What is checked is the
+machinery (every claim is computed over 2 seeds and the same items, nothing is "not run"), not the verdicts: a
+random tiny model has none to give.
 
 The full studies (3 seeds, SmolLM2-135M) are hours of CPU: `tunelab compare examples/studies/<name>.yaml`."""
 
@@ -40,7 +41,8 @@ def shrink(raw: dict, model: str) -> dict:
     raw.setdefault("eval", {}).update(limit=2, during_training=False)
     raw["samples"] = {"n_heldout": 0, "prompts": [], "at_eval": False}
     if "rl" in raw:
-        raw["rl"].update(max_new_tokens=8, eval_prompts=1, prompts_per_step=min(raw["rl"].get("prompts_per_step", 2), 4))
+        raw["rl"].update(max_new_tokens=8, eval_prompts=1,
+                         prompts_per_step=min(raw["rl"].get("prompts_per_step", 2), 4))
     raw.setdefault("pref", {})["probe"] = 4
     return raw
 

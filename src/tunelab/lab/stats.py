@@ -30,9 +30,9 @@ score move from seed to seed".
 * MDD         the minimum detectable difference at this n: (z_{1−α/2} + z_{power}) · SE = 2.80 · SE for α = .05
               and power .8 (Cohen 1988), SE the bootstrap standard error of d̄. An inconclusive |d̄| well below the
               MDD says "this study is too small to see a difference this size", not "there is none". The normal
-              approximation fails at a handful of items: when even the most extreme data could not give p < α (the
-              exact test's smallest p — 2 / 2^n for the sign flip over n items, 2 / 2^(b+c) for McNemar — is ≥ α),
-              no difference is detectable and the MDD is infinite.
+              approximation fails at a handful of items: when even the most extreme data could not give p < α
+              (the exact test's smallest p — 2 / 2^n for the sign flip over n items, 2 / 2^(b+c) for McNemar —
+              is ≥ α), no difference is detectable and the MDD is infinite.
 
 Only numpy is needed (scipy is not a dependency); the t and normal quantiles are computed here.
 """

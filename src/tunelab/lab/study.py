@@ -58,7 +58,7 @@ def _hours(seconds: float) -> str:
 
 
 def claim_line(row: dict) -> str:
-    """One line per claim for the terminal: ``claim: A > B on T ↑ · Δ +0.03 [−0.02, +0.08] · … → inconclusive``."""
+    """One line per claim for the terminal: ``claim: A > B on T ↑ · Δ +0.03 [−0.02, +0.08] · … → verdict``."""
     if row.get("diff") is None:
         return f"claim: {claim_text(row)} → not run ({row.get('why', '')})"
     return (f"claim: {claim_text(row)} · Δ {measured(row)} · p(Holm) {row['p_holm']:.3g} · MDD {mdd_text(row)} · "
@@ -176,7 +176,8 @@ def study_html(parts: dict) -> str:
         out.append(f"<p class='err'>{e(w)}</p>")
     if parts["claims"]:
         out.append("<h2>Claims</h2><table><thead><tr><th class='t'>claim</th><th class='t'>paper</th><th>Δ (95 % CI)"
-                   "</th><th>p (Holm)</th><th>MDD</th><th>n × seeds</th><th class='t'>verdict</th></tr></thead><tbody>")
+                   "</th><th>p (Holm)</th><th>MDD</th><th>n × seeds</th><th class='t'>verdict</th></tr></thead>"
+                   "<tbody>")
         for r in parts["claims"]:
             cls = {"matched": "pos", "contradicted": "neg"}.get(r["outcome"], "")
             p = f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "—"

@@ -63,13 +63,13 @@ class VariantSpec(BaseModel):
 
     name: str | None = None
     overrides: dict[str, Any] = {}
-    budget: dict[Literal[MATCHABLE], float] = {}  # consumed outside the run (e.g. completions sampled to build its pairs)
+    budget: dict[Literal[MATCHABLE], float] = {}  # consumed outside the run (completions sampled for its pairs)
 
 
 class ClaimSpec(BaseModel):
     """One claim of a study: `better` beats `than` on task `on` (in the task's own direction unless given)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
     better: str
     than: str
