@@ -58,7 +58,7 @@ def _hours(seconds: float) -> str:
 
 
 def claim_line(row: dict) -> str:
-    """One line per claim for the terminal: ``claim: A > B on T ↑ · Δ +0.03 [−0.02, +0.08] · … → verdict``."""
+    """One line per claim for the terminal: ``claim: A > B on T ↑ · Δ +0.03 [−0.02, +0.08] · …``."""
     if row.get("diff") is None:
         return f"claim: {claim_text(row)} → not run ({row.get('why', '')})"
     return (f"claim: {claim_text(row)} · Δ {measured(row)} · p(Holm) {row['p_holm']:.3g} · MDD {mdd_text(row)} · "
