@@ -11,7 +11,7 @@
     tunelab eval --list
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
-    tunelab report RUN_OR_SWEEP_DIRS... [--out DIR]
+    tunelab report RUN_OR_SWEEP_DIRS... [--out DIR] [--markdown [README.md]]
 
 A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
 Under torchrun the first rank that fails prints it and exits at once; torchrun then stops the other ranks, so
@@ -168,13 +168,14 @@ def cmd_sandbox(args) -> int:
 def cmd_compare(args) -> int:
     from .lab.compare import compare_main
 
-    return compare_main(args.sweep, args.overrides, dry_run=args.dry_run, scale=args.scale)
+    return compare_main(args.sweep, args.overrides, dry_run=args.dry_run, scale=args.scale, only=args.only,
+                        seeds=args.seeds, claimed=args.claimed)
 
 
 def cmd_report(args) -> int:
     from .lab.report import report_main
 
-    return report_main(args.run_dirs, args.out)
+    return report_main(args.run_dirs, args.out, markdown=args.markdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,11 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant, e.g. model.name=...")
     c.add_argument("--dry-run", action="store_true", help="validate and list the variants; train nothing")
     c.add_argument("--scale", action="store_true", help="apply the sweep's `scale:` section (real-model sizes)")
+    c.add_argument("--only", metavar="NAME", action="append",
+                   help="train only this variant now (repeatable; a study in parts)")
+    c.add_argument("--claimed", action="store_true", help="train only the variants the study's claims name")
+    c.add_argument("--seeds", metavar="K,...", help="train only these of the study's seeds now, e.g. --seeds 0")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")
     r.add_argument("run_dirs", nargs="+", help="run directories and/or sweep folders")
     r.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    r.add_argument("--markdown", nargs="?", const="-", default=None, metavar="README.md",
+                   help="a study's generated README block (claims, budgets, provenance): printed, or replaced "
+                        "between its <!-- study:NAME --> markers in the given file")
     r.set_defaults(func=cmd_report)
     return p
 

@@ -34,6 +34,9 @@ def test_acc_and_acc_norm_by_construction(tokenizer, tiny, make_task):
     # acc picks `short` every time: right on items 0 and 2. acc_norm picks `long`: right on item 1 only.
     assert res["metrics"]["acc"] == pytest.approx(2 / 3)
     assert res["metrics"]["acc_norm"] == pytest.approx(1 / 3)
+    assert [it["score"] for it in res["items"]] == [0.0, 1.0, 0.0]  # per item: acc_norm (the primary metric)
+    assert [it["acc"] for it in res["items"]] == [1.0, 0.0, 1.0]
+    assert len({it["id"] for it in res["items"]}) == 3
     lls = res["samples"][0]["loglikelihoods"]
     log_v = math.log(model.config.vocab_size)
     assert lls == pytest.approx([-n_short * log_v, -n_long * log_v], rel=1e-5)

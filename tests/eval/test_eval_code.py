@@ -51,6 +51,9 @@ def test_scoring_saved_completions(make_task):
                         completions=[[good0, "    return 0\n"], ["    pass\n", "    pass\n"]])
     # problem 0: n=2, c=1 → pass@1 = 0.5, pass@2 = 1; problem 1: c=0 → 0, 0.
     assert res["metrics"]["pass@1"] == pytest.approx(0.25) and res["metrics"]["pass@2"] == pytest.approx(0.5)
+    # per problem: pass@k at the smallest k, the passing count, the first completion's text
+    assert [(it["score"], it["passed"], it["n_samples"]) for it in res["items"]] == [(0.5, 1, 2), (0.0, 0, 2)]
+    assert res["items"][0]["text"] == good0 and res["items"][0]["id"].startswith(task.name + ":0:")
 
 
 @needs_bwrap

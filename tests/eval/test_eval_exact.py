@@ -73,6 +73,13 @@ def test_scoring_with_stubbed_generation(tokenizer, tiny, make_task, monkeypatch
     assert res["metrics"]["exact_match"] == pytest.approx(1 / 3)
     assert res["metrics"]["answer_found"] == pytest.approx(2 / 3)
     assert res["metrics"]["char_accuracy"] == pytest.approx(1 / 3)  # 1, 0 ('5' vs '4'), 0 ('I think…' vs '6')
+    # per item: 0/1 score, the generation, ids stable across evaluations and tied to the item's content
+    items = res["items"]
+    assert [it["score"] for it in items] == [1.0, 0.0, 0.0] and items[1]["text"] == "#### 5"
+    assert [it["id"].split(":")[:2] for it in items] == [[task.name, "0"], [task.name, "1"], [task.name, "2"]]
+    again = evaluate_exact(tiny("llama"), tokenizer, template, task)
+    assert [it["id"] for it in again["items"]] == [it["id"] for it in items]
+    assert len({it["id"].split(":")[2] for it in items}) == 3  # different records, different hashes
     p = seen["prompts"][0]
     # Rendered with the template, the question in, the reference answer out, ready for the assistant turn.
     assert p.startswith("<|im_start|>user\nSolve.") and "What is 1 + 1?" in p and "#### 2" not in p

@@ -29,6 +29,11 @@ def test_text_perplexity_matches_hand_computed_loss(tokenizer, tiny, make_task):
     assert res["n"] == 2 and res["details"]["tokens"] == count
     assert math.isclose(res["metrics"]["loss"], total / count, rel_tol=1e-5)
     assert math.isclose(res["metrics"]["perplexity"], math.exp(total / count), rel_tol=1e-5)
+    # per document: its own mean loss; Σ nll / Σ tokens over the items is the task's token-weighted loss
+    items = res["items"]
+    assert len(items) == 2 and sum(it["tokens"] for it in items) == count
+    assert math.isclose(sum(it["nll"] for it in items) / count, res["metrics"]["loss"], rel_tol=1e-6)
+    assert all(math.isclose(it["score"], it["nll"] / it["tokens"]) for it in items)
 
 
 def test_instruction_loss_equals_training_heldout_loss(tokenizer, tiny, make_task):

@@ -109,6 +109,7 @@ def test_bundled_studies_validate(study, tmp_path, monkeypatch):
     from pathlib import Path
 
     from tunelab.lab.compare import run_sweep
+    from tunelab.lab.sweep import config_path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "studies" / f"{study}.yaml"
     monkeypatch.chdir(tmp_path)  # the dry run writes <output_dir>/configs, relative to the working directory
@@ -117,4 +118,4 @@ def test_bundled_studies_validate(study, tmp_path, monkeypatch):
         outcomes = run_sweep(sweep, dry_run=True)
         assert outcomes and all(o.status == "planned" for o in outcomes)
         for v in sweep.variants:
-            assert (tmp_path / sweep.output_dir / "configs" / f"{v.run_dir.name}.yaml").exists()
+            assert (tmp_path / config_path(sweep, v)).exists()  # configs/<variant>[.seed-<k>].yaml

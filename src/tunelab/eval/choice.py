@@ -29,7 +29,7 @@ from ..data.masking import Encoded, adds_bos
 from ..errors import TunelabError
 from ..objectives.logprobs import forward_hidden, head_logits, output_head, target_mask, token_logprobs
 from ..objectives.scoring import score_rows
-from .tasks import Task, format_prompt
+from .tasks import Task, format_prompt, item_id
 
 
 @dataclass
@@ -156,16 +156,18 @@ def evaluate_choice(model, tokenizer, template, task: Task, limit: int | None = 
         pairs += [(context, delim + c) for c in choices]
     scores = score_continuations(model, tokenizer, pairs, spec.batch_size, max_length=spec.max_length)
     acc = acc_norm = 0
-    samples = []
-    for rec, choices, gold, start in items:
+    samples, scored = [], []
+    for i, (rec, choices, gold, start) in enumerate(items):
         ll = [s.logprob for s in scores[start:start + len(choices)]]
         norm = [v / max(len(c), 1) for v, c in zip(ll, choices)]
         pick, pick_norm = ll.index(max(ll)), norm.index(max(norm))
         acc += pick == gold
         acc_norm += pick_norm == gold
+        scored.append({"id": item_id(task.name, i, rec.data), "score": float(pick_norm == gold),
+                       "acc": float(pick == gold), "pred": pick_norm})
         if len(samples) < 3:
             samples.append({"origin": rec.origin, "choices": choices, "answer": gold, "loglikelihoods": ll,
                             "pred": pick, "pred_norm": pick_norm})
     n = len(items)
     return {"n": n, "metrics": {"acc": acc / n, "acc_norm": acc_norm / n}, "primary": "acc_norm",
-            "higher_is_better": {"acc": True, "acc_norm": True}, "samples": samples}
+            "higher_is_better": {"acc": True, "acc_norm": True}, "samples": samples, "items": scored}

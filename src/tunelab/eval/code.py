@@ -37,7 +37,7 @@ from .completion import complete
 from .judge import run_tests_many
 from .sandbox import SandboxResult, check_sandbox, isolation
 from .screen import flag
-from .tasks import Task
+from .tasks import Task, item_id
 
 SANDBOX_HELP = "to run it in tunelab's bubblewrap sandbox (read-only root, private tmpfs, no network, limits)"
 CODE_FLAG_HELP = ("executes model-written code; opt in with --allow-code-execution (tunelab eval), "
@@ -147,7 +147,10 @@ def evaluate_code(model, tokenizer, template, task: Task, limit: int | None = No
                for k in sorted(set(spec.k))}
     samples = [{"task_id": p["task_id"], "completion": cs[0], "status": rs[0].status,
                 "output": rs[0].output[-500:], "correct": c} for p, cs, rs, c in per_problem[:3]]
-    return {"n": len(problems), "metrics": metrics, "primary": f"pass@{min(spec.k)}",
+    k0 = min(spec.k)
+    items = [{"id": item_id(task.name, i, p), "score": pass_at_k(n, c, k0), "passed": c, "n_samples": n,
+              "text": cs[0]} for i, (p, cs, rs, c) in enumerate(per_problem)]
+    return {"n": len(problems), "metrics": metrics, "primary": f"pass@{k0}", "items": items,
             "higher_is_better": {m: True for m in metrics},
             "details": {"n_samples": n, "programs": statuses, "isolation": isolation(sandbox),
                         "reward_hacking_attempts": sum(r.flagged is not None for r in results)},

@@ -28,7 +28,7 @@ from decimal import Decimal, InvalidOperation
 from ..data.formats import prompt_of
 from ..errors import TunelabError
 from ..generate import generate
-from .tasks import Task, format_prompt
+from .tasks import Task, format_prompt, item_id
 
 _GSM8K = re.compile(r"####\s*(-?[$0-9.,]*[0-9])")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -114,16 +114,19 @@ def evaluate_exact(model, tokenizer, template, task: Task, limit: int | None = N
     outputs = generate(model, tokenizer, prompts, max_new_tokens=spec.new_tokens, batch_size=spec.batch_size,
                        stop=stop)
     correct = found = chars = 0
-    samples = []
-    for rec, out, gold in zip(records, outputs, golds):
+    samples, items = [], []
+    for i, (rec, out, gold) in enumerate(zip(records, outputs, golds)):
         ok, pred = is_correct(out, gold, spec.extract, spec.regex, spec.ignore_case)
         correct += ok
         found += pred is not None
-        chars += char_accuracy(normalize(pred if pred is not None else out, spec.ignore_case),
-                               normalize(gold, spec.ignore_case))
+        item_chars = char_accuracy(normalize(pred if pred is not None else out, spec.ignore_case),
+                                   normalize(gold, spec.ignore_case))
+        chars += item_chars
+        items.append({"id": item_id(task.name, i, rec.data), "score": float(ok), "char_accuracy": item_chars,
+                      "text": out, "extracted": pred})
         if len(samples) < 3:
             samples.append({"origin": rec.origin, "output": out, "extracted": pred, "gold": gold, "correct": ok})
     n = len(records)
     metrics = {"exact_match": correct / n, "answer_found": found / n, "char_accuracy": chars / n}
     return {"n": n, "metrics": metrics, "primary": "exact_match",
-            "higher_is_better": {k: True for k in metrics}, "samples": samples}
+            "higher_is_better": {k: True for k in metrics}, "samples": samples, "items": items}

@@ -36,7 +36,8 @@ import os
 import tempfile
 from pathlib import Path
 
-SCORER_VERSION = 1  # bump when a scorer changes what it computes, to invalidate cached base results
+SCORER_VERSION = 2  # bump when a scorer changes what it computes, to invalidate cached base results
+# (2: results carry per-item scores, "items")
 _LOWER_IS_BETTER = {"loss", "perplexity", "nll", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter"}
 
 

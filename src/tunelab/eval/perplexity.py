@@ -26,7 +26,7 @@ from ..data.formats import to_sample
 from ..data.masking import encode_dataset
 from ..objectives.logprobs import target_mask, token_logprobs
 from ..objectives.scoring import score_rows
-from .tasks import Task
+from .tasks import Task, item_id
 
 
 def _nll_rows(model, batch: dict, chunk_size: int) -> list[tuple[float, int]]:
@@ -65,4 +65,7 @@ def evaluate_perplexity(model, tokenizer, template, task: Task, limit: int | Non
         "details": {"tokens": n_tok, "truncated": stats.n_truncated, "dropped_fully_masked": stats.n_fully_masked},
         "samples": [{"origin": ex.origin, "tokens": n, "loss": s / max(n, 1)}
                     for ex, (s, n) in zip(examples[:3], sums[:3])],
+        # per document: its mean loss per token (the paired statistics compare documents, each counting once)
+        "items": [{"id": item_id(task.name, i, list(ex.input_ids)), "score": s / max(n, 1),
+                   "nll": s, "tokens": n} for i, (ex, (s, n)) in enumerate(zip(examples, sums))],
     }

@@ -58,6 +58,7 @@ caught when the task is loaded, not silently ignored.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -246,3 +247,13 @@ def format_prompt(template: str, record, where: str) -> str:
     except (IndexError, ValueError) as e:
         raise TunelabError(f"{where}: prompt is not a valid format string ({e}); write literal braces as "
                            "{{ and }}") from None
+
+
+def item_id(task_name: str, index: int, content) -> str:
+    """A per-item id stable across runs and machines: ``<task>:<index>:<8 hex of the item's content>``.
+
+    The content hash (the record's fields as sorted JSON; a perplexity document's token ids) means two runs'
+    items pair up only when they scored the same thing — an edited data file changes the ids instead of
+    silently pairing different items. Paths are left out: the same task read from another folder pairs."""
+    blob = json.dumps(content, sort_keys=True, default=str, ensure_ascii=False)
+    return f"{task_name}:{index}:{hashlib.sha256(blob.encode()).hexdigest()[:8]}"

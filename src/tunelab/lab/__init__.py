@@ -8,9 +8,13 @@ running a sweep    one run directory per variant, finished runs skipped, killed 
 reading runs       config.yaml / metrics.jsonl / results.json → `RunInfo`, comparison table    `results`
 figures            loss curves, learning vs forgetting (Pareto front), metrics vs parameters   `plots`
 report             results.md, results.csv and a single-file index.html                        `report`
+statistics         seed means with t intervals, paired bootstrap, McNemar / sign-flip, Holm    `stats`
+claims, budgets    a study's claims from per-item scores, budget table, provenance check       `claims`
+study sections     claims / budgets / provenance as Markdown (README blocks) and HTML          `study`
 =================  ==========================================================================  =============
 
-CLI: ``tunelab compare SWEEP.yaml [--dry-run]`` and ``tunelab report RUN_DIRS... [--out DIR]``.
+CLI: ``tunelab compare SWEEP.yaml [--dry-run] [--only A,B] [--seeds 0,1]`` and
+``tunelab report RUN_DIRS... [--out DIR] [--markdown [README.md]]``.
 Ready-made studies (LoRA vs full, loss masking, MoRA vs LoRA, DoRA vs LoRA): ``examples/studies/``.
 
 May import every layer (it trains variants through `train.launch.train`); nothing imports lab/ except the CLI.

@@ -22,6 +22,12 @@ goes on. Every variant's config is validated before anything trains, so a typo i
 once instead of after hours. Other exceptions are bugs and propagate with their traceback (the sweep can then
 be resumed).
 
+**Seeds, budgets, claims.** With ``seeds:`` every variant runs once per seed (``runs/<variant>/seed-<k>``). With
+``match: [...]`` the variants' *configured* budgets (`train.accounting.configured`, computed from the resolved
+configs) must agree within 5 % on each listed quantity, or compare refuses before anything trains. After the
+runs, the report computes every ``claims:`` entry (`lab.claims`, `lab.stats`) and compare prints the verdicts;
+runs that came from different tunelab versions or machines get a one-line warning.
+
 **Under torchrun** (``torchrun --nproc-per-node N -m tunelab compare SWEEP.yaml``) every rank walks the same
 variants in the same order, each variant trains data-parallel on all ranks, and only rank 0 writes
 ``sweep.json`` and the report.
@@ -39,6 +45,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import TunelabError
+from .claims import match_problem
 from .results import STATE_FILE, flatten
 from .sweep import Sweep, resolve
 
@@ -55,6 +62,8 @@ class Outcome:
     status: str  # planned | done (trained now) | skipped (finished before) | failed
     error: str | None = None
     seconds: float | None = None
+    variant: str | None = None  # the variant's name (`name` is variant/seed-k with seeds)
+    seed: int | None = None
 
 
 def run_status(run_dir: Path) -> str:
@@ -99,8 +108,11 @@ def _recoverable() -> tuple[type[BaseException], ...]:
 
 
 def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = None,
-              report: bool = True) -> list[Outcome]:
+              report: bool = True, only: list[str] | None = None, seeds: list[int] | None = None) -> list[Outcome]:
     """Train the sweep's unfinished variants one after another, then build its report.
+
+    `only` (variant names) and `seeds` (a subset of the sweep's seeds) train part of a study now — the rest stays
+    as it is on disk and in sweep.json, so a long study runs in parts and the report covers every finished run.
 
     `runner(cfg) -> run_dir` trains one variant (default: `tunelab.train.launch.train`); tests pass their own.
     Returns one `Outcome` per variant, in sweep order; ``sweep.json`` is rewritten after every variant so a
@@ -119,27 +131,37 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
             configs.append(cfg)
         except TunelabError as e:
             raise TunelabError(f"variant '{v.name}': {e}") from None
-    outcomes = [Outcome(v.name, str(v.run_dir), v.overrides, "planned") for v in sweep.variants]
+    outcomes = [Outcome(v.key, str(v.run_dir), v.overrides, "planned", variant=v.name, seed=v.seed)
+                for v in sweep.variants]
     main = is_main()
+    _check_selection(sweep, only, seeds)
+    budgets = configured_budgets(sweep, configs)
+    problem = match_problem(budgets, sweep.match) if sweep.match else None
     if dry_run:
-        print_plan(sweep, configs)
+        print_plan(sweep, configs, budgets)
+    if problem:  # one line, before anything trains
+        raise TunelabError(f"{sweep.path or sweep.name}: {problem}")
+    if dry_run:
         if main:
-            _save_state(sweep, outcomes)
+            _save_state(sweep, outcomes, budgets)
         return outcomes
     for i, (v, cfg, out) in enumerate(zip(sweep.variants, configs, outcomes), 1):
         state = run_status(v.run_dir)
+        if (only and v.name not in only) or (seeds is not None and v.seed not in seeds):
+            out.status = "skipped" if state == "done" else "planned"  # not selected now: its record is kept
+            continue
         drift = config_drift(v.run_dir, cfg)
         if drift:
             more = " …" if len(drift) > 3 else ""
             out.status = "failed"
             out.error = (f"{v.run_dir} holds a run with a different config ({'; '.join(drift[:3])}{more}); "
                          "delete it to retrain")
-            console.print(f"[red]✗ {v.name}: {out.error}[/]")
+            console.print(f"[red]✗ {v.key}: {out.error}[/]")
         elif state == "done":
             out.status = "skipped"
-            console.print(f"[dim]✓ [{i}/{len(configs)}] {v.name}: finished earlier, skipped[/]")
+            console.print(f"[dim]✓ [{i}/{len(configs)}] {v.key}: finished earlier, skipped[/]")
         else:
-            console.rule(f"[bold][{i}/{len(configs)}] {v.name}" + (" (resuming)" if state == "partial" else ""))
+            console.rule(f"[bold][{i}/{len(configs)}] {v.key}" + (" (resuming)" if state == "partial" else ""))
             t0 = time.perf_counter()
             try:
                 runner(cfg)
@@ -147,10 +169,10 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
             except _recoverable() as e:
                 out.status = "failed"
                 out.error = str(e) if isinstance(e, TunelabError) else f"{type(e).__name__}: {e}"
-                console.print(f"[red]✗ {v.name} failed: {out.error}[/] — going on with the next variant")
+                console.print(f"[red]✗ {v.key} failed: {out.error}[/] — going on with the next variant")
             out.seconds = time.perf_counter() - t0
         if main:
-            _save_state(sweep, outcomes)
+            _save_state(sweep, outcomes, budgets)
         barrier()  # rank 0 has written the variant's results before any rank looks at the next one
     if report and main:
         write_sweep_report(sweep)
@@ -162,37 +184,83 @@ def write_sweep_report(sweep: Sweep) -> Path:
     from .report import build_report
     from .results import collect
 
+    from .results import sweep_meta
+
     return build_report(collect([sweep.output_dir]), sweep.report_dir, title=sweep.name,
-                        description=sweep.description)
+                        description=sweep.description, study=sweep_meta(sweep.output_dir))
 
 
-def print_plan(sweep: Sweep, configs: list) -> None:
-    """The dry run: each variant, its state on disk and an upper bound of its training tokens."""
+def _check_selection(sweep: Sweep, only: list[str] | None, seeds: list[int] | None) -> None:
+    names = list(dict.fromkeys(v.name for v in sweep.variants))
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise TunelabError(f"--only: no variant named '{unknown[0]}' (variants: {', '.join(names)})")
+    if seeds is not None:
+        if sweep.seeds is None:
+            raise TunelabError(f"--seeds: {sweep.path or sweep.name} declares no `seeds:`")
+        bad = [s for s in seeds if s not in sweep.seeds]
+        if bad:
+            raise TunelabError(f"--seeds: {bad[0]} is not one of the study's seeds "
+                               f"({', '.join(map(str, sweep.seeds))})")
+
+
+def configured_budgets(sweep: Sweep, configs: list) -> dict[str, dict]:
+    """{variant: configured budget} (one per variant: seeds do not change it), with its declared outside budget."""
+    from ..train.accounting import add, configured
+    from ..train.pipeline import resolve_stages
+
+    out: dict[str, dict] = {}
+    for v, cfg in zip(sweep.variants, configs):
+        if v.name not in out:
+            b = add([configured(s) for _, s, _ in resolve_stages(cfg)]) if cfg.stages else configured(cfg)
+            for q, extra in v.budget.items():
+                b[q] = (b.get(q) or 0) + extra
+            out[v.name] = b
+    return out
+
+
+def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = None) -> None:
+    """The dry run: each variant × its seeds, their state on disk, and the configured cost per run and in all."""
     from rich.table import Table
 
     from ..console import console
 
-    table = Table(title=f"sweep {sweep.name}: {len(configs)} variants → {sweep.output_dir}")
-    for col in ("#", "variant", "method", "state", "steps", "≤ train tokens"):
-        table.add_column(col, justify="right" if col in ("#", "steps", "≤ train tokens") else "left",
-                         overflow="fold")  # a variant's name is its folder name: show all of it
-    total = 0
-    for i, (v, cfg) in enumerate(zip(sweep.variants, configs), 1):
-        steps = cfg.train.max_steps
-        # Packed rows are full, so steps × rows × max_length bounds the tokens (and time) of a run.
-        tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.max_length if steps else None
-        total += tokens or 0
-        state = run_status(v.run_dir)
-        if config_drift(v.run_dir, cfg):
-            state = "config changed!"
-        table.add_row(str(i), v.name, cfg.method, state, str(steps or f"{cfg.train.epochs:g} ep"),
-                      f"{tokens:,}" if tokens else "—")
+    budgets = budgets or {}
+    groups: dict[str, list] = {}
+    for v, cfg in zip(sweep.variants, configs):
+        groups.setdefault(v.name, []).append((v, cfg))
+    n_seeds = len(sweep.seeds) if sweep.seeds else 1
+    title = f"sweep {sweep.name}: {len(groups)} variants" + (f" × {n_seeds} seeds" if sweep.seeds else "")
+    table = Table(title=f"{title} → {sweep.output_dir}")
+    right = ("#", "steps", "≤ train tokens", "sampled", "runs done")
+    cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + (("runs done",) if sweep.seeds
+                                                                                       else ())
+    for col in cols:  # a variant's name is its folder name: show all of it; a state stays on one line
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col == "state")
+    totals = {"tokens": 0, "sampled": 0, "steps": 0, "runs": 0}
+    for i, (name, members) in enumerate(groups.items(), 1):
+        b = budgets.get(name) or {}
+        states = []
+        for v, cfg in members:
+            state = run_status(v.run_dir)
+            states.append("config changed!" if config_drift(v.run_dir, cfg) else state)
+        cfg = members[0][1]
+        tokens, sampled, steps = b.get("tokens_trained"), b.get("completions_sampled"), b.get("steps")
+        for key, val in (("tokens", tokens), ("sampled", sampled), ("steps", steps)):
+            totals[key] += (val or 0) * len(members)
+        totals["runs"] += len(members)
+        shown = sorted(set(states), key=states.index)
+        table.add_row(str(i), name, cfg.method if not cfg.stages else "pipeline", ", ".join(shown),
+                      str(steps) if steps else f"{cfg.train.epochs:g} ep", f"{tokens:,}" if tokens else "—",
+                      f"{sampled:,}" if sampled else "—",
+                      *((f"{states.count('done')}/{len(members)}",) if sweep.seeds else ()))
     console.print(table)
-    console.print(f"at most {total:,} training tokens in all (variants with max_steps); configs written to "
-                  f"{sweep.output_dir / 'configs'}")
+    console.print(f"{totals['runs']} runs; configured in all: {totals['steps']:,} optimizer steps, at most "
+                  f"{totals['tokens']:,} training tokens, {totals['sampled']:,} sampled completions (per run × "
+                  f"{n_seeds} seed{'s' if n_seeds > 1 else ''}); configs written to {sweep.output_dir / 'configs'}")
 
 
-def _save_state(sweep: Sweep, outcomes: list[Outcome]) -> None:
+def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = None) -> None:
     """``sweep.json``: merged with the previous record, so a dry run never erases an earlier error."""
     path = sweep.output_dir / STATE_FILE
     old = {}
@@ -205,23 +273,37 @@ def _save_state(sweep: Sweep, outcomes: list[Outcome]) -> None:
     for o in outcomes:
         row = asdict(o)
         if o.status == "planned" and o.name in old:
-            row = {**old[o.name], "overrides": o.overrides, "run_dir": o.run_dir}
+            row = {**old[o.name], "overrides": o.overrides, "run_dir": o.run_dir, "variant": o.variant,
+                   "seed": o.seed}
         rows.append(row)
     state = {"name": sweep.name, "description": sweep.description,
-             "sweep_file": str(sweep.path) if sweep.path else None, "variants": rows}
+             "sweep_file": str(sweep.path) if sweep.path else None, "seeds": sweep.seeds,
+             "claims": [c.model_dump() for c in sweep.claims], "match": list(sweep.match),
+             "configured_budgets": budgets or {}, "variants": rows}
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(state, indent=2, default=str))
     tmp.replace(path)  # atomic: a kill never leaves half a file
 
 
-
-def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = False, scale: bool = False) -> int:
-    """`tunelab compare`: 0 when every variant finished, 1 when some failed (the report is written anyway)."""
+def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = False, scale: bool = False,
+                 only: list[str] | None = None, seeds: str | None = None, claimed: bool = False) -> int:
+    """`tunelab compare`: 0 when every variant finished, 1 when some failed (the report is written anyway).
+    `only`: variant names, `claimed`: the variants the claims name, `seeds`: comma-separated seeds — what to train
+    now (`run_sweep`); the rest of the study keeps its state."""
     from .sweep import load_sweep
 
     sweep = load_sweep(sweep_file, overrides, scale=scale)
-    outcomes = run_sweep(sweep, dry_run=dry_run)
+    names = list(only) if only else None
+    if claimed:
+        if not sweep.claims:
+            raise TunelabError(f"--claimed: {sweep_file} declares no `claims:`")
+        names = (names or []) + [n for c in sweep.claims for n in (c.better, c.than)]
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+    except ValueError:
+        raise TunelabError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
+    outcomes = run_sweep(sweep, dry_run=dry_run, only=names, seeds=seed_list)
     if dry_run:
         return 0
     failed = [o for o in outcomes if o.status == "failed"]
@@ -231,5 +313,20 @@ def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = Fal
         return 1 if failed else 0
     for o in failed:
         print(f"failed: {o.name}: {o.error}")
-    print(f"{len(outcomes) - len(failed)}/{len(outcomes)} variants finished; report: {sweep.report_dir / 'index.html'}")
+    print_verdicts(sweep)
+    print(f"{len(outcomes) - len(failed)}/{len(outcomes)} runs finished; report: {sweep.report_dir / 'index.html'}")
     return 1 if failed else 0
+
+
+def print_verdicts(sweep: Sweep) -> None:
+    """The provenance warning (one line, when runs differ) and one line per claim."""
+    from .claims import evaluate_claims, provenance_summary
+    from .study import claim_line
+    from .results import collect
+
+    runs = collect([sweep.output_dir])
+    _, warnings = provenance_summary(runs)
+    for w in warnings:
+        print(f"warning: {w}")
+    for row in evaluate_claims(runs, sweep.claims) if sweep.claims else []:
+        print(claim_line(row))

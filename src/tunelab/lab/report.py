@@ -2,7 +2,8 @@
 
     report/
       index.html            everything in one file: table, figures (embedded as base64 PNG), per-run details
-      results.md            the table, for pasting into notes or a pull request
+      results.md            the table, for pasting into notes or a pull request; for a study, its claims, budgets
+                            and provenance first (`lab.study`)
       results.csv           the table at full precision, plus every task's base/final metric and any error
       curves.png  learning_forgetting.png  params.png   (each only when there is data for it)
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..userfiles import check_can_create, make_folder
 from .plots import pareto_front, plot_all
 from .results import RunInfo, applies, build_table, config_differences, flatten, fmt, to_csv, to_markdown
+from .study import study_html, study_markdown, study_parts
 
 _CAPTIONS = {
     "curves": "Training loss and held-out loss against optimizer steps, one line per run (other panels: metrics "
@@ -52,16 +54,20 @@ pre{background:#f6f8fa;padding:8px;border-radius:4px;white-space:pre-wrap;word-b
 
 
 def build_report(runs: list[RunInfo], out_dir: str | Path, title: str = "tunelab report",
-                 description: str = "") -> Path:
-    """Write the table, figures and index.html for `runs` into `out_dir`; returns index.html's path."""
+                 description: str = "", study: dict | None = None) -> Path:
+    """Write the table, figures and index.html for `runs` into `out_dir`; returns index.html's path.
+
+    `study`: a sweep's sweep.json (claims, match, configured budgets) — adds the verdicts, budgets, provenance."""
     out = make_folder(Path(out_dir), "report --out")
     cols, rows = build_table(runs)
-    (out / "results.md").write_text(f"# {title}\n\n{description}\n\n" + to_markdown(cols, rows) + _legend(runs))
+    verdicts = study_markdown(runs, study, title) + "\n"
+    (out / "results.md").write_text(f"# {title}\n\n{description}\n\n" + verdicts + to_markdown(cols, rows)
+                                    + _legend(runs))
     (out / "results.csv").write_text(to_csv(cols, rows, runs))
     for stale in ("curves", "learning_forgetting", "params"):
         (out / f"{stale}.png").unlink(missing_ok=True)  # a figure that has no data this time must not linger
     figures = plot_all(runs, out)
-    page = render_html(runs, cols, rows, figures, title, description)
+    page = render_html(runs, cols, rows, figures, title, description, study_html(study_parts(runs, study)))
     tmp = out / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out / "index.html")
@@ -84,7 +90,8 @@ def _e(s) -> str:
     return html.escape(str(s), quote=True)
 
 
-def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title: str, description: str) -> str:
+def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title: str, description: str,
+                study_section: str = "") -> str:
     front = {runs[i].label for i in pareto_front([(r.scores["learning"], r.scores["forgetting"]) for r in runs])}
     done = sum(r.status == "done" for r in runs)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
@@ -95,6 +102,7 @@ def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title
     if description:
         parts.append(f"<p>{_e(description)}</p>")
     parts.append(_summary(runs, front))
+    parts.append(study_section)
     parts.append("<h2>Results</h2>" + _table_html(cols, rows, front))
     parts.append("<p class='note'>" + _e(_legend(runs).strip().splitlines()[0]) + " ★ = on the Pareto front. "
                  + _fallback_note(runs) + "</p>")
@@ -200,14 +208,28 @@ def _eval_table(ev: dict) -> str:
             "</thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
-def report_main(paths: list[str], out: str) -> int:
-    """`tunelab report`: the report of run directories and/or sweep folders (one sweep keeps its title)."""
+def report_main(paths: list[str], out: str, markdown: str | None = None) -> int:
+    """`tunelab report`: the report of run directories and/or sweep folders (one sweep keeps its title).
+
+    `markdown`: instead, the study's generated README block (`lab.study`): ``"-"`` prints it, a file path
+    replaces the block between its ``<!-- study:NAME -->`` markers."""
     from .results import collect, sweep_meta
 
+    meta = sweep_meta(Path(paths[0])) if len(paths) == 1 else {}
+    if markdown is not None:
+        from .study import replace_block
+
+        name = meta.get("name") or "report"
+        block = study_markdown(collect(paths), meta, name, source=" ".join(paths))
+        if markdown == "-":
+            print(block, end="")
+        else:
+            replace_block(Path(markdown), name, block)
+            print(f"{markdown}: study '{name}' section regenerated")
+        return 0
     check_can_create(Path(out), "report --out")
     runs = collect(paths)
-    meta = sweep_meta(Path(paths[0])) if len(paths) == 1 else {}
     index = build_report(runs, out, title=meta.get("name") or "tunelab report",
-                         description=meta.get("description") or "")
+                         description=meta.get("description") or "", study=meta)
     print(f"{len(runs)} runs; report: {index}")
     return 0

@@ -43,6 +43,8 @@ class RunInfo:
     metrics: list[dict] = field(default_factory=list)
     status: str = "new"  # done | incomplete | failed | new
     error: str | None = None
+    variant: str | None = None  # in a sweep with seeds: the variant's name (label = variant/seed-k)
+    seed: int | None = None
 
     @property
     def train_rows(self) -> list[dict]:
@@ -138,10 +140,12 @@ def pipeline_runs(folder: Path) -> list[RunInfo]:
 def _sweep_runs(folder: Path) -> list[RunInfo]:
     out = []
     for row in sweep_meta(folder).get("variants", []):
-        run_dir = folder / "runs" / Path(row["run_dir"]).name  # the folder may have been moved since
+        rel = Path(row["run_dir"])  # the folder may have been moved since: keep only the part under runs/
+        run_dir = folder / "runs" / (Path(rel.parent.name, rel.name) if row.get("seed") is not None else rel.name)
         info = load_run(run_dir, row["name"]) if is_run_dir(run_dir) else RunInfo(row["name"], run_dir)
         if row.get("status") == "failed" and info.status != "done":
             info.status, info.error = "failed", row.get("error")
+        info.variant, info.seed = row.get("variant"), row.get("seed")
         out.append(info)
     return out
 

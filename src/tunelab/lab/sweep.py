@@ -17,6 +17,14 @@ A sweep is a YAML file::
     scale:                          # optional: a partial sweep merged on top with `--scale`
       output_dir: runs/studies/lora_vs_full-1b
       overrides: {model.name: meta-llama/Llama-3.2-1B, train.max_steps: 2000}
+    seeds: 3                        # every variant once per train.seed 0, 1, 2 (or a list: [0, 7, 42])
+    claims:                         # what the study tests: `tunelab.lab.claims` computes each verdict
+      - {better: full, than: lora-r8, on: code_heldout, expected: "full finetuning learns more (paper, fig. 2)"}
+      - {better: lora-r8, than: full, on: prose, direction: lower}   # direction: the task's own by default
+    match: [tokens_trained]         # compare refuses when the variants' configured budgets differ > 5 % on these
+
+A variant may also declare ``budget: {completions_sampled: 640}``: what it consumed *outside* its run (pairs sampled
+from the policy beforehand), added to its configured budget for ``match`` and the report.
 
 Each variant's config is ``base`` + ``overrides`` + its own overrides + its grid point, in that order (later
 wins). ``${SWEEP_DIR}`` anywhere in the file means the folder holding the sweep file (so bundled study data
@@ -25,7 +33,8 @@ Relative data paths inside a run config stay relative to the working directory, 
 
 Variant names are readable and stable — the explicit ``name`` and/or the grid point written as
 ``method=lora,lora.r=8`` (paths shortened to their file stem) — because they name the run folders
-``<output_dir>/runs/<name>`` that make a sweep resumable.
+``<output_dir>/runs/<name>`` (with ``seeds:``, ``<output_dir>/runs/<name>/seed-<k>``, ``train.seed = k``) that make
+a sweep resumable.
 """
 
 from __future__ import annotations
@@ -35,10 +44,10 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..config import load_config, parse_override, substitute_text
 from ..errors import TunelabError
@@ -46,11 +55,38 @@ from ..objectives import load_run_config
 from ..userfiles import read_text
 
 
+MATCHABLE =  ("steps", "sequences_trained", "tokens_trained", "completions_sampled", "tokens_sampled",
+             "reward_model_calls")
+
+
 class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
     overrides: dict[str, Any] = {}
+    budget: dict[Literal[MATCHABLE], float] = {}  # consumed outside the run (completions sampled for its pairs)
+
+
+class ClaimSpec(BaseModel):
+    """One claim of a study: `better` beats `than` on task `on` (in the task's own direction unless given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    better: str
+    than: str
+    on: str
+    direction: Literal["higher", "lower"] | None = None
+    expected: str = ""  # what the paper says, quoted in the report
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data):
+        """YAML 1.1 reads a bare ``on:`` key as the boolean True: take it back as ``on``."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+
 
 
 class SweepSpec(BaseModel):
@@ -66,6 +102,9 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] = {}
     variants: list[VariantSpec] = []
     scale: dict[str, Any] | None = None
+    seeds: int | list[int] | None = None
+    claims: list[ClaimSpec] = []
+    match: list[Literal[MATCHABLE]] = []
 
 
 @dataclass
@@ -76,6 +115,13 @@ class Variant:
     overrides: dict[str, Any]  # the variant's own overrides + grid point (what distinguishes it)
     raw: dict[str, Any]  # base + common + own overrides, output_dir set
     run_dir: Path
+    seed: int | None = None  # set by a sweep with `seeds:` (then raw's train.seed is it)
+    budget: dict[str, float] = field(default_factory=dict)  # consumed outside the run (VariantSpec.budget)
+
+    @property
+    def key(self) -> str:
+        """The variant and its seed: ``lora-r8/seed-1`` (just the name without `seeds:`)."""
+        return self.name if self.seed is None else f"{self.name}/seed-{self.seed}"
 
 
 @dataclass
@@ -85,6 +131,9 @@ class Sweep:
     path: Path | None
     output_dir: Path
     variants: list[Variant] = field(default_factory=list)
+    seeds: list[int] | None = None
+    claims: list[ClaimSpec] = field(default_factory=list)
+    match: list[str] = field(default_factory=list)
 
     @property
     def runs_dir(self) -> Path:
@@ -116,7 +165,11 @@ def load_sweep(path: str | Path, overrides: list[str] = (), scale: bool = False)
     for item in overrides:
         keys, value = parse_override(item)
         common[".".join(keys)] = value
-    return build_sweep(spec, common, path)
+    sweep = build_sweep(spec, common, path)
+    from .claims import check_claims
+
+    check_claims(sweep)  # unknown variants / tasks: file:line, before anything is written
+    return sweep
 
 
 def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
@@ -128,7 +181,11 @@ def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
     listed = spec.variants or [VariantSpec()]
     if not spec.grid and not spec.variants:
         raise TunelabError(f"{path or 'sweep'}: nothing to compare: give `grid:` and/or `variants:`")
-    sweep = Sweep(name, spec.description.strip(), path, out)
+    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else spec.seeds
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise TunelabError(f"{path or 'sweep'}: seeds: give a count ≥ 1 or a list of distinct seeds ≥ 0")
+    sweep = Sweep(name, spec.description.strip(), path, out, seeds=seeds, claims=list(spec.claims),
+                  match=list(spec.match))
     seen: dict[str, str] = {}
     for v in listed:
         for point in points:
@@ -142,24 +199,37 @@ def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
             raw = copy.deepcopy(base)
             for key, value in {**common, **own}.items():
                 set_dotted(raw, key, value)
-            run_dir = sweep.runs_dir / folder
-            raw["output_dir"] = str(run_dir)  # the sweep owns where runs go: that is what makes it resumable
-            raw["overwrite"] = False
-            sweep.variants.append(Variant(label, own, raw, run_dir))
+            for seed in seeds if seeds is not None else [None]:
+                run_dir = sweep.runs_dir / folder
+                one = copy.deepcopy(raw)
+                if seed is not None:
+                    run_dir = run_dir / f"seed-{seed}"
+                    set_dotted(one, "train.seed", seed)
+                    for stage in one.get("stages") or []:  # a stage's own train.seed would override the seed
+                        if isinstance(stage, dict) and isinstance(stage.get("train"), dict):
+                            stage["train"].pop("seed", None)
+                one["output_dir"] = str(run_dir)  # the sweep owns where runs go: that is what makes it resumable
+                one["overwrite"] = False
+                sweep.variants.append(Variant(label, own, one, run_dir, seed, dict(v.budget)))
     return sweep
 
 
 def resolve(sweep: Sweep, variant: Variant):
     """Validate one variant's run config: written to ``<sweep>/configs/<name>.yaml`` and loaded from there,
     so errors name a real file and line, and any variant can be rerun by hand with `tunelab train`."""
-    cfg_dir = sweep.output_dir / "configs"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = cfg_dir / f"{variant.run_dir.name}.yaml"
-    text = f"# variant '{variant.name}' of sweep '{sweep.name}' (written by tunelab compare)\n" + \
+    cfg_path = config_path(sweep, variant)
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# variant '{variant.key}' of sweep '{sweep.name}' (written by tunelab compare)\n" + \
         yaml.safe_dump(variant.raw, sort_keys=False)
     if not cfg_path.exists() or cfg_path.read_text() != text:  # unchanged files keep their mtime
         cfg_path.write_text(text)
     return load_run_config(cfg_path)
+
+
+def config_path(sweep: Sweep, variant: Variant) -> Path:
+    """``<sweep>/configs/<variant>.yaml`` (with seeds: ``<variant>.seed-<k>.yaml``)."""
+    stem = variant.run_dir.name if variant.seed is None else f"{variant.run_dir.parent.name}.seed-{variant.seed}"
+    return sweep.output_dir / "configs" / f"{stem}.yaml"
 
 
 def variant_name(overrides: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ from ..errors import TunelabError
 from ..jsonl import read_rows
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
-from . import dist_checkpoint
+from . import accounting, dist_checkpoint
 from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
 from .distributed import Engine, barrier, check_supported, is_main, main_says, plan, world_size
 from .guards import disk_full, is_disk_full
@@ -61,6 +61,7 @@ def _samples(p: RunInputs, cfg: RunConfig) -> list[dict]:
 def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     """Run single-stage `cfg` to completion (or to `stop_after` steps, for tests); returns the run directory."""
     t0 = time.perf_counter()
+    usage = accounting.Usage.start()  # budget: this run's wall/CPU seconds and peak memory
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)  # fail fast, before minutes of loading
     kind = data_kind(objective_class(cfg.objective).data_kind)
@@ -74,7 +75,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     # lock); the other ranks wait until it exists, then only rank 0 writes into it (checkpoint shards excepted)
     with claim_on_main(out, cfg.overwrite, cfg.resume):
         try:
-            return _run(cfg, p, kind, out, t0, stop_after)
+            return _run(cfg, p, kind, out, t0, stop_after, usage)
         except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
             if isinstance(e, TunelabError) or not is_disk_full(e):
                 raise
@@ -115,7 +116,8 @@ def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[],
         yield created
 
 
-def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None) -> Path:
+def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None,
+         usage: accounting.Usage) -> Path:
     main = is_main()
     if main:
         save_config(cfg, out / "config.yaml")
@@ -179,7 +181,10 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
                "total_seconds": time.perf_counter() - t0,
-               "samples": pair_samples(samples_before, samples_after), **task_fields}
+               "samples": pair_samples(samples_before, samples_after), **task_fields,
+               # what the run consumed and where it ran (train/accounting.py)
+               "budget": accounting.consumed(cfg, res, usage, out, p.report.total, p.report.trainable, engine.world),
+               "provenance": accounting.run_provenance(cfg, out)}
     write_results(out, results)
     console.print(f"{cfg.objective}: {res.steps} steps, {results['tokens_per_s']:,.0f} tokens/s, "
                   f"{res.seconds:.0f}s → {out}")

@@ -10,11 +10,17 @@ variants evaluates the base once. After training the same tasks run on the train
     forgetting = mean relative degradation on the source tasks  (> 0: the run forgot)
 
 with per-task deltas under `learning` / `forgetting` and raw numbers under `eval.base` / `eval.final`.
+
+Per-item scores go to ``<run>/eval/<task>.items.jsonl``: one row per item and phase, ``{"id", "phase": "before" |
+"after", "score", …}`` (ids from `eval.tasks.item_id`, stable across runs), so two runs — or a run's before and
+after — can be compared item by item (`tunelab.lab.stats`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 from ..adapters.base import disabled, has_adapter
 from ..eval import (EvalCache, load_task, model_fingerprint, print_results, run_results_fields, run_tasks,
@@ -51,7 +57,30 @@ def evaluate_final(cfg, model, tokenizer, template, base: dict | None) -> dict:
     name = {t: load_task(t).name for t in task_names(cfg)}  # results are keyed by task name, not YAML path
     fields = run_results_fields(base, final, [name[t] for t in cfg.eval.target], [name[t] for t in cfg.eval.source])
     fields["eval"]["base_cached"] = all(r.get("cached", False) for r in base.values())
+    from .distributed import is_main
+
+    if is_main():
+        write_items(Path(cfg.output_dir), base, final)
     return fields
+
+
+def write_items(out: Path, base: dict, final: dict) -> list[Path]:
+    """``eval/<task>.items.jsonl`` for every task whose results carry per-item scores (see the module docstring);
+    written to a temporary file and renamed, like results.json."""
+    paths = []
+    for task, res in final.items():
+        rows = [{"phase": "before", **it} for it in (base.get(task) or {}).get("items") or []]
+        rows += [{"phase": "after", **it} for it in res.get("items") or []]
+        if not rows:
+            continue  # an lm-eval-harness task: no per-item scores
+        folder = out / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{task.replace('/', '_')}.items.jsonl"
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
 
 
 def evaluate_during(cfg, model, tokenizer, template) -> dict:

@@ -1,0 +1,200 @@
+"""A study's verdicts as text: the claims table, the per-variant means, the budget table and the provenance line —
+in Markdown (results.md, the README) and HTML (index.html). Nothing here computes a statistic (`lab.claims`).
+
+The README's study sections are generated, never hand-written::
+
+    tunelab report runs/studies/dpo_vs_ppo --markdown                # print the block
+    tunelab report runs/studies/dpo_vs_ppo --markdown README.md      # replace it in README.md, in place
+
+The block sits between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->``; `replace_block` rewrites only
+what is between the markers (and refuses, one line, when the file lacks them — add them where the section goes).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+from ..errors import TunelabError
+from .claims import budget_rows, evaluate_claims, provenance_summary
+
+_BUDGET_HEADERS = (("seeds", "seeds"), ("steps", "steps"), ("tokens_trained", "tokens trained"),
+                   ("completions_sampled", "completions sampled"), ("tokens_sampled", "tokens sampled"),
+                   ("flops_train", "FLOPs train"), ("flops_sampling", "FLOPs sampling"),
+                   ("wall_seconds", "wall s"), ("cpu_seconds", "CPU s"), ("peak_rss_mb", "peak RSS MB"))
+
+
+def _num(v, signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and abs(v) >= 1e6:
+        return f"{v:.3g}"
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:+.3f}" if signed else f"{v:.3g}"
+    return f"{int(v):+,}" if signed else f"{int(v):,}"
+
+
+def claim_text(row: dict) -> str:
+    arrow = {"higher": "↑", "lower": "↓"}.get(row.get("direction") or "", "")
+    return f"{row['better']} > {row['than']} on {row['on']}{' ' + arrow if arrow else ''}"
+
+
+def measured(row: dict) -> str:
+    if row.get("diff") is None:
+        return "—"
+    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def mdd_text(row: dict) -> str:
+    mdd = row.get("mdd")
+    if mdd is None:
+        return "—"
+    return "∞ (too few items)" if mdd == float("inf") else f"{mdd:.3f}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def claim_line(row: dict) -> str:
+    """One line per claim for the terminal: ``claim: A > B on T ↑ · Δ +0.03 [−0.02, +0.08] · …``."""
+    if row.get("diff") is None:
+        return f"claim: {claim_text(row)} → not run ({row.get('why', '')})"
+    return (f"claim: {claim_text(row)} · Δ {measured(row)} · p(Holm) {row['p_holm']:.3g} · MDD {mdd_text(row)} · "
+            f"n={row['n_items']}×{row['n_seeds']} seeds → {row['outcome']}")
+
+
+def claims_markdown(rows: list[dict]) -> str:
+    head = ("| claim (paper's direction) | paper | measured Δ (95 % CI) | p (Holm) | MDD | n items × seeds | "
+            "verdict |\n|---|---|---:|---:|---:|---:|---|\n")
+    body = []
+    for r in rows:
+        cells = [claim_text(r), r.get("expected") or "—", measured(r),
+                 f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "—",
+                 mdd_text(r),
+                 f"{r['n_items']} × {r['n_seeds']}" if r.get("n_items") else "—", f"**{r['outcome']}**"]
+        body.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return head + "\n".join(body) + "\n"
+
+
+def variant_means(rows: list[dict]) -> list[tuple[str, str, tuple]]:
+    """(variant, task, (mean, low, high)) for every variant × task a claim involves, each once."""
+    out, seen = [], set()
+    for r in rows:
+        for side, key in ((r["better"], "better_ci"), (r["than"], "than_ci")):
+            if r.get(key) and (side, r["on"]) not in seen:
+                seen.add((side, r["on"]))
+                out.append((side, r["on"], r[key]))
+    return out
+
+
+def means_markdown(rows: list[dict]) -> str:
+    means = variant_means(rows)
+    if not means:
+        return ""
+    lines = ["| variant | task | mean over seeds | 95 % t interval |", "|---|---|---:|---:|"]
+    for v, t, (m, lo, hi) in means:
+        lines.append(f"| {v} | {t} | {m:.3f} | " + (f"[{lo:.3f}, {hi:.3f}]" if lo is not None else "— (1 seed)")
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_columns(match: list[str] = ()) -> list[tuple[str, str]]:
+    """The budget table's columns: what each run consumed, then the configured value of each matched quantity
+    (it includes what a variant declared it consumed outside its run)."""
+    return list(_BUDGET_HEADERS) + [(f"configured:{q}", f"{q.replace('_', ' ')} (configured)") for q in match]
+
+
+def budget_markdown(rows: list[dict], match: list[str] = ()) -> str:
+    if not rows:
+        return ""
+    cols = budget_columns(match)
+    head = "| variant | " + " | ".join(h for _, h in cols) + " |\n|---|" + "---:|" * len(cols)
+    body = ["| " + r["variant"] + " | " + " | ".join(_num(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return head + "\n" + "\n".join(body) + "\n"
+
+
+def study_seconds(rows: list[dict]) -> tuple[float, float]:
+    """(wall, CPU) seconds of the whole study: Σ over variants of the mean per run × finished seeds."""
+    wall = sum((r.get("wall_seconds") or 0) * r["seeds"] for r in rows)
+    cpu = sum((r.get("cpu_seconds") or 0) * r["seeds"] for r in rows)
+    return wall, cpu
+
+
+def study_parts(runs, study: dict | None) -> dict:
+    """Everything the study sections show: claim rows, budget rows, provenance line and warnings."""
+    study = study or {}
+    claims = evaluate_claims(runs, study.get("claims") or []) if study.get("claims") else []
+    budgets = budget_rows(runs, study.get("configured_budgets"))
+    line, warnings = provenance_summary(runs)
+    return {"claims": claims, "budgets": budgets, "provenance": line, "warnings": warnings,
+            "match": study.get("match") or [], "seeds": study.get("seeds")}
+
+
+def study_markdown(runs, study: dict | None, name: str, source: str = "") -> str:
+    """The README block (markers included) for one study."""
+    parts = study_parts(runs, study)
+    out = [f"<!-- study:{name} -->",
+           f"*Generated by `tunelab report {source or '<study folder>'} --markdown` — do not edit by hand. "
+           "Verdicts: paired bootstrap CI (10k resamples) and paired test over items × seeds, Holm-adjusted across "
+           "the study's claims (`tunelab/lab/stats.py`); MDD = smallest difference this study detects with 80 % "
+           "power.*", ""]
+    if parts["claims"]:
+        out += [claims_markdown(parts["claims"]), means_markdown(parts["claims"])]
+    else:
+        out += ["No claims declared.", ""]
+    if parts["budgets"]:
+        match = f" (matched: {', '.join(parts['match'])})" if parts["match"] else ""
+        wall, cpu = study_seconds(parts["budgets"])
+        out += [f"Budget per run, mean over seeds{match}; the whole study: {_hours(wall)} wall, {_hours(cpu)} CPU:",
+                "", budget_markdown(parts["budgets"], parts["match"])]
+    out.append(f"Provenance: {parts['provenance']}")
+    out += [f"\n**Warning:** {w}" for w in parts["warnings"]]
+    out.append(f"<!-- /study:{name} -->")
+    return "\n".join(out) + "\n"
+
+
+def replace_block(path: Path, name: str, block: str) -> None:
+    """Replace the ``<!-- study:NAME -->…<!-- /study:NAME -->`` block of `path` (written to a temp file, renamed)."""
+    text = Path(path).read_text(encoding="utf-8")
+    pattern = re.compile(rf"<!-- study:{re.escape(name)} -->.*?<!-- /study:{re.escape(name)} -->\n?", re.S)
+    if not pattern.search(text):
+        raise TunelabError(f"{path}: no '<!-- study:{name} -->' … '<!-- /study:{name} -->' markers; add them where "
+                           "the study's section goes")
+    new = pattern.sub(lambda _: block, text, count=1)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(path)
+
+
+def study_html(parts: dict) -> str:
+    """The claims, per-variant means, budget table and provenance for index.html."""
+    e = lambda s: html.escape(str(s), quote=True)  # noqa: E731
+    out = []
+    for w in parts["warnings"]:
+        out.append(f"<p class='err'>{e(w)}</p>")
+    if parts["claims"]:
+        out.append("<h2>Claims</h2><table><thead><tr><th class='t'>claim</th><th class='t'>paper</th><th>Δ (95 % CI)"
+                   "</th><th>p (Holm)</th><th>MDD</th><th>n × seeds</th><th class='t'>verdict</th></tr></thead>"
+                   "<tbody>")
+        for r in parts["claims"]:
+            cls = {"matched": "pos", "contradicted": "neg"}.get(r["outcome"], "")
+            p = f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "—"
+            mdd = mdd_text(r)
+            n = f"{r['n_items']} × {r['n_seeds']}" if r.get("n_items") else "—"
+            cells = [claim_text(r), r.get("expected") or "—", measured(r), p, mdd, n]
+            out.append("<tr>" + "".join(f"<td class='{'t' if i < 2 else ''}'>{e(c)}</td>" for i, c in enumerate(cells))
+                       + f"<td class='t {cls}'><b>{e(r['outcome'])}</b></td></tr>")
+        out.append("</tbody></table><p class='note'>Paired bootstrap CI and paired test over items × seeds, "
+                   "Holm-adjusted across the claims; a verdict also needs every seed to agree (lab/stats.py).</p>")
+    if parts["budgets"]:
+        cols = budget_columns(parts["match"])
+        heads = "".join(f"<th>{e(h)}</th>" for _, h in cols)
+        out.append(f"<h2>Budgets</h2><table><thead><tr><th class='t'>variant</th>{heads}</tr></thead><tbody>")
+        for r in parts["budgets"]:
+            out.append(f"<tr><td class='t'>{e(r['variant'])}</td>"
+                       + "".join(f"<td>{e(_num(r.get(k)))}</td>" for k, _ in cols) + "</tr>")
+        out.append("</tbody></table>")
+    out.append(f"<p class='note'>Provenance: {e(parts['provenance'])}</p>")
+    return "\n".join(out)

@@ -1,0 +1,126 @@
+"""lab/stats.py against hand-computed cases: the tests, Holm, intervals, and the verdict rules."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tunelab.lab.stats import (binom_two_sided, compare_paired, decide, holm, mcnemar_exact, mean_ci,
+                               sign_flip_test, t975, z_quantile)
+
+
+def test_quantiles():
+    assert z_quantile(0.975) == pytest.approx(1.959963985, abs=1e-8)
+    assert z_quantile(0.8) == pytest.approx(0.841621234, abs=1e-8)
+    assert z_quantile(0.01) == pytest.approx(-2.326347874, abs=1e-8)
+    assert t975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert t975(60) == pytest.approx(2.0003, abs=2e-4)  # table value for df = 60
+    assert t975(120) == pytest.approx(1.9799, abs=2e-4)
+
+
+def test_mean_ci_is_the_t_interval_over_seed_means():
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0])  # mean 2, sd 1: half-width t_{.975,2} / √3 = 4.3027 / 1.7321 = 2.4842
+    assert m == 2.0 and lo == pytest.approx(2 - 2.48417, abs=1e-4) and hi == pytest.approx(2 + 2.48417, abs=1e-4)
+    assert mean_ci([0.4]) == (0.4, None, None)
+
+
+def test_mcnemar_matches_the_exact_binomial_by_hand():
+    # 1 item only A got right, 6 only B: 2 · P(X ≤ 1 | n=7, ½) = 2 · (1 + 7) / 128 = 0.125
+    # (scipy.stats.binomtest(1, 7).pvalue == 0.125; scipy is not installed here, so by hand)
+    a = [1, 0, 0, 0, 0, 0, 0, 1, 1, 0]
+    b = [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    p, only_a, only_b = mcnemar_exact(a, b)
+    assert (only_a, only_b) == (1, 6) and p == pytest.approx(0.125)
+    assert binom_two_sided(0, 5) == pytest.approx(2 / 32)  # binomtest(0, 5).pvalue = 0.0625
+    assert binom_two_sided(3, 6) == 1.0 and binom_two_sided(0, 0) == 1.0
+
+
+def test_sign_flip_exact_by_hand():
+    # d = 1, 2, 3: of the 8 sign patterns only +++ and --- reach |mean| ≥ 2 → p = 2/8
+    assert sign_flip_test([1.0, 2.0, 3.0]) == pytest.approx(0.25)
+    assert sign_flip_test([0.0, 0.0]) == 1.0
+    # Monte Carlo branch (2^20 > 10k): a clear shift gives the smallest possible p, 1 / (1 + R)
+    assert sign_flip_test(np.ones(20), n_resamples=2000) == pytest.approx(1 / 2001)
+
+
+def test_holm_by_hand():
+    # sorted: .005·4 = .02, .01·3 = .03, .03·2 = .06, .04·1 = .04 → running max .06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5] and holm([0.6, 0.9]) == [1.0, 1.0]
+
+
+def test_a_known_difference_is_found():
+    rng = np.random.default_rng(1)
+    b = (rng.random((3, 100)) < 0.3).astype(float)
+    a = b.copy()
+    a[:, :40] = 1.0  # A is right on 40 more items, in every seed
+    r = decide([compare_paired(a, b)])[0]
+    assert r.test == "sign-flip" and r.diff == pytest.approx(float((a - b).mean()))
+    assert r.low > 0 and r.p_holm < 0.001 and r.verdict == "A better"
+    assert decide([compare_paired(b, a)])[0].verdict == "B better"
+    one = decide([compare_paired(a[:1], b[:1])])[0]  # one seed, 0/1 scores: McNemar
+    assert one.test == "mcnemar" and one.verdict == "A better"
+
+
+def test_identical_runs_are_inconclusive():
+    a = (np.random.default_rng(2).random((2, 50)) < 0.5).astype(float)
+    r = decide([compare_paired(a, a.copy())])[0]
+    assert r.diff == 0 and r.p == 1.0 and r.verdict == "inconclusive" and (r.low, r.high) == (0.0, 0.0)
+
+
+def test_lower_is_better_orientation_and_mdd():
+    loss_a = np.full((2, 30), 1.0) + np.linspace(0, 0.1, 30)
+    loss_b = loss_a + 0.5  # B's loss is higher: A better
+    r = compare_paired(loss_a, loss_b, higher_is_better=False)
+    assert r.diff == pytest.approx(0.5) and r.low > 0
+    noisy = compare_paired(np.random.default_rng(3).normal(size=(2, 40)), np.random.default_rng(4).normal(size=(2, 40)))
+    assert noisy.mdd == pytest.approx((1.959964 + 0.841621) * noisy.se, rel=1e-5)
+    assert noisy.se == pytest.approx(1 / math.sqrt(40), rel=0.35)  # sd of a mean of 2·40 N(0,2)/2 … order 1/√40
+
+
+def test_holm_changes_a_verdict():
+    """One clear claim and one borderline: the borderline p survives alone but not after Holm."""
+    rng = np.random.default_rng(5)
+    b = (rng.random((1, 200)) < 0.5).astype(float)
+    clear = b.copy()
+    clear[0, :60] = 1.0
+    edge = b.copy()
+    flips = np.flatnonzero(edge[0] == 0)[:16]
+    edge[0, flips] = 1.0
+    edge[0, np.flatnonzero(b[0] == 1)[:5]] = 0.0  # only-A 16, only-B 5: p = 2·P(X ≤ 5 | 21) ≈ .0266
+    alone = decide([compare_paired(edge, b)])[0]
+    assert alone.p == pytest.approx(binom_two_sided(5, 21)) and alone.verdict == "A better"
+    both = decide([compare_paired(clear, b), compare_paired(edge, b), compare_paired(b, b.copy())])
+    assert both[1].p_holm == pytest.approx(min(1.0, 2 * alone.p))  # second smallest of 3: × 2
+    assert both[1].verdict == "inconclusive" and both[0].verdict == "A better"
+
+
+def test_bootstrap_is_seeded():
+    a = np.random.default_rng(6).random((2, 30))
+    b = np.random.default_rng(7).random((2, 30))
+    r1, r2 = compare_paired(a, b), compare_paired(a, b)
+    assert (r1.low, r1.high) == (r2.low, r2.high)
+    with pytest.raises(ValueError):
+        compare_paired(a, b[:, :10])
+
+
+def test_one_seed_cannot_carry_a_verdict():
+    """A large gain in one seed and a loss in the other: the item bootstrap alone would say "A better"."""
+    b = np.zeros((2, 100))
+    a = b.copy()
+    a[0, :60] = 1.0  # seed 0: +0.6
+    b[1, :10] = 1.0  # seed 1: −0.1
+    r = decide([compare_paired(a, b)])[0]
+    assert r.low > 0 and r.p_holm < 0.05 and r.per_seed == pytest.approx([0.6, -0.1])
+    assert r.verdict == "inconclusive"
+
+
+def test_too_few_items_have_no_detectable_difference():
+    """4 items: the sign flip's smallest p is 2/16 = .125 ≥ .05, so nothing is detectable, however large."""
+    a, b = np.ones((2, 4)), np.zeros((2, 4))
+    r = decide([compare_paired(a, b)])[0]
+    assert r.p == pytest.approx(0.125) and r.mdd == math.inf and r.verdict == "inconclusive"
+    assert compare_paired(np.ones((2, 5)), np.zeros((2, 5))).mdd == math.inf  # 2/32 = .0625
+    assert compare_paired(np.ones((2, 6)), np.zeros((2, 6))).mdd < math.inf  # 2/64 < .05
+    one = compare_paired(np.ones((1, 5)), np.zeros((1, 5)))  # McNemar, 5 discordant: 2/32 ≥ .05
+    assert one.test == "mcnemar" and one.mdd == math.inf
