@@ -94,7 +94,13 @@ def _reward_models(cfg) -> int:
 def _rollout_mode(cfg) -> str | None:
     from ..objectives import objective_class
 
-    return getattr(objective_class(cfg.objective), "rollout", None)
+    return getattr(objective_class(cfg.objective), "row_builder", None)  # rl/rows/: the kind of round it trains on
+
+
+def _keep(cfg) -> str:
+    from ..objectives import objective_class
+
+    return objective_class(cfg.objective).options(cfg).keep  # rejection_sampling's own section
 
 
 def uses_frozen_forward(cfg) -> bool:
@@ -156,9 +162,8 @@ def configured(cfg) -> dict:
     micro = t.batch_size
     steps = t.max_steps
     if mode:
-        units = {"policy_gradient": rl.prompts_per_step * rl.group_size, "ppo": rl.prompts_per_step * rl.group_size,
-                 "best_of_n": rl.prompts_per_step * (1 if rl.keep == "best" else rl.group_size),
-                 "pairs": rl.prompts_per_step}[mode]
+        per_group = {"pairs": 1, "best_of_n": 1 if mode == "best_of_n" and _keep(cfg) == "best" else rl.group_size}
+        units = rl.prompts_per_step * per_group.get(mode, rl.group_size)  # the most rows a round yields
         per_epoch = rl.ppo_epochs * math.ceil(units / micro)  # micro-batches per rollout round
     else:
         n = _local_rows(cfg.data.train, cfg.data.limit)
