@@ -1,7 +1,118 @@
-"""The one rich console every layer prints to (stderr, so stdout stays clean for `--json` output)."""
+"""The one rich console every layer prints to (stderr, so stdout stays clean for `--json` output), and `phase`:
+how a step that takes a while (an evaluation, sample generation, a rollout, reference log-probs, an export, the
+default model's one-time conversion) says what it is doing and how far along it is.
+
+    with phase("generating 4 samples before training"):
+        ...                      # inner loops report their batches: `progress(total=…)` once, `advance()` per batch
+
+On a terminal a phase is a live row (spinner, bar, done/total, elapsed) — a row of the training bar when one is
+showing, so a rollout inside a step is visible under it — and a ``✓ what (12 s)`` line when it took a second or
+more. Without a terminal (``> log``, nohup, SLURM) it is plain lines: ``what …`` at the start, ``what: 3/8``
+at most every `PLAIN_EVERY` seconds, ``what: done in 12 s`` at the end. The innermost open phase receives the
+batches that `sampling.sample` and `objectives.scoring.score_batches` report, so no caller passes a handle down.
+"""
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
+
+PLAIN_EVERY = 10.0  # seconds between two progress lines of one phase without a terminal
+_open: list["Phase"] = []  # the open phases, innermost last
+_live: list[Progress] = []  # the live display phases add their rows to (the training bar while it shows)
+
+
+class Phase:
+    """One announced phase: `total` grows as inner loops report their batches; `advance()` counts them done."""
+
+    def __init__(self, what: str, total: int | None):
+        self.what, self.total, self.done = what, total, 0
+        self.t0 = self.last_line = time.perf_counter()
+        self.row = None  # (progress, task id) on a terminal
+
+    def expect(self, n: int) -> None:
+        """`n` more units of work (batches) in this phase."""
+        self.total = (self.total or 0) + n
+        self._show()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self._show()
+
+    def _show(self) -> None:
+        if self.row is not None:
+            progress, task = self.row
+            progress.update(task, completed=self.done, total=self.total)
+        elif time.perf_counter() - self.last_line >= PLAIN_EVERY:
+            self.last_line = time.perf_counter()
+            console.print(f"{self.what}: {self.done}/{self.total or '?'} ({self.last_line - self.t0:.0f} s)",
+                          highlight=False)
+
+
+def current() -> Phase | None:
+    """The innermost open phase (None outside any)."""
+    return _open[-1] if _open else None
+
+
+def progress(total: int) -> None:
+    """An inner loop announces `total` batches to the innermost open phase (nothing outside a phase)."""
+    if _open:
+        _open[-1].expect(total)
+
+
+def advance(n: int = 1) -> None:
+    """An inner loop finished `n` batches of the innermost open phase (nothing outside a phase)."""
+    if _open:
+        _open[-1].advance(n)
+
+
+@contextmanager
+def live(progress_display: Progress):
+    """While this is open, phases show as rows of `progress_display` (the training bar) instead of their own."""
+    _live.append(progress_display)
+    try:
+        yield progress_display
+    finally:
+        _live.remove(progress_display)
+
+
+@contextmanager
+def phase(what: str, total: int | None = None):
+    """Announce `what` for the duration of the block; yields the `Phase` (``advance()`` it, or let the inner
+    loops do so). See the module docstring for what a terminal and a log file show."""
+    ph = Phase(what, total)
+    own = None
+    if console.is_terminal:
+        if not _live:  # no display showing: this phase brings its own (transient: the ✓ line stays)
+            own = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=console, transient=True)
+            own.start()
+            _live.append(own)
+        display = _live[-1]
+        ph.row = (display, display.add_task(what, total=total))
+    else:
+        console.print(f"{what} …", highlight=False)
+    _open.append(ph)
+    finished = False
+    try:
+        yield ph
+        finished = True
+    finally:
+        _open.remove(ph)
+        seconds = time.perf_counter() - ph.t0
+        if ph.row is not None:
+            ph.row[0].remove_task(ph.row[1])
+        if own is not None:
+            _live.remove(own)
+            own.stop()
+        if not finished:  # an error: its own line says what happened
+            pass
+        elif ph.row is None:
+            console.print(f"{what}: done in {seconds:.1f} s", highlight=False)
+        elif seconds >= 1.0:
+            console.print(f"[green]✓[/] {what} ({seconds:.0f} s)", highlight=False)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import phase
 from ..data.batches import RunContext
 from ..data.sources import Record
 from ..errors import TunelabError
@@ -49,6 +50,7 @@ from ..sampling import sample
 from .advantages import ESTIMATORS
 from .ppo_round import ppo_rows
 from .rewards import RewardInputs, build_rewards
+from .signal import NoSignalWatch, zero_signal_groups
 
 
 def _gen(*keys: int) -> torch.Generator:
@@ -82,6 +84,7 @@ class RolloutSource:
         self.pad_id = tok.pad_token_id
         self.round, self.rows, self.metrics = None, None, {}
         self.round_pending = None  # the round being built (selected.jsonl rows carry it)
+        self.no_signal = NoSignalWatch(rl.warn_no_signal_rounds)
 
     # ------------------------------------------------------------------------------------------ the interface
     def get(self, epoch: int, index: int) -> dict:
@@ -140,7 +143,7 @@ class RolloutSource:
         t0 = time.perf_counter()
         rl = self.cfg.rl
         prompts = self.round_prompts(r)
-        with self.ctx.gathered():
+        with self.ctx.gathered(), phase(f"rollout {r + 1}: {len(prompts)} prompt(s) × {self.G} completions, scored"):
             samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
                                                     seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
@@ -149,11 +152,13 @@ class RolloutSource:
         self.metrics = {**scores.metrics(), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                         "completion_length": float(lengths.float().mean()),
                         "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
-                        "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
+                        "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r,
+                        "zero_signal_groups": zero_signal_groups(rewards, samples.prompt_index.cpu())}
+        self.no_signal.round(self.metrics["zero_signal_groups"], float(rewards.mean()))
         build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
                  "ppo": self._ppo_rows}
         self.round_pending = r
-        with self.ctx.gathered():  # the reference's log-probs
+        with self.ctx.gathered(), phase(f"rollout {r + 1}: training rows"):  # the reference's log-probs
             self.rows = build[self.mode](prompts, samples, texts, rewards)
         self.round = r
 
