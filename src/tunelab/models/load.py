@@ -81,8 +81,9 @@ def gguf_to_folder(gguf: Path) -> Path:
         try:
             try:
                 tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            except (ValueError, OSError, KeyError) as e:  # not GGUF at all, truncated, an architecture transformers lacks
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+            except (ValueError, OSError, KeyError) as e:  # not GGUF, truncated, an architecture transformers lacks
                 raise TunelabError(f"model not found: {gguf} is not a loadable GGUF file ({_first_line(e)})") from None
             # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights are
             # already dequantized floats, so rebuild a plain model from the config and save that.

@@ -143,7 +143,7 @@ class RolloutSource:
         t0 = time.perf_counter()
         rl = self.cfg.rl
         prompts = self.round_prompts(r)
-        with self.ctx.gathered(), phase(f"rollout {r + 1}: {len(prompts)} prompt(s) × {self.G} completions, scored"):
+        with self.ctx.gathered(), phase(f"rollout {r + 1}: {len(prompts)} prompt(s) × {self.G} completions"):
             samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
                                                     seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank)
         rewards = torch.tensor(scores.total, dtype=torch.float32)

@@ -42,5 +42,5 @@ class NoSignalWatch:
                       f"completions got the same reward (mean {reward:.3f}), so advantages, loss and gradient are 0 "
                       "— the task is too hard (or too easy) for the model: use easier prompts, a higher "
                       "rl.temperature or a larger rl.group_size, or add a partial-credit reward",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         return True

@@ -7,20 +7,22 @@ working directory — so ``my_rewards.py`` next to ``my_run.yaml`` or in the fol
 ``PYTHONPATH=.``. The folder it was found in is added to the end of ``sys.path`` (the module may import its
 neighbours).
 
-**Two signatures**, told apart by their parameter names and checked before the first rollout (a mismatch is one
-line naming both):
+**Two signatures**, told apart by their parameter names (TRL's: a first parameter ``prompts``,
+``completions`` or ``completion_ids``, or a ``completions`` parameter anywhere) and checked before the first
+rollout (a mismatch is one line naming both):
 
     def fn(batch, **options) -> list[float]                 # tunelab: batch is an rl.rewards.RewardInputs
     def fn(completions, **kwargs) -> list[float]            # TRL (GRPOTrainer's reward functions), also
     def fn(prompts, completions, answer, **kwargs)          # naming what it reads
 
-A TRL-style function (one with a ``completions`` parameter) is called as TRL calls it, with keywords:
-``prompts`` and ``completions`` (lists of str; or, when the prompt records are conversational — a ``messages``
-list or a ``prompt`` list of {role, content} — TRL's conversational form: each prompt a list of messages, each
-completion ``[{"role": "assistant", "content": text}]``), ``completion_ids`` (lists of token ids),
-``trainer_state=None``, every field of the prompt records as a list with one value per completion (TRL's dataset
-columns: ``answer``, ``solution``, …; a record that lacks the field gives None) and the spec's options. A
-function without ``**kwargs`` gets only the names it lists; one it lists that none of these supplies is one line.
+A TRL-style function is called as TRL calls it, with keywords: ``prompts`` and ``completions`` (lists of
+str — a prompt is its record's prompt messages' contents joined by blank lines, e.g. an alpaca record's
+instruction and input; or, when the prompt records are conversational — a ``messages`` list or a ``prompt`` list of {role,
+content} — TRL's conversational form: each prompt a list of messages, each completion ``[{"role": "assistant",
+"content": text}]``), ``completion_ids`` (lists of token ids), ``trainer_state=None``, every field of the prompt
+records as a list with one value per completion (TRL's dataset columns: ``answer``, ``solution``, …; a record
+that lacks the field gives None) and the spec's options. A function without ``**kwargs`` gets only the names it
+lists; one it lists that none of these supplies is one line.
 
 **Time limit.** Each call runs on a helper thread and must return within ``call_timeout`` seconds (a reserved
 option, default `DEFAULT_TIMEOUT`; ``call_timeout: null`` for none); one that never returns stops the run with
@@ -44,6 +46,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..config import CONFIG_DIRS
@@ -109,7 +112,8 @@ def user_reward(ref: str, options: dict):
     except (TypeError, ValueError):  # builtins without a signature: call it the tunelab way and let the call tell
         return lambda batch: as_scores(call_with_timeout(fn, (batch,), options, timeout))
     sig = f"{ref.partition(':')[2]}{inspect.signature(fn)}"
-    if "completions" in params and next(iter(params)) != "batch":
+    first = next(iter(params), None)
+    if first in TRL_ARGS[:3] or "completions" in params and first != "batch":
         return _trl_style(ref, fn, params, options, timeout, sig)
     try:
         inspect.signature(fn).bind(None, **options)
@@ -157,8 +161,7 @@ def trl_arguments(batch) -> dict:
         prompts = messages
         completions = [[{"role": "assistant", "content": c}] for c in batch.completions]
     else:
-        prompts = [next((m["content"] for m in reversed(ms) if m["role"] == "user"), ms[-1]["content"])
-                   for ms in messages]
+        prompts = ["\n\n".join(m["content"] for m in ms) for ms in messages]
         completions = list(batch.completions)
     fields = list(dict.fromkeys(k for r in batch.prompt_records for k in r.data if k not in TRL_ARGS))
     columns = {k: [r.data.get(k) for r in batch.prompt_records] for k in fields}
@@ -195,7 +198,7 @@ def call_with_timeout(fn, args: tuple, kwargs: dict, timeout: float | None):
 def _real(x) -> float | None:
     if isinstance(x, torch.Tensor):
         return float(x) if x.dim() == 0 and not x.is_complex() else None
-    if isinstance(x, (numbers.Real, bool)) or type(x).__name__ == "bool_":  # numpy's bool is not numbers.Real
+    if isinstance(x, (numbers.Real, np.bool_)):  # numpy's bool is not a numbers.Real
         return float(x)
     return None
 
@@ -203,7 +206,7 @@ def _real(x) -> float | None:
 def as_scores(out) -> list[float]:
     """A reward function's answer as floats, or a `TunelabError` naming its type (module docstring)."""
     kind = type(out).__name__
-    if isinstance(out, torch.Tensor) or type(out).__module__ == "numpy" and hasattr(out, "ndim"):
+    if isinstance(out, (torch.Tensor, np.ndarray)):
         if out.ndim != 1:
             raise TunelabError(f"must return one number per completion; got a {out.ndim}-D {kind} of shape "
                                f"{tuple(out.shape)}")

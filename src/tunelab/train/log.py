@@ -177,21 +177,23 @@ class TrainDisplay:
         self._live = None
 
     def __enter__(self) -> "TrainDisplay":
-        if self.terminal:
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                                TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[extra]}"),
-                                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=console)
-            self.bar.add_task("train", total=self.total, completed=self.start, loss="-", lr="-", tps="-", extra="",
-                              eta="-:--:--")
+        if not self.terminal:
+            self._live = live(None)  # phases inside a step stay quiet: the step lines say how it goes
+            self._live.__enter__()
+        else:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                TextColumn("{task.fields[eta]}"), console=console)
+            self.bar.add_task("train", total=self.total, completed=self.start, stats="loss -  lr -  - tok/s",
+                              eta="ETA -:--:--")
             self.bar.start()
-            self._live = live(self.bar)
+            self._live = live(self.bar, {"stats": "", "eta": ""})
             self._live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._live.__exit__(*exc)
         if self.bar is not None:
-            self._live.__exit__(*exc)
             self.bar.stop()
 
     def eta(self, step: int) -> float | None:
@@ -204,11 +206,9 @@ class TrainDisplay:
         """Step `step` (1-based) is done: it took `seconds`; `metrics` are the objective's and the source's."""
         self.times.append(seconds)
         extra, eta = step_extra(metrics), _clock(self.eta(step))
+        stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s" + (f"  {extra}" if extra else "")
         if self.bar is not None:
-            self.bar.update(self.bar.task_ids[0], completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                            tps=f"{tokens_per_s:,.0f}", extra=extra, eta=eta)
+            self.bar.update(self.bar.task_ids[0], completed=step, stats=stats, eta=f"ETA {eta}")
         if self.plain is not None and (step % self.log_every == 0 or step == self.total):
-            line = (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
-                    + (f"  {extra}" if extra else "")
-                    + f"  elapsed {_clock(time.perf_counter() - self.t0)}  eta {eta}")
+            line = f"step {step}/{self.total}  {stats}  elapsed {_clock(time.perf_counter() - self.t0)}  eta {eta}"
             self.plain.print(line, highlight=False, soft_wrap=True)
