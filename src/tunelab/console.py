@@ -15,6 +15,7 @@ batches that `sampling.sample` and `objectives.scoring.score_batches` report, so
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -92,11 +93,13 @@ def live(progress_display: Progress | None, fields: dict | None = None):
 
 
 @contextmanager
-def phase(what: str, total: int | None = None):
+def phase(what: str, total: int | None = None, delay: float = 0.0):
     """Announce `what` for the duration of the block; yields the `Phase` (``advance()`` it, or let the inner
-    loops do so). See the module docstring for what a terminal and a log file show."""
+    loops do so). See the module docstring for what a terminal and a log file show. `delay`: without a terminal,
+    say nothing unless the block is still running after this many seconds (a command whose first checks may fail
+    at once: its error stays the only line)."""
     ph = Phase(what, total)
-    own = None
+    own = timer = None
     if console.is_terminal and not (_live and _live[-1] is None):
         if not _live:  # no display showing: this phase brings its own (transient: the ✓ line stays)
             own = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -107,6 +110,15 @@ def phase(what: str, total: int | None = None):
         ph.row = (display, display.add_task(what, total=total, **_fields.get(id(display), {})))
     elif _live:  # plain step lines are showing: quiet unless it runs long
         ph.quiet = True
+    elif delay > 0:
+        ph.quiet = True  # until the timer says it
+
+        def announce():
+            ph.quiet = False
+            console.print(f"{what} …", highlight=False, soft_wrap=True)
+        timer = threading.Timer(delay, announce)
+        timer.daemon = True
+        timer.start()
     else:
         console.print(f"{what} …", highlight=False, soft_wrap=True)
     _open.append(ph)
@@ -116,6 +128,8 @@ def phase(what: str, total: int | None = None):
         finished = True
     finally:
         _open.remove(ph)
+        if timer is not None:
+            timer.cancel()
         seconds = time.perf_counter() - ph.t0
         if ph.row is not None:
             ph.row[0].remove_task(ph.row[1])

@@ -67,6 +67,22 @@ def test_a_long_phase_reports_progress_without_a_terminal(monkeypatch, capsys):
     assert err[0] == "scoring …" and "scoring: 3/3 (0 s)" in err and err[-1].startswith("scoring: done in")
 
 
+def test_a_delayed_phase_says_nothing_when_it_ends_quickly(capsys):
+    """`tunelab export` on a bad path: the error is the only line; a real export still announces itself."""
+    import time
+
+    with pytest.raises(ValueError):
+        with console_mod.phase("exporting", delay=0.5):
+            raise ValueError("bad path")
+    with console_mod.phase("quick", delay=0.5):
+        pass
+    assert capsys.readouterr().err == ""
+    with console_mod.phase("exporting", delay=0.05):
+        time.sleep(0.3)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "exporting …" and err[1].startswith("exporting: done in")
+
+
 def test_eta_works_when_a_step_takes_minutes():
     """rich's own estimate drops samples older than 30 s, so a 45 s step never had one (`-:--:--`)."""
     out = io.StringIO()
