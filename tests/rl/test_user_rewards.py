@@ -138,6 +138,52 @@ def test_a_call_that_never_returns_is_one_line_naming_it(tmp_path, monkeypatch):
             build_rewards([{"name": f"{name}:hang", "call_timeout": bad}])
 
 
+def test_a_busy_loop_is_stopped_and_signal_using_functions_still_work(tmp_path, monkeypatch):
+    """In the main thread the limit is a SIGALRM timer: a pure-Python busy loop is stopped, and a function that sets
+    its own alarm (as math_verify's timeouts do) runs as it would under TRL — not refused for using signals."""
+    import signal
+    import time
+
+    name = _module(tmp_path, (
+        "import signal\n"
+        "def spin(batch):\n    while True:\n        pass\n"
+        "def own_alarm(completions, **kw):\n"
+        "    old = signal.signal(signal.SIGALRM, lambda *a: None)\n"
+        "    signal.alarm(30)\n    signal.alarm(0)\n    signal.signal(signal.SIGALRM, old)\n"
+        "    return [1.0] * len(completions)\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    t0 = time.perf_counter()
+    with pytest.raises(TunelabError, match="did not return within 0.3 s"):
+        build_rewards([{"name": f"{name}:spin", "call_timeout": 0.3}])(_batch(["x"]))
+    assert time.perf_counter() - t0 < 5
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0 and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+    assert _scores({"name": f"{name}:own_alarm"}, _batch(["x", "y"])) == [1.0, 1.0]
+
+
+def test_off_the_main_thread_the_limit_still_holds(tmp_path, monkeypatch):
+    name = _module(tmp_path, HANG + "def ok(batch):\n    return [2.0] * len(batch)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    release = importlib.import_module(name).RELEASE
+    results = {}
+
+    def run(fn):
+        try:
+            results[fn] = build_rewards([{"name": f"{name}:{fn}", "call_timeout": 0.2}])(_batch(["x"])).total
+        except TunelabError as e:
+            results[fn] = str(e)
+    try:
+        for fn in ("hang", "ok"):
+            worker = threading.Thread(target=run, args=(fn,))
+            worker.start()
+            worker.join(10)
+    finally:
+        release.set()
+    assert results["hang"].startswith(f"reward '{name}:hang': did not return within 0.2 s")
+    assert results["ok"] == [2.0]
+
+
 def test_the_call_keeps_the_callers_grad_mode_and_its_exceptions(tmp_path, monkeypatch):
     name = _module(tmp_path, "import torch\ndef grad(batch):\n    return [float(torch.is_grad_enabled())]\n"
                              "def boom(batch):\n    raise KeyError('answer')\n")

@@ -24,10 +24,9 @@ records as a list with one value per completion (TRL's dataset columns: ``answer
 that lacks the field gives None) and the spec's options. A function without ``**kwargs`` gets only the names it
 lists; one it lists that none of these supplies is one line.
 
-**Time limit.** Each call runs on a helper thread and must return within ``call_timeout`` seconds (a reserved
-option, default `DEFAULT_TIMEOUT`; ``call_timeout: null`` for none); one that never returns stops the run with
-one line naming it instead of hanging it. (Python cannot stop a thread: the stuck call is abandoned and dies
-with the process.)
+**Time limit.** Each call must return within ``call_timeout`` seconds (a reserved option, default
+`DEFAULT_TIMEOUT`; ``call_timeout: null`` for none); one that never returns stops the run with one line naming
+it instead of hanging it (`call_with_timeout`: a SIGALRM timer in the main thread, else a helper thread).
 
 **The answer** must be a sequence of real numbers, one per completion: a list or tuple of bool / int / float /
 numpy or torch scalars, or a 1-D numpy array or torch tensor. Anything else — a string (``"1111"`` is not four
@@ -41,6 +40,7 @@ import importlib
 import importlib.util
 import inspect
 import numbers
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -169,11 +169,49 @@ def trl_arguments(batch) -> dict:
             "trainer_state": None}
 
 
+class _Timeout(BaseException):
+    """Raised by the alarm in the middle of a reward call (a BaseException: a user's ``except Exception`` does not
+    swallow it)."""
+
+
 def call_with_timeout(fn, args: tuple, kwargs: dict, timeout: float | None):
-    """``fn(*args, **kwargs)``, or a `TunelabError` when it has not returned after `timeout` seconds. The call
-    runs on a daemon thread with the caller's grad mode; its exception, if any, is raised here unchanged."""
+    """``fn(*args, **kwargs)``, or a `TunelabError` when it has not returned after `timeout` seconds.
+
+    In the main thread (training is) the call runs right there under a SIGALRM timer, as TRL would run it — so a
+    function that uses signals itself (e.g. math_verify's own timeouts) keeps working; should it reset the timer,
+    it just runs without the limit. Elsewhere, or while another timer is running, it runs on a daemon thread with
+    the caller's grad mode, abandoned if it does not return. Its own exception, if any, is raised unchanged."""
     if timeout is None:
         return fn(*args, **kwargs)
+    if (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+            and signal.getitimer(signal.ITIMER_REAL)[0] == 0):
+        return _call_with_alarm(fn, args, kwargs, timeout)
+    return _call_on_thread(fn, args, kwargs, timeout)
+
+
+def _too_slow(timeout: float) -> TunelabError:
+    return TunelabError(f"did not return within {timeout:g} s (call_timeout); a function that needs longer: "
+                        "raise call_timeout in its rl.rewards entry")
+
+
+def _call_with_alarm(fn, args: tuple, kwargs: dict, timeout: float):
+    def alarm(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            return fn(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Timeout:
+        raise _too_slow(timeout) from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _call_on_thread(fn, args: tuple, kwargs: dict, timeout: float):
     box: dict = {}
     grad = torch.is_grad_enabled()
 
@@ -188,8 +226,7 @@ def call_with_timeout(fn, args: tuple, kwargs: dict, timeout: float | None):
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise TunelabError(f"did not return within {timeout:g} s (call_timeout); a function that needs longer: "
-                           "raise call_timeout in its rl.rewards entry")
+        raise _too_slow(timeout)
     if "error" in box:
         raise box["error"]
     return box["out"]
