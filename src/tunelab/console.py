@@ -9,8 +9,9 @@ On a terminal a phase is a live row (spinner, bar, done/total, elapsed) — a ro
 showing, so a rollout inside a step is visible under it — and a ``✓ what (12 s)`` line when it took a second or
 more. Without a terminal (``> log``, nohup, SLURM) it is plain lines: ``what …`` at the start, ``what: 3/8``
 at most every `PLAIN_EVERY` seconds, ``what: done in 12 s`` at the end; during training (where the step lines
-already say how it goes) a phase is silent unless it runs longer than `PLAIN_EVERY` seconds. The innermost open phase receives the
-batches that `sampling.sample` and `objectives.scoring.score_batches` report, so no caller passes a handle down.
+already say how it goes) a phase is silent unless it runs longer than `PLAIN_EVERY` seconds. The innermost open
+phase receives the batches that `sampling.sample` and `objectives.scoring.score_batches` report, so no caller
+passes a handle down.
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ class Phase:
             self.last_line = time.perf_counter()
             console.print(f"{self.what}: {self.done}/{self.total or '?'} ({self.last_line - self.t0:.0f} s)",
                           highlight=False, soft_wrap=True)
-
-
-def current() -> Phase | None:
-    """The innermost open phase (None outside any)."""
-    return _open[-1] if _open else None
 
 
 def progress(total: int) -> None:

@@ -79,7 +79,8 @@ def test_trl_style_standard_form(tmp_path, monkeypatch):
     assert _scores({"name": f"{name}:no_kwargs"}, _batch(["4", "5"])) == [1.0, 0.0]  # gets only what it names
     with pytest.raises(TunelabError) as e:
         build_rewards([{"name": f"{name}:wants_solution"}])(batch)
-    assert "parameter 'solution' is neither a TRL argument" in str(e.value) and "fields: answer, input, instruction, output" in str(e.value)
+    assert "parameter 'solution' is neither a TRL argument" in str(e.value)
+    assert "fields: answer, input, instruction, output" in str(e.value)
 
 
 def test_trl_conversational_form_matches_trl_itself():

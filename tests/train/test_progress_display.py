@@ -21,7 +21,8 @@ from tunelab.cli import main
 from tunelab.train.log import TrainDisplay, step_extra
 
 ROOT = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"^step (\d+)/(\d+)  loss \d+\.\d{4}  lr \S+  [\d,]+ tok/s.*  elapsed \d:\d\d:\d\d  eta \d:\d\d:\d\d$")
+STEP_LINE = re.compile(r"^step (\d+)/(\d+)  loss \d+\.\d{4}  lr \S+  [\d,]+ tok/s.*"
+                       r"  elapsed \d:\d\d:\d\d  eta \d:\d\d:\d\d$")
 
 
 @pytest.fixture(scope="module")

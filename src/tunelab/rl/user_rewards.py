@@ -15,14 +15,14 @@ rollout (a mismatch is one line naming both):
     def fn(completions, **kwargs) -> list[float]            # TRL (GRPOTrainer's reward functions), also
     def fn(prompts, completions, answer, **kwargs)          # naming what it reads
 
-A TRL-style function is called as TRL calls it, with keywords: ``prompts`` and ``completions`` (lists of
-str — a prompt is its record's prompt messages' contents joined by blank lines, e.g. an alpaca record's
-instruction and input; or, when the prompt records are conversational — a ``messages`` list or a ``prompt`` list of {role,
-content} — TRL's conversational form: each prompt a list of messages, each completion ``[{"role": "assistant",
-"content": text}]``), ``completion_ids`` (lists of token ids), ``trainer_state=None``, every field of the prompt
-records as a list with one value per completion (TRL's dataset columns: ``answer``, ``solution``, …; a record
-that lacks the field gives None) and the spec's options. A function without ``**kwargs`` gets only the names it
-lists; one it lists that none of these supplies is one line.
+A TRL-style function is called as TRL calls it, with keywords: ``prompts`` and ``completions`` — lists of str
+(a prompt is its record's prompt messages' contents joined by blank lines, e.g. an alpaca record's instruction
+and input) or, when the prompt records are conversational (a ``messages`` list or a ``prompt`` list of {role,
+content}), TRL's conversational form: each prompt a list of messages, each completion ``[{"role": "assistant",
+"content": text}]`` — ``completion_ids`` (lists of token ids), ``trainer_state=None``, every field of the
+prompt records as a list with one value per completion (TRL's dataset columns: ``answer``, ``solution``, …; a
+record that lacks the field gives None) and the spec's options. A function without ``**kwargs`` gets only the
+names it lists; one it lists that none of these supplies is one line.
 
 **Time limit.** Each call must return within ``call_timeout`` seconds (a reserved option, default
 `DEFAULT_TIMEOUT`; ``call_timeout: null`` for none); one that never returns stops the run with one line naming
