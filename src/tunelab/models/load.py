@@ -76,7 +76,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with phase(f"converting {gguf.name} to a safetensors folder (once; cached in {out.parent})"):
+    with phase(f"converting {gguf.name} to a safetensors folder (once; cached in {out.parent})", delay=2.0):
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
         try:
             try:
