@@ -50,7 +50,7 @@ from ..sampling import sample
 from .advantages import ESTIMATORS
 from .ppo_round import ppo_rows
 from .rewards import RewardInputs, build_rewards
-from .signal import NoSignalWatch, zero_signal_groups
+from .signal import NoSignalWatch
 
 
 def _gen(*keys: int) -> torch.Generator:
@@ -153,8 +153,7 @@ class RolloutSource:
                         "completion_length": float(lengths.float().mean()),
                         "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
                         "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r,
-                        "zero_signal_groups": zero_signal_groups(rewards, samples.prompt_index.cpu())}
-        self.no_signal.round(self.metrics["zero_signal_groups"], float(rewards.mean()))
+                        **self.no_signal.round(self.mode, rewards, samples.prompt_index.cpu())}
         build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
                  "ppo": self._ppo_rows}
         self.round_pending = r

@@ -5,9 +5,9 @@ its loss and gradient are 0 whatever the policy does. A round where every group 
 
     zero_signal_groups = #{groups g : max_i r_g,i = min_i r_g,i} / #groups
 
-is logged per round (metrics.jsonl, the progress line), and `NoSignalWatch` warns once when
-``rl.warn_no_signal_rounds`` rounds in a row were all zero-signal (e.g. a task beyond the model: every reward 0;
-or one it has mastered: every reward 1). TRL logs the same quantity as ``frac_reward_zero_std``.
+is logged per round (metrics.jsonl, the progress line) for grpo, rloo and online DPO, and `NoSignalWatch` warns
+once when ``rl.warn_no_signal_rounds`` rounds in a row were all zero-signal (e.g. a task beyond the model: every
+reward 0; or one it has mastered: every reward 1). TRL logs the same quantity as ``frac_reward_zero_std``.
 """
 
 from __future__ import annotations
@@ -26,21 +26,28 @@ def zero_signal_groups(rewards: torch.Tensor, group: torch.Tensor) -> float:
     return flat / len(ids)
 
 
+GROUP_RELATIVE = ("policy_gradient", "pairs")  # rollout modes whose signal is the spread within a group
+
+
 class NoSignalWatch:
-    """Counts consecutive rounds with no reward spread in any group; warns once after `after` of them."""
+    """Counts consecutive rounds with no reward spread in any group; warns once after `after` of them. Only for
+    the modes whose learning signal is that spread (grpo/rloo advantages, online DPO's best-vs-worst pairs): PPO's
+    baseline is its value model, and rejection sampling learns from an all-correct group too."""
 
     def __init__(self, after: int):
         self.after, self.run, self.warned = after, 0, False
 
-    def round(self, zero_signal: float, reward: float) -> bool:
-        """Record a round (its `zero_signal_groups` share and mean `reward`); True when the warning was printed."""
-        self.run = self.run + 1 if zero_signal >= 1.0 else 0
-        if self.warned or not self.after or self.run < self.after:
-            return False
-        self.warned = True
-        console.print(f"[yellow]warning:[/] no learning signal for {self.run} rounds: in every prompt group all "
-                      f"completions got the same reward (mean {reward:.3f}), so advantages, loss and gradient are 0 "
-                      "— the task is too hard (or too easy) for the model: use easier prompts, a higher "
-                      "rl.temperature or a larger rl.group_size, or add a partial-credit reward",
-                      highlight=False, soft_wrap=True)
-        return True
+    def round(self, mode: str, rewards: torch.Tensor, group: torch.Tensor) -> dict:
+        """This round's ``{"zero_signal_groups": share}`` (empty for the other modes); warns when it is due."""
+        if mode not in GROUP_RELATIVE:
+            return {}
+        share = zero_signal_groups(rewards, group)
+        self.run = self.run + 1 if share >= 1.0 else 0
+        if not self.warned and self.after and self.run >= self.after:
+            self.warned = True
+            console.print(f"[yellow]warning:[/] no learning signal for {self.run} rounds: in every prompt group "
+                          f"all completions got the same reward (mean {float(rewards.mean()):.3f}), so advantages, "
+                          "loss and gradient are 0 — the task is too hard (or too easy) for the model: use easier "
+                          "prompts, a higher rl.temperature or a larger rl.group_size, or add a partial-credit "
+                          "reward", highlight=False, soft_wrap=True)
+        return {"zero_signal_groups": share}

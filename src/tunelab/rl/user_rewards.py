@@ -255,6 +255,8 @@ def as_scores(out) -> list[float]:
     for i, x in enumerate(out):
         value = _real(x)
         if value is None:
-            raise TunelabError(f"must return a list of real numbers; row {i} is {type(x).__name__} ({x!r:.40})")
+            hint = " — TRL's 'not applicable' None is not taken: return a number" if x is None else ""
+            raise TunelabError(f"must return a list of real numbers; row {i} is {type(x).__name__} ({x!r:.40})"
+                               + hint)
         scores.append(value)
     return scores
