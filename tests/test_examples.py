@@ -49,3 +49,17 @@ def test_examples_and_studies_use_the_current_option_names(monkeypatch, capsys):
         for v in load_sweep(path).variants:
             validate_run_config(v.raw)
     assert "deprecated:" not in capsys.readouterr().err
+
+
+def test_every_shipped_online_rl_example_has_a_task_the_demo_model_can_score_on():
+    """The demo model (SmolLM2-135M) scores 0 on every GSM completion, so an online RL example on GSM has no prompt
+    group whose completions disagree: zero gradient from first step to last. The shipped ones use the bundled
+    arithmetic prompts (~1 in 8 right at temperature 0.7) with groups of 8, as the grpo_arith run that learns."""
+    for path in EXAMPLES:
+        cfg = load_run_config(path)
+        if cfg.stages or objective_class(cfg.objective).data_kind != "prompts":
+            continue
+        assert cfg.data.train.endswith("arith_rl.jsonl"), path.name
+        if cfg.objective != "ppo":  # PPO's baseline is its value model, not the group: any group size learns
+            assert cfg.rl.group_size >= 8 and cfg.rl.temperature <= 0.7, path.name
+        assert all(r.get("extract") == "last_number" for r in cfg.rl.rewards if r["name"] == "exact_match"), path.name

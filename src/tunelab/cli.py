@@ -85,15 +85,19 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .console import phase
+
     if args.gguf:
         from .gguf_export import export_gguf
 
-        out = export_gguf(args.run_dir, args.gguf, args.type)
+        with phase(f"exporting {args.run_dir} to GGUF ({args.type})", delay=3.0):
+            out = export_gguf(args.run_dir, args.gguf, args.type)
         print(f"GGUF ({args.type}) written to {out}")
         return 0
     from .export import export_merged
 
-    out = export_merged(args.run_dir, args.merged)
+    with phase(f"merging {args.run_dir} into a full model", delay=3.0):
+        out = export_merged(args.run_dir, args.merged)
     print(f"merged model written to {out}")
     return 0
 

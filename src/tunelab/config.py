@@ -33,6 +33,7 @@ from .userfiles import read_text
 
 
 ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder
+CONFIG_DIRS: list[Path] = []  # folders of the config files loaded in this process: user rewards are found there too
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an Adam-style moment decay
 
 
@@ -153,6 +154,8 @@ class RLConfig(Strict):
     rewards: list[dict[str, Any]] = [{"name": "exact_match"}]
     eval_prompts: int = Field(16, ge=0)  # held-out prompts scored greedily before/after (and at eval_every)
     sampler: str = "torch"  # who samples the rollouts (rl/sampler.py SAMPLERS: torch | vllm)
+    # a warning once this many rounds in a row had no group with a reward spread (no gradient); 0: never warn
+    warn_no_signal_rounds: int = Field(5, ge=0)
 
 
 class EvalConfig(Strict):
@@ -338,6 +341,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         if not p.is_file():
             raise TunelabError(f"config not found: {p}")
         text = read_text(p).replace("${ASSETS}", str(ASSETS))
+        if p.resolve().parent not in CONFIG_DIRS:
+            CONFIG_DIRS.append(p.resolve().parent)
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -44,6 +44,7 @@ from typing import Sequence
 
 import torch
 
+from .console import advance, progress
 from .errors import TunelabError
 from .models.modes import eval_mode
 
@@ -314,11 +315,13 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, n: int = 1,
     index = [i for i in range(len(prompts)) for _ in range(n)]
 
     parts = []
+    progress(-(-len(rows) // batch_size))  # the batches, to the phase being shown (console.phase), if any
     with eval_mode(model):
         for k in range(0, len(rows), batch_size):
             parts.append(_sample_batch(model, rows[k:k + batch_size], pad_id=pad_id, stop_ids=stop_ids, stops=stops,
                                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        generator=generator, device=device, on_step=on_step))
+            advance()
 
     width = max((p[0].shape[1] for p in parts), default=0)
     grow = lambda x, v: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=v)  # noqa: E731

@@ -64,3 +64,32 @@ def test_inspect_examples_prints_json_or_rich(tmp_path, tokenizer, capsys):
     console = Console(record=True, width=100)
     inspect_examples(examples, tokenizer, n=1, stats=stats, console=console)
     assert "examples: 3" in console.export_text()
+
+
+def test_without_a_terminal_trained_tokens_are_marked_in_text(tmp_path, tokenizer):
+    """Piped or redirected there are no colours: trained spans are written between [[ and ]] instead."""
+    examples, stats, _ = _data(tmp_path, tokenizer)
+    group = render_examples(examples, tokenizer, n=2, stats=stats)
+    piped = Console(record=True, width=200, force_terminal=False)
+    piped.print(group)
+    text = piped.export_text()
+    assert "legend: [[trained]]  masked" in text
+    lines = [line.strip("│ ") for line in text.splitlines()]
+    assert "[[the answer<|im_end|>]]↵" in lines  # one span per run of trained tokens
+    assert "[[Hello!<|im_end|>]]↵" in lines and "[[Hi" not in text and text.count("[[") == 2 + 2  # + the legend's two
+    terminal = Console(record=True, width=200, force_terminal=True)
+    terminal.print(group)
+    assert "[[" not in terminal.export_text()  # on a terminal the colours say it
+
+
+def test_cli_data_inspect_piped_marks_trained_tokens(tmp_path, tokenizer, capsys):
+    from tests.helpers import save_tiny_model, write_config
+    from tunelab.cli import main
+
+    model = save_tiny_model(tmp_path / "m", tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "What is 2+2?", "output": "four"}) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), model={"name": str(model)},
+                       data={"train": str(data), "template": "chatml"})
+    assert main(["data", "inspect", str(cfg), "--n", "1"]) == 0
+    assert "[[four<|im_end|>]]" in capsys.readouterr().out

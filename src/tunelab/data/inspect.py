@@ -2,7 +2,8 @@
 
 Masking bugs are silent — a wrong template or mode still trains, just on the wrong tokens — so `tunelab data
 inspect` prints the first N encoded examples token by token: trained tokens (loss targets) on a green
-background, masked ones dim, with a legend and dataset-wide counts. ``--json`` emits the same information as
+background, masked ones dim, with a legend and dataset-wide counts; piped or redirected (no terminal, no
+colours) the trained tokens are written between ``[[`` and ``]]``. ``--json`` emits the same information as
 data for scripts: one object per example with ``origin``, ``input_ids``, ``tokens`` (each token decoded on its
 own) and ``loss`` (one bool per token: is it a target).
 """
@@ -40,17 +41,60 @@ def _summary(examples: list[Encoded], stats: DataStats | None) -> str:
             f"fully masked (dropped): {dropped}")
 
 
+MARK_OPEN, MARK_CLOSE = "[[", "]]"  # trained spans without a terminal (piped, redirected): no colours to show them
+
+
+def _marked_text():
+    """`rich.text.Text` that shows its trained spans between ``[[`` and ``]]`` when printed to a console that is not
+    a terminal (``tunelab data inspect … | less``, ``> file``), where a background colour would be lost and trained
+    and masked tokens would read the same. On a terminal it prints as a plain `Text`; its `plain` and `spans` are
+    those of the highlighted view either way."""
+    from rich.text import Text
+
+    class MarkedText(Text):
+        legend_plain: str | None = None  # a legend: this text instead, without a terminal
+
+        def __rich_console__(self, console, options):
+            if console.is_terminal:
+                yield from super().__rich_console__(console, options)
+                return
+            if self.legend_plain is not None:
+                yield from Text(self.legend_plain).__rich_console__(console, options)
+                return
+            trained = sorted((s.start, s.end) for s in self.spans if s.style == TRAINED_STYLE)
+            merged: list[list[int]] = []
+            for start, end in trained:  # one [[…]] per run of consecutive trained tokens
+                if merged and merged[-1][1] == start:
+                    merged[-1][1] = end
+                else:
+                    merged.append([start, end])
+            out, at = [], 0
+            for start, end in merged:
+                piece = self.plain[start:end]
+                inner = piece.rstrip("\n")  # the closing mark before the line break a "↵" token ends with
+                out += [self.plain[at:start], MARK_OPEN, inner, MARK_CLOSE, piece[len(inner):]]
+                at = end
+            out.append(self.plain[at:])
+            yield from Text("".join(out)).__rich_console__(console, options)
+
+    return MarkedText
+
+
 def render_examples(examples: list[Encoded], tokenizer, n: int = 3, stats: DataStats | None = None):
-    """A rich renderable: legend, counts, then the first `n` examples with trained tokens highlighted."""
+    """A rich renderable: legend, counts, then the first `n` examples with trained tokens highlighted (between
+    ``[[`` and ``]]`` when the console is not a terminal)."""
     from rich.console import Group
     from rich.panel import Panel
     from rich.text import Text
 
-    legend = Text.assemble(("legend: ", "bold"), ("trained", TRAINED_STYLE), "  ", ("masked", MASKED_STYLE),
-                           "  (↵ marks a newline inside a token)")
+    MarkedText = _marked_text()
+    legend = MarkedText.assemble(("legend: ", "bold"), ("trained", TRAINED_STYLE), "  ", ("masked", MASKED_STYLE),
+                                 "  (↵ marks a newline inside a token)")
+    legend.legend_plain = (f"legend: {MARK_OPEN}trained{MARK_CLOSE}  masked  (↵ marks a newline inside a token; "
+                           "no terminal, so trained tokens are between [[ and ]])")
     parts = [legend, Text(_summary(examples, stats))]
     for ex in examples[:n]:
-        body = Text()
+        body = MarkedText()
         for piece, trained in zip(token_strings(tokenizer, ex.input_ids), ex.loss_mask):
             # Make newlines visible (a trained "\n" would otherwise be an invisible highlight) but keep them.
             shown = piece.replace("\n", "↵\n")

@@ -19,6 +19,7 @@ import math
 import time
 from pathlib import Path
 
+from ..console import phase
 from ..data.templates import Template, get_template
 from ..errors import TunelabError
 from .choice import evaluate_choice
@@ -87,7 +88,8 @@ def run_tasks(model, tokenizer, template: Template | str | None, tasks, *, allow
             res["cached"] = True
         else:
             t0 = time.perf_counter()
-            res = _evaluate(model, tokenizer, tpl, task, limit, allow_code_execution, sandbox)
+            with phase(f"evaluating task {task.name} ({task.kind})"):
+                res = _evaluate(model, tokenizer, tpl, task, limit, allow_code_execution, sandbox)
             res = {"task": task.name, "kind": task.kind, **res, "limit": limit or task.spec.limit,
                    "task_hash": task_hash, "template": tpl.name, "seconds": time.perf_counter() - t0,
                    "cached": False}

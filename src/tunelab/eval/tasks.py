@@ -2,7 +2,9 @@
 
 A task names its *kind* (how it is scored) and its data; everything else has a default. Bundled tasks live in
 ``tunelab/assets/tasks/*.yaml`` and are referred to by name (``gsm``); a user task is referred to by the path
-of its YAML file (``my_tasks/trivia.yaml``). ``data`` is resolved relative to the YAML file's folder.
+of its YAML file (``my_tasks/trivia.yaml``). ``data`` is resolved relative to the YAML file's folder;
+``${ASSETS}`` in it means tunelab's bundled assets folder, as in run configs (``data: ${ASSETS}/data/
+verne_prose.jsonl``), so a task that reads bundled data works wherever the task file is copied.
 
 Kinds and their fields (``*`` = required)::
 
@@ -69,7 +71,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import TunelabError
 from ..userfiles import read_text
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # `${ASSETS}` in a task's `data` (as in run configs)
+TASKS_DIR = ASSETS / "tasks"
 KINDS = ("perplexity", "choice", "exact", "code")
 CODE_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the Codex paper's (Chen et al. 2021) stop set
 
@@ -230,7 +233,7 @@ def task_from_dict(raw: dict, base: Path = Path("."), where: str = "task", path:
                            "Answer:\")")
     if spec.kind == "code" and any(k > spec.n_samples or k < 1 for k in spec.k):
         raise TunelabError(f"{where}: k: every k must be between 1 and n_samples ({spec.n_samples})")
-    data = Path(spec.data).expanduser()
+    data = Path(spec.data.replace("${ASSETS}", str(ASSETS))).expanduser()
     data = data if data.is_absolute() else (base / data)
     if not data.is_file():
         raise TunelabError(f"{where}: data file not found: {data}")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import phase
 from ..errors import TunelabError
 from ..hub import OFFLINE_NOTE, go_offline_if_unreachable
 from .aliases import ALIASES, HUB_IDS, alias_gguf
@@ -75,29 +76,31 @@ def gguf_to_folder(gguf: Path) -> Path:
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with phase(f"converting {gguf.name} to a safetensors folder (once; cached in {out.parent})", delay=2.0):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        except (ValueError, OSError, KeyError) as e:  # not GGUF at all, truncated, an architecture transformers lacks
-            raise TunelabError(f"model not found: {gguf} is not a loadable GGUF file ({_first_line(e)})") from None
-        # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights are
-        # already dequantized floats, so rebuild a plain model from the config and save that.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process converted it first
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+            except (ValueError, OSError, KeyError) as e:  # not GGUF, truncated, an architecture transformers lacks
+                raise TunelabError(f"model not found: {gguf} is not a loadable GGUF file ({_first_line(e)})") from None
+            # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights are
+            # already dequantized floats, so rebuild a plain model from the config and save that.
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(model.state_dict())
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(out)
+            except OSError:  # another process converted it first
+                if not (out / "config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..console import advance, progress
 from ..data.collate import collate
 from ..models.modes import eval_mode
 from .logprobs import token_logprobs
@@ -59,11 +60,13 @@ def score_batches(model, examples: Sequence, collate_fn: Callable[[list], dict],
         raise ValueError(f"score_batches: batch_size={batch_size}; need at least 1")
     device = model_device(model) if device is None else device
     results = []
+    progress(-(-len(examples) // batch_size))  # the batches, to the phase being shown (console.phase), if any
     with torch.no_grad(), eval_mode(model):
         for k in range(0, len(examples), batch_size):
             batch = collate_fn(list(examples[k:k + batch_size]))
             batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
             results.append(fn(model, batch))
+            advance()
     return results
 
 

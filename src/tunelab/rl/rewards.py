@@ -49,13 +49,15 @@ same name is keyed ``<name>_2``. A function that raises, returns the wrong numbe
 one stops the run with one line naming it: ``reward 'exact_match': KeyError: 'answer'``.
 
 **Your own functions.** ``name: "package.module:function"`` imports the module (running its top-level code)
-when the rewards are built, and calls ``function(batch: RewardInputs, **options) -> list[float]`` on every
-rollout batch, in the training process, with no sandbox: it is YOUR code, run with your permissions.
+when the rewards are built — from the import path, the config's folder or the working directory — and calls
+``function(batch: RewardInputs, **options) -> list[float]`` (or a TRL-style ``function(completions, **kwargs)``)
+on every rollout batch, in the training process, with no sandbox: it is YOUR code, run with your permissions.
+Each call must return within ``call_timeout`` seconds (default 60) and answer one real number per completion;
+rl/user_rewards.py has the rules.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -69,6 +71,7 @@ from ..errors import TunelabError
 from ..eval.code import SANDBOX_HELP, extract_code, judge_completions
 from ..eval.exact import gold_answer, is_correct
 from ..eval.sandbox import check_sandbox
+from .user_rewards import user_reward
 
 RewardFn = Callable[["RewardInputs"], Sequence[float]]
 EXTRACTORS = ("gsm8k", "last_number", "regex", "none")
@@ -248,28 +251,6 @@ def _compile(reward: str, pattern) -> re.Pattern:
         raise TunelabError(f"reward '{reward}': bad regex {pattern!r}: {e}") from None
 
 
-def _user_function(ref: str, options: dict) -> RewardFn:
-    """``"module:function"`` → ``batch -> function(batch, **options)``. Importing runs the module's code."""
-    module, _, name = ref.partition(":")
-    if not module or not name:
-        raise TunelabError(f"reward '{ref}': a user function is named 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except AttributeError:
-        raise TunelabError(f"reward '{ref}': module '{module}' has no attribute '{name}'") from None
-    except Exception as e:  # noqa: BLE001 — any failure while importing user code is the user's to fix
-        raise TunelabError(f"reward '{ref}': cannot import '{module}': {type(e).__name__}: {e}") from None
-    if not callable(fn):
-        raise TunelabError(f"reward '{ref}': '{name}' is not a function")
-    try:
-        inspect.signature(fn).bind(None, **options)
-    except TypeError as e:
-        raise TunelabError(f"reward '{ref}': options {sorted(options)} do not fit its signature ({e})") from None
-    except ValueError:
-        pass  # builtins without a signature: let the call tell
-    return lambda batch: fn(batch, **options)
-
-
 # ---- composition ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -357,7 +338,7 @@ def build_rewards(specs: Sequence[Mapping], *, allow_code_execution: bool = Fals
             raise TunelabError(f"rl.rewards[{i}]: needs a 'name' (known: {', '.join(REWARDS)}, or 'module:function')")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise TunelabError(f"reward '{name}': weight must be a finite number, not {weight!r}")
-        fn = _user_function(name, spec) if ":" in name else _builtin(name, spec, allow_code_execution, sandbox)
+        fn = user_reward(name, spec) if ":" in name else _builtin(name, spec, allow_code_execution, sandbox)
         seen[name] = seen.get(name, 0) + 1
         entries.append((name if seen[name] == 1 else f"{name}_{seen[name]}", float(weight), fn))
     return CompositeReward(entries)

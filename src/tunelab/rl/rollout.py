@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import phase
 from ..data.batches import RunContext
 from ..data.sources import Record
 from ..errors import TunelabError
@@ -54,6 +55,7 @@ from .rewards import RewardInputs, build_rewards
 from .rows import Round, row_builder
 from .sampler import SamplingParams, build_sampler
 from .seeds import seed_of, seeded
+from .signal import NoSignalWatch
 
 
 class RolloutSource:
@@ -79,6 +81,7 @@ class RolloutSource:
                                      max_new_tokens=rl.max_new_tokens, stop_token_ids=tuple(stop_ids),
                                      stop_strings=tuple(stop_strings))
         self.round, self.rows, self.served, self.metrics = None, None, 0, {}
+        self.no_signal = NoSignalWatch(rl.warn_no_signal_rounds)
 
     # ------------------------------------------------------------------------------------------ the interface
     def get(self, epoch: int, index: int) -> dict:
@@ -132,7 +135,7 @@ class RolloutSource:
         prompts = self.round_prompts(r)
         params = SamplingParams(**{**self.params.__dict__,
                                    "seed": seed_of("rollout", self.cfg.train.seed, r, self.ctx.rank)})
-        with self.ctx.gathered():
+        with self.ctx.gathered(), phase(f"rollout {r + 1}: {len(prompts)} prompt(s) × {self.G} completions"):
             self.sampler.load_weights(self.ctx.model)  # the round samples from the policy as it is now
             samples, texts, scores = self._complete(prompts, params)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
@@ -141,11 +144,12 @@ class RolloutSource:
         metrics = {**scores.metrics(), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                    "completion_length": float(lengths.float().mean()),
                    "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
-                   "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
+                   "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r,
+                   **self.no_signal.round(self.builder.group_relative, rewards, samples.prompt_index.cpu())}
         if getattr(self.ctx.objective, "dynamic_sampling", False):  # DAPO; the metrics above: the first sample's
             self.metrics = metrics
             prompts, samples, texts, rewards = self._dynamic_sampling(r, prompts, samples, texts, rewards)
-        with self.ctx.gathered():  # the builders' no-grad forwards (reference log-probs, values)
+        with self.ctx.gathered(), phase(f"rollout {r + 1}: training rows"):  # the builders' no-grad forwards
             built = self.builder.build(Round(r, prompts, samples, texts, rewards, self.G))
         self.rows, self.served, self.metrics = built.rows, built.served, {**metrics, **built.metrics}
         self.round = r

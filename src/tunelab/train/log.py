@@ -1,4 +1,5 @@
-"""Training logs: a rich progress bar (loss, lr, tokens/s, ETA), `metrics.jsonl`, optional trackers.
+"""Training logs: the progress display (`TrainDisplay`: a rich bar on a terminal, one plain line per logged step
+in a log file), `metrics.jsonl`, optional trackers.
 
 `metrics.jsonl` holds one JSON object per line: training rows (`step`, `loss`, `lr`, `tokens_per_s`, …) and
 evaluation rows (`step`, `eval_loss`, …). On resume the file is truncated to the checkpoint's step so the
@@ -14,11 +15,13 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..console import console
+from ..console import console, live, phase  # noqa: F401  (phase: re-exported for the orchestrator)
 from ..errors import TunelabError
 from ..jsonl import read_rows
 from .guards import disk_full, is_disk_full
@@ -36,6 +39,8 @@ class MetricsLog:
         self.trackers = [_start_tracker(name, run_dir or path.parent) for name in trackers]
 
     def write(self, row: dict) -> None:
+        if "round" in row:  # online RL: the source counts rounds of rollouts; one round is not "epoch 1.0"
+            row = {k: v for k, v in row.items() if k != "epoch"}
         if "loss" not in row:  # an evaluation row: a measure with nothing held out is NaN, i.e. not measured
             row = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
             if set(row) <= {"step"}:
@@ -123,11 +128,87 @@ def _start_tracker(name: str, run_dir: Path):
         raise TunelabError(f"train.trackers: {name} failed to start: {first}") from None
 
 
-def progress_bar(total: int, start: int = 0) -> Progress:
-    p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                 TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                 TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[extra]}"), TimeElapsedColumn(),
-                 TextColumn("ETA"),
-                 TimeRemainingColumn(), console=console, transient=False, disable=not sys.stderr.isatty() and False)
-    p.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", extra="")
-    return p
+BAR_METRICS = ("reward", "kl", "pref_accuracy")  # shown on the progress line when an objective reports them
+ETA_WINDOW = 10  # the ETA is the mean time of the last this-many steps × the steps left
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def step_extra(metrics: dict) -> str:
+    """The objective's own numbers for the progress line: reward, KL, … and, for online RL, the share of prompt
+    groups whose completions all scored the same (``zero_signal_groups``: their advantages, loss and gradient
+    are 0) and the share of completions cut off by ``rl.max_new_tokens`` (``truncated``)."""
+    parts = [f"{k} {metrics[k]:.3f}" for k in BAR_METRICS if k in metrics]
+    if "zero_signal_groups" in metrics:
+        parts.append(f"zero-signal {metrics['zero_signal_groups']:.0%}")
+    if "truncated" in metrics:
+        parts.append(f"truncated {metrics['truncated']:.0%}")
+    if "round" in metrics:  # online RL: a round of rollouts, not an epoch over a dataset
+        parts.append(f"round {int(metrics['round']) + 1}")
+    return "  ".join(parts)
+
+
+class TrainDisplay:
+    """How training shows its steps. On a terminal: a rich bar (loss, lr, tok/s, the objective's numbers, elapsed,
+    ETA) under which `console.phase` rows (a rollout, an evaluation) appear. Without one (``> log 2>&1``, nohup,
+    SLURM): one plain line per logged step (every ``train.log_every`` steps and the last), e.g.
+
+        step 3/40  loss 0.4121  lr 1.00e-04  812 tok/s  reward 0.250  zero-signal 50%  elapsed 0:00:31  eta 0:06:40
+
+    and when only stdout is redirected (``tunelab train … > log``) the bar stays on the terminal and the plain
+    lines go to stdout. The ETA is the mean duration of the last `ETA_WINDOW` steps × the steps left, so it works
+    however long a step takes (rich's own estimate forgets samples older than 30 s: a slower step never got one).
+    """
+
+    def __init__(self, total: int, start: int = 0, log_every: int = 1, out=None):
+        self.total, self.start, self.log_every = total, start, log_every
+        self.times: list[float] = []
+        self.t0 = time.perf_counter()
+        self.terminal = console.is_terminal
+        # where plain lines go: the console when it is not a terminal, else stdout when that is redirected
+        self.plain = out if out is not None else (console if not self.terminal
+                                                   else None if sys.stdout.isatty() else Console(file=sys.stdout))
+        self.bar: Progress | None = None
+        self._live = None
+
+    def __enter__(self) -> "TrainDisplay":
+        if not self.terminal:
+            self._live = live(None)  # phases inside a step stay quiet: the step lines say how it goes
+            self._live.__enter__()
+        else:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                TextColumn("{task.fields[eta]}"), console=console)
+            self.bar.add_task("train", total=self.total, completed=self.start, stats="loss -  lr -  - tok/s",
+                              eta="ETA -:--:--")
+            self.bar.start()
+            self._live = live(self.bar, {"stats": "", "eta": ""})
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._live.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.stop()
+
+    def eta(self, step: int) -> float | None:
+        if not self.times:
+            return None
+        recent = self.times[-ETA_WINDOW:]
+        return sum(recent) / len(recent) * (self.total - step)
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds: float, metrics: dict) -> None:
+        """Step `step` (1-based) is done: it took `seconds`; `metrics` are the objective's and the source's."""
+        self.times.append(seconds)
+        extra, eta = step_extra(metrics), _clock(self.eta(step))
+        stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s" + (f"  {extra}" if extra else "")
+        if self.bar is not None:
+            self.bar.update(self.bar.task_ids[0], completed=step, stats=stats, eta=f"ETA {eta}")
+        if self.plain is not None and (step % self.log_every == 0 or step == self.total):
+            line = f"step {step}/{self.total}  {stats}  elapsed {_clock(time.perf_counter() - self.t0)}  eta {eta}"
+            self.plain.print(line, highlight=False, soft_wrap=True)

@@ -57,11 +57,8 @@ from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
 from .guards import DivergenceGuard
-from .log import MetricsLog, console, progress_bar
+from .log import MetricsLog, TrainDisplay, console
 from .optim import build_optimizer, build_scheduler
-
-
-BAR_METRICS = ("reward", "kl", "pref_accuracy")  # shown on the progress bar when an objective reports them
 
 
 @dataclass
@@ -179,8 +176,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         last_loss = float("nan")
         eval_seconds = 0.0  # kept out of the training throughput
         t_start = time.perf_counter()
-        with progress_bar(total, step) as bar:
-            task = bar.task_ids[0]
+        with TrainDisplay(total, step, cfg.log_every) as bar:
             while step < total:
                 if stop_after is not None and step >= stop_after:
                     break
@@ -252,9 +248,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                                "step_seconds": dt, "grad_norm": float(gnorm), "tokens": tokens,
                                "epoch": micro / stream.per_epoch,
                                "n_loss_units": n_sum, **metrics})
-                extra = " ".join(f"{k} {metrics[k]:.3f}" for k in BAR_METRICS if k in metrics)  # online RL: reward, kl
-                bar.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
-                           tps=f"{step_tokens / dt:,.0f}", extra=extra)
+                if main:
+                    bar.step(step, last_loss, lr, step_tokens / dt, dt, metrics)
                 if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                     t_eval = time.perf_counter()
                     row = evaluate(step)

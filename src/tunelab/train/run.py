@@ -47,15 +47,18 @@ from . import accounting, dist_checkpoint
 from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
 from .distributed import Engine, barrier, check_supported, is_main, main_says, plan, world_size
 from .guards import disk_full, is_disk_full
-from .log import console
+from .log import console, phase
 from .loop import fit, total_steps
 from .prepare import RunInputs, prepare
 from .rundir import check_output_dir, claim_run_dir
 from .task_eval import evaluate_base, evaluate_during, evaluate_final
 
 
-def _samples(p: RunInputs, cfg: RunConfig) -> list[dict]:
-    return generate_samples(p.model, p.tokenizer, p.template, p.eval_prompts, cfg)
+def _samples(p: RunInputs, cfg: RunConfig, when: str) -> list[dict]:
+    if not p.eval_prompts:
+        return []
+    with phase(f"generating {len(p.eval_prompts)} sample(s) {when}"):
+        return generate_samples(p.model, p.tokenizer, p.template, p.eval_prompts, cfg)
 
 
 def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
@@ -139,17 +142,19 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
     # before training: the measures, sample generations, the base model on the eval tasks (every rank computes
     # them on the gathered weights; rank 0 writes)
     with engine.gathered():
-        before = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        with phase("measuring the model before training"):
+            before = measures.measure(p.model, p.train, p.eval, pad, cfg)
         console.print(f"before: {measures.describe(before)}")
-        samples_before = [] if resuming else _samples(p, cfg)
+        samples_before = [] if resuming else _samples(p, cfg, "before training")
         base_tasks = evaluate_base(cfg, p.model, p.tokenizer, p.template) if objective.generator else None
     torch.manual_seed(cfg.train.seed)  # evaluation may sample; training randomness must not depend on it
 
     def evaluate(step: int) -> dict:
         with engine.gathered():
-            row = {**measures.measure_during(p.model, p.eval, pad, cfg),
-                   **(evaluate_during(cfg, p.model, p.tokenizer, p.template) if objective.generator else {})}
-            samples = _samples(p, cfg) if cfg.samples.at_eval and step < total else []  # final ones: results.json
+            with phase(f"evaluating at step {step}"):
+                row = {**measures.measure_during(p.model, p.eval, pad, cfg),
+                       **(evaluate_during(cfg, p.model, p.tokenizer, p.template) if objective.generator else {})}
+            samples = _samples(p, cfg, f"at step {step}") if cfg.samples.at_eval and step < total else []
         if main and samples:
             with (out / "samples.jsonl").open("a") as f:
                 for s in samples:
@@ -164,13 +169,15 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
     # after training: the same measures, samples and tasks; then the artifacts (rank 0, same formats)
     full = engine.full_state_dict() if saves_full_model(cfg.method) else None
     with engine.gathered():
-        after = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        with phase("measuring the model after training"):
+            after = measures.measure(p.model, p.train, p.eval, pad, cfg)
         console.print(f"after:  {measures.describe(after)}")
-        samples_after = _samples(p, cfg)
+        samples_after = _samples(p, cfg, "after training")
         task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
         extra = objective.extra_results(p.model, p.eval, pad)
         if main:
-            with objective.saving(p.model, out):  # e.g. a reward model's head goes to its own file
+            what = "model" if saves_full_model(cfg.method) else "adapter"
+            with objective.saving(p.model, out), phase(f"saving the trained {what}"):
                 save_artifacts(p.model, p.tokenizer, p.template, cfg, out, state_dict=full)
     barrier()
     if not main:

@@ -48,6 +48,8 @@ class RoundRows:
 class RowBuilder:
     """Turns a `Round` into training rows for one objective (see the package docstring)."""
 
+    group_relative = False  # the learning signal is the reward spread within a prompt's group (rl/signal.py)
+
     def __init__(self, cfg, context, micro: int):
         self.cfg, self.ctx, self.micro = cfg, context, micro
         self.pad_id = context.tokenizer.pad_token_id

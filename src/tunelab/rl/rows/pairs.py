@@ -38,6 +38,7 @@ def pick_pairs(scores: torch.Tensor, group: int) -> tuple[list[int], list[int], 
 
 
 class PairRows(RowBuilder):
+    group_relative = True  # best vs worst of a group
     def units(self, prompts: int, group: int) -> int:
         return prompts
 

@@ -16,6 +16,7 @@ from .base import Round, RoundRows, RowBuilder
 
 
 class PolicyGradientRows(RowBuilder):
+    group_relative = True  # group-normalised / leave-one-out advantages
     def __init__(self, cfg, context, micro: int):
         super().__init__(cfg, context, micro)
         self.estimator = ESTIMATORS[context.objective.advantage_estimator]  # the option, else the objective's
