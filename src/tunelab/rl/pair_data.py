@@ -158,7 +158,7 @@ def group_rows(prompt, texts: list[str], scores: list[float], opts: GenerateOpti
     """The pair row (or None) and the SFT rows of one prompt's group; counts what happened in `tally`."""
     messages = prompt_of(Record(prompt.record, prompt.origin))
     head = {"prompt": _prompt_field(messages)}
-    tail = {"scores": [round(s, 6) for s in scores], "origin": prompt.origin, **source}
+    tail = {"scores": list(scores), "origin": prompt.origin, **source}
     pair = None
     if opts.pairs:
         picked = select_pair(scores, texts, opts.pair_margin)

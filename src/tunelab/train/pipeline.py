@@ -159,7 +159,7 @@ def _check_references(st: dict, name: str, earlier: list[str], all_names: list[s
     """Every ``${STAGE:x}`` of stage `name` (train/stage_refs.py): an earlier stage; a data stage's file by name; a
     reward model's run a reward stage; a policy by ``from:``, not by folder."""
     for path, ref, rest in stage_refs.references(st):
-        token = f"${{STAGE:{ref}}}"
+        token = f"{'.'.join(map(str, path))}: ${{STAGE:{ref}}}"
         if ref == name:
             fail(f"{token}: a stage cannot use its own output", path)
         if ref not in all_names:
@@ -171,10 +171,10 @@ def _check_references(st: dict, name: str, earlier: list[str], all_names: list[s
         kind = kinds[ref]
         if isinstance(kind, list):  # a data stage: its folder holds the files it writes
             if rest.lstrip("/") not in kind:
-                fail(f"{token}{rest}: stage '{ref}' writes {' and '.join(f'{token}/{f}' for f in kind)}", path)
+                fail(f"{token}{rest}: stage '{ref}' writes "
+                     f"{' and '.join(f'${{STAGE:{ref}}}/{f}' for f in kind)}", path)
         elif kind != "reward" and (path == ("ppo", "value_init") or _is_reward_model_dir(st, path)):
-            fail(f"{token}: {'.'.join(map(str, path))} needs a reward-model stage (objective: reward); '{ref}' is "
-                 f"objective: {kind}", path)
+            fail(f"{token}: needs a reward-model stage (objective: reward); '{ref}' is objective: {kind}", path)
 
 
 def _is_reward_model_dir(st: dict, path: tuple) -> bool:
