@@ -31,12 +31,17 @@ def varied(batch):
 
 
 @pytest.fixture
-def shrink(tmp_path, tokenizer, monkeypatch):
-    """An example config at test size: its stages, names, `from:`s and references untouched."""
+def model(tmp_path, tokenizer, monkeypatch) -> Path:
+    """A tiny random model's folder; the `chain_rewards:varied` reward importable."""
     (tmp_path / "rewards").mkdir()
     (tmp_path / "rewards" / f"{REWARDS}.py").write_text(REWARD_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path / "rewards"))
-    model = save_tiny_model(tmp_path / "tiny", tokenizer)
+    return save_tiny_model(tmp_path / "tiny", tokenizer)
+
+
+@pytest.fixture
+def shrink(tmp_path, model):
+    """An example config at test size: its stages, names, `from:`s and references untouched."""
 
     def rewards(specs):
         return [{"name": f"{REWARDS}:varied", "weight": s.get("weight", 1.0)} if s["name"] == "exact_match" else s
@@ -205,3 +210,52 @@ def test_pair_and_sft_selection():
     assert select_sft([-3.0, -1.0, -2.0], "best", None) == [1]  # no threshold: the best of K
     assert GenerateOptions().files() == ["pairs.jsonl"]
     assert GenerateOptions(sft=True).files() == ["pairs.jsonl", "sft.jsonl"]
+
+
+def _data_stage(tmp_path, model, out: str, reward: dict) -> Path:
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / out), "model": {"name": str(model)},
+        "data": {"train": str(ASSETS / "data" / "arith_rl.jsonl"), "limit": 6, "max_length": 64},
+        "rl": {"group_size": 3, "prompts_per_step": 4, "max_new_tokens": 6, "rewards": [reward]},
+        "stages": [{"name": "pairs", "generate": {"pairs": True, "sft": True, "sft_keep": "all",
+                                                  "sft_threshold": 1.0}}]}, sort_keys=False))
+    return path
+
+
+def test_a_data_stage_is_deterministic_and_counts_what_it_kept(tmp_path, model):
+    varied = {"name": f"{REWARDS}:varied"}
+    for out in ("a", "b"):
+        path = _data_stage(tmp_path, model, out, varied)
+        train(load_run_config(path), source=path)
+    a, b = (tmp_path / "a" / "pairs", tmp_path / "b" / "pairs")
+    assert (a / "pairs.jsonl").read_bytes() == (b / "pairs.jsonl").read_bytes()  # same seed, same data
+    assert (a / "sft.jsonl").read_bytes() == (b / "sft.jsonl").read_bytes()
+    data = json.loads((a / "data.json").read_text())
+    sft = _rows(a / "sft.jsonl")
+    assert data["prompts"] == 6 and data["samples"] == 18 and data["sft_kept"] == len(sft)
+    assert data["pairs"] == 6 and data["tied_groups"] == data["identical_groups"] == 0  # no tie among these
+    # every sample at or above the threshold, and only those (sft_keep: all)
+    scores = [s for r in _rows(a / "pairs.jsonl") for s in r["scores"]]
+    assert sorted(r["score"] for r in sft) == sorted(s for s in scores if s >= 1.0) and 0 < len(sft) < 18
+    assert data["source_policy"] == str(model) and data["reward_" + f"{REWARDS}:varied"] == pytest.approx(
+        data["score_mean"])
+
+
+def test_a_data_stage_that_finds_no_pair_stops_with_one_line_and_leaves_nothing(tmp_path, model):
+    path = _data_stage(tmp_path, model, "flat", {"name": "format", "pattern": "never-matches"})  # every score 0
+    with pytest.raises(TunelabError, match=r"^stage pairs: no pairs row from 6 prompts × 3 samples \(6 groups tied"):
+        train(load_run_config(path), source=path)
+    assert not (tmp_path / "flat").exists()
+
+
+def test_overwrite_clears_a_data_stage_but_not_the_users_files(tmp_path):
+    from tunelab.train.rundir import LOCK_FILE, clear_run_files
+
+    root, stage = tmp_path / "pipe", tmp_path / "pipe" / "pairs"
+    stage.mkdir(parents=True)
+    (root / "pipeline.yaml").write_text("stages: []\n")
+    for name in (LOCK_FILE, "config.yaml", "data.json", "pairs.jsonl", "sft.jsonl", "notes.txt"):
+        (stage / name).write_text("x")
+    clear_run_files(root)
+    assert sorted(p.name for p in stage.iterdir()) == ["notes.txt"]

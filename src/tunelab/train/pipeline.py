@@ -229,7 +229,7 @@ def summarize(root: Path, stages: list[Stage]) -> dict:
 
 def finished(out: Path, stage: Stage | None = None) -> bool:
     if stage is not None and stage.generate is not None:
-        return stage_data.finished(out)
+        return stage_data.finished(out, stage.generate)
     return (out / "results.json").exists()
 
 

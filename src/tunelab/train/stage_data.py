@@ -87,8 +87,9 @@ def check_data_stage(cfg: RunConfig, opts: GenerateOptions, pending: set[str]) -
                            "best sample of a group that is all wrong is a wrong answer")
 
 
-def finished(out: Path) -> bool:
-    return (out / MARKER).is_file()
+def finished(out: Path, opts: GenerateOptions) -> bool:
+    """Written completely before (data.json is written last), and the files are still there."""
+    return (out / MARKER).is_file() and all((out / f).is_file() for f in opts.files())
 
 
 def summary(out: Path) -> dict:
