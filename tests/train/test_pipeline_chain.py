@@ -52,7 +52,7 @@ def shrink(tmp_path, model):
 
     def make(example: str) -> Path:
         raw = yaml.safe_load((EXAMPLES / example).read_text().replace("${ASSETS}", str(ASSETS)))
-        raw.update(output_dir=str(tmp_path / "pipe"), method="full", model={"name": str(model)},
+        raw.update(output_dir=str(tmp_path / "pipe"), model={"name": str(model)},
                    eval={}, samples={"n_heldout": 0})
         raw["data"].update(max_length=64)
         raw["train"].update(max_steps=1, batch_size=2)
@@ -99,22 +99,22 @@ def test_blog_recipe_each_stage_consumes_the_one_before(shrink, tmp_path):
 
     assert _config(root, "sft").model.name == str(tmp_path / "tiny")
     # the reward model's pairs: sampled from the SFT policy, labelled by the verifier
-    pairs = _assert_pairs(root / "rm_pairs" / "pairs.jsonl", root / "sft" / "model", "sft")
+    pairs = _assert_pairs(root / "rm_pairs" / "pairs.jsonl", root / "sft" / "merged", "sft")
     data = json.loads((root / "rm_pairs" / "data.json").read_text())
-    assert data["source_policy"] == str(root / "sft" / "model") and data["pairs"] == len(pairs)
+    assert data["source_policy"] == str(root / "sft" / "merged") and data["pairs"] == len(pairs)
     assert data["prompts"] == 6 and data["pairs"] + data["tied_groups"] + data["identical_groups"] == 6
     rm = _config(root, "rm")
-    assert rm.data.train == str(root / "rm_pairs" / "pairs.jsonl") and rm.model.name == str(root / "sft" / "model")
+    assert rm.data.train == str(root / "rm_pairs" / "pairs.jsonl") and rm.model.name == str(root / "sft" / "merged")
     # rejection sampling and PPO scored by that reward model; PPO's value model starts as it
     rs, ppo = _config(root, "rs"), _config(root, "ppo")
-    assert rs.model.name == str(root / "sft" / "model") and rs.rl.rewards[0]["run_dir"] == str(root / "rm")
-    assert ppo.model.name == str(root / "rs" / "model") and ppo.rl.rewards[0]["run_dir"] == str(root / "rm")
-    assert ppo.ppo.value_init == str(root / "rm")
+    assert rs.model.name == str(root / "sft" / "merged") and rs.rl.rewards[0]["run_dir"] == str(root / "rm")
+    assert ppo.model.name == str(root / "rs" / "merged") and ppo.rl.rewards[0]["run_dir"] == str(root / "rm")
+    assert ppo.ppo.value_init == str(root / "rm") and ppo.ppo.value_model == "copy"
     # DPO's pairs: sampled from the PPO policy, ranked by the reward model; DPO starts from the PPO policy
-    _assert_pairs(root / "dpo_pairs" / "pairs.jsonl", root / "ppo" / "model", "ppo")
+    _assert_pairs(root / "dpo_pairs" / "pairs.jsonl", root / "ppo" / "merged", "ppo")
     assert json.loads((root / "dpo_pairs" / "data.json").read_text())["rewards"][0]["run_dir"] == str(root / "rm")
     dpo = _config(root, "dpo")
-    assert dpo.data.train == str(root / "dpo_pairs" / "pairs.jsonl") and dpo.model.name == str(root / "ppo" / "model")
+    assert dpo.data.train == str(root / "dpo_pairs" / "pairs.jsonl") and dpo.model.name == str(root / "ppo" / "merged")
 
     summary = json.loads((root / "results.json").read_text())
     assert [(s["name"], s["objective"]) for s in summary["stages"]] == [
@@ -135,7 +135,7 @@ def test_iterative_recipe_rounds_consume_the_previous_round(shrink, tmp_path):
     tiny = str(tmp_path / "tiny")
 
     r1 = _assert_pairs(root / "r1_rm_pairs" / "pairs.jsonl", tiny, None)
-    for k, policy in (("r1", tiny), ("r2", str(root / "r1_dpo" / "model"))):
+    for k, policy in (("r1", tiny), ("r2", str(root / "r1_dpo" / "merged"))):
         rm = _config(root, f"{k}_rm")  # the reward model: on the pre-trained checkpoint, on this round's pairs
         assert rm.model.name == tiny and rm.data.train == str(root / f"{k}_rm_pairs" / "pairs.jsonl")
         # rejection sampling from the latest policy, scored by this round's reward model
@@ -147,12 +147,12 @@ def test_iterative_recipe_rounds_consume_the_previous_round(shrink, tmp_path):
         _assert_pairs(root / f"{k}_rs" / "pairs.jsonl", Path(policy), None if k == "r1" else "r1_dpo")
         sft, dpo = _config(root, f"{k}_sft"), _config(root, f"{k}_dpo")
         assert sft.model.name == tiny and sft.data.train == str(root / f"{k}_rs" / "sft.jsonl")
-        assert dpo.model.name == str(root / f"{k}_sft" / "model")
+        assert dpo.model.name == str(root / f"{k}_sft" / "merged")
         assert dpo.data.train == str(root / f"{k}_rs" / "pairs.jsonl")
     # round 2's reward model trains on every pair so far: round 1's first, then its own from the round-1 policy
     r2 = _rows(root / "r2_rm_pairs" / "pairs.jsonl")
     assert r2[:len(r1)] == r1 and len(r2) > len(r1)
-    assert all(r["source_policy"] == str(root / "r1_dpo" / "model") for r in r2[len(r1):])
+    assert all(r["source_policy"] == str(root / "r1_dpo" / "merged") for r in r2[len(r1):])
 
 
 def _pipeline(tmp_path, stages: list[dict]) -> Path:
@@ -182,6 +182,10 @@ SFT = {"name": "sft", "objective": "sft"}
     ([SFT, {**GEN, "from": "rm"}], 12, r"stages\[1\] \(pairs\): from: 'rm' is not an earlier policy"),
     ([{**GEN, "generate": {"pairs": True, "sft": True}}], 7, r"generate.sft_threshold: set it"),
     ([{**GEN, "generate": {"pairz": True}}], 9, r"stages\[0\] \(pairs\): generate.pairz: unknown key"),
+    ([SFT, {"name": "rm", "objective": "reward", "from": "base"}, {"name": "ppo", "objective": "ppo",
+                                                                   "ppo": {"value_init": "${STAGE:rm}"}}], 15,
+     r"stages\[2\] \(ppo\): ppo.value_init: the reward model 'rm' trained from the base model, this policy from "
+     r"sft: .* \(use ppo.value_model: copy\)"),
 ])
 def test_a_wrong_reference_is_one_line_with_its_file_line(tmp_path, stages, line, message):
     path = _pipeline(tmp_path, stages)

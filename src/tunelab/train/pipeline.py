@@ -53,7 +53,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..adapters.base import load_method, merge
+from ..adapters.base import load_method, merge, saves_full_model
 from ..config import RunConfig, save_config, substitute_text
 from ..console import console
 from ..errors import TunelabError
@@ -136,6 +136,7 @@ def resolve_stages(cfg: RunConfig, source: str | Path | None = None) -> list[Sta
         elif src is not None and src not in policies:
             fail(f"from: '{src}' is not an earlier policy (non-reward, non-data) stage "
                  f"(have: {', '.join(policies) or 'none'})", ("from",))
+        _check_value_init(scfg, src, {n: s.source for n, s in zip(names, out)}, root, fail)
         if generate is not None:
             try:
                 generate = GenerateOptions.model_validate(generate)
@@ -175,6 +176,22 @@ def _check_references(st: dict, name: str, earlier: list[str], all_names: list[s
                      f"{' and '.join(f'${{STAGE:{ref}}}/{f}' for f in kind)}", path)
         elif kind != "reward" and (path == ("ppo", "value_init") or _is_reward_model_dir(st, path)):
             fail(f"{token}: needs a reward-model stage (objective: reward); '{ref}' is objective: {kind}", path)
+
+
+def _check_value_init(scfg: RunConfig, src: str | None, sources: dict, root: Path, fail) -> None:
+    """PPO's value model as an adapter started from a reward stage's adapter needs the same base weights: refuse
+    now a reward stage that trained from another model than this stage's policy (it would fail when PPO starts)."""
+    init = getattr(getattr(scfg, "ppo", None), "value_init", None)
+    if scfg.objective != "ppo" or not init or Path(init).parent != root or Path(init).name not in sources:
+        return
+    mode = scfg.ppo.value_model
+    if mode == "copy" or (mode == "auto" and saves_full_model(scfg.method)):
+        return
+    rm_src = sources[Path(init).name]
+    if rm_src != src:
+        fail(f"ppo.value_init: the reward model '{Path(init).name}' trained from {rm_src or 'the base model'}, this "
+             f"policy from {src or 'the base model'}: its adapter would not mean the same over other weights "
+             "(use ppo.value_model: copy)", ("ppo", "value_init"))
 
 
 def _is_reward_model_dir(st: dict, path: tuple) -> bool:
