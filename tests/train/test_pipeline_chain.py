@@ -182,6 +182,11 @@ SFT = {"name": "sft", "objective": "sft"}
     ([SFT, {**GEN, "from": "rm"}], 12, r"stages\[1\] \(pairs\): from: 'rm' is not an earlier policy"),
     ([{**GEN, "generate": {"pairs": True, "sft": True}}], 7, r"generate.sft_threshold: set it"),
     ([{**GEN, "generate": {"pairz": True}}], 9, r"stages\[0\] \(pairs\): generate.pairz: unknown key"),
+    ([{**GEN, "rl": {"rewards": [{"name": "exact_match", "extrct": "last_number"}]}}], 7,
+     r"stages\[0\] \(pairs\): reward 'exact_match': unknown option 'extrct'"),
+    ([SFT, {"name": "rm", "objective": "reward"}, {**GEN, "rl": {"rewards": [
+        {"name": "reward_model", "run_dir": "${STAGE:rm}", "devise": "cpu"}]}}], 11,
+     r"stages\[2\] \(pairs\): reward 'reward_model': unknown option 'devise' \(options: run_dir, device\)"),
     ([SFT, {"name": "rm", "objective": "reward", "from": "base"}, {"name": "ppo", "objective": "ppo",
                                                                    "ppo": {"value_init": "${STAGE:rm}"}}], 15,
      r"stages\[2\] \(ppo\): ppo.value_init: the reward model 'rm' trained from the base model, this policy from "

@@ -60,8 +60,8 @@ from ..errors import TunelabError
 from ..eval import learning_forgetting
 from ..models.load import load_model, save_tokenizer
 from ..objectives import objective_class, run_config_schema
-from . import run as single_run
 from ..rl.pair_data import GenerateOptions
+from . import run as single_run
 from . import stage_data, stage_refs
 from .distributed import barrier, is_main
 from .guards import disk_full, is_disk_full, tensor_bytes

@@ -117,12 +117,15 @@ def run_data_stage(name: str, cfg: RunConfig, opts: GenerateOptions, source_stag
 def _write(name: str, cfg: RunConfig, opts: GenerateOptions, source_stage: str | None, out: Path) -> dict:
     t0 = time.perf_counter()
     sampling = cfg.rl
+    # built first (a reward model loads on first use) so that the stage says at once what it is doing
+    rewards = build_rewards(sampling.rewards, allow_code_execution=cfg.eval.allow_code_execution)
+    console.print(f"[bold]stage {name}[/]: {sampling.group_size} samples per prompt of {cfg.data.train} from "
+                  f"{cfg.model.name}, scored by {', '.join(k for k, _, _ in rewards.entries)}")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation, cfg.model.allow_pickle)
     template = get_template(cfg.data.template, tok)
     records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     prompts = data_kind("prompts").encode(tok, template, records, [], cfg).train
-    rewards = build_rewards(sampling.rewards, allow_code_execution=cfg.eval.allow_code_execution)
     stop_ids, stop_strings = stop_tokens(tok, template, sampling.stop)
     included = [r.data for path in opts.include_pairs for r in load_records(path)]  # earlier rounds' pairs
     source = {"source_policy": cfg.model.name, "source_stage": source_stage}
@@ -131,8 +134,7 @@ def _write(name: str, cfg: RunConfig, opts: GenerateOptions, source_stage: str |
     n_chunks = -(-len(prompts) // chunk)
     with claim_run_dir(out, overwrite=False, resume=True):
         save_config(cfg, out / "config.yaml")
-        console.print(f"[bold]stage {name}[/]: {len(prompts)} prompts × {sampling.group_size} samples from "
-                      f"{cfg.model.name}, scored by {', '.join(k for k, _, _ in rewards.entries)}"
+        console.print(f"  {name}: {len(prompts)} prompts in chunks of rl.prompts_per_step={chunk}"
                       + (f"; {len(included)} earlier pairs included" if included else ""))
         for k in range(n_chunks):
             part = prompts[k * chunk:(k + 1) * chunk]
