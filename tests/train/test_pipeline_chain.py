@@ -92,7 +92,7 @@ def _assert_pairs(path: Path, policy: Path, stage: str) -> list[dict]:
     return rows
 
 
-def test_blog_recipe_each_stage_consumes_the_one_before(shrink, tmp_path):
+def test_blog_recipe_each_stage_consumes_the_one_before(shrink, tmp_path, monkeypatch):
     path = shrink("llama3_pipeline.yaml")
     root = tmp_path / "pipe"
     train(load_run_config(path), source=path)
@@ -122,7 +122,14 @@ def test_blog_recipe_each_stage_consumes_the_one_before(shrink, tmp_path):
         ("dpo_pairs", "generate"), ("dpo", "dpo")]
     assert summary["stages"][1]["pairs"] == len(pairs) and summary["stages"][1]["from"] == "sft"
 
-    # a rerun reuses every stage, the data files included (same bytes, nothing sampled again)
+    # a rerun reuses every stage, the data stages' files included: nothing sampled or trained again
+    import tunelab.train.pipeline as pipeline_mod
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(pipeline_mod.stage_data, "run_data_stage", ran)
+    monkeypatch.setattr(pipeline_mod.single_run, "run", ran)
     before = (root / "dpo_pairs" / "pairs.jsonl").read_bytes()
     train(load_run_config(path), source=path)
     assert (root / "dpo_pairs" / "pairs.jsonl").read_bytes() == before
