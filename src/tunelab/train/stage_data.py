@@ -72,7 +72,7 @@ def check_data_stage(cfg: RunConfig, opts: GenerateOptions, pending: set[str]) -
     later = [r for r in cfg.rl.rewards if str(r.get("run_dir", "")) in pending]
     ready = [r for r in cfg.rl.rewards if r not in later]
     if ready:
-        build_rewards(ready, allow_code_execution=cfg.eval.allow_code_execution)
+        _rewards(ready, cfg)
     for spec in later:  # trained by an earlier stage: its options now, its files when this stage runs
         name = spec.get("name")
         options = [p for p, v in inspect.signature(REWARDS.get(name, lambda: None)).parameters.items()
@@ -118,7 +118,7 @@ def _write(name: str, cfg: RunConfig, opts: GenerateOptions, source_stage: str |
     t0 = time.perf_counter()
     sampling = cfg.rl
     # built first (a reward model loads on first use) so that the stage says at once what it is doing
-    rewards = build_rewards(sampling.rewards, allow_code_execution=cfg.eval.allow_code_execution)
+    rewards = _rewards(sampling.rewards, cfg)
     console.print(f"[bold]stage {name}[/]: {sampling.group_size} samples per prompt of {cfg.data.train} from "
                   f"{cfg.model.name}, scored by {', '.join(k for k, _, _ in rewards.entries)}")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
@@ -165,6 +165,11 @@ def _write(name: str, cfg: RunConfig, opts: GenerateOptions, source_stage: str |
                   "seconds": time.perf_counter() - t0}
         _write_text(out / MARKER, json.dumps(result, indent=1))
     return result
+
+
+def _rewards(specs, cfg: RunConfig):
+    """`build_rewards` with the run's code-execution opt-in (the one place this module builds rewards)."""
+    return build_rewards(specs, allow_code_execution=cfg.eval.allow_code_execution)
 
 
 def _why(key: str, tally: GroupTally, opts: GenerateOptions) -> str:
