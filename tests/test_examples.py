@@ -21,13 +21,16 @@ def test_example_config_validates(path):
 
     top = load_run_config(path)
     assert top.output_dir.startswith("runs/")  # examples write under runs/, which .gitignore covers
-    # a pipeline: every stage as it will run (`${PIPELINE_DIR}` resolved); otherwise the config itself
-    stages = [scfg for _, scfg, _ in resolve_stages(top)] if top.stages else [top]
-    for cfg in stages:
+    # a pipeline: every stage as it will run (`${PIPELINE_DIR}`, `${STAGE:name}` resolved, references checked);
+    # otherwise the config itself
+    stages = resolve_stages(top, path) if top.stages else [(top.output_dir, top, None)]
+    for stage in stages:
+        cfg, generate = stage[1], getattr(stage, "generate", None)
         cls = objective_class(cfg.objective)
         assert data_kind(cls.data_kind).name == cls.data_kind  # the objective's data kind exists
-        assert (ROOT / cfg.data.train).is_file(), cfg.data.train  # the bundled data they name is shipped
-        if cls.data_kind == "prompts":
+        # the bundled data they name is shipped; an earlier stage of the same pipeline writes the rest
+        assert cfg.data.train.startswith(top.output_dir) or (ROOT / cfg.data.train).is_file(), cfg.data.train
+        if cls.data_kind == "prompts" or generate is not None:
             from tunelab.rl.rewards import build_rewards
 
             # a reward model trained by an earlier stage of the same pipeline does not exist yet

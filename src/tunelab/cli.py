@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
         from .train.launch import relaunch
 
         return relaunch(args.nproc, ["train", args.config, *args.overrides])
-    out = train(cfg)
+    out = train(cfg, source=args.config)
     from .train.distributed import is_main
 
     if is_main():  # under torchrun: once

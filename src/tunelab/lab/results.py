@@ -130,9 +130,11 @@ def sweep_meta(path: Path) -> dict:
 
 
 def pipeline_runs(folder: Path) -> list[RunInfo]:
-    """The stages of a pipeline folder, in pipeline order, labelled ``<pipeline>/<stage>``."""
+    """The training stages of a pipeline folder (not its data stages), in pipeline order, labelled
+    ``<pipeline>/<stage>``."""
     stages = (yaml.safe_load((folder / "pipeline.yaml").read_text()) or {}).get("stages", [])
-    names = [str(st.get("name", f"stage{i + 1}")) for i, st in enumerate(stages)]
+    names = [str(st.get("name", f"stage{i + 1}")) for i, st in enumerate(stages)
+             if "generate" not in st]  # a data stage trains nothing: no run to report
     return [load_run(folder / n, f"{folder.name}/{n}") if is_run_dir(folder / n)
             else RunInfo(f"{folder.name}/{n}", folder / n) for n in names]
 

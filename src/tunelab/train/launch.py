@@ -14,12 +14,13 @@ from .pipeline import run_pipeline
 from .run import run
 
 
-def train(cfg: RunConfig, stop_after: int | None = None) -> Path:
+def train(cfg: RunConfig, stop_after: int | None = None, source: str | Path | None = None) -> Path:
     """Run `cfg` (or each of its stages) to completion; returns the run (or pipeline) directory. A `RunConfig`
-    built without the registry's schema is validated by it first (every objective's section, with defaults)."""
+    built without the registry's schema is validated by it first (every objective's section, with defaults).
+    `source`: the config file `cfg` came from (a pipeline's errors name its lines)."""
     cfg = validate_run_config(cfg)
     if cfg.stages:
-        return run_pipeline(cfg)
+        return run_pipeline(cfg, source)
     return run(cfg, stop_after)
 
 

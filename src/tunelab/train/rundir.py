@@ -32,7 +32,8 @@ LOCK_FILE = ".tunelab.lock"
 RUN_ENTRIES = frozenset({
     LOCK_FILE, "config.yaml", "pipeline.yaml", "metrics.jsonl", "samples.jsonl", "selected.jsonl",
     "results.json", "reference_logps.safetensors", "reward_head.safetensors", "reward_head.json",
-    "checkpoints", "adapter", "model", "merged", "tensorboard", "wandb", "eval"})  # eval/: per-item scores
+    "checkpoints", "adapter", "model", "merged", "tensorboard", "wandb", "eval",  # eval/: per-item scores
+    "data.json", "pairs.jsonl", "sft.jsonl"})  # a pipeline's data stage (train/stage_data.py)
 _LEGACY_SIGNS = ("metrics.jsonl", "checkpoints", "results.json")  # beside config.yaml: a run made before the lock
 
 
