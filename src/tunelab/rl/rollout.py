@@ -45,10 +45,11 @@ from ..data.sources import Record
 from ..errors import TunelabError
 from ..generate import cut_at_stop
 from ..jsonl import read_rows
-from ..sampling import sample
 from .advantages import ESTIMATORS
 from .ppo_round import ppo_rows
 from .rewards import RewardInputs, build_rewards
+from .rollout_engine import build_sampler, mismatch_metrics
+from .sampler import SamplingParams, TorchSampler
 
 
 def _gen(*keys: int) -> torch.Generator:
@@ -82,6 +83,7 @@ class RolloutSource:
         self.pad_id = tok.pad_token_id
         self.round, self.rows, self.metrics = None, None, {}
         self.round_pending = None  # the round being built (selected.jsonl rows carry it)
+        self.sampler = build_sampler(cfg, context, max(self.micro, self.G))  # rl.sampler: torch | vllm
 
     # ------------------------------------------------------------------------------------------ the interface
     def get(self, epoch: int, index: int) -> dict:
@@ -91,6 +93,9 @@ class RolloutSource:
         n = next(iter(self.rows.values())).shape[0]
         order = torch.randperm(n, generator=_gen(self.cfg.train.seed, epoch, pass_ + 1))
         return self._batch(order[mb * self.micro:(mb + 1) * self.micro])
+
+    def close(self) -> None:
+        getattr(self.sampler, "close", lambda: None)()
 
     def state_dict(self) -> dict:
         if self.rows is None:
@@ -124,11 +129,12 @@ class RolloutSource:
             out.append(self.prompts[orders[e][pos].item()])
         return out
 
-    def _complete(self, model, prompts: list, n: int, temperature: float, seed: int):
+    def _complete(self, model, prompts: list, n: int, temperature: float, seed: int, sampler=None):
         rl = self.cfg.rl
-        samples = sample(model, self.ctx.tokenizer, [p.prompt_ids for p in prompts], n=n, temperature=temperature,
-                         top_p=rl.top_p, max_new_tokens=rl.max_new_tokens, stop_token_ids=self.stop_ids,
-                         stop_strings=self.stop_strings, seed=seed, batch_size=max(self.micro, n))
+        sampler = sampler or TorchSampler(model, self.ctx.tokenizer, max(self.micro, n))
+        samples = sampler.sample([p.prompt_ids for p in prompts], SamplingParams(
+            n=n, temperature=temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
+            stop_token_ids=tuple(self.stop_ids), stop_strings=tuple(self.stop_strings), seed=seed))
         # not stripped: a code continuation's first token is its indentation (rewards normalise what they compare)
         texts = [cut_at_stop(self.ctx.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
                  for ids in samples.completions()]
@@ -141,8 +147,10 @@ class RolloutSource:
         rl = self.cfg.rl
         prompts = self.round_prompts(r)
         with self.ctx.gathered():
+            self.sampler.load_weights(self.ctx.model)  # the policy at the round's start (vLLM: weights pushed)
             samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
-                                                    seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank)
+                                                    seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank,
+                                                    sampler=self.sampler)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
         seconds = time.perf_counter() - t0
@@ -155,6 +163,8 @@ class RolloutSource:
         self.round_pending = r
         with self.ctx.gathered():  # the reference's log-probs
             self.rows = build[self.mode](prompts, samples, texts, rewards)
+            if self.sampler.name != "torch" and "old_logprobs" in self.rows:  # train-inference mismatch
+                self.metrics.update(mismatch_metrics(self.ctx.model, self.rows, rl.temperature, self.micro))
         self.round = r
 
     def _sequences(self, samples, rows: list[int], temperature_logprobs: bool) -> dict:
