@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPTS = ["Add the numbers. 2 + 3", "What is the capital of France?", "Add the numbers. 40 + 17 please"]
 MAX_TOKENS = 16
 # float32 on both sides; the rest is summation order (vLLM's CPU attention and GEMM kernels vs torch's SDPA).
-PROMPT_LOGP_TOL = 2e-3
+PROMPT_LOGP_TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
