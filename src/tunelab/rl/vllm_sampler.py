@@ -130,12 +130,18 @@ class VLLMSampler:
         llm.reset_prefix_cache()
 
     def close(self) -> None:
+        """Stop the engine and free its memory (KV cache, weights, vLLM's single-rank process groups), so that
+        another engine can start in this process."""
         shutil.rmtree(self.folder, ignore_errors=True)
-        if self.llm is not None:
-            engine, self.llm = self.llm, None
-            shutdown = getattr(engine.llm_engine, "shutdown", None) or getattr(engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+        if self.llm is None:
+            return
+        engine, self.llm = self.llm, None
+        engine.llm_engine.engine_core.shutdown()
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        del engine
 
     # ---------------------------------------------------------------------------------------------- sample
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Samples:
