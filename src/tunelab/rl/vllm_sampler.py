@@ -154,15 +154,17 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
 
         prompts = [[int(t) for t in p] for p in prompt_ids]
+        # vLLM refuses n > 1 for greedy requests: then each prompt goes n times, n = 1 (the rows are identical)
+        copies, n = (params.n, 1) if params.temperature == 0 else (1, params.n)
         seeds = [None if params.seed is None else (int(params.seed) * 1000003 + i) % 2 ** 31
-                 for i in range(len(prompts))]
-        requests = [VParams(n=params.n, temperature=params.temperature, top_p=1.0,
+                 for i in range(len(prompts)) for _ in range(copies)]
+        requests = [VParams(n=n, temperature=params.temperature, top_p=1.0,
                             max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
                             stop=list(params.stop_strings) or None, include_stop_str_in_output=True,
                             logprobs=0, seed=s, skip_special_tokens=False, detokenize=bool(params.stop_strings))
                     for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests, use_tqdm=False,
-                                 lora_request=self.lora)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(copies)],
+                                 requests, use_tqdm=False, lora_request=self.lora)
         rows, logps, reasons = [], [], []
         for out in outs:
             for c in sorted(out.outputs, key=lambda c: c.index):
