@@ -57,7 +57,7 @@ def test_torch_sampler_is_sampling_sample(tiny, tokenizer):
 
 
 def test_mismatch_metrics_by_hand(tiny, tokenizer):
-    """old = the trainer's own log-probs → 0; one token's old log-prob raised by δ → KL = (e^−δ − 1 + δ) / n."""
+    """old = the trainer's own log-probs → 0; one of n tokens' old log-prob raised by δ → KL = (e^−δ − 1 + δ)/n."""
     from tunelab.objectives.logprobs import token_logprobs
 
     model = tiny("llama").eval()

@@ -7,7 +7,7 @@
 log-probs p_s of the tokens it sampled (π_old) against the trainer's p_t of the same tokens under the same weights
 and temperature (one no-grad scoring forward). With d = log p_t − log p_s per completion token:
 
-    mismatch_kl            mean(exp(d) − 1 − d)   — k3 (Schulman 2020, "Approximating KL divergence"), an unbiased,
+    mismatch_kl            mean(exp(d) − 1 − d) — k3 (Schulman 2020, "Approximating KL divergence"), an unbiased,
                            non-negative estimate of KL(π_sampler ‖ π_trainer) from tokens sampled by π_sampler;
     mismatch_max_abs_logp  max |d|.
 
@@ -34,7 +34,8 @@ def build_sampler(cfg, context, batch_size: int):
         return SAMPLERS[name](context.model, context.tokenizer, batch_size,
                               max_model_len=cfg.data.max_length + cfg.rl.max_new_tokens)
     if name not in SAMPLERS:
-        raise TunelabError(f"rl.sampler: unknown sampler '{name}' (choose from {', '.join(sorted({*SAMPLERS, 'vllm'}))})")
+        names = ", ".join(sorted({*SAMPLERS, "vllm"}))
+        raise TunelabError(f"rl.sampler: unknown sampler '{name}' (choose from {names})")
     return SAMPLERS[name](context.model, context.tokenizer, batch_size)
 
 

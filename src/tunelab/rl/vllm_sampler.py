@@ -149,7 +149,8 @@ class VLLMSampler:
             raise TunelabError("rl.sampler: vllm: load_weights(policy) must come before sample()")
         if params.top_p < 1.0 and params.temperature > 0:
             raise TunelabError(f"rl.top_p={params.top_p}: rl.sampler vllm returns log-probs of the nucleus-"
-                               "renormalised distribution when top_p < 1, not π_old; use top_p 1.0 or rl.sampler: torch")
+                               "renormalised distribution when top_p < 1, not π_old; use top_p 1.0 or "
+                               "rl.sampler: torch")
         from vllm import SamplingParams as VParams
         from vllm.inputs import TokensPrompt
 
