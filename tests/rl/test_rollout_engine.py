@@ -15,14 +15,21 @@ from tunelab.rl.sampler import SamplingParams, TorchSampler
 from tunelab.sampling import sample
 
 
-def _cfg(name):
-    return SimpleNamespace(rl=SimpleNamespace(sampler=name, max_new_tokens=8), data=SimpleNamespace(max_length=32))
+def _cfg(name, top_p=1.0):
+    return SimpleNamespace(rl=SimpleNamespace(sampler=name, max_new_tokens=8, top_p=top_p),
+                           data=SimpleNamespace(max_length=32))
 
 
 def test_unknown_sampler_is_one_line(tiny, tokenizer):
     ctx = SimpleNamespace(model=tiny("llama"), tokenizer=tokenizer)
     with pytest.raises(TunelabError, match=r"^rl.sampler: unknown sampler 'vlm' \(choose from torch, vllm\)$"):
         build_sampler(_cfg("vlm"), ctx, 4)
+
+
+def test_vllm_sampler_refuses_top_p_below_one(tiny, tokenizer):
+    ctx = SimpleNamespace(model=tiny("llama"), tokenizer=tokenizer)
+    with pytest.raises(TunelabError, match=r"^rl.top_p=0.9: rl.sampler vllm returns log-probs of the nucleus-"):
+        build_sampler(_cfg("vllm", top_p=0.9), ctx, 4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

@@ -29,6 +29,10 @@ from .sampler import SAMPLERS
 def build_sampler(cfg, context, batch_size: int):
     name = cfg.rl.sampler
     if name == "vllm":
+        if cfg.rl.top_p < 1.0:  # before a minute of loading: vLLM's log-probs would be of the renormalised nucleus
+            raise TunelabError(f"rl.top_p={cfg.rl.top_p}: rl.sampler vllm returns log-probs of the nucleus-"
+                               "renormalised distribution when top_p < 1, not π_old; use top_p 1.0 or "
+                               "rl.sampler: torch")
         from . import vllm_sampler  # noqa: F401  (registers "vllm")
 
         return SAMPLERS[name](context.model, context.tokenizer, batch_size,
