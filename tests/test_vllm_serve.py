@@ -3,7 +3,8 @@
 Three kinds of run on SmolLM2-135M (trained a few steps here), each behind vLLM's OpenAI server on localhost:
 
 * adapters: one server on the base model with `--enable-lora --lora-modules lora=RUN/adapter rslora=RUN/adapter`
-  — a LoRA run (all-linear) and an rsLoRA run (scale α/√r, three target modules);
+  — a LoRA run (all-linear) and an rsLoRA run (scale α/√r, three target modules, per-module r and α through
+  PEFT's rank_pattern / alpha_pattern);
 * `tunelab export RUN --merged OUT`, served as a plain model;
 * a full-finetune run's `model/` folder, served as a plain model.
 
@@ -46,7 +47,9 @@ def runs(tmp_path_factory):
                   data={"train": str(data), "max_length": 64, "eval_max": 2, "eval_fraction": 0.2})
     specs = {"lora": ("lora", {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}, 3, 5e-3),
              "rslora": ("lora", {"lora": {"r": 8, "alpha": 16, "use_rslora": True,
-                                          "target_modules": ["q_proj", "v_proj", "down_proj"]}}, 3, 5e-3),
+                                          "target_modules": ["q_proj", "v_proj", "down_proj"],
+                                          "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 32}}},
+                        3, 5e-3),
              "full": ("full", {}, 2, 1e-4)}
     out = {}
     for name, (method, extra, steps, lr) in specs.items():
