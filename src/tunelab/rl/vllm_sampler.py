@@ -87,7 +87,7 @@ class VLLMSampler:
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.max_model_len, self.engine_kwargs = max_model_len, engine_kwargs
         self.llm, self.lora, self.version = None, None, 0
-        self.folder = Path(tempfile.mkdtemp(prefix="tunelab-vllm-"))
+        self.folder: Path | None = None  # the adapter versions (LoRA policies), removed by close()
 
     # ------------------------------------------------------------------------------------------------ engine
     def _engine(self, model):
@@ -118,6 +118,7 @@ class VLLMSampler:
             from ..adapters.peft_format import save_peft
 
             self.version += 1
+            self.folder = self.folder or Path(tempfile.mkdtemp(prefix="tunelab-vllm-"))
             path = save_peft(model, None, self.folder / f"v{self.version}", base_model_name_or_path=self.base_model)
             previous, self.lora = self.lora, LoRARequest(f"policy-v{self.version}", self.version, str(path))
             if previous is not None:
@@ -132,7 +133,9 @@ class VLLMSampler:
     def close(self) -> None:
         """Stop the engine and free its memory (KV cache, weights, vLLM's single-rank process groups), so that
         another engine can start in this process."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder, self.lora = None, None
         if self.llm is None:
             return
         engine, self.llm = self.llm, None
