@@ -10,7 +10,8 @@ colocated in that process (rl/vllm_sampler.py). Needs .venv-vllm (`make test-vll
 
 Run it on a quiet machine: only ratios measured in one run mean anything. Prints one JSON line: per system the
 median seconds per step, median rollout tokens/s, peak RSS, rewards per step; for vLLM also the mismatch it logs
-(mean and max of mismatch_kl and mismatch_max_abs_logp over the steps); the versions and the CPU flags.
+(mean and max of mismatch_kl and mismatch_max_abs_logp over the steps) and the seconds its weight push takes
+(weight_sync_seconds; the first round's includes the engine's start); the versions and the CPU flags.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run(sampler: str, data: Path, steps: int) -> dict:
     steps_rows = [r for r in steps_rows if "loss" in r]
     report["system"] = f"tunelab-grpo-{sampler}"
     if sampler != "torch":
-        for key in ("mismatch_kl", "mismatch_max_abs_logp"):
+        for key in ("mismatch_kl", "mismatch_max_abs_logp", "weight_sync_seconds"):
             values = [r[key] for r in steps_rows]
             report[key] = {"mean": statistics.fmean(values), "max": max(values)}
     return report

@@ -147,17 +147,21 @@ class RolloutSource:
         rl = self.cfg.rl
         prompts = self.round_prompts(r)
         with self.ctx.gathered():
+            sync = time.perf_counter()
             self.sampler.load_weights(self.ctx.model)  # the policy at the round's start (vLLM: weights pushed)
+            sync = time.perf_counter() - sync  # not generation: (first round) engine start + weight push
             samples, texts, scores = self._complete(self.ctx.model, prompts, self.G, rl.temperature,
                                                     seed=self.cfg.train.seed * 1000003 + r + 7919 * self.ctx.rank,
                                                     sampler=self.sampler)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - sync
         self.metrics = {**scores.metrics(), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                         "completion_length": float(lengths.float().mean()),
                         "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
                         "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r}
+        if self.sampler.name != "torch":
+            self.metrics["weight_sync_seconds"] = sync
         build = {"policy_gradient": self._policy_rows, "best_of_n": self._best_rows, "pairs": self._pair_rows,
                  "ppo": self._ppo_rows}
         self.round_pending = r
