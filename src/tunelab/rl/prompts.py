@@ -64,11 +64,11 @@ class PromptData:
                                "(alpaca, messages or prompt_completion records)")
         from .rewards import build_rewards
 
-        from .sampler import sampler_class
+        from .sampler import check_sampler
 
         build_rewards(cfg.rl.rewards, allow_code_execution=cfg.eval.allow_code_execution,
                       sandbox=cfg.eval.sandbox)  # fail before any write
-        sampler_class(cfg.rl.sampler)
+        check_sampler(cfg.rl)
 
     def _encode(self, tokenizer, template, records, budget: int | None):
         out, dropped = [], 0

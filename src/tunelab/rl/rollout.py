@@ -69,7 +69,8 @@ class RolloutSource:
                                "ranks (each rank samples whole prompt groups)")
         self.G, self.P, self.micro = rl.group_size, rl.prompts_per_step // context.world, cfg.train.batch_size
         self.builder = row_builder(context.objective, cfg, context, self.micro)
-        self.sampler = build_sampler(getattr(rl, "sampler", "torch"), context.model, context.tokenizer, self.micro)
+        self.sampler = build_sampler(rl.sampler, context.model, context.tokenizer, max(self.micro, self.G),
+                                     max_model_len=cfg.data.max_length + rl.max_new_tokens)
         self.mb_per_pass = math.ceil(self.builder.units(self.P, self.G) / self.micro)
         self.per_epoch = rl.ppo_epochs * self.mb_per_pass
         tok = context.tokenizer
@@ -136,15 +137,18 @@ class RolloutSource:
         params = SamplingParams(**{**self.params.__dict__,
                                    "seed": seed_of("rollout", self.cfg.train.seed, r, self.ctx.rank)})
         with self.ctx.gathered(), phase(f"rollout {r + 1}: {len(prompts)} prompt(s) × {self.G} completions"):
+            sync = time.perf_counter()
             self.sampler.load_weights(self.ctx.model)  # the round samples from the policy as it is now
+            sync = time.perf_counter() - sync  # not generation: weights pushed (vLLM: engine start on round 0)
             samples, texts, scores = self._complete(prompts, params)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - sync
         metrics = {**scores.metrics(), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                    "completion_length": float(lengths.float().mean()),
                    "truncated": sum(f == "length" for f in samples.finish_reason) / len(lengths),
                    "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r,
+                   "weight_sync_seconds": sync,
                    **self.no_signal.round(self.builder.group_relative, rewards, samples.prompt_index.cpu())}
         if getattr(self.ctx.objective, "dynamic_sampling", False):  # DAPO; the metrics above: the first sample's
             self.metrics = metrics
@@ -178,6 +182,10 @@ class RolloutSource:
         rows = [g * self.G + j for g in keep for j in range(self.G)]
         return ([prompts[g] for g in keep], select_groups(samples, keep, self.G), [texts[i] for i in rows],
                 rewards[rows])
+
+    def close(self) -> None:
+        """Let the sampler's engine go (vLLM holds its own copy of the weights and a KV cache)."""
+        getattr(self.sampler, "close", lambda: None)()
 
     # ---------------------------------------------------------------------------------- held-out measures
     def measure(self, model, train: list, evals: list, pad_id: int, cfg) -> dict:

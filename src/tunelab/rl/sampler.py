@@ -60,7 +60,9 @@ class TorchSampler:
 
     name = "torch"
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_model_len: int | None = None):
+        # max_model_len: the longest prompt + completion of a round — an engine sizes its KV cache by it; the
+        # torch sampler allocates per batch and needs no bound
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def load_weights(self, model) -> None:
@@ -90,5 +92,12 @@ def sampler_class(name: str) -> type:
     return SAMPLERS[name]
 
 
-def build_sampler(name: str, model, tokenizer, batch_size: int) -> Sampler:
-    return sampler_class(name)(model, tokenizer, batch_size)
+def check_sampler(rl) -> None:
+    """Refuse, before anything loads, ``rl:`` settings the named sampler cannot honour (one line): the class's
+    optional ``check_settings(rl)`` (e.g. vLLM's log-probs are not π_old when top_p < 1)."""
+    cls = sampler_class(rl.sampler)
+    getattr(cls, "check_settings", lambda _: None)(rl)
+
+
+def build_sampler(name: str, model, tokenizer, batch_size: int, max_model_len: int | None = None) -> Sampler:
+    return sampler_class(name)(model, tokenizer, batch_size, max_model_len=max_model_len)

@@ -163,6 +163,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
 
     res = fit(p.model, objective, batches, cfg.train, out, evaluate=evaluate, resume=cfg.resume,
               stop_after=stop_after, engine=engine)
+    getattr(batches, "close", lambda: None)()  # a rollout engine (rl.sampler: vllm) lets its memory go
     if stop_after is not None and res.steps < total:
         return out
 
