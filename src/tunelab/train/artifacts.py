@@ -43,7 +43,6 @@ def pair_samples(before: list[dict], after: list[dict]) -> list[dict]:
 def save_artifacts(model, tokenizer, template, cfg: RunConfig, out: Path, state_dict: dict | None = None) -> Path:
     """adapter/ (the method's export) or model/ (HF format), each with the tokenizer carrying the run's template.
     `state_dict`: the full weights when the model's own are sharded (FSDP2, gathered by `Engine.full_state_dict`)."""
-    tokenizer.chat_template = template.jinja
     whole = saves_full_model(cfg.method)
     target = out / ("model" if whole else "adapter")
     tmp = out / f".tmp-{target.name}"
@@ -56,7 +55,12 @@ def save_artifacts(model, tokenizer, template, cfg: RunConfig, out: Path, state_
             model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         else:
             export_method(model, cfg.method, method_options(cfg), tmp, base_model_name_or_path=cfg.model.name)
-        save_tokenizer(tokenizer, tmp)  # + tokenizer.model (SentencePiece), which GGUF export needs
+        own = tokenizer.chat_template  # the caller's tokenizer is left as it was (it may be shared)
+        tokenizer.chat_template = template.jinja
+        try:
+            save_tokenizer(tokenizer, tmp)  # + tokenizer.model (SentencePiece), which GGUF export needs
+        finally:
+            tokenizer.chat_template = own
         (tmp / "tunelab_template.json").write_text(json.dumps({"name": template.name, "jinja": template.jinja}))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
