@@ -195,7 +195,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from .lab.report import report_main
 
-    return report_main(args.run_dirs, args.out)
+    return report_main(args.run_dirs, args.out, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")
     r.add_argument("run_dirs", nargs="+", help="run directories and/or sweep folders")
     r.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    r.add_argument("--overwrite", action="store_true", help="replace report files in --out that tunelab did not write")
     r.set_defaults(func=cmd_report)
     return p
 
@@ -289,13 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             init()
         code = args.func(args)
     except TunelabError as e:
+        lines = "\n".join(f"error: {m}" for m in getattr(e, "messages", None) or [e])  # several: one line each
         if not launched:
-            print(f"error: {e}", file=sys.stderr)
+            print(lines, file=sys.stderr)
             return 2
         from .train.distributed import report_error
 
         if report_error(str(e)):
-            print(f"error: {e}", file=sys.stderr)
+            print(lines, file=sys.stderr)
         sys.stderr.flush()
         # leave at once: the other ranks may be blocked in a collective; torchrun stops them when it sees this exit
         os._exit(2)

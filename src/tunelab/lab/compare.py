@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from ..errors import TunelabError
+from ..userfiles import read_text
+from ..yamlfile import load_yaml
 from .results import STATE_FILE, flatten
 from .sweep import Sweep, resolve
 
@@ -73,7 +73,7 @@ def config_drift(run_dir: Path, cfg) -> list[str]:
         saved_path = run_dir / "pipeline.yaml"
     if not saved_path.exists():
         return []
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    saved = flatten(load_yaml(read_text(saved_path), str(saved_path)) or {})
     now = flatten(json.loads(json.dumps(cfg.model_dump(mode="json"))))  # tuples → lists, as in the saved YAML
     keys = sorted(k for k in set(saved) | set(now) if k.split(".")[0] not in _IGNORED_KEYS)
     return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
@@ -156,8 +156,10 @@ def write_sweep_report(sweep: Sweep) -> Path:
     from .report import build_report
     from .results import collect
 
+    # the report folder is the sweep folder's own (tunelab made both): its report files are replaced, as a
+    # run's own files are in its run folder, also when an older tunelab wrote them (no ledger entry)
     return build_report(collect([sweep.output_dir]), sweep.report_dir, title=sweep.name,
-                        description=sweep.description)
+                        description=sweep.description, overwrite=True)
 
 
 def print_plan(sweep: Sweep, configs: list) -> None:
