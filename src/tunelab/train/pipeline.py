@@ -166,7 +166,7 @@ def run_pipeline(cfg: RunConfig) -> Path:
 
     # the root lock: one pipeline at a time. Under torchrun every rank runs the stages; rank 0 alone checks and
     # claims the folders and writes, the others wait until it holds the root
-    with single_run.claim_on_main(root, cfg.overwrite, resume=True, checks=checks):
+    with single_run.claim_on_main(root, cfg.overwrite, resume=True, checks=checks, kind="pipeline"):
         if is_main():
             save_config(cfg, root / "pipeline.yaml")
         return _run_stages(stages, root)
