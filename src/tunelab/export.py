@@ -14,25 +14,44 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from .adapters.base import load_method, merge, saves_full_model
 from .errors import TunelabError
 from .models.load import load_model, save_tokenizer
 from .train.guards import check_finite, disk_full, is_disk_full, tensor_bytes
-from .userfiles import check_can_create, make_folder
+from .userfiles import check_can_create, make_folder, read_text
+from .yamlfile import load_yaml_lines
 
 
 def run_info(run_dir: Path) -> dict:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg = _run_config(cfg_path)
     # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter
     art = run_dir / ("model" if saves_full_model(cfg.get("method", "lora")) else "adapter")
     if not art.is_dir():
         raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
     return {"config": cfg, "artifact": art}
+
+
+def _run_config(path: Path) -> dict:
+    """The keys of a run's saved config that loading it needs, type-checked (one line naming the file); the rest
+    is not validated, so a run saved by an older tunelab with keys since renamed still loads."""
+    cfg, lines = load_yaml_lines(read_text(path), str(path))
+    if not isinstance(cfg, dict):
+        raise TunelabError(f"{path}: not a run config (expected a mapping of keys to values)")
+    model = cfg.get("model", {})
+    checks = [(("method",), cfg.get("method", "lora"), str), (("model",), model, dict)]
+    if isinstance(model, dict):
+        checks += [(("model", "name"), model.get("name"), str),
+                   (("model", "trust_remote_code"), model.get("trust_remote_code", False), bool),
+                   (("model", "allow_pickle"), model.get("allow_pickle", False), bool)]
+    for key, value, kind in checks:
+        if not isinstance(value, kind):
+            line = next((lines[key[:i]] for i in range(len(key), 0, -1) if key[:i] in lines), None)
+            raise TunelabError(f"{path}{f':{line}' if line else ''}: {'.'.join(key)}: expected "
+                               f"{ {str: 'a string', dict: 'a mapping', bool: 'true or false'}[kind]}, got {value!r}")
+    return cfg
 
 
 def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
@@ -51,7 +70,16 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     else:
         model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False),
                                allow_pickle=mcfg.get("allow_pickle", False))
-        load_method(model, cfg.get("method", "lora"), art)
+        try:
+            load_method(model, cfg.get("method", "lora"), art)
+        except (TunelabError, NotImplementedError):
+            raise
+        except Exception as e:  # a truncated or damaged adapter file: safetensors / json say why in their words
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, (ValueError, EOFError, OSError)):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TunelabError(f"{art}: cannot read the saved adapter ({first}); the file is damaged or "
+                               "truncated — train again, or load an earlier checkpoint's adapter") from None
         if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
             from transformers import AutoTokenizer
 

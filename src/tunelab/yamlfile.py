@@ -57,15 +57,15 @@ class _BoundedLoader(yaml.SafeLoader):
             node = self.anchors.get(event.anchor)
             if node is not None:  # an unknown alias: yaml's own error
                 if id(node) not in self._size:
-                    raise _Refused(event.start_mark, f"alias *{event.anchor} refers to a node that contains it")
+                    raise _Refused(event.start_mark, f"YAML alias *{event.anchor} refers to a node that contains it")
                 self._added += self._size[id(node)]
                 if self._added > ALIAS_BUDGET:
-                    raise _Refused(event.start_mark, f"aliases expand to over {ALIAS_BUDGET:,} nodes (an alias "
+                    raise _Refused(event.start_mark, f"YAML aliases expand to over {ALIAS_BUDGET:,} nodes (an alias "
                                                      "bomb?); write the values out or use fewer aliases")
             return super().compose_node(parent, index)
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise _Refused(self.peek_event().start_mark, f"nested over {MAX_DEPTH} levels deep")
+            raise _Refused(self.peek_event().start_mark, f"YAML nested over {MAX_DEPTH} levels deep")
         try:
             node = super().compose_node(parent, index)
         finally:
@@ -97,6 +97,8 @@ def _compose(text: str, shown: str, floats: bool):
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except _Refused as e:
+        raise TunelabError(f"{shown}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{shown}:{mark.line + 1}" if mark else shown
