@@ -68,8 +68,8 @@ def _float(rewards: torch.Tensor) -> torch.Tensor:
     if not torch.is_floating_point(r):
         r = r.float()
     if torch.isnan(r).any():
-        raise TunelabError("advantages: some rewards are NaN; a reward function must return a number for every "
-                           "completion")
+        raise TunelabError("advantages: some rewards are NaN or infinite; a reward function must return a number "
+                           "for every completion")
     if not torch.isfinite(r).all():  # ±1e308 is a finite float, but not a float32 one: it arrives here as ±inf
         raise TunelabError(f"advantages: some rewards are infinite or beyond {r.dtype}'s range "
                            f"(±{torch.finfo(r.dtype).max:.2g}); scale the rewards down")
