@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+import tunelab
 import torch
 
 from tests.helpers import alpaca_rows, save_tiny_model, write_config, write_jsonl
@@ -20,7 +22,7 @@ from tunelab.cli import main
 from tunelab.data.sources import load_records
 from tunelab.errors import TunelabError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(tunelab.__file__).resolve().parents[1]  # the tunelab under test, for the subprocesses
 MEMORY_MB = 1000
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import tunelab
+
 from tests.helpers import save_tiny_model
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(tunelab.__file__).resolve().parents[1]  # the tunelab under test, for the subprocesses
 
 
 def tunelab(*args, cwd=None, wrap: list[str] | None = None, timeout=300):

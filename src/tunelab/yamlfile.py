@@ -93,8 +93,9 @@ def _compose(text: str, shown: str, floats: bool):
     if len(text) > MAX_BYTES:
         raise TunelabError(f"{shown}: {len(text) / 2**20:.0f} MB, over the {MAX_BYTES // 2**20} MB limit for a "
                            "YAML file (put large data in a .jsonl file)")
-    loader = (_ConfigLoader if floats else _BoundedLoader)(text)
+    loader = None
     try:
+        loader = (_ConfigLoader if floats else _BoundedLoader)(text)  # its reader refuses control characters
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except _Refused as e:
@@ -107,7 +108,8 @@ def _compose(text: str, shown: str, floats: bool):
     except RecursionError:  # a limit above should always come first; never a traceback regardless
         raise TunelabError(f"{shown}: invalid YAML (nested too deeply)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return node, data
 
 
