@@ -125,7 +125,8 @@ def check_results(results, file: Path) -> None:
     bad = [s for s in results.get("samples") or [] if not isinstance(s, dict)]
     if bad:
         raise TunelabError(f"{file}: 'samples' holds {_json_name(bad[0])}, expected objects")
-    for phase, tasks in (results.get("eval") or {}).items():  # {"base"|"final": {task: {metric: number}}}
+    for phase in ("base", "final"):  # eval: {"base"|"final": {task: {metric: number}}, ...}
+        tasks = (results.get("eval") or {}).get(phase)
         if tasks is not None and not (isinstance(tasks, dict) and all(isinstance(m, dict) or m is None
                                                                        for m in tasks.values())):
             raise TunelabError(f"{file}: 'eval.{phase}' is not an object of tasks, each an object of metrics")
