@@ -52,3 +52,15 @@ def test_a_union_field_is_one_line_not_one_per_member(tmp_path, capsys):
     rc = main(["train", str(cfg)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {cfg}:2: lora.target_modules: "), err
+
+
+def test_a_pipeline_stage_reports_every_error_with_suggestions(tmp_path):
+    from tunelab.train.pipeline import resolve_stages
+
+    cfg = RunConfig.model_validate({"stages": [{"name": "sft", "objective": "sft"},
+                                               {"name": "dpo", "objective": "dpo", "train": {"lrr": 1},
+                                                "lora": {"rank": 4}}]})
+    with pytest.raises(TunelabErrors) as e:
+        resolve_stages(cfg)
+    assert e.value.messages == ["stages[1] (dpo): lora.rank: unknown key (did you mean lora.r?)",
+                                "stages[1] (dpo): train.lrr: unknown key (did you mean train.lr?)"]

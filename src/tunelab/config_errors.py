@@ -99,8 +99,9 @@ def suggestion(schema: type[BaseModel], path: tuple[str, ...]) -> str | None:
 
 
 def config_errors(exc: ValidationError, schema: type[BaseModel], shown: str, lines: dict[tuple[str, ...], int],
-                  from_override: set[tuple[str, ...]]) -> TunelabErrors:
-    """One line per distinct key that failed validation (in file order), as the module docstring shows."""
+                  from_override: set[tuple[str, ...]], elsewhere: str = "override") -> TunelabErrors:
+    """One line per distinct key that failed validation (in file order), as the module docstring shows; a key
+    with no line in `lines` is said to be in `elsewhere`."""
     found: dict[tuple[str, ...], str] = {}
     for err in exc.errors():
         path = _key_path(schema, tuple(err["loc"]), err["type"] == "extra_forbidden")
@@ -117,7 +118,7 @@ def config_errors(exc: ValidationError, schema: type[BaseModel], shown: str, lin
                 got = repr(err["input"])
                 msg += f" (got {got if len(got) <= 80 else got[:77] + '...'})"
         key = next((path[:i] for i in range(len(path), 0, -1) if path[:i] in lines), None)
-        where = "override" if path in from_override or key is None else f"{shown}:{lines[key]}"
+        where = "override" if path in from_override else elsewhere if key is None else f"{shown}:{lines[key]}"
         found[path] = f"{where}: {'.'.join(path)}: {msg}"
     ordered = sorted(found.values(), key=lambda m: (not m.startswith(shown + ":"), _line_of(m, shown)))
     return TunelabErrors(ordered)

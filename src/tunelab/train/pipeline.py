@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from ..adapters.base import load_method, merge
 from ..config import RunConfig, save_config, substitute_text
+from ..config_errors import config_errors
 from ..console import console
 from ..errors import TunelabError
 from ..eval import learning_forgetting
@@ -75,10 +76,8 @@ def resolve_stages(cfg: RunConfig) -> list[tuple[str, RunConfig, str | None]]:
                 raise TunelabError(f"{where}: '{key}' is set for the whole pipeline, not per stage")
         try:
             scfg = RunConfig.model_validate(_merge(base, st) | {"output_dir": str(root / name), "overwrite": False})
-        except ValidationError as e:
-            err = e.errors()[0]
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            raise TunelabError(f"{where}: {'.'.join(str(x) for x in err['loc'])}: {msg}") from None
+        except ValidationError as e:  # every error of the stage, with suggestions for typos
+            raise config_errors(e, RunConfig, where, {}, set(), elsewhere=where) from None
         if src is None and "name" not in st.get("model", {}):
             src = policies[-1] if policies else None
         elif src == "base":
