@@ -63,14 +63,14 @@ def test_bad_key_names_file_line(tmp_path, capsys, model_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name: {model_dir}\ntrain:\n  lr: 1e-4\n  lrr: 3\n")
     rc, err = _run(capsys, ["train", str(cfg)])
-    assert rc == 2 and err == [f"error: {cfg}:5: train.lrr: unknown key"]
+    assert rc == 2 and err == [f"error: {cfg}:5: train.lrr: unknown key (did you mean train.lr?)"]
 
 
 def test_override_errors(tmp_path, capsys, model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(4))
     cfg = _cfg(tmp_path, model_dir, data)
     rc, err = _run(capsys, ["train", str(cfg), "lora.rr=3"])
-    assert rc == 2 and err == ["error: override: lora.rr: unknown key"]
+    assert rc == 2 and err == ["error: override: lora.rr: unknown key (did you mean lora.r?)"]
     rc, err = _run(capsys, ["train", str(cfg), "noequals"])
     assert rc == 2 and "expected key=value" in err[0]
 

@@ -136,3 +136,88 @@ def test_odd_overrides_found_by_fuzzing(override):
     with pytest.raises(TunelabError) as e:
         load_config(None, [override, "train.lr=abc"])
     _one_line(e.value)
+
+
+# --- hostile input within a fixed memory budget: YAML aliases, deep nesting, huge records -------------------------
+# Python allocations are traced (tracemalloc) while one input is loaded; the peak must stay under the budget, so an
+# input that expands (aliases), recurses (nesting) or is simply big (a record) is refused before it is built.
+BUDGET = 64 * 2**20
+
+
+def _within_budget(fn, *args, **kwargs):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = _tolerated(fn, *args, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < BUDGET, f"peak {peak / 2**20:.0f} MB"
+    return out
+
+
+def _alias_yaml(levels, fanout, kind, merge, cycle, depth):
+    """Anchors that each reference the previous one `fanout` times (lists, mappings or merge keys), optionally an
+    alias inside its own anchor, and a flow collection `depth` deep."""
+    lines = ["train:", "  lr: 1e-4", "a0: &a0 {x: 1, y: 1.5e-3}" if kind == "map" else "a0: &a0 [lol, 1e-4]"]
+    for i in range(1, levels + 1):
+        refs = [f"*a{i - 1}"] * fanout
+        if merge and kind == "map":
+            lines.append(f"a{i}: &a{i} {{<<: [{', '.join(refs)}], k{i}: {i}}}")
+        elif kind == "map":
+            lines.append(f"a{i}: &a{i} {{{', '.join(f'k{j}: {r}' for j, r in enumerate(refs))}}}")
+        else:
+            lines.append(f"a{i}: &a{i} [{', '.join(refs)}]")
+    if cycle:
+        lines.append("c: &c [1, *c]")
+    lines.append("d: " + "[" * depth + "]" * depth)
+    return "\n".join(lines) + "\n"
+
+
+@FUZZ
+@given(levels=st.integers(0, 12), fanout=st.integers(1, 12), kind=st.sampled_from(["list", "map"]),
+       merge=st.booleans(), cycle=st.booleans(), depth=st.sampled_from([0, 5, 99, 101, 5000]),
+       where=st.sampled_from(["config", "task", "sweep"]))
+def test_yaml_aliases_and_nesting_load_or_fail_within_the_budget(levels, fanout, kind, merge, cycle, depth, where):
+    from tunelab.eval.tasks import task_from_yaml
+    from tunelab.lab.sweep import load_sweep
+
+    text = _alias_yaml(levels, fanout, kind, merge, cycle, depth)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.yaml"
+        if where == "config":
+            path.write_text(text)
+            _within_budget(load_config, path)
+        elif where == "task":
+            path.write_text("kind: exact\ndata: d.jsonl\n" + text.replace("train:", "extra:"))
+            _within_budget(task_from_yaml, path)
+        else:
+            path.write_text("grid: {train.lr: [1, 2]}\n" + text.replace("train:", "extra:"))
+            _within_budget(load_sweep, path)
+
+
+@settings(FUZZ, max_examples=max(FUZZ.max_examples // 3, 1))
+@given(depth=st.sampled_from([1, 50, 99, 100, 101, 990, 5000, 200_000]), wide=st.integers(0, 3),
+       size_kb=st.sampled_from([0, 10, 63, 65, 300, 1000]), filler=st.sampled_from(["{},", "[],", "0,", '"ab",']),
+       suffix=st.sampled_from([".jsonl", ".json"]), where=st.integers(0, 2))
+def test_deep_and_huge_records_load_or_fail_within_the_budget(depth, wide, size_kb, filler, suffix, where):
+    """With a 64 KB record limit, records of up to 1 MB of tiny values (which would take ~50× that as Python
+    objects) and nesting up to 200,000 deep."""
+    nested = "[" * depth + ",".join(["1"] * wide) + "]" * depth
+    big = "[" + filler * (size_kb * 1024 // len(filler)) + "0]"
+    rows = ['{"instruction": "a", "output": "b"}'] * 3
+    rows[where] = '{"instruction": "a", "output": "b", "n": %s, "big": %s}' % (nested, big)
+    old = os.environ.get("TUNELAB_MAX_RECORD_MB")
+    os.environ["TUNELAB_MAX_RECORD_MB"] = str(64 / 1024)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"data{suffix}"
+            path.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(rows) + "]")
+            recs = _within_budget(load_records, str(path))
+            assert recs is None or len(recs) == 3
+    finally:
+        if old is None:
+            os.environ.pop("TUNELAB_MAX_RECORD_MB")
+        else:
+            os.environ["TUNELAB_MAX_RECORD_MB"] = old

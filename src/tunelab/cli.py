@@ -91,7 +91,7 @@ def cmd_export(args) -> int:
         from .gguf_export import export_gguf
 
         with phase(f"exporting {args.run_dir} to GGUF ({args.type})", delay=3.0):
-            out = export_gguf(args.run_dir, args.gguf, args.type)
+            out = export_gguf(args.run_dir, args.gguf, args.type, overwrite=args.overwrite)
         print(f"GGUF ({args.type}) written to {out}")
         return 0
     from .export import export_merged
@@ -141,25 +141,27 @@ def cmd_eval(args) -> int:
     if args.pairs:  # a reward-model run: pairwise accuracy on preference pairs
         from .objectives.reward import load_reward_model
 
+        if args.output:
+            _check_output(args)
         acc = load_reward_model(args.model, device=args.device).accuracy(args.pairs, limit=args.limit)
         print(json.dumps(acc))
         if args.output:
-            Path(args.output).write_text(json.dumps(acc, indent=2))
+            from .userfiles import write_file
+
+            write_file(Path(args.output), json.dumps(acc, indent=2), "--output", args.overwrite)
         return 0
     if not args.model or not args.tasks:
         raise TunelabError("eval: give MODEL_OR_RUN and --tasks (see --list for the bundled tasks)")
     tasks = [t for s in args.tasks for t in s.split(",") if t]
     validate_tasks(tasks, args.allow_code_execution, args.sandbox)  # fail before loading the model
     if args.output:
-        from .userfiles import check_can_create
-
-        check_can_create(Path(args.output), "--output")
+        _check_output(args)
     model, tok, template = load_run(args.model, device=args.device, dtype=args.dtype)
     res = run_tasks(model, tok, template, tasks, allow_code_execution=args.allow_code_execution, limit=args.limit,
                     sandbox=args.sandbox)
     print_results(res, title=f"evaluation of {args.model}")
     if args.output:
-        save_results(res, args.output, model=args.model)
+        save_results(res, args.output, model=args.model, overwrite=args.overwrite)
     return 0
 
 
@@ -167,6 +169,15 @@ def cmd_sandbox(args) -> int:
     from .eval.sandbox import self_check
 
     return self_check()
+
+
+def _check_output(args) -> None:
+    """eval --output, before the model is loaded: a file tunelab did not write (without --overwrite), a folder
+    nothing can be written in."""
+    from .userfiles import check_can_create, check_replaceable
+
+    check_replaceable(Path(args.output), "--output", args.overwrite)
+    check_can_create(Path(args.output), "--output")
 
 
 def cmd_compare(args) -> int:
@@ -179,7 +190,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from .lab.report import report_main
 
-    return report_main(args.run_dirs, args.out, markdown=args.markdown)
+    return report_main(args.run_dirs, args.out, markdown=args.markdown, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--merged", help="output folder for the merged HF model")
     to.add_argument("--gguf", help="output .gguf file (llama.cpp, Ollama, LM Studio)")
     e.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file tunelab did not write")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the demo: LoRA on SmolLM2-135M with bundled math data, offline on CPU")
@@ -243,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sandbox", default="bwrap", choices=["bwrap", "unsafe_inprocess"],
                    help="where that code runs: bwrap (default), or a Python-level guard that hostile code defeats")
     v.add_argument("--output", help="write results as JSON here")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --output file tunelab did not write")
     v.add_argument("--device", default="auto")
     v.add_argument("--dtype", default="auto")
     v.add_argument("--list", action="store_true", help="list the bundled tasks")
@@ -269,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--markdown", nargs="?", const="-", default=None, metavar="README.md",
                    help="a study's generated README block (claims, budgets, provenance): printed, or replaced "
                         "between its <!-- study:NAME --> markers in the given file")
+    r.add_argument("--overwrite", action="store_true", help="replace report files in --out that tunelab did not write")
     r.set_defaults(func=cmd_report)
     return p
 
@@ -285,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
             init()
         code = args.func(args)
     except TunelabError as e:
+        lines = "\n".join(f"error: {m}" for m in getattr(e, "messages", None) or [e])  # several: one line each
         if not launched:
-            print(f"error: {e}", file=sys.stderr)
+            print(lines, file=sys.stderr)
             return 2
         from .train.distributed import report_error
 
         if report_error(str(e)):
-            print(f"error: {e}", file=sys.stderr)
+            print(lines, file=sys.stderr)
         sys.stderr.flush()
         # leave at once: the other ranks may be blocked in a collective; torchrun stops them when it sees this exit
         os._exit(2)

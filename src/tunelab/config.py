@@ -27,9 +27,11 @@ from .adapters.loreft import LoreftConfig
 from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
+from .config_errors import config_errors
 from .console import console
 from .errors import TunelabError
 from .userfiles import read_text
+from .yamlfile import load_yaml, load_yaml_lines
 
 
 ASSETS = Path(__file__).parent / "assets"  # `${ASSETS}` in a config means the bundled assets folder
@@ -281,31 +283,13 @@ def method_options(cfg: RunConfig):
     return getattr(cfg, cfg.method, None)
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node, path):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                p = path + (str(k.value),)
-                lines[p] = k.start_mark.line + 1
-                walk(v, p)
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise TunelabError(f"override '{item}': expected key=value (e.g. train.lr=1e-4)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, "override", floats=True) if raw != "" else ""
+    except TunelabError:
         value = raw
     if isinstance(value, str) and _looks_float(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string
@@ -318,16 +302,6 @@ def _looks_float(s: str) -> bool:
         return any(c in s.lower() for c in "e.") and not s.strip().lower() in ("nan", "inf")
     except ValueError:
         return False
-
-
-def _fix_floats(node):
-    if isinstance(node, dict):
-        return {k: _fix_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_floats(v) for v in node]
-    if isinstance(node, str) and _looks_float(node):
-        return float(node)
-    return node
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), schema=None) -> RunConfig:
@@ -344,16 +318,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
         text = read_text(p).replace("${ASSETS}", str(ASSETS))
         if p.resolve().parent not in CONFIG_DIRS:
             CONFIG_DIRS.append(p.resolve().parent)
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise TunelabError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})")
+        raw, lines = load_yaml_lines(text, name, floats=True)  # bounded: alias bombs, depth (yamlfile.py)
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise TunelabError(f"{p}: the config must be a mapping of keys to values")
-        lines = _line_index(text)
-        raw = _fix_floats(raw)
     moved = getattr(schema, "MOVED", None) or {}
     raw = move_keys(raw, moved, lines) if moved else raw  # the file's old keys, before any override
     from_override: set[tuple[str, ...]] = set()
@@ -368,21 +336,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema=None)
             for k in path[:-1]:
                 if not isinstance(node.get(k, {}), dict):
                     raise TunelabError(f"override '{item}': {k} is not a section")
-                node = node.setdefault(k, {})
+                node[k] = dict(node.get(k, {}))  # a section shared through a YAML alias changes here only
+                node = node[k]
             node[path[-1]] = value
             from_override.add(tuple(path))
     try:
         return schema.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(str(x) for x in err["loc"])
-        dotted = ".".join(loc)
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        if err["type"] != "extra_forbidden" and "input" in err:
-            msg += f" (got {err['input']!r})"
-        key = next((loc[:i] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-        where = "override" if tuple(loc) in from_override or key is None else f"{name}:{lines[key]}"
-        raise TunelabError(f"{where}: {dotted}: {msg}")
+    except ValidationError as e:  # every error at once, each with its file:line and a suggestion for typos
+        raise config_errors(e, schema, name, lines, from_override) from None
 
 
 def save_config(cfg: BaseModel, path: Path) -> None:

@@ -12,3 +12,12 @@ class TunelabError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split("\n")))
+
+
+class TunelabErrors(TunelabError):
+    """Several user errors found in one pass (every invalid key of a config): the CLI prints one line for each;
+    as a string they are joined with "; " (one line, for callers that prefix their own context)."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = [" ".join(str(m).split("\n")) for m in messages]
+        super().__init__("; ".join(self.messages))

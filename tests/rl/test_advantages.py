@@ -130,3 +130,15 @@ def test_whiten():
     assert w.mean().item() == pytest.approx(0.0, abs=1e-5) and w.std().item() == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="at least 2"):
         whiten(x, torch.tensor([True, False, False, False]))
+
+
+def test_huge_finite_rewards_are_blamed_for_what_overflows():
+    """±1e308 is a finite reward: it overflows float32 (the rollout's dtype), or its group's spread overflows —
+    said as such, not as "NaN"."""
+    with pytest.raises(TunelabError, match=r"infinite or beyond torch.float32's range \(±3.4e\+38\)"):
+        grpo(torch.tensor([1e308, -1e308]), group_size=2)
+    for r in (torch.tensor([1e20, -1e20]), torch.tensor([1e308, 1e308], dtype=torch.float64)):
+        for estimator in (grpo, rloo):  # silently zero (std = inf) or NaN (mean = inf) advantages before
+            with pytest.raises(TunelabError, match="group mean or spread overflows") as e:
+                estimator(r, group_size=2)
+            assert "NaN" not in str(e.value)

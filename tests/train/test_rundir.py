@@ -15,7 +15,8 @@ from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train.launch import train
-from tunelab.train.rundir import LOCK_FILE, check_output_dir, claim_run_dir, locked
+from tunelab.train.rundir import (LOCK_FILE, MARKER, check_output_dir, claim_run_dir, clear_run_files, locked,
+                                  run_marker)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,82 @@ def test_check_output_dir_writes_nothing(tmp_path):
     started = time.perf_counter()
     check_output_dir(tmp_path)  # an empty folder is fine
     assert time.perf_counter() - started < 1
+
+
+# --- which folders are tunelab's: only its marker says so, never common file names -----------------------------
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_users_folder_named_like_a_pipeline_is_not_one(tmp_path, make_cfg, capsys):
+    """The user's own pipeline.yaml + model/ + notes.txt: `overwrite: true` used to delete pipeline.yaml and model/."""
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "weights.safetensors").write_bytes(b"mine")
+    (out / "pipeline.yaml").write_text("my: own pipeline\n")
+    (out / "notes.txt").write_text("notes")
+    before = _tree(out)
+    cfg = make_cfg(out, stages=[{"name": "a", "objective": "sft"}])
+    rc, err = _cli(capsys, ["train", str(cfg), "overwrite=true"])
+    assert rc == 2 and len(err) == 1 and str(out) in err[0] and "marker" in err[0], err
+    assert _tree(out) == before
+
+
+def test_a_users_folder_named_like_an_old_run_is_not_one(tmp_path, make_cfg, capsys):
+    """config.yaml + metrics.jsonl + checkpoints/epoch3/model.pt: its checkpoints used to be deleted."""
+    out = tmp_path / "experiment"
+    (out / "checkpoints" / "epoch3").mkdir(parents=True)
+    (out / "checkpoints" / "epoch3" / "model.pt").write_bytes(b"three epochs of my training")
+    (out / "config.yaml").write_text("lr: 3\n")
+    (out / "metrics.jsonl").write_text('{"loss": 1}\n')
+    before = _tree(out)
+    for flag in ("overwrite=true", "resume=false", "resume=true"):
+        rc, err = _cli(capsys, ["train", str(make_cfg(out)), flag])
+        assert rc == 2 and len(err) == 1 and f"output_dir {out}: no .tunelab-run marker" in err[0], err
+        assert _tree(out) == before
+
+
+def test_an_unmarked_lock_file_alone_does_not_make_a_folder_a_run(tmp_path, make_cfg, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("123\n")
+    (out / "results.json").write_text("{}")
+    rc, err = _cli(capsys, ["train", str(make_cfg(out)), "overwrite=true"])
+    assert rc == 2 and "older tunelab" in err[0] and (out / "results.json").read_text() == "{}"
+
+
+def test_runs_and_pipelines_carry_a_marker_with_their_id(tmp_path, make_cfg):
+    out = tmp_path / "run"
+    train(load_config(make_cfg(out)))
+    first = run_marker(out)
+    assert first["kind"] == "run" and len(first["id"]) == 32 and first["tunelab"]
+    assert json.loads((out / MARKER).read_text()) == first
+    (out / "notes.txt").write_text("mine")
+    train(load_config(make_cfg(out), ["overwrite=true"]))
+    assert run_marker(out)["id"] != first["id"]  # a new run, a new id
+    assert (out / "notes.txt").read_text() == "mine"
+
+    pipe = tmp_path / "pipe"
+    train(load_config(make_cfg(pipe, stages=[{"name": "a", "objective": "sft"}])))
+    assert run_marker(pipe)["kind"] == "pipeline" and run_marker(pipe / "a")["kind"] == "run"
+    (pipe / "notes.txt").write_text("mine")
+    train(load_config(make_cfg(pipe, stages=[{"name": "a", "objective": "sft"}]), ["overwrite=true"]))
+    assert (pipe / "notes.txt").read_text() == "mine" and (pipe / "a" / "results.json").exists()
+
+
+def test_a_run_and_a_pipeline_do_not_take_each_others_folder(tmp_path, make_cfg, capsys):
+    out = tmp_path / "run"
+    train(load_config(make_cfg(out)))
+    capsys.readouterr()
+    rc, err = _cli(capsys, ["train", str(make_cfg(out, stages=[{"name": "a", "objective": "sft"}])),
+                            "overwrite=true"])
+    assert rc == 2 and "holds a tunelab run, not a pipeline" in err[0]
+    assert (out / "results.json").exists() and not (out / "a").exists()
+
+
+def test_clearing_an_unmarked_folder_is_refused_even_if_called_directly(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(TunelabError, match="no .tunelab-run marker"):
+        clear_run_files(tmp_path)
+    assert (tmp_path / "model").is_dir()

@@ -14,7 +14,12 @@ HF dataset     ``org/name[train]:row 3``            row index, 0-based
 =============  ===================================  ==========================================
 
 A ``.json`` file may hold an array of objects or ``{"data": [...]}``. A ``.json`` file that is really JSON
-Lines (a very common mislabel) is read as JSONL. Anything that is not an existing file and looks like
+Lines (a very common mislabel) is read as JSONL.
+
+Bounded on hostile input: a record (a JSONL line, an element of a .json array) over `max_record_bytes()` (16 MB;
+``TUNELAB_MAX_RECORD_MB`` changes it) is refused before it is parsed — a 50 MB line of tiny objects would take
+gigabytes as Python objects — and so is a record nested over `MAX_DEPTH` levels (a chat record needs about 5).
+A path that exists but is not a regular file (a FIFO, /dev/zero) is named as such, never read. Anything that is not an existing file and looks like
 ``name``, ``org/name`` or ``org/name:config`` is loaded with ``datasets.load_dataset`` (the real path for
 users; tests only check that an unreachable hub gives a clean error).
 """
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +41,34 @@ from ..userfiles import not_utf8, read_text
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # `name`, `org/name`, optionally `:config` — the shapes a hub dataset id can take.
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+MAX_DEPTH = 100  # nested arrays/objects in one record
+
+
+def max_record_bytes() -> int:
+    """The largest record read, in bytes: ``TUNELAB_MAX_RECORD_MB`` (default 16) MiB."""
+    try:
+        mb = float(os.environ.get("TUNELAB_MAX_RECORD_MB", "16"))
+    except ValueError:
+        raise TunelabError(f"TUNELAB_MAX_RECORD_MB={os.environ['TUNELAB_MAX_RECORD_MB']!r}: not a number") from None
+    return max(1, int(mb * 2**20))
+
+
+def _too_large(origin: str, size: str) -> TunelabError:
+    return TunelabError(f"{origin}: record {size}over the {max_record_bytes() / 2**20:g} MB limit per record "
+                        "(set TUNELAB_MAX_RECORD_MB to raise it)")
+
+
+def _special_file(path: Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (a FIFO, a device…)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None
 
 
 @dataclass
@@ -57,6 +92,9 @@ def load_records(source: str, split: str | None = None, limit: int | None = None
     suffix = path.suffix.lower()
     if path.is_dir():
         raise TunelabError(f"{source}: is a directory; give a {'/'.join(FILE_SUFFIXES)} file")
+    special = _special_file(path)
+    if special:
+        raise TunelabError(f"{source}: not a regular file ({special}); give a {'/'.join(FILE_SUFFIXES)} file")
     if path.is_file():
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         if suffix not in readers:
@@ -87,27 +125,97 @@ def _json_type(obj) -> str:
     return "null" if obj is None else names.get(type(obj), type(obj).__name__)
 
 
+def _parse(text: str, origin: str):
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"{origin}: malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise TunelabError(f"{origin}: nested too deeply (over {MAX_DEPTH} levels)") from None
+    _check_depth(obj, origin)
+    return obj
+
+
+def _check_depth(obj, origin: str) -> None:
+    level = [obj]
+    for _ in range(MAX_DEPTH):
+        level = [c for o in level if isinstance(o, (dict, list)) for c in (o.values() if isinstance(o, dict) else o)]
+        if not level:
+            return
+    if any(isinstance(o, (dict, list)) for o in level):
+        raise TunelabError(f"{origin}: nested too deeply (over {MAX_DEPTH} levels)")
+
+
+def _lines(path: Path, most: int):
+    """(line number, text) of each line, read as bytes at most `most` + 1 at a time, so a line over `most` bytes
+    is caught (yielded as None) without holding it; newlines as text mode reads them (\n, \r\n, \r)."""
+    lineno = 0
+    with path.open("rb") as f:
+        first = True
+        while True:
+            raw = f.readline(most + 1)
+            if not raw:
+                return
+            if len(raw) > most and not raw.endswith(b"\n"):
+                yield lineno + 1, None
+                return
+            if first and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not part of line 1
+                raw = raw[3:]
+            first = False
+            text = raw.decode("utf-8")  # UnicodeDecodeError: load_records names the line
+            for piece in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:-1 if text.endswith(
+                    ("\n", "\r")) else None]:
+                lineno += 1
+                yield lineno, piece
+
+
 def _read_jsonl(path: Path, source: str, limit: int | None) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not part of line 1
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not records
-            origin = f"{source}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TunelabError(f"{origin}: malformed JSON: {e.msg} (column {e.colno})") from None
-            records.append(Record(_expect_object(obj, origin), origin))
-            if limit is not None and len(records) >= limit:
-                break
+    for lineno, line in _lines(path, max_record_bytes()):
+        origin = f"{source}:{lineno}"
+        if line is None:
+            raise _too_large(origin, "")
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) are not records
+        records.append(Record(_expect_object(_parse(line, origin), origin), origin))
+        if limit is not None and len(records) >= limit:
+            break
     return records
+
+
+# a JSON string (skipped whole) or a bracket: enough to find where each record of a .json array starts and ends
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _check_record_sizes(text: str, source: str) -> None:
+    """Refuse a .json file holding a record over the limit — found by a scan that builds no objects, before
+    json.loads would build them. Records are the containers at depth 2 (``[{…}]``) or 3 (``{"data": [{…}]}``)."""
+    most = max_record_bytes()
+    if len(text) <= most:
+        return
+    depth, starts = 0, {}
+    for m in _JSON_TOKEN.finditer(text):
+        c = text[m.start()]
+        if c == '"':
+            continue
+        if c in "[{":
+            depth += 1
+            starts[depth] = m.start()
+        else:
+            if depth in (2, 3) and m.end() - starts[depth] > most:
+                start = starts[depth]
+                raise _too_large(f"{source}:{text.count(chr(10), 0, start) + 1}",
+                                 f"of {(m.end() - start) / 2**20:.1f} MB ")
+            depth = max(depth - 1, 0)
 
 
 def _read_json(path: Path, source: str, limit: int | None) -> list[Record]:
     text = read_text(path, source)
+    _check_record_sizes(text, source)
     try:
         obj = json.loads(text)
+    except RecursionError:
+        raise TunelabError(f"{source}: nested too deeply (over {MAX_DEPTH} levels)") from None
     except json.JSONDecodeError as e:
         # "Extra data" after a complete first value is the signature of JSON Lines saved as .json.
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
@@ -118,8 +226,11 @@ def _read_json(path: Path, source: str, limit: int | None) -> list[Record]:
     if not isinstance(obj, list):
         raise TunelabError(f"{source}: expected a JSON array of objects or {{\"data\": [...]}}, "
                            f"got {_json_type(obj)}")
-    return [Record(_expect_object(item, f"{source}:[{i}]"), f"{source}:[{i}]")
-            for i, item in enumerate(obj[:limit] if limit is not None else obj)]
+    records = []
+    for i, item in enumerate(obj[:limit] if limit is not None else obj):
+        _check_depth(item, f"{source}:[{i}]")
+        records.append(Record(_expect_object(item, f"{source}:[{i}]"), f"{source}:[{i}]"))
+    return records
 
 
 def _read_csv(path: Path, source: str, limit: int | None) -> list[Record]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..console import phase
 from ..data.templates import Template, get_template
 from ..errors import TunelabError
+from ..userfiles import write_file
 from .choice import evaluate_choice
 from .code import evaluate_code, require_code_execution
 from .exact import evaluate_exact
@@ -157,9 +158,8 @@ def print_results(results: dict, base: dict | None = None, title: str = "evaluat
     Console().print(results_table(results, base, title))
 
 
-def save_results(results: dict, path: str | Path, **extra) -> Path:
-    """Write ``{"tasks": results, **extra}`` as JSON (e.g. extra = model reference, learning/forgetting)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**extra, "tasks": results}, indent=2, default=str))
-    return path
+def save_results(results: dict, path: str | Path, overwrite: bool = False, **extra) -> Path:
+    """Write ``{"tasks": results, **extra}`` as JSON (e.g. extra = model reference, learning/forgetting);
+    an existing file tunelab did not write is replaced only with `overwrite` (`userfiles.write_file`)."""
+    return write_file(Path(path), json.dumps({**extra, "tasks": results}, indent=2, default=str), "--output",
+                      overwrite)

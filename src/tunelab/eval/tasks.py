@@ -65,11 +65,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import TunelabError
 from ..userfiles import read_text
+from ..yamlfile import load_yaml
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # `${ASSETS}` in a task's `data` (as in run configs)
 TASKS_DIR = ASSETS / "tasks"
@@ -199,11 +199,7 @@ def load_task(ref: str | Path | Task) -> Task:
 
 def task_from_yaml(path: Path) -> Task:
     """Parse and validate one task file; every problem is one `TunelabError` line naming the file."""
-    try:
-        raw = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as e:
-        line = f":{e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
-        raise TunelabError(f"{path}{line}: malformed YAML ({getattr(e, 'problem', None) or e})") from None
+    raw = load_yaml(read_text(path), str(path))  # bounded: alias bombs, depth (yamlfile.py)
     if not isinstance(raw, dict):
         raise TunelabError(f"{path}: a task file must be a mapping of fields (kind, data, ...)")
     raw.setdefault("name", path.stem)

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from ..errors import TunelabError
+from ..userfiles import check_can_create, check_replaceable, note_written
 
 QTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -78,14 +79,24 @@ def write_gguf(model, tok, chat_template: str | None, out: Path, qtype: str = "f
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         writer.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):  # a full disk, a read-only or vanished folder: one line, nothing left behind
+            from ..train.guards import disk_full, is_disk_full
+
+            if is_disk_full(e):
+                raise disk_full("the GGUF file", out.parent) from None
+            raise TunelabError(f"gguf export: cannot write {out} ({e.strerror or e})") from None
         raise
+    note_written(out)  # tunelab's own file: a later export may replace it without --overwrite
     return special
 
 
-def export_gguf(source: str | Path, out: str | Path, qtype: str = "f16") -> Path:
+def export_gguf(source: str | Path, out: str | Path, qtype: str = "f16", overwrite: bool = False) -> Path:
     """Merge a run's adapter (or take a merged folder / model reference) and write it as a GGUF file."""
     from ..adapters.base import merge
     from ..export import load_run
@@ -98,6 +109,10 @@ def export_gguf(source: str | Path, out: str | Path, qtype: str = "f16") -> Path
         raise TunelabError(f"gguf export: the output {out} should end in .gguf")
     if out.is_dir():
         raise TunelabError(f"gguf export: {out} is a folder")
+    # the output path first, before minutes of loading and merging: a file tunelab did not write (without
+    # --overwrite), a folder nothing can be written in (/proc, a read-only mount)
+    check_replaceable(out, "gguf export:", overwrite)
+    check_can_create(out, "gguf export:")
     model, tok, template = load_run(source, device="cpu", dtype="float32")
     try:
         merge(model)  # a no-op for a plain model; "not mergeable" (LoReFT) is a one-line TunelabError

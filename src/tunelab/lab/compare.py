@@ -41,10 +41,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
 from pydantic import ValidationError
 
 from ..errors import TunelabError
+from ..userfiles import read_text
+from ..yamlfile import load_yaml
 from .claims import match_problem
 from .results import STATE_FILE, flatten
 from .sweep import Sweep, resolve
@@ -83,7 +84,7 @@ def config_drift(run_dir: Path, cfg) -> list[str]:
         saved_path = run_dir / "pipeline.yaml"
     if not saved_path.exists():
         return []
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = load_yaml(read_text(saved_path), str(saved_path)) or {}  # bounded (yamlfile.py)
     try:  # as this version reads it: options that moved sections compare at their new place, new ones at defaults
         saved = type(cfg).model_validate(saved).model_dump(mode="json")
     except ValidationError:
@@ -186,8 +187,10 @@ def write_sweep_report(sweep: Sweep) -> Path:
 
     from .results import sweep_meta
 
+    # the report folder is the sweep folder's own (tunelab made both): its report files are replaced, as a
+    # run's own files are in its run folder, also when an older tunelab wrote them (no ledger entry)
     return build_report(collect([sweep.output_dir]), sweep.report_dir, title=sweep.name,
-                        description=sweep.description, study=sweep_meta(sweep.output_dir))
+                        description=sweep.description, study=sweep_meta(sweep.output_dir), overwrite=True)
 
 
 def _check_selection(sweep: Sweep, only: list[str] | None, seeds: list[int] | None) -> None:

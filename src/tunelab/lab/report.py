@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from ..userfiles import check_can_create, make_folder
+from ..userfiles import check_can_create, check_replaceable, forget_written, make_folder, note_written, \
+    write_file, written_by_tunelab
 from .plots import pareto_front, plot_all
 from .results import RunInfo, applies, build_table, config_differences, flatten, fmt, to_csv, to_markdown
 from .study import study_html, study_markdown, study_parts
@@ -53,24 +57,48 @@ pre{background:#f6f8fa;padding:8px;border-radius:4px;white-space:pre-wrap;word-b
 """
 
 
+FIGURES = ("curves", "learning_forgetting", "params")
+REPORT_FILES = ("index.html", "results.md", "results.csv", *(f"{f}.png" for f in FIGURES))
+
+
+def check_report_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse (one line) a report folder holding a file of the report's names that tunelab did not write, unless
+    `overwrite` (`userfiles.check_replaceable`); writes nothing."""
+    for name in REPORT_FILES:
+        check_replaceable(Path(out) / name, "report --out", overwrite)
+
+
 def build_report(runs: list[RunInfo], out_dir: str | Path, title: str = "tunelab report",
-                 description: str = "", study: dict | None = None) -> Path:
+                 description: str = "", study: dict | None = None, overwrite: bool = False) -> Path:
     """Write the table, figures and index.html for `runs` into `out_dir`; returns index.html's path.
 
-    `study`: a sweep's sweep.json (claims, match, configured budgets) — adds the verdicts, budgets, provenance."""
-    out = make_folder(Path(out_dir), "report --out")
+    `study`: a sweep's sweep.json (claims, match, configured budgets) — adds the verdicts, budgets, provenance.
+    Everything is computed (figures drawn in a temporary folder) before any file is put in place, each file
+    atomically, so a failure leaves the previous report as it was; a file of the report's names that tunelab did
+    not write is refused unless `overwrite`."""
+    out = Path(out_dir)
+    check_report_out(out, overwrite)
     cols, rows = build_table(runs)
     verdicts = study_markdown(runs, study, title) + "\n"
-    (out / "results.md").write_text(f"# {title}\n\n{description}\n\n" + verdicts + to_markdown(cols, rows)
-                                    + _legend(runs))
-    (out / "results.csv").write_text(to_csv(cols, rows, runs))
-    for stale in ("curves", "learning_forgetting", "params"):
-        (out / f"{stale}.png").unlink(missing_ok=True)  # a figure that has no data this time must not linger
-    figures = plot_all(runs, out)
-    page = render_html(runs, cols, rows, figures, title, description, study_html(study_parts(runs, study)))
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out / "index.html")
+    texts = {"results.md": f"# {title}\n\n{description}\n\n" + verdicts + to_markdown(cols, rows) + _legend(runs),
+             "results.csv": to_csv(cols, rows, runs)}
+    make_folder(out, "report --out")
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-report-"))
+    try:
+        figures = plot_all(runs, stage)
+        texts["index.html"] = render_html(runs, cols, rows, figures, title, description,
+                                          study_html(study_parts(runs, study)))
+        for name, text in texts.items():
+            write_file(out / name, text, "report --out", overwrite)
+        for name in FIGURES:
+            target = out / f"{name}.png"
+            if name in figures:
+                os.replace(figures[name], target)
+                note_written(target)
+            elif written_by_tunelab(target):  # a figure that has no data this time must not linger
+                forget_written(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out / "index.html"
 
 
@@ -208,11 +236,12 @@ def _eval_table(ev: dict) -> str:
             "</thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
-def report_main(paths: list[str], out: str, markdown: str | None = None) -> int:
+def report_main(paths: list[str], out: str, markdown: str | None = None, overwrite: bool = False) -> int:
     """`tunelab report`: the report of run directories and/or sweep folders (one sweep keeps its title).
 
     `markdown`: instead, the study's generated README block (`lab.study`): ``"-"`` prints it, a file path
-    replaces the block between its ``<!-- study:NAME -->`` markers."""
+    replaces the block between its ``<!-- study:NAME -->`` markers. `overwrite`: replace report files in `out` that
+    tunelab did not write."""
     from .results import collect, sweep_meta
 
     meta = sweep_meta(Path(paths[0])) if len(paths) == 1 else {}
@@ -228,8 +257,9 @@ def report_main(paths: list[str], out: str, markdown: str | None = None) -> int:
             print(f"{markdown}: study '{name}' section regenerated")
         return 0
     check_can_create(Path(out), "report --out")
+    check_report_out(Path(out), overwrite)  # before reading every run
     runs = collect(paths)
     index = build_report(runs, out, title=meta.get("name") or "tunelab report",
-                         description=meta.get("description") or "", study=meta)
+                         description=meta.get("description") or "", study=meta, overwrite=overwrite)
     print(f"{len(runs)} runs; report: {index}")
     return 0

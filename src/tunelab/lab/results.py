@@ -24,10 +24,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..errors import TunelabError
 from ..jsonl import read_rows
+from ..userfiles import read_text
+from ..yamlfile import load_yaml
 
 STATE_FILE = "sweep.json"
 _NOT_A_DIFFERENCE = {"output_dir", "overwrite", "resume", "method"}  # method has its own column
@@ -81,20 +81,65 @@ def load_run(path: Path, label: str | None = None) -> RunInfo:
     info = RunInfo(label or path.name, path)
     for name in ("config.yaml", "pipeline.yaml"):  # a pipeline folder: its pipeline config
         if (path / name).exists():
-            try:
-                info.config = yaml.safe_load((path / name).read_text()) or {}
-            except yaml.YAMLError as e:
-                raise TunelabError(f"{path / name}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            info.config = _mapping(load_yaml(read_text(path / name), str(path / name)), path / name)
             break
     if (path / "results.json").exists():
+        file = path / "results.json"
         try:
-            info.results = json.loads((path / "results.json").read_text())
+            info.results = json.loads(read_text(file))
         except json.JSONDecodeError as e:  # written atomically since; an older run killed while writing it
-            raise TunelabError(f"{path / 'results.json'}:{e.lineno}: malformed JSON ({e.msg}); delete it to "
-                               "treat the run as unfinished") from None
+            raise TunelabError(f"{file}:{e.lineno}: malformed JSON ({e.msg}); delete it to treat the run as "
+                               "unfinished") from None
+        except RecursionError:
+            raise TunelabError(f"{file}: nested too deeply to be a tunelab results file") from None
+        check_results(info.results, file)
     info.metrics = read_rows(path / "metrics.jsonl")
     info.status = "done" if info.results is not None else ("incomplete" if info.metrics or info.config else "new")
     return info
+
+
+def _mapping(data, file: Path) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TunelabError(f"{file}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+# what the report reads from results.json, by type (tunelab writes exactly these; anything else is not its file)
+_NUMBERS = ("steps", "trainable_params", "total_params", "eval_loss_before", "eval_loss_after", "tokens_per_s",
+            "train_seconds", "total_seconds", "learning_score", "forgetting_score")
+_TYPES = {**{k: (int, float) for k in _NUMBERS}, "method": (str,), "report": (str,), "eval": (dict,),
+          "data": (dict,), "samples": (list,), "learning": (dict, int, float), "forgetting": (dict, int, float)}
+
+
+def check_results(results, file: Path) -> None:
+    """Refuse (one line naming the file and the field) a results.json whose fields the report reads have
+    types tunelab never writes — edited by hand, or not a tunelab file."""
+    if not isinstance(results, dict):
+        raise TunelabError(f"{file}: expected a JSON object, got {_json_name(results)}; delete it to treat the run "
+                           "as unfinished")
+    for key, types in _TYPES.items():
+        v = results.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise TunelabError(f"{file}: '{key}' is {_json_name(v)}, expected "
+                               f"{' or '.join(dict.fromkeys(_JSON_NAMES[t] for t in types))}")
+    bad = [s for s in results.get("samples") or [] if not isinstance(s, dict)]
+    if bad:
+        raise TunelabError(f"{file}: 'samples' holds {_json_name(bad[0])}, expected objects")
+    for phase in ("base", "final"):  # eval: {"base"|"final": {task: {metric: number}}, ...}
+        tasks = (results.get("eval") or {}).get(phase)
+        if tasks is not None and not (isinstance(tasks, dict) and all(isinstance(m, dict) or m is None
+                                                                       for m in tasks.values())):
+            raise TunelabError(f"{file}: 'eval.{phase}' is not an object of tasks, each an object of metrics")
+
+
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _json_name(v) -> str:
+    return _JSON_NAMES.get(type(v), type(v).__name__)
 
 
 def collect(paths) -> list[RunInfo]:
@@ -132,7 +177,10 @@ def sweep_meta(path: Path) -> dict:
 def pipeline_runs(folder: Path) -> list[RunInfo]:
     """The training stages of a pipeline folder (not its data stages), in pipeline order, labelled
     ``<pipeline>/<stage>``."""
-    stages = (yaml.safe_load((folder / "pipeline.yaml").read_text()) or {}).get("stages", [])
+    file = folder / "pipeline.yaml"
+    stages = _mapping(load_yaml(read_text(file), str(file)), file).get("stages") or []
+    if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
+        raise TunelabError(f"{file}: stages: expected a list of mappings")
     names = [str(st.get("name", f"stage{i + 1}")) for i, st in enumerate(stages)
              if "generate" not in st]  # a data stage trains nothing: no run to report
     return [load_run(folder / n, f"{folder.name}/{n}") if is_run_dir(folder / n)

@@ -53,6 +53,7 @@ from ..config import load_config, parse_override, substitute_text
 from ..errors import TunelabError
 from ..objectives import load_run_config
 from ..userfiles import read_text
+from ..yamlfile import load_yaml
 
 
 MATCHABLE =  ("steps", "sequences_trained", "tokens_trained", "completions_sampled", "tokens_sampled",
@@ -285,10 +286,8 @@ def _base_config(base: str | dict, path: Path | None) -> dict:
         p = path.parent / p
     if not p.is_file():
         raise TunelabError(f"{path or 'sweep'}: base: run config not found: {p}")
-    try:
-        raw = yaml.safe_load(read_text(p)) or {}
-    except yaml.YAMLError as e:
-        raise TunelabError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})")
+    raw = load_yaml(read_text(p), str(p), floats=True)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise TunelabError(f"{p}: the config must be a mapping of keys to values")
     return substitute_text(raw, "${SWEEP_DIR}", str(path.resolve().parent) if path else ".")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -211,6 +212,11 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except pickle.UnpicklingError as e:  # allow_pickle: torch.load(weights_only=True) met code, not tensors
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(("Trying", "Unsupported"))),
+                   _first_line(e))
+        raise TunelabError(f"model {ref}: torch refused to unpickle its weights, which hold more than tensors "
+                           f"({why}); do not load it unless you trust its source") from None
     except OSError as e:
         raise TunelabError(f"model not found: '{ref}' ({_first_line(e)})") from None
     except (ValueError, ImportError) as e:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from ..adapters.base import load_method, saves_full_model
 from ..errors import TunelabError
 from ..models.load import load_model
+from ..userfiles import read_text
+from ..yamlfile import load_yaml_lines
 
 
 def run_info(run_dir: Path) -> dict:
@@ -29,7 +29,7 @@ def run_info(run_dir: Path) -> dict:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg = run_config(cfg_path)
     # full and freeze (partial finetuning) runs save the whole HF model; adapter methods their adapter; a config
     # that names no method (written by hand) is read by what the folder holds
     method = cfg.get("method")
@@ -38,6 +38,26 @@ def run_info(run_dir: Path) -> dict:
     if not art.is_dir():
         raise TunelabError(f"{run_dir}: the run has not finished ({art.name}/ is missing)")
     return {"config": cfg, "artifact": art}
+
+
+def run_config(path: Path) -> dict:
+    """The keys of a run's saved config that loading it needs, type-checked (one line naming the file:line); the
+    rest is not validated, so a run saved by an older tunelab with keys since renamed still loads."""
+    cfg, lines = load_yaml_lines(read_text(path), str(path))  # bounded (yamlfile.py)
+    if not isinstance(cfg, dict):
+        raise TunelabError(f"{path}: not a run config (expected a mapping of keys to values)")
+    model = cfg.get("model", {})
+    checks = [(("method",), cfg.get("method", "lora"), str), (("model",), model, dict)]
+    if isinstance(model, dict):
+        checks += [(("model", "name"), model.get("name"), str),
+                   (("model", "trust_remote_code"), model.get("trust_remote_code", False), bool),
+                   (("model", "allow_pickle"), model.get("allow_pickle", False), bool)]
+    for key, value, kind in checks:
+        if not isinstance(value, kind):
+            line = next((lines[key[:i]] for i in range(len(key), 0, -1) if key[:i] in lines), None)
+            raise TunelabError(f"{path}{f':{line}' if line else ''}: {'.'.join(key)}: expected "
+                               f"{ {str: 'a string', dict: 'a mapping', bool: 'true or false'}[kind]}, got {value!r}")
+    return cfg
 
 
 def load_run(run_dir: str | Path, device: str = "auto", dtype: str | None = "auto"):
@@ -58,7 +78,16 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str | None = "aut
     else:
         model, tok = load_model(mcfg["name"], dtype, device, mcfg.get("trust_remote_code", False),
                                 allow_pickle=mcfg.get("allow_pickle", False))
-        load_method(model, cfg.get("method") or "lora", art)
+        try:
+            load_method(model, cfg.get("method") or "lora", art)
+        except (TunelabError, NotImplementedError):
+            raise
+        except Exception as e:  # a truncated or damaged adapter file: safetensors / json say why in their words
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, (ValueError, EOFError, OSError)):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TunelabError(f"{art}: cannot read the saved adapter ({first}); the file is damaged or "
+                               "truncated — train again, or load an earlier checkpoint's adapter") from None
         if (art / "tokenizer_config.json").exists():  # the run's tokenizer, carrying its chat template
             from transformers import AutoTokenizer
 

@@ -85,9 +85,12 @@ def _float(rewards: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"advantages: rewards must be one scalar per completion, [B]; got shape {tuple(r.shape)}")
     if not torch.is_floating_point(r):
         r = r.float()
-    if not torch.isfinite(r).all():
+    if torch.isnan(r).any():
         raise TunelabError("advantages: some rewards are NaN or infinite; a reward function must return a number "
                            "for every completion")
+    if not torch.isfinite(r).all():  # ±1e308 is a finite float, but not a float32 one: it arrives here as ±inf
+        raise TunelabError(f"advantages: some rewards are infinite or beyond {r.dtype}'s range "
+                           f"(±{torch.finfo(r.dtype).max:.2g}); scale the rewards down")
     return r
 
 
@@ -117,6 +120,9 @@ def group_stats(rewards: torch.Tensor, inverse: torch.Tensor, counts: torch.Tens
     dev2 = (rewards - mean[inverse]) ** 2
     ss = torch.zeros(K, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, dev2)
     std = torch.where(counts > 1, ss / (n - 1).clamp(min=1), torch.zeros_like(ss)).sqrt()
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):  # finite rewards, overflowing statistics
+        raise TunelabError(f"advantages: the rewards' group mean or spread overflows {rewards.dtype} (largest "
+                           f"|reward| {float(rewards.abs().max()):.3g}); scale the rewards down")
     return mean[inverse], std[inverse]
 
 

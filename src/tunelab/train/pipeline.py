@@ -55,6 +55,7 @@ from pydantic import ValidationError
 
 from ..adapters.base import load_method, merge, saves_full_model
 from ..config import RunConfig, save_config, substitute_text
+from ..config_errors import config_errors
 from ..console import console
 from ..errors import TunelabError
 from ..eval import learning_forgetting
@@ -125,10 +126,9 @@ def resolve_stages(cfg: RunConfig, source: str | Path | None = None) -> list[Sta
         try:
             scfg = run_config_schema().model_validate(_merge(base, st) | {"output_dir": str(root / name),
                                                                          "overwrite": False})
-        except ValidationError as e:
-            err = e.errors()[0]
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            fail(f"{'.'.join(str(x) for x in err['loc'])}: {msg}", tuple(str(x) for x in err["loc"]))
+        except ValidationError as e:  # every error of the stage, each with its file:line and a suggestion for typos
+            raise config_errors(e, run_config_schema(), where, {}, set(), elsewhere=where,
+                                locate=lambda path, i=i: lines.at(i, path)) from None
         if src is None and "name" not in st.get("model", {}):
             src = policies[-1] if policies else None
         elif src == "base":
@@ -290,7 +290,7 @@ def run_pipeline(cfg: RunConfig, source: str | Path | None = None) -> Path:
 
     # the root lock: one pipeline at a time. Under torchrun every rank runs the stages; rank 0 alone checks and
     # claims the folders and writes, the others wait until it holds the root
-    with single_run.claim_on_main(root, cfg.overwrite, resume=True, checks=checks):
+    with single_run.claim_on_main(root, cfg.overwrite, resume=True, checks=checks, kind="pipeline"):
         if is_main():
             save_config(cfg, root / "pipeline.yaml")
         return _run_stages(stages, root)

@@ -23,6 +23,8 @@ The run directory:
     adapter/ | model/  the trained artifact + tokenizer with the run's chat template
     results.json       measures before/after, samples, parameter counts, timings, data statistics, tasks
     .tunelab.lock      held while the run runs (`rundir`: a second run into the folder is refused)
+    .tunelab-run       the marker: this folder is a tunelab run (id, kind, version); only a marked folder is ever
+                       cleared or resumed (`rundir`)
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
 
 
 @contextmanager
-def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[], None] | None = None):
+def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[], None] | None = None,
+                  kind: str = "run"):
     """`claim_run_dir` (after `checks()`, if given) by rank 0 alone under torchrun: the others wait until the folder
     exists, is locked and cleared. Rank 0's success is broadcast, so when it cannot claim the folder (in use by
     another run, …) every rank stops with a user error — none is left waiting at a barrier (which, under `tunelab
@@ -95,7 +98,7 @@ def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[],
     if world_size() == 1:
         if checks:
             checks()
-        with claim_run_dir(out, overwrite, resume) as created:
+        with claim_run_dir(out, overwrite, resume, kind) as created:
             yield created
         return
     barrier()  # every rank has checked the folder (a probe of its lock) before rank 0 takes the lock
@@ -110,7 +113,7 @@ def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[],
         try:
             if checks:
                 checks()
-            created = stack.enter_context(claim_run_dir(out, overwrite, resume))
+            created = stack.enter_context(claim_run_dir(out, overwrite, resume, kind))
         except BaseException:
             main_says(0)
             raise

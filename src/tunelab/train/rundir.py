@@ -6,10 +6,15 @@
     claim_run_dir(cfg)      after every check has passed: create the folder, take its lock, and only then clear
                             the previous run's files (``overwrite: true`` or ``resume: false``)
 
-What tunelab writes into a run directory is a fixed list of names (`RUN_ENTRIES`), plus `.tmp-*` folders of
-interrupted atomic writes. A folder is a tunelab run when it holds the lock file `LOCK_FILE` (every run since the
-lock exists creates it) or an older run's ``config.yaml`` beside its metrics, checkpoints or results. Clearing a
-run removes those names only, so a file the user put there survives ``overwrite: true``.
+**Which folders are tunelab's** is decided by one thing only: the marker `MARKER` that tunelab writes when it
+claims a folder — JSON with the run's id, its kind (``run``, or ``pipeline`` for a pipeline's root) and the tunelab
+version — never by common file names: a folder of the user's own ``pipeline.yaml`` + ``model/``, or ``config.yaml``
++ ``metrics.jsonl`` + ``checkpoints/``, is not a run, and is refused like any other non-empty folder. Inside a
+marked folder, what tunelab writes is a fixed list of names (`RUN_ENTRIES`), plus `.tmp-*` folders of interrupted
+atomic writes; clearing a run removes those names only, so a file the user put there survives ``overwrite: true``.
+A run written by a tunelab from before the marker (its lock file, or ``config.yaml`` beside its metrics,
+checkpoints or results) cannot be told from the user's own files by its names, so it is refused with one line
+saying so — tunelab never deletes what it cannot prove it wrote.
 
 The lock is `fcntl.flock` on `LOCK_FILE`, held for the whole run: the OS releases it when the process ends,
 however it ends, so a killed run never leaves a folder locked. A pipeline locks its root folder and each stage
@@ -19,9 +24,12 @@ folder, is refused. Where `fcntl` does not exist (Windows) runs are not locked.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..console import console
@@ -29,41 +37,72 @@ from ..errors import TunelabError
 from ..userfiles import check_can_create, make_folder
 
 LOCK_FILE = ".tunelab.lock"
+MARKER = ".tunelab-run"
 RUN_ENTRIES = frozenset({
     LOCK_FILE, "config.yaml", "pipeline.yaml", "metrics.jsonl", "samples.jsonl", "selected.jsonl",
     "results.json", "reference_logps.safetensors", "reward_head.safetensors", "reward_head.json",
     "checkpoints", "adapter", "model", "merged", "tensorboard", "wandb", "eval",  # eval/: per-item scores
     "data.json", "pairs.jsonl", "sft.jsonl"})  # a pipeline's data stage (train/stage_data.py)
 _LEGACY_SIGNS = ("metrics.jsonl", "checkpoints", "results.json")  # beside config.yaml: a run made before the lock
+KINDS = ("run", "pipeline")
+
+
+def run_marker(path: Path) -> dict | None:
+    """The folder's marker ({"id", "kind", "tunelab", "created"}), or None: not a folder tunelab claimed."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("kind") in KINDS and marker.get("id") else None
 
 
 def is_run_dir(path: Path) -> bool:
-    """Did tunelab make this folder (a run or a pipeline root)?"""
-    if not path.is_dir():
-        return False
-    if (path / LOCK_FILE).exists() or (path / "pipeline.yaml").exists():
-        return True
-    return (path / "config.yaml").is_file() and any((path / s).exists() for s in _LEGACY_SIGNS)
+    """Did tunelab make this folder (a run or a pipeline root)? Only its marker says so."""
+    return Path(path).is_dir() and run_marker(path) is not None
+
+
+def _write_marker(out: Path, kind: str) -> None:
+    import tunelab
+
+    marker = {"id": uuid.uuid4().hex, "kind": kind, "tunelab": tunelab.__version__,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = out / f".tmp-{MARKER}"
+    tmp.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MARKER)
+
+
+def _older_run(path: Path) -> bool:
+    """Files a tunelab from before the marker left (checked only to word the refusal; never to delete)."""
+    return (path / LOCK_FILE).exists() or (path / "pipeline.yaml").exists() or (
+        (path / "config.yaml").is_file() and any((path / s).exists() for s in _LEGACY_SIGNS))
 
 
 def _own(entry: Path) -> bool:
     return entry.name in RUN_ENTRIES or entry.name.startswith(".tmp-")
 
 
-def check_output_dir(out: Path, overwrite: bool = False) -> None:
+def check_output_dir(out: Path, overwrite: bool = False, kind: str = "run") -> None:
     """Refuse an output_dir tunelab must not use; writes nothing (the creatability probe is removed at once)."""
     if out.exists() and not out.is_dir():
         raise TunelabError(f"output_dir {out}: exists and is not a folder")
     if out.is_dir():
-        if not is_run_dir(out) and any(out.iterdir()):
-            example = sorted(p.name for p in out.iterdir())[0]
-            raise TunelabError(f"output_dir {out}: not empty and not a tunelab run (holds '{example}'); tunelab never "
+        marker = run_marker(out)
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE or marker is not None)
+        if marker is None and held:
+            if _older_run(out):
+                raise TunelabError(f"output_dir {out}: no {MARKER} marker — a run of an older tunelab (before run "
+                                   "folders were marked) or files of your own; tunelab deletes and resumes only folders it marked: move what you "
+                                   "want to keep and delete the folder, or choose another output_dir")
+            raise TunelabError(f"output_dir {out}: not empty and not a tunelab run (holds '{held[0]}'); tunelab never "
                                "deletes files it did not write — choose a new or empty folder")
+        if marker is not None and marker["kind"] != kind:
+            raise TunelabError(f"output_dir {out}: holds a tunelab {marker['kind']}, not a {kind}; choose another "
+                               "output_dir")
         if (out / LOCK_FILE).exists():
             with locked(out, probe=True):  # a running run: refuse now, not after minutes of loading
                 pass
         # a finished pipeline may be re-run: its finished stages are skipped (train/pipeline.py)
-        if (out / "results.json").exists() and not overwrite and not (out / "pipeline.yaml").exists():
+        if (out / "results.json").exists() and not overwrite and kind != "pipeline":
             raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
     check_can_create(out, "output_dir")
 
@@ -71,13 +110,16 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
 def clear_run_files(out: Path) -> None:
     """Remove the files a tunelab run wrote into `out` (its stages' too, for a pipeline root); keep the rest and
     the lock file (it is held while the caller clears)."""
-    pipeline = (out / "pipeline.yaml").exists()
+    marker = run_marker(out)
+    if marker is None:  # never: every caller has checked the folder; a last guard against deleting user files
+        raise TunelabError(f"output_dir {out}: not a tunelab run (no {MARKER} marker); nothing deleted")
     for entry in list(out.iterdir()):
-        if entry.name == LOCK_FILE:
+        if entry.name in (LOCK_FILE, MARKER):
             continue
-        if pipeline and entry.is_dir() and is_run_dir(entry) and not _own(entry):  # a stage's folder
-            clear_run_files(entry)
-            (entry / LOCK_FILE).unlink(missing_ok=True)
+        if marker["kind"] == "pipeline" and entry.is_dir() and not entry.is_symlink() and is_run_dir(entry):
+            clear_run_files(entry)  # a stage's folder
+            for name in (LOCK_FILE, MARKER):
+                (entry / name).unlink(missing_ok=True)
             _rmdir_if_empty(entry)
         elif _own(entry):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -129,22 +171,27 @@ def locked(out: Path, probe: bool = False):
 
 
 @contextmanager
-def claim_run_dir(out: Path, overwrite: bool, resume: bool):
-    """Create `out`, lock it, and clear the previous run when asked; yields whether this call created it.
+def claim_run_dir(out: Path, overwrite: bool, resume: bool, kind: str = "run"):
+    """Create `out`, lock it, mark it as tunelab's (`MARKER`, a new id for a new or cleared run), and clear the
+    previous run when asked; yields whether this call created it.
 
     On a user error inside the block, a folder this call created is removed again unless it already holds work
     to resume (a checkpoint, a pipeline's stage folder), so a failed run leaves nothing half-written."""
-    check_output_dir(out, overwrite)  # again, now that loading is done: the folder may have changed meanwhile
+    check_output_dir(out, overwrite, kind)  # again, now that loading is done: the folder may have changed meanwhile
     created = not out.exists()
     make_folder(out, "output_dir")
     with locked(out):  # cleaning up below only ever happens while this call holds the folder
         try:
-            if not created and (overwrite or not resume):
+            clear = not created and run_marker(out) is not None and (overwrite or not resume)
+            if clear:
                 clear_run_files(out)
+            if clear or run_marker(out) is None:  # new, or empty when checked
+                _write_marker(out, kind)
             yield created
         except TunelabError:
             if created and not _resumable(out):
                 clear_run_files(out)
-                (out / LOCK_FILE).unlink(missing_ok=True)
+                for name in (LOCK_FILE, MARKER):
+                    (out / name).unlink(missing_ok=True)
                 _rmdir_if_empty(out)
             raise
