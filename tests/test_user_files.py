@@ -37,8 +37,11 @@ def cli(capsys, *args):
 
 
 def _one_line(err: list[str]) -> str:
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
+    """The error is one line, and the last: a slow step may have said what it was doing before it failed."""
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in line for line in err), err
+    assert all(line.endswith("…") for line in err[:-1]), err  # only progress lines before it
+    return err[-1]
 
 
 @pytest.fixture(scope="module")

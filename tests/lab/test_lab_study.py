@@ -182,6 +182,8 @@ def test_overwrite_clears_a_previous_runs_item_files(tmp_path):
     from tunelab.train.rundir import claim_run_dir
 
     out = tmp_path / "run"
+    with claim_run_dir(out, False, False):  # a folder tunelab marked as its run
+        pass
     (out / "eval").mkdir(parents=True)
     (out / "config.yaml").write_text("method: lora\n")
     (out / "results.json").write_text("{}")

@@ -83,7 +83,7 @@ def test_a_registered_objective_trains_end_to_end(toy, tiny_dir, tmp_path):
 def test_the_toys_section_is_validated_like_any_other(toy, tmp_path):
     with pytest.raises(TunelabError) as e:
         load_run_config(None, ["objective=toy_scaled_sft", "toy_scaled_sft.scal=2"])
-    assert str(e.value) == "override: toy_scaled_sft.scal: unknown key"
+    assert str(e.value) == "override: toy_scaled_sft.scal: unknown key (did you mean toy_scaled_sft.scale?)"
     with pytest.raises(TunelabError) as e:
         load_run_config(None, ["toy_scaled_sft.scale=0"])
     assert str(e.value).startswith("override: toy_scaled_sft.scale: Input should be greater than 0")

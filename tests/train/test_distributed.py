@@ -27,7 +27,7 @@ from tests.objectives.pref_helpers import pair_rows
 from tunelab.objectives import load_run_config
 from tunelab.train.checkpoint_files import MANIFEST, damage
 from tunelab.train.launch import train
-from tunelab.train.rundir import LOCK_FILE
+from tunelab.train.rundir import LOCK_FILE, MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = dict(rel=2e-6, abs=0)
@@ -107,7 +107,7 @@ def _killed_copy(run: Path, to: Path) -> None:
     """What a run killed after its step-2 checkpoint leaves: its config and lock file, that checkpoint and the
     metrics up to it."""
     shutil.copytree(run / "checkpoints", to / "checkpoints")
-    for name in ("config.yaml", LOCK_FILE):
+    for name in ("config.yaml", LOCK_FILE, MARKER):
         shutil.copy(run / name, to / name)
     rows = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= 2]
     (to / "metrics.jsonl").write_text("".join(ln + "\n" for ln in rows))

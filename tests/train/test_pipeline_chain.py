@@ -266,10 +266,13 @@ def test_a_data_stage_that_finds_no_pair_stops_with_one_line_and_leaves_nothing(
 
 
 def test_overwrite_clears_a_data_stage_but_not_the_users_files(tmp_path):
-    from tunelab.train.rundir import LOCK_FILE, clear_run_files
+    from tunelab.train.rundir import LOCK_FILE, claim_run_dir, clear_run_files
 
     root, stage = tmp_path / "pipe", tmp_path / "pipe" / "pairs"
-    stage.mkdir(parents=True)
+    with claim_run_dir(root, False, False, kind="pipeline"):  # both folders marked as tunelab's, as a run marks them
+        pass
+    with claim_run_dir(stage, False, False):
+        pass
     (root / "pipeline.yaml").write_text("stages: []\n")
     for name in (LOCK_FILE, "config.yaml", "data.json", "pairs.jsonl", "sft.jsonl", "notes.txt"):
         (stage / name).write_text("x")

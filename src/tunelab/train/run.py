@@ -166,8 +166,9 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
 
     res = fit(p.model, objective, batches, cfg.train, out, evaluate=evaluate, resume=cfg.resume,
               stop_after=stop_after, engine=engine)
-    getattr(batches, "close", lambda: None)()  # a rollout engine (rl.sampler: vllm) lets its memory go
+    close = getattr(batches, "close", lambda: None)  # a rollout engine (rl.sampler: vllm) lets its memory go
     if stop_after is not None and res.steps < total:
+        close()
         return out
 
     # after training: the same measures, samples and tasks; then the artifacts (rank 0, same formats)
@@ -175,6 +176,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
     with engine.gathered():
         with phase("measuring the model after training"):
             after = measures.measure(p.model, p.train, p.eval, pad, cfg)
+        close()  # after the held-out measure, which samples through the run's own sampler
         console.print(f"after:  {measures.describe(after)}")
         samples_after = _samples(p, cfg, "after training")
         task_fields = evaluate_final(cfg, p.model, p.tokenizer, p.template, base_tasks)
