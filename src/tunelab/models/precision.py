@@ -73,7 +73,7 @@ def bf16_speedup(refresh: bool = False) -> float:
     fp32 = measure_matmul_seconds(torch.float32)
     bf16 = measure_matmul_seconds(torch.bfloat16)
     speedup = fp32 / max(bf16, 1e-12)
-    cached[key] = {"speedup": round(speedup, 4), "fp32_s": fp32, "bf16_s": bf16, "n": N, "reps": REPS}
+    cached[key] = {"speedup": speedup, "fp32_s": fp32, "bf16_s": bf16, "n": N, "reps": REPS}
     try:  # a read-only home must not stop a run: the measurement is simply repeated next time
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
