@@ -102,20 +102,33 @@ def test_state_dict_export_and_merge_are_identical(method, tmp_path):
 
 
 def test_partial_targets_and_other_inputs_are_left_alone():
-    """A set with a member outside target_modules is not fused; a member called with another input computes its
-    own slice (DoRA's dropout path), still equal to the unfused output."""
+    """A set with a member outside target_modules is not fused; a later member called with an input the first
+    was not called with computes its own slice only (nothing cached); DoRA with dropout is not fused."""
     model = make("llama")
     apply_method(model, "lora", {"r": 4, "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj"]})
     groups, _ = fused.fuse_projections(model)
-    assert [tuple(n for n in ("gate_proj", "up_proj")) for _ in groups] and len(groups) == len(model.model.layers)
-    up = model.model.layers[0].mlp.up_proj
-    x = torch.randn(2, 3, up.in_features)
-    with torch.no_grad():
-        expected = torch.nn.functional.linear(x, up.weight)
-        assert torch.equal(up.base_forward(x), expected)  # nothing cached for x: computed, then served
-        assert torch.allclose(model.model.layers[0].mlp.gate_proj.base_forward(x),
-                              torch.nn.functional.linear(x, model.model.layers[0].mlp.gate_proj.weight), atol=1e-6)
-    assert all(not g.entries for g in groups)  # every slice taken: nothing held
+    assert len(groups) == len(model.model.layers)  # gate,up only: q,k,v lacks k_proj's adapter
+    assert [g.layers for g in groups] == [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in model.model.layers]
+    mlp = model.model.layers[0].mlp
+    x, other = torch.randn(2, 3, mlp.up_proj.in_features), torch.randn(2, 3, mlp.up_proj.in_features)
+    calls = []
+    orig = fused.FusedGroup._compute
+    fused.FusedGroup._compute = lambda self, x, wb: calls.append(1) or orig(self, x, wb)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(mlp.gate_proj.base_forward(x), torch.nn.functional.linear(x, mlp.gate_proj.weight))
+            assert groups[0].entries  # up's slice waits for it
+            torch.testing.assert_close(mlp.up_proj.base_forward(x), torch.nn.functional.linear(x, mlp.up_proj.weight))
+            assert not groups[0].entries  # taken out on use: nothing held
+            torch.testing.assert_close(mlp.up_proj.base_forward(other),
+                                       torch.nn.functional.linear(other, mlp.up_proj.weight))
+            assert not groups[0].entries
+    finally:
+        fused.FusedGroup._compute = orig
+    assert len(calls) == 1  # the one fused GEMM; `other` took up's own weight only
+    dora = make("llama")
+    apply_method(dora, "dora", {"r": 4, "dropout": 0.1})
+    assert fused.fuse_projections(dora)[0] == []
 
 
 @pytest.mark.parametrize("compute_dtype,memory_mode", [(None, False), ("bfloat16", False), (None, True)])

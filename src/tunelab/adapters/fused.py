@@ -16,10 +16,11 @@ How it stays invisible to everything else:
   `unfuse` gives each its own storage back (the loop does so when training ends, before anything is saved).
 * NF4 bases (QLoRA): nothing is stored; the dequantised weights are concatenated per forward and again in the
   backward pass (like `qlora._NF4Matmul`, never saved).
-* the fused output is computed by whichever member is called first with a given input tensor; the others find
-  their slice in a small per-group cache keyed by that tensor's identity (and its version, grad mode and
-  autocast state), taken out on use. A member called with another tensor (DoRA's dropout path) just computes
-  its own fused output — correct, only not shared.
+* the fused output is computed when the group's first member (q_proj, gate_proj: the one the model calls
+  first) is called; the others find their slice in a small per-group cache keyed by that input tensor's
+  identity (and its version, grad mode and autocast state), taken out on use. A member called with a tensor
+  the first one was not called with computes only its own slice with its own weight — correct, just not shared.
+  DoRA with dropout is not fused: its dropped base path sees a different tensor in every layer.
 * only each layer's `base_forward` is replaced (an instance attribute); adapter parameters, `adapter_state_dict`,
   PEFT export and merge see the same modules as without fusion.
 """
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import adapter_modules
+from .dora import DoraLinear
 from .lora import LoraLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -108,6 +110,10 @@ class FusedGroup:
                 if not entry[2]:
                     self.entries.remove(entry)
                 return out
+        if index:  # not the first member (q_proj, gate_proj: called first by the model): its own GEMM only
+            layer = self.layers[index]
+            own = type(layer).base_forward
+            return own(layer, x) if with_bias else own(layer, x, with_bias=False)
         pieces = self._compute(x, with_bias)
         rest = {i: p for i, p in enumerate(pieces) if i != index}
         self.entries = [e for e in self.entries if not (e[0] is x and e[1] == key)][-(_CACHE - 1):]
@@ -136,6 +142,8 @@ def _fusable(layers: list) -> bool:
         return False
     if len({m.bias is None for m in layers}) > 1:
         return False  # some with bias, some without: not one addmm
+    if isinstance(first, DoraLinear) and not isinstance(first.lora_dropout, nn.Identity):
+        return False  # a per-layer dropped input for the base: nothing to share
     if hasattr(first, "quant_state"):
         return all(m.compute_dtype == first.compute_dtype for m in layers)
     w = first.weight
