@@ -77,7 +77,8 @@ def run_tunelab(cfg: dict, out: Path, cache: Path) -> dict:
             "input_tokens": res["train_tokens"], "tokens_per_s": round(res["tokens_per_s"], 2),
             "peak_rss_mb": round(int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 1024, 1),
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
-            "step_seconds_median": round(sorted(r["step_seconds"] for r in steps)[len(steps) // 2], 3)}
+            "step_seconds_median": round(sorted(r["step_seconds"] for r in steps)[len(steps) // 2], 3),
+            "compute_dtype": res.get("compute_dtype")}
 
 
 def sft_config(data: Path, steps: int, full: bool = False, **train) -> dict:

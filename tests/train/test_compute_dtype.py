@@ -102,7 +102,8 @@ def _train(tiny, tmp_path, compute_dtype, method="lora"):
     try:
         cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-2, warmup_steps=0, scheduler="constant",
                           compute_dtype=compute_dtype)
-        fit(model, SFT(), StaticBatches(lambda e: batches, 2), cfg, tmp_path / f"run-{compute_dtype}")
+        res = fit(model, SFT(), StaticBatches(lambda e: batches, 2), cfg, tmp_path / f"run-{compute_dtype}")
+        model.loop_compute_dtype = res.compute_dtype
     finally:
         SFT.loss = orig
     rows = [json.loads(x) for x in (tmp_path / f"run-{compute_dtype}" / "metrics.jsonl").read_text().splitlines()]
@@ -128,3 +129,4 @@ def test_bf16_autocast_training_stays_within_bound_of_fp32(tiny, tmp_path, metho
     assert l16[-1] != l32[-1]  # bf16 changed what was computed (else the test compares fp32 with itself)
     assert all(p.dtype == torch.float32 for p in m16.parameters() if p.requires_grad)  # fp32 master weights
     assert "tunelab_compute_dtype" not in m16.__dict__  # undone when the loop ends
+    assert (m32.loop_compute_dtype, m16.loop_compute_dtype) == ("float32", "bfloat16")  # LoopResult: results.json

@@ -74,6 +74,7 @@ class LoopResult:
     seconds: float  # training time, periodic evaluations excluded
     last_loss: float
     resumed_from: int | None
+    compute_dtype: str = "float32"  # what the forward computed in (train.compute_dtype resolved: auto's pick)
 
 
 def total_steps(cfg, per_epoch: int) -> int:
@@ -153,7 +154,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
     # what the loop changes on the model is undone however the loop ends — a divergence or a user error raises
     # out of it — last in, first out: the compiled layers go before the checkpointed MLP they call
     undo = contextlib.ExitStack()
-    undo.callback(set_compute_dtype(model, resolve_compute_dtype(cfg.compute_dtype, device)))
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    undo.callback(set_compute_dtype(model, compute_dtype))
     if cfg.memory_mode:
         undo.callback(checkpoint_layers(model, "mlp"))
     if cfg.fuse_projections:  # weights become views of one fused tensor until the loop ends: unfused before saving
@@ -286,4 +288,5 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             log.write({"step": step, **row})
     if log is not None:  # rank 0 only under torchrun
         log.close()
-    return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)
+    return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed,
+                      str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch."))
