@@ -76,7 +76,7 @@ def run_tunelab(config: Path, out: Path) -> dict:
             "rollout_tokens_per_s_median": round(statistics.median(r["rollout_tokens_per_s"] for r in steps), 2),
             "step_reward_mean": [round(r["reward"], 4) for r in steps],
             "step_completion_length_mean": [round(r["completion_length"], 2) for r in steps],
-            "kl_last": steps[-1].get("kl"), "wall_seconds": round(wall, 1),
+            "kl_last": steps[-1].get("kl"), "wall_seconds": round(wall, 1), "compute_dtype": res.get("compute_dtype"),
             "peak_rss_mb": round(int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 1024, 1)}
 
 

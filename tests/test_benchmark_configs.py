@@ -123,6 +123,12 @@ def test_goals_are_judged_for_the_default_and_each_lever():
     assert any("full finetuning" in ln and "not judged" in ln for ln in lines)
     assert facts.goal_verdict("sft-memory", {"tokens_per_s": 1.5, "peak_rss": 0.2}) == (
         "0.2× peak RSS at 1.5× tokens/s", True)
+    run = _harness()  # the printed table shows a lever's run on its own line, beside the default's
+    r = {"tokens_per_s": 250.0, "peak_rss_mb": 9000.0, "first_loss": 1.2, "last_loss": 1.1, "mfu": 0.4}
+    table = run.table({"sft-lora": {"tunelab": r, "peer": {**r, "tokens_per_s": 100.0}, "ratios": {"tokens_per_s": 2.5},
+                                    "levers": {"bf16-auto": {"tunelab": {**r, "tokens_per_s": 300.0},
+                                                             "ratios": {"tokens_per_s": 3.0}}}}})
+    assert "+bf16-auto" in table and "300.0" in table and "tokens_per_s 3.0" in table
 
 
 def test_levers_are_valid_train_settings(tmp_path):
