@@ -169,3 +169,30 @@ def test_loop_fuses_during_training_and_unfuses_after(tiny, tmp_path, compute_dt
     assert results[True][0] == pytest.approx(results[False][0], rel=tol)
     for k, v in results[False][1].items():
         torch.testing.assert_close(results[True][1][k], v, atol=tol, rtol=max(tol, 1e-4))
+
+
+@pytest.mark.compile
+def test_fused_projections_inside_compiled_layers(tiny, tmp_path):
+    """`train.compile` + `train.fuse_projections`: the compiled layer calls the fused base (its identity cache
+    included) and gives the eager unfused step's loss."""
+    from tunelab.config import TrainConfig
+    from tunelab.data.batches import StaticBatches
+    from tunelab.data.collate import collate
+    from tunelab.data.masking import Encoded
+    from tunelab.objectives.sft import SFT
+    from tunelab.train.loop import fit
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Encoded(ids, [False] * 3 + [True] * 9, False, 9)
+                for ids in torch.randint(5, 900, (3, 12), generator=g).tolist()]
+    batches = [collate(examples, pad_id=0)]
+    losses = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = tiny("llama", vocab_size=1000, layers=1)
+        apply_method(model, "lora", {"r": 4, "alpha": 8})
+        perturb(model)
+        cfg = TrainConfig(max_steps=1, batch_size=3, optimizer="SGD", lr=0.5, max_grad_norm=None, warmup_steps=0,
+                          scheduler="constant", fuse_projections=on, compile=on)
+        losses.append(fit(model, SFT(), StaticBatches(lambda e: batches, 1), cfg, tmp_path / f"c{on}").last_loss)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
