@@ -9,7 +9,8 @@ end-to-end figures come from `benchmarks/run.py` on a quiet machine.
 The model is SmolLM2-135M's architecture (its real widths: hidden 576, 9 heads / 3 kv heads, MLP 1536, vocab
 49,152) cut to `--layers` decoder layers, randomly initialised, with tunelab's LoRA r=16 on all seven
 projections; the data is the bundled GSM conversations, encoded like a run does (assistant-only loss).
-Levers: attn-padded, attn-packed, checkpoint, lora-fuse, lora-addmm, bf16, compile, threads, grouping, adamw.
+Levers: attn-padded, attn-packed, checkpoint, lora-fuse, lora-addmm, bf16, compile, threads, grouping, adamw,
+fuse-projections and bf16-auto (ab_matmul.py). Every row carries the machine (facts.machine_facts).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from facts import machine_facts  # noqa: E402  (every row names its CPU, flags and versions)
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -85,7 +89,7 @@ def ab(name: str, a, b, reps: int, note: str = "", **extra) -> dict:
     row = {"lever": name, "a_s": round(med["a"], 4), "b_s": round(med["b"], 4),
            "ratio_a_over_b": round(med["a"] / med["b"], 3), "a_cpu_s": round(cmed["a"], 4),
            "b_cpu_s": round(cmed["b"], 4), "cpu_ratio_a_over_b": round(cmed["a"] / cmed["b"], 3),
-           "note": note, "load_avg": os.getloadavg()[0], **extra}
+           "note": note, "load_avg": os.getloadavg()[0], **extra, "machine": machine_facts(None)}
     print(json.dumps(row), flush=True)
     return row
 
@@ -273,7 +277,7 @@ def lever_threads(args):
             res[name]["wall"].append(got["wall"])
             res[name]["cpu"].append(got["cpu"])
     base = statistics.median(res["default"]["wall"])
-    row = {"lever": "threads", "load_avg": os.getloadavg()[0],
+    row = {"lever": "threads", "load_avg": os.getloadavg()[0], "machine": machine_facts(None),
            "note": "median step seconds per setting; ratio = default / setting (> 1: the setting is faster)"}
     for name, r in res.items():
         wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
@@ -349,7 +353,9 @@ def _rows(exs):
 
 LEVERS = {"attn-padded": lambda a: lever_attention(a, False), "attn-packed": lambda a: lever_attention(a, True),
           "checkpoint": lever_checkpoint, "lora-fuse": lever_lora_fuse, "lora-addmm": lever_lora_addmm, "bf16": lever_bf16,
-          "compile": lever_compile, "threads": lever_threads, "grouping": lever_grouping, "adamw": lever_adamw}
+          "compile": lever_compile, "threads": lever_threads, "grouping": lever_grouping, "adamw": lever_adamw,
+          "fuse-projections": lambda a: __import__("ab_matmul").lever_fuse_projections(a),  # issue 27
+          "bf16-auto": lambda a: __import__("ab_matmul").lever_bf16_auto(a)}
 
 
 def main(argv=None) -> None:

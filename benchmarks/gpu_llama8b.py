@@ -238,6 +238,12 @@ def main() -> None:
             r["mfu"] = round(r["model_tflops"] / ceiling, 3)
     if "tokens_per_s" in results.get("tunelab", {}) and "tokens_per_s" in results.get("peer", {}):
         results["ratio_tokens_per_s"] = round(results["tunelab"]["tokens_per_s"] / results["peer"]["tokens_per_s"], 2)
+    try:  # the machine, as every benchmark row records it (the script's own folder is on sys.path)
+        from facts import machine_facts
+
+        results["machine"] = machine_facts(None)
+    except Exception as e:  # provenance never costs the measurement of a short GPU slot
+        results["machine"] = {"error": repr(e)}
     print(json.dumps(results))
 
 

@@ -84,7 +84,10 @@ def main() -> None:
                  "pass --data")
     torch_run = run("torch", args.data, args.steps)
     vllm_run = run("vllm", args.data, args.steps)
-    print(json.dumps({"steps": args.steps, "cpu": cpu(), "versions": versions(), "torch": torch_run,
+    from facts import machine_facts  # tunelab.machine's provenance, as every benchmark row records it
+
+    print(json.dumps({"steps": args.steps, "cpu": cpu(), "versions": versions(), "machine": machine_facts(None),
+                      "torch": torch_run,
                       "vllm": vllm_run,
                       "ratios": {"step_time_speedup": round(torch_run["seconds_per_step_median"]
                                                             / vllm_run["seconds_per_step_median"], 2),

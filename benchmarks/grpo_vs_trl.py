@@ -36,7 +36,8 @@ def run_peer(peer: Path, steps: int, cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def tunelab_config(data: Path, out: Path, steps: int) -> Path:
+def tunelab_config(data: Path, out: Path, steps: int, train: dict | None = None) -> Path:
+    """The GRPO run config written to `<out>.yaml`; `train` adds or overrides train settings (run.py's levers)."""
     import yaml
 
     cfg = {"output_dir": str(out), "overwrite": True, "method": "lora", "objective": "grpo",
@@ -45,7 +46,7 @@ def tunelab_config(data: Path, out: Path, steps: int) -> Path:
            "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
            "train": {"max_steps": steps, "batch_size": 16, "grad_accum": 1, "lr": 1e-4, "scheduler": "linear",
-                     "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42},
+                     "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42, **(train or {})},
            "grpo": {"beta": 0.04, "loss_agg": "token_mean", "epsilon": 0.2},
            "rl": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 128, "temperature": 1.0, "eval_prompts": 0,
                   "rewards": [{"name": "exact_match", "extract": "gsm8k", "answer_field": "answer"}]},
@@ -75,7 +76,7 @@ def run_tunelab(config: Path, out: Path) -> dict:
             "rollout_tokens_per_s_median": round(statistics.median(r["rollout_tokens_per_s"] for r in steps), 2),
             "step_reward_mean": [round(r["reward"], 4) for r in steps],
             "step_completion_length_mean": [round(r["completion_length"], 2) for r in steps],
-            "kl_last": steps[-1].get("kl"), "wall_seconds": round(wall, 1),
+            "kl_last": steps[-1].get("kl"), "wall_seconds": round(wall, 1), "compute_dtype": res.get("compute_dtype"),
             "peak_rss_mb": round(int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 1024, 1)}
 
 
@@ -91,7 +92,9 @@ def main() -> None:
     peer = None if args.skip_peer else run_peer(args.peer, args.steps, args.cache)  # also prepares the prompts
     out = ROOT / "runs" / "bench_grpo"
     mine = run_tunelab(tunelab_config(data, out, args.steps), out)
-    report = {"steps": args.steps, "tunelab": mine, "peer": peer}
+    from facts import machine_facts  # the script's own folder (benchmarks/) is on sys.path
+
+    report = {"steps": args.steps, "tunelab": mine, "peer": peer, "machine": machine_facts(None)}
     if peer:
         report["ratios"] = {
             "step_time_speedup": round(peer["seconds_per_step_median"] / mine["seconds_per_step_median"], 2),

@@ -199,12 +199,11 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / args.workload
     total_us, share = shares(window.times)
-    facts = bench.machine(0.0)
+    facts = bench.machine(None)
     rep = {"workload": args.workload, "warmup": args.warmup, "steps": args.steps, "overrides": args.set,
            "seconds_per_step": window.seconds / args.steps,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "machine": f"torch {facts['torch']}, {facts['torch_threads']} threads, load {facts['load_avg']:.1f}, "
-                      f"{facts['cpu']}",
+           "machine": bench.describe_machine(facts), "machine_facts": facts,
            "time_share_pct": share, "top_by_time": top_ops(window.times, total_us, "self_cpu_time_total", args.top),
            "top_by_memory": top_ops(window.times, total_us, "self_cpu_memory_usage", args.top),
            "peak_memory_mb": peak_breakdown(window.memory, out) if window.memory is not None else {}}

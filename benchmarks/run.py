@@ -15,8 +15,11 @@ Workloads (issue #13's goals in brackets; every peer is documented in its own do
   data-memory  tunelab only: RSS and tensors held by the batch source before step 1, 1k vs 10k records
                (issue #16 item 11), lazy batches vs the old eager epoch
 
-Prints one table (tokens/s, peak RSS, estimated MFU against the fp32 matmul ceiling measured first, ratios)
-and appends one JSON object per workload to benchmarks/results.jsonl, with versions and machine facts.
+Prints the machine (CPU model, the flags that matter, cores, torch's CPU kernel level, the fp32 and bf16 matmul
+ceilings measured first), one table (tokens/s, peak RSS, estimated MFU against the fp32 ceiling, ratios) and each
+goal met / not met, and appends one JSON object per workload to benchmarks/results.jsonl (facts.build_row: the
+same machine facts in every row). `--levers fused,bf16-auto` also runs tunelab with `train.fuse_projections:
+true` and with `train.compute_dtype: auto` beside its default on each workload, judged against the same goals.
 `--quick` (2 steps, 2 s ceiling) is a smoke run; the figures worth quoting come from a quiet machine.
 Every system runs in its own child process, so each peak RSS is that system's alone.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,10 +36,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from facts import (build_row, describe_machine, goals_report, machine_facts, matmul_ceiling,  # noqa: E402,F401
+                   matmul_ceilings)
+
 PEERS = ROOT.parent / "shared" / "peers"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 N_PARAMS = 134_515_008  # SmolLM2-135M, tied embedding counted once (as peer_sft.py reports)
+# measured levers (`--levers`): each runs tunelab once more beside its default, with these train settings
+LEVERS = {"fused": {"fuse_projections": True}, "bf16-auto": {"compute_dtype": "auto"}}
 
 
 def env(cache: Path) -> dict:
@@ -70,7 +77,8 @@ def run_tunelab(cfg: dict, out: Path, cache: Path) -> dict:
             "input_tokens": res["train_tokens"], "tokens_per_s": round(res["tokens_per_s"], 2),
             "peak_rss_mb": round(int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 1024, 1),
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
-            "step_seconds_median": round(sorted(r["step_seconds"] for r in steps)[len(steps) // 2], 3)}
+            "step_seconds_median": round(sorted(r["step_seconds"] for r in steps)[len(steps) // 2], 3),
+            "compute_dtype": res.get("compute_dtype")}
 
 
 def sft_config(data: Path, steps: int, full: bool = False, **train) -> dict:
@@ -92,20 +100,6 @@ def dpo_config(data: Path, steps: int) -> dict:
             "train": {"max_steps": steps, "batch_size": 4, "lr": 5e-5, "scheduler": "linear",
                       "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42},
             "samples": {"n_heldout": 0, "prompts": []}}
-
-
-def matmul_ceiling(seconds: float) -> float:
-    """fp32 GFLOP/s of torch.mm on 2048² matrices, as peer_sft.py --matmul-bench measures it."""
-    import torch
-
-    a, b, out = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b, out=out)
-        reps += 1
-    return 2 * 2048**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def mfu(res: dict, full: bool, ceiling: float) -> float | None:
@@ -130,6 +124,12 @@ def sft(name: str, args, cache: Path) -> dict:
     extra = {"memory_mode": True} if name == "sft-memory" else {}
     mine = run_tunelab(sft_config(data, args.steps, full, **extra), ROOT / "runs" / f"bench_{name}", cache)
     report = {"tunelab": mine, "peer": peer, "ratios": ratios(mine, peer)}
+    for lever in args.levers:
+        if lever == "fused" and full:
+            continue  # no LoRA projections to fuse
+        res = run_tunelab(sft_config(data, args.steps, full, **extra, **LEVERS[lever]),
+                          ROOT / "runs" / f"bench_{name}_{lever}", cache)
+        report.setdefault("levers", {})[lever] = {"tunelab": res, "ratios": ratios(res, peer)}
     if name == "sft-memory":
         curve = {}
         for length in args.curve:
@@ -146,7 +146,13 @@ def dpo(args, cache: Path) -> dict:
     data = cache / "peer_bench" / "gsm_symbolic_seed42_n256_pairs.jsonl"  # conversational pairs, read as-is
     cfg = dpo_config(data, args.steps)
     mine = run_tunelab(cfg, ROOT / "runs" / "bench_dpo", cache)
-    return {"tunelab": mine, "peer": peer, "ratios": ratios(mine, peer)}
+    report = {"tunelab": mine, "peer": peer, "ratios": ratios(mine, peer)}
+    for lever in args.levers:
+        lcfg = dpo_config(data, args.steps)
+        lcfg["train"].update(LEVERS[lever])
+        res = run_tunelab(lcfg, ROOT / "runs" / f"bench_dpo_{lever}", cache)
+        report.setdefault("levers", {})[lever] = {"tunelab": res, "ratios": ratios(res, peer)}
+    return report
 
 
 def grpo(args, cache: Path) -> dict:
@@ -156,12 +162,19 @@ def grpo(args, cache: Path) -> dict:
     out = ROOT / "runs" / "bench_grpo"
     data = cache / "peer_bench" / "gsm_symbolic_seed7_n64_grpo.jsonl"
     mine = g.run_tunelab(g.tunelab_config(data, out, args.steps), out)
-    report = {"tunelab": mine, "peer": peer}
-    if peer:
-        report["ratios"] = {"step_time_speedup": round(peer["seconds_per_step_median"]
-                                                       / mine["seconds_per_step_median"], 2),
-                            "peak_rss": round(mine["peak_rss_mb"] / peer["peak_rss_mb"], 3)}
+    report = {"tunelab": mine, "peer": peer, "ratios": grpo_ratios(mine, peer)}
+    for lever in args.levers:
+        lout = ROOT / "runs" / f"bench_grpo_{lever}"
+        res = g.run_tunelab(g.tunelab_config(data, lout, args.steps, train=LEVERS[lever]), lout)
+        report.setdefault("levers", {})[lever] = {"tunelab": res, "ratios": grpo_ratios(res, peer)}
     return report
+
+
+def grpo_ratios(mine: dict, peer: dict | None) -> dict:
+    if not peer:
+        return {}
+    return {"step_time_speedup": round(peer["seconds_per_step_median"] / mine["seconds_per_step_median"], 2),
+            "peak_rss": round(mine["peak_rss_mb"] / peer["peak_rss_mb"], 3)}
 
 
 def data_memory(args, cache: Path) -> dict:
@@ -177,23 +190,9 @@ def data_memory(args, cache: Path) -> dict:
     return out
 
 
-def machine(ceiling: float) -> dict:
-    import torch
-    import transformers
-
-    facts = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "matmul_fp32_gflops": round(ceiling, 1),
-             "load_avg": os.getloadavg()[0], "cpu": platform.processor() or platform.machine()}
-    for mod in ("peft", "trl"):
-        try:
-            facts[mod] = __import__(mod).__version__
-        except ImportError:
-            facts[mod] = None
-    try:
-        facts["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return facts
+def machine(ceilings: dict | None) -> dict:
+    """Where the run happened (facts.machine_facts): provenance, CPU flags, load and both matmul ceilings."""
+    return machine_facts(ceilings)
 
 
 def table(results: dict) -> str:
@@ -213,6 +212,11 @@ def table(results: dict) -> str:
                              f"{r.get('mfu') or 0:>7.3f} {loss:>18s}")
         if rep.get("ratios"):
             lines.append(f"{name:12s} {'ratio':8s} " + ", ".join(f"{k} {v}" for k, v in rep["ratios"].items()))
+        for lever, v in (rep.get("levers") or {}).items():
+            r = v["tunelab"]
+            tps = r.get("tokens_per_s") or r.get("completion_tokens_per_s")
+            lines.append(f"{name:12s} +{lever:7s} {tps:>9.1f} {r['peak_rss_mb']:>12.0f} {r.get('mfu') or 0:>7.3f} "
+                         + ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items()))
         if rep.get("peak_rss_mb_by_max_length"):
             lines.append(f"{name:12s} curve    peak RSS MB by max_length: {rep['peak_rss_mb_by_max_length']}")
     return "\n".join(lines)
@@ -227,13 +231,26 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per system (default 20; grpo 3)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 2 s ceiling, curve 256 and 1,024")
     ap.add_argument("--skip-peer", action="store_true", help="tunelab only (the peers' cached data must exist)")
+    ap.add_argument("--levers", default="", help=f"comma-separated, each also run beside the default: "
+                    f"{', '.join(LEVERS)} (make bench: fused,bf16-auto)")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "peers")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.jsonl")
     args = ap.parse_args(argv)
     args.curve = [256, 1024] if args.quick else [256, 512, 1024, 2048, 4096]
     args.cache.mkdir(parents=True, exist_ok=True)
-    ceiling = matmul_ceiling(2.0 if args.quick else 10.0)
-    facts, results = machine(ceiling), {}
+    args.levers = [x for x in args.levers.split(",") if x]
+    unknown = [x for x in args.levers if x not in LEVERS]
+    if unknown:
+        sys.exit(f"unknown lever {unknown[0]!r}; choose from {', '.join(LEVERS)}")
+    ceilings = matmul_ceilings(2.0 if args.quick else 10.0)
+    ceiling = ceilings["fp32"]
+    facts, results = machine(ceilings), {}
+    if "bf16-auto" in args.levers:  # what `auto` decides here, and the measured ratio it decided on
+        from tunelab.models.precision import bf16_speedup, resolve_compute_dtype
+
+        facts["bf16_auto"] = {"speedup": round(bf16_speedup(refresh=True), 3),
+                              "picks": str(resolve_compute_dtype("auto", "cpu") or "torch.float32")}
+    print(describe_machine(facts), flush=True)
     for name in args.workloads:
         if name not in WORKLOADS:
             sys.exit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
@@ -248,15 +265,16 @@ def main(argv=None) -> None:
             rep = grpo(args_n, args.cache)
         else:
             rep = data_memory(args_n, args.cache)
-        for who in ("peer", "tunelab"):
-            if isinstance(rep.get(who), dict) and "tokens_per_s" in rep[who]:
-                rep[who]["mfu"] = mfu(rep[who], name == "sft-full", ceiling)
-        rep.update(workload=name, steps=steps, wall_seconds=round(time.perf_counter() - t0, 1),
-                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine=facts, quick=args.quick)
+        for r in [rep.get("peer"), rep.get("tunelab")] + [v["tunelab"] for v in (rep.get("levers") or {}).values()]:
+            if isinstance(r, dict) and "tokens_per_s" in r:  # MFU against the fp32 ceiling, bf16 runs included
+                r["mfu"] = mfu(r, name == "sft-full", ceiling)
+        rep = build_row(name, rep, steps=steps, wall_seconds=time.perf_counter() - t0, facts=facts, quick=args.quick)
         results[name] = rep
         with open(args.results, "a") as f:
             f.write(json.dumps(rep) + "\n")
+    print(describe_machine(facts))
     print(table(results))
+    print(goals_report(results))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,81 @@ def test_profile_step_builds_each_workload_and_sorts_ops(tmp_path):
                      "aten::add_": "elementwise", "aten::silu_backward": "elementwise",
                      "aten::_foreach_mul_": "elementwise", "aten::copy_": "copy/fill", "aten::fill_": "copy/fill",
                      "aten::_log_softmax": "other", "MmBackward0": "other"}
+
+
+def test_every_row_names_its_machine_and_both_ceilings(monkeypatch):
+    """facts.build_row on a fake measurement: the row carries the CPU model, the flags that matter, cores, torch's
+    CPU capability, versions, and the fp32 and bf16 matmul ceilings (no benchmark runs)."""
+    run = _harness()
+    facts_mod = __import__("facts")  # benchmarks/ is on sys.path once run.py is loaded
+    from tunelab import machine as tm
+
+    monkeypatch.setattr(tm, "machine", lambda: {"cpu": "AMD EPYC 9R14", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"],
+                                                "cores": 2, "ram_gb": 7.8, "torch_cpu_capability": "AVX512",
+                                                "gpu": None, "os": "Linux"})
+    facts = run.machine({"fp32": 271.96, "bf16": 1520.04})
+    rep = {"tunelab": {"tokens_per_s": 300.0, "peak_rss_mb": 2000.0}, "peer": {"tokens_per_s": 100.0,
+                                                                               "peak_rss_mb": 10000.0}}
+    rep["ratios"] = run.ratios(rep["tunelab"], rep["peer"])
+    row = facts_mod.build_row("sft-lora", rep, steps=20, wall_seconds=12.34, facts=facts, quick=False)
+    json.dumps(row)  # what results.jsonl gets
+    m = row["machine"]
+    assert m["cpu"] == "AMD EPYC 9R14" and m["cpu_flags"] == ["avx2", "avx512f", "avx512_bf16"] and m["cores"] == 2
+    assert m["torch_cpu_capability"] == "AVX512" and m["torch"] and "transformers" in m and "peft" in m
+    assert m["matmul_fp32_gflops"] == 272.0 and m["matmul_bf16_gflops"] == 1520.0
+    assert row["workload"] == "sft-lora" and row["steps"] == 20 and row["wall_seconds"] == 12.3
+    line = facts_mod.describe_machine(m)
+    assert "AMD EPYC 9R14" in line and "avx512_bf16" in line and "fp32 272.0" in line and "bf16 1520.0" in line
+
+
+def test_the_ceiling_is_measured_in_both_dtypes():
+    import torch
+
+    run = _harness()
+    seen = []
+    real = torch.mm
+    torch.mm = lambda a, b, out=None: seen.append(a.dtype) or real(a, b, out=out)
+    try:
+        ceilings = __import__("facts").matmul_ceilings(0.0)
+    finally:
+        torch.mm = real
+    assert set(ceilings) == {"fp32", "bf16"} and all(v > 0 for v in ceilings.values())
+    assert torch.float32 in seen and torch.bfloat16 in seen
+    assert run.matmul_ceiling is __import__("facts").matmul_ceiling
+
+
+def test_goals_are_judged_for_the_default_and_each_lever():
+    facts = (_harness(), __import__("facts"))[1]
+    results = {"sft-lora": {"ratios": {"tokens_per_s": 2.6, "peak_rss": 1.3},
+                            "levers": {"fused": {"ratios": {"tokens_per_s": 2.4, "peak_rss": 1.3}}}},
+               "sft-memory": {"ratios": {"tokens_per_s": 1.86, "peak_rss": 0.22}},
+               "grpo": {"ratios": {"step_time_speedup": 3.1, "peak_rss": 0.4}},
+               "sft-full": {"ratios": {}}}
+    text = facts.goals_report(results)
+    lines = text.splitlines()
+    assert any("LoRA SFT" in ln and "[default] 2.6× tokens/s: MET" in ln for ln in lines)
+    assert any("LoRA SFT" in ln and "[fused] 2.4× tokens/s: NOT MET" in ln for ln in lines)
+    assert any("memory mode" in ln and "0.22× peak RSS at 1.86× tokens/s: NOT MET" in ln for ln in lines)
+    assert any("GRPO" in ln and "3.1× seconds/step: MET" in ln for ln in lines)
+    assert any("full finetuning" in ln and "not judged" in ln for ln in lines)
+    assert facts.goal_verdict("sft-memory", {"tokens_per_s": 1.5, "peak_rss": 0.2}) == (
+        "0.2× peak RSS at 1.5× tokens/s", True)
+    run = _harness()  # the printed table shows a lever's run on its own line, beside the default's
+    r = {"tokens_per_s": 250.0, "peak_rss_mb": 9000.0, "first_loss": 1.2, "last_loss": 1.1, "mfu": 0.4}
+    table = run.table({"sft-lora": {"tunelab": r, "peer": {**r, "tokens_per_s": 100.0}, "ratios": {"tokens_per_s": 2.5},
+                                    "levers": {"bf16-auto": {"tunelab": {**r, "tokens_per_s": 300.0},
+                                                             "ratios": {"tokens_per_s": 3.0}}}}})
+    assert "+bf16-auto" in table and "300.0" in table and "tokens_per_s 3.0" in table
+
+
+def test_levers_are_valid_train_settings(tmp_path):
+    run = _harness()
+    for settings in run.LEVERS.values():
+        cfg = run_config_schema().model_validate(
+            {"output_dir": str(tmp_path), **run.sft_config(tmp_path / "d.jsonl", 2, **settings)})
+        for k, v in settings.items():
+            assert getattr(cfg.train, k) == v
+    import grpo_vs_trl
+
+    path = grpo_vs_trl.tunelab_config(tmp_path / "p.jsonl", tmp_path / "g", 2, train=run.LEVERS["fused"])
+    assert yaml.safe_load(path.read_text())["train"]["fuse_projections"] is True

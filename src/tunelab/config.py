@@ -94,11 +94,11 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)  # a negative norm would flip every gradient; null: no clipping
     seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed's range
     gradient_checkpointing: bool = False
-    # the memory switch (benchmarks/README.md): rows one at a time + each layer's MLP checkpointed; same gradients
-    memory_mode: bool = False
-    # each decoder layer's training forward through torch.compile (models/compiling.py); opt-in: compiling costs
-    # minutes on a CPU before step 1, and benchmarks/README.md has what it gains on this workload
+    memory_mode: bool = False  # rows one at a time + each layer's MLP checkpointed; same gradients (benchmarks/)
+    # each layer's forward through torch.compile (models/compiling.py); opt-in: minutes to compile on a CPU
     compile: bool = False
+    compute_dtype: Literal["auto", "float32", "bfloat16"] | None = None  # autocast dtype: models/precision.py
+    fuse_projections: bool = False  # one GEMM for the frozen q,k,v and gate,up (adapters/fused.py); opt-in
     loss_chunk_size: int = Field(1024, ge=16)
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)

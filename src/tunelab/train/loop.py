@@ -30,6 +30,10 @@ Memory mode (`train.memory_mode`): each micro-batch of an objective whose loss i
 recomputed in the backward pass (`models.checkpointing`). Step 3 makes the result the same gradient (tested);
 peak activation memory becomes one row's, linear in its length.
 
+Precision and fusion (both undone when the loop ends): `train.compute_dtype` (models/precision.py) picks the
+autocast dtype the forward runs in over fp32 weights; `train.fuse_projections` (adapters/fused.py) runs the frozen
+q,k,v and gate,up projections of LoRA/DoRA/QLoRA layers as one GEMM each, unfused again before anything is saved.
+
 Determinism: a static source's batch order is a pure function of (seed, epoch), and a source with state
 (`state_dict`/`load_state_dict`) has it saved in every checkpoint beside the objective's; dropout draws from the torch RNG that each
 checkpoint saves and restores, so a resumed CPU run reproduces the uninterrupted loss curve exactly.
@@ -48,11 +52,13 @@ from typing import Callable
 
 import torch
 
+from ..adapters.fused import fuse_projections
 from ..data.batches import BatchSource, split_rows
 from ..errors import TunelabError
 from ..models.checkpointing import checkpoint_layers
 from ..models.compiling import compile_layers
 from ..models.modes import training_autocast
+from ..models.precision import resolve_compute_dtype, set_compute_dtype
 from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
@@ -68,6 +74,7 @@ class LoopResult:
     seconds: float  # training time, periodic evaluations excluded
     last_loss: float
     resumed_from: int | None
+    compute_dtype: str = "float32"  # what the forward computed in (train.compute_dtype resolved: auto's pick)
 
 
 def total_steps(cfg, per_epoch: int) -> int:
@@ -141,11 +148,18 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     split = cfg.memory_mode and getattr(objective, "rows_additive", False)
+    if cfg.fuse_projections and engine.distributed:
+        raise TunelabError("train.fuse_projections: not supported under torchrun (DDP/FSDP2 shard the weights it "
+                           "fuses); set it to false")
     # what the loop changes on the model is undone however the loop ends — a divergence or a user error raises
     # out of it — last in, first out: the compiled layers go before the checkpointed MLP they call
     undo = contextlib.ExitStack()
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    undo.callback(set_compute_dtype(model, compute_dtype))
     if cfg.memory_mode:
         undo.callback(checkpoint_layers(model, "mlp"))
+    if cfg.fuse_projections:  # weights become views of one fused tensor until the loop ends: unfused before saving
+        undo.callback(fuse_projections(model)[1])
     if cfg.compile:  # after: a compiled layer calls the checkpointed MLP
         undo.callback(compile_layers(model))
 
@@ -167,7 +181,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             console.print(f"resumed from {latest} (step {step})")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
                          trackers=cfg.trackers, run_dir=run_dir) if main else None
-        autocast = training_autocast(model)  # bf16 on CUDA over fp32 weights (online RL's π_old forward uses it too)
+        autocast = training_autocast(model)  # train.compute_dtype's autocast (online RL's π_old forward uses it too)
 
         model.train()
         prune_due = False  # checkpoints beyond keep_last go once the newest one's weights gave a healthy loss
@@ -274,4 +288,5 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             log.write({"step": step, **row})
     if log is not None:  # rank 0 only under torchrun
         log.close()
-    return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed)
+    return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed,
+                      str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch."))

@@ -193,6 +193,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
                **measures.result_fields(before, after), **extra,
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
+               "compute_dtype": res.compute_dtype,  # train.compute_dtype as resolved (auto: what it picked)
                "total_seconds": time.perf_counter() - t0,
                "samples": pair_samples(samples_before, samples_after), **task_fields,
                # what the run consumed and where it ran (train/accounting.py)
