@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .generate import cut_at_stop
+from .generate import TextStream, held_back  # noqa: F401 (held_back: chat's public name too)
 from .sampling import sample
 
 HELP = "/reset clears the history · /system TEXT sets a system prompt · Ctrl-C stops an answer · Ctrl-D exits"
@@ -50,45 +50,17 @@ class ChatSession:
         interrupted). The turn is added to the history either way (an interrupted answer as far as it got)."""
         prompt = self.template.generation_prompt(self.messages(user))
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        generated: list[int] = []
-        shown = [0]  # characters of the answer already written
-
-        def text_now() -> str:
-            return cut_at_stop(self.tok.decode(generated, skip_special_tokens=True), self.stops)
-
-        def on_step(tokens, active):
-            if not active[0]:
-                return
-            generated.append(tokens[0])
-            text = text_now()
-            settled = len(text) - held_back(text, self.stops)
-            if text.endswith("\ufffd"):
-                settled = min(settled, len(text) - 1)
-            if settled > shown[0]:
-                write(text[shown[0]:settled])
-                shown[0] = settled
-
+        stream = TextStream(self.tok, self.stops, write)
         interrupted = False
         try:
             sample(self.model, self.tok, [ids], temperature=self.temperature, top_p=self.top_p,
                    max_new_tokens=self.max_new_tokens, stop_strings=self.stops, seed=self.seed, batch_size=1,
-                   on_step=on_step)
+                   on_step=stream.on_step)
         except KeyboardInterrupt:
             interrupted = True
-        text = text_now().rstrip("\ufffd")  # an interrupted answer may end inside a character
-        if len(text) > shown[0]:
-            write(text[shown[0]:])
-        answer = text.strip()
+        answer = stream.finish().strip()
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer, interrupted
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string (held back until known)."""
-    for k in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops):
-            return k
-    return 0
 
 
 def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, title: str = "") -> int:

@@ -6,6 +6,7 @@
     tunelab export RUN_DIR --merged OUT_DIR
     tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
     tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0.7] [--top-p 0.9] [--max-new-tokens 256]
+    tunelab serve RUN_DIR_OR_MODEL [--host 127.0.0.1] [--port 8000]   (OpenAI-compatible HTTP API)
     tunelab eval RUN_DIR_OR_MODEL --tasks TASK ... [--limit N] [--allow-code-execution] [--output FILE.json]
     tunelab eval RUN_DIR --pairs PAIRS.jsonl           (a reward-model run: pairwise accuracy)
     tunelab eval --list
@@ -82,6 +83,13 @@ def cmd_chat(args) -> int:
 
     return chat_main(args.model, system=args.system, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve_main
+
+    return serve_main(args.model, host=args.host, port=args.port, device=args.device,
+                      max_tokens_limit=args.max_tokens_limit)
 
 
 def cmd_export(args) -> int:
@@ -220,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=None, help="sampling seed")
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, streaming) over a run")
+    sv.add_argument("model", help="run directory or model reference")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind; the default 127.0.0.1 is reachable from this machine only (no auth)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="export a run (adapter merged) as an HF folder or a GGUF file")
     e.add_argument("run_dir", help="run directory, merged HF folder or model reference")
