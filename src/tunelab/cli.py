@@ -118,12 +118,12 @@ def cmd_demo(args) -> int:
     cfg = load_run_config(cfg_path, [f"output_dir={args.out}", "overwrite=true", *args.overrides])
     out = train(cfg)
     res = json.loads((out / "results.json").read_text())
-    from .console import console
+    from .console import console, plural
 
     console.rule("[bold]demo results")
     before, after = res.get("eval_loss_before"), res.get("eval_loss_after")  # null (NaN) when nothing is held out
     held = f"held-out loss {before:.4f} → {after:.4f}" if before is not None and after is not None else "no held-out set"
-    console.print(f"{held} | {res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
+    console.print(f"{held} | {plural(res['steps'], 'step')} | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
     for s in res["samples"]:
         console.rule()
         console.print("[bold]prompt:[/] " + s["prompt"].split("user\n")[-1].split("<|im_end|>")[0][:300])

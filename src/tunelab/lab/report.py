@@ -18,6 +18,7 @@ import html
 from datetime import datetime
 from pathlib import Path
 
+from ..console import plural
 from ..userfiles import check_can_create, make_folder
 from .plots import pareto_front, plot_all
 from .results import RunInfo, applies, build_table, config_differences, flatten, fmt, to_csv, to_markdown
@@ -97,7 +98,7 @@ def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1>",
-             f"<p class='sub'>{done} of {len(runs)} runs finished · generated "
+             f"<p class='sub'>{done} of {plural(len(runs), 'run')} finished · generated "
              f"{datetime.now().strftime('%Y-%m-%d %H:%M')} by tunelab</p>"]
     if description:
         parts.append(f"<p>{_e(description)}</p>")
@@ -231,5 +232,5 @@ def report_main(paths: list[str], out: str, markdown: str | None = None) -> int:
     runs = collect(paths)
     index = build_report(runs, out, title=meta.get("name") or "tunelab report",
                          description=meta.get("description") or "", study=meta)
-    print(f"{len(runs)} runs; report: {index}")
+    print(f"{plural(len(runs), 'run')}; report: {index}")
     return 0
