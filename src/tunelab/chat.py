@@ -20,7 +20,8 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .generate import TextStream, held_back  # noqa: F401 (held_back: chat's public name too)
+from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, TextStream
+from .generate import held_back  # noqa: F401 (chat's public name too)
 from .sampling import sample
 
 HELP = "/reset clears the history · /system TEXT sets a system prompt · Ctrl-C stops an answer · Ctrl-D exits"
@@ -108,8 +109,9 @@ def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.s
         write(" [stopped]\n" if interrupted else "\n")
 
 
-def chat_main(source: str, *, system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-              max_new_tokens: int = 256, seed: int | None = None, device: str = "auto") -> int:
+def chat_main(source: str, *, system: str | None = None, temperature: float = DEFAULT_TEMPERATURE,
+              top_p: float = DEFAULT_TOP_P, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int | None = None,
+              device: str = "auto") -> int:
     from .export import load_run
 
     model, tok, template = load_run(source, device=device)

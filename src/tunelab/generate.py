@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from .sampling import sample
 
-# Sampling defaults of the interactive commands (`tunelab generate`, `tunelab chat`): greedy unless asked, top-p 0.95
-# when sampling, answers up to 256 tokens. One place, so both commands behave alike.
-DEFAULT_TEMPERATURE = 0.7   # used when sampling (`generate --sample`, `chat --temperature` > 0)
+# Sampling defaults of `tunelab generate` and `tunelab chat` (one place, so both commands answer alike): greedy
+# unless a temperature is given, top-p 0.95 when sampling, answers up to 256 new tokens.
+DEFAULT_TEMPERATURE = 0.0   # 0 = greedy
+SAMPLE_TEMPERATURE = 0.7    # `generate --sample` without --temperature
 DEFAULT_TOP_P = 0.95
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -35,15 +36,16 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, stop: list[str] = (),
-             strip: bool = True) -> list[str]:
-    """Complete already-rendered prompt strings; returns only the generated continuations."""
+             strip: bool = True, seed: int | None = None) -> list[str]:
+    """Complete already-rendered prompt strings; returns only the generated continuations (`seed`: sampling
+    reproduces exactly)."""
     stop = [s for s in stop if s]
     if not prompts:
         return []
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out = sample(model, tokenizer, ids, temperature=temperature if do_sample else 0.0,
                  top_p=top_p if do_sample else 1.0, max_new_tokens=max_new_tokens, stop_strings=stop,
-                 batch_size=batch_size)
+                 batch_size=batch_size, seed=seed)
     texts = []
     for row in out.completions():
         text = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop)
