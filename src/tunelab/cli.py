@@ -14,6 +14,7 @@
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
     tunelab report RUN_OR_SWEEP_DIRS... [--out DIR] [--markdown [README.md]]
+    tunelab examples [copy NAME [DEST]]                (the shipped example configs and studies)
 
 A CONFIG (or SWEEP) argument may also be given as `--config FILE`; `--help` shows every option's default.
 A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
@@ -197,6 +198,20 @@ def cmd_compare(args) -> int:
                         seeds=args.seeds, claimed=args.claimed)
 
 
+def cmd_examples(args) -> int:
+    from .examples import copy_example, list_examples
+
+    if args.examples_command == "copy":
+        print(f"copied {args.name} to {copy_example(args.name, args.dest)}")
+        return 0
+    rows = list_examples()
+    width = max(len(n) for n, _ in rows)
+    for name, text in rows:
+        print(f"{name:{width}s}  {text}")
+    print("\ncopy one: tunelab examples copy NAME [DEST]; everything (the studies need it): tunelab examples copy all")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .lab.report import report_main
 
@@ -288,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--claimed", action="store_true", help="train only the variants the study's claims name")
     c.add_argument("--seeds", metavar="K,...", help="train only these of the study's seeds now, e.g. --seeds 0")
     c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("examples", help="list the shipped example configs and studies, or copy one")
+    xsub = x.add_subparsers(dest="examples_command")
+    xc = xsub.add_parser("copy", help="copy a shipped example here (never overwrites)")
+    xc.add_argument("name", help="an example's name (lora.yaml or lora), or `all` for the whole folder")
+    xc.add_argument("dest", nargs="?", help="file or folder to copy to (default: here; `all`: ./examples)")
+    x.set_defaults(func=cmd_examples)
 
     r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")
     r.add_argument("run_dirs", nargs="+", help="run directories and/or sweep folders")
