@@ -150,3 +150,50 @@ def test_cli_help_says_localhost_and_a_busy_port_is_one_line(server, model_dir):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: serve: cannot listen on 127.0.0.1:" + port)
     assert "Traceback" not in res.stderr
+
+
+def test_a_loreft_run_is_served(tmp_path, model_dir):
+    """LoReFT (which vLLM cannot serve) answers through the server with the run's edit, not the base model's."""
+    from tests.helpers import alpaca_rows, write_config, write_jsonl
+    from tunelab.cli import main
+    from tunelab.export import load_run
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), method="loreft",
+                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
+                       train={"max_steps": 2, "batch_size": 2, "lr": 5e-2}, samples={"n_heldout": 0})
+    assert main(["train", str(cfg)]) == 0
+    model, tok, template = load_run(tmp_path / "run", device="cpu")
+    srv = make_server(Engine(model, tok, template, "loreft-run"), "127.0.0.1", 0, verbose=False)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "Add the numbers. 2 + 3"}]
+        answer = client.chat.completions.create(model="loreft-run", messages=messages, temperature=0,
+                                                max_tokens=8).choices[0].message.content
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    prompt = template.generation_prompt(messages)
+    assert answer == generate(model, tok, [prompt], max_new_tokens=8, stop=template.stop_strings)[0]
+    base, btok, btemplate = load_run(model_dir, device="cpu")
+    assert answer != generate(base, btok, [btemplate.generation_prompt(messages)], max_new_tokens=8,
+                              stop=btemplate.stop_strings)[0]
+
+
+def test_concurrent_requests_are_served_one_generation_at_a_time(client, server):
+    """Requests arrive on threads; the engine's lock serialises generation, so each gets the text it asked for."""
+    engine = server[0]
+    expected = _expected_chat(engine)
+    results = []
+
+    def ask():
+        results.append(client.chat.completions.create(model=engine.model_id, messages=MESSAGES, temperature=0,
+                                                       max_tokens=N).choices[0].message.content)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [expected] * 3
