@@ -130,6 +130,9 @@ def test_bad_chat_requests_get_4xx_json(server, body, status, culprit):
 
 
 def test_bad_completion_unknown_paths_and_wrong_method(server):
+    code, err = _raw(server[1] + "/completions", {"prompt": "word " * 500, "max_tokens": 64})  # context: 512
+    assert code == 400 and "exceeds the model's context of 512 tokens" in err["error"]["message"]
+    assert err["error"]["code"] == "context_length_exceeded"
     code, err = _raw(server[1] + "/completions", {"prompt": 3})
     assert code == 400 and "'prompt' must be a non-empty string" in err["error"]["message"]
     code, err = _raw(server[1] + "/nope", {"prompt": "x"})
@@ -197,3 +200,15 @@ def test_concurrent_requests_are_served_one_generation_at_a_time(client, server)
     for t in threads:
         t.join(timeout=120)
     assert results == [expected] * 3
+
+
+def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, monkeypatch):
+    engine, url = server
+    real = engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+    code, err = _raw(url + "/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+    assert code == 500 and err["error"] == {"message": "generation failed: RuntimeError: device lost",
+                                            "type": "server_error", "param": None, "code": None}
+    monkeypatch.setattr(engine, "run", real)
+    code, ok = _raw(url + "/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
+    assert code == 200 and ok["choices"][0]["message"]["role"] == "assistant"

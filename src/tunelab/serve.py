@@ -147,6 +147,11 @@ class Engine:
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise RequestError(400, "the prompt renders to no tokens", param="prompt" if not chat else "messages")
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and len(ids) + params["max_new_tokens"] > context:
+            raise RequestError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({params['max_new_tokens']}) "
+                                    f"exceeds the model's context of {context} tokens",
+                               param="messages" if chat else "prompt", code="context_length_exceeded")
         return ids, params, chat  # chat answers are stripped (as `tunelab generate`); completions verbatim
 
     def run(self, ids: list[int], params: dict, strip: bool, write=lambda text: None) -> tuple[str, str, int]:
@@ -224,7 +229,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(RequestError(400, str(err)))
         if body.get("stream"):
             return self._stream(kind, ids, params, strip)
-        text, finish, n_out = self.engine.run(ids, params, strip)
+        try:
+            text, finish, n_out = self.engine.run(ids, params, strip)
+        except Exception as e:  # a failure inside the model: 500 with its message; the server keeps serving
+            self.log_error("generation failed: %r", e)
+            return self._error(RequestError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
         rid, created, model = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), \
             self.engine.model_id
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}
@@ -261,6 +270,10 @@ class Handler(BaseHTTPRequestHandler):
             event(_chunk(kind, rid, created, model, finish=finish))
             event(b"[DONE]")
         except (BrokenPipeError, ConnectionResetError):  # the client went away: its generation stops with it
+            self.close_connection = True
+        except Exception as e:  # headers are sent: the error goes into the stream, which then ends
+            self.log_error("generation failed: %r", e)
+            event(RequestError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").body())
             self.close_connection = True
 
 
