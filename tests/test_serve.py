@@ -153,6 +153,10 @@ def test_cli_help_says_localhost_and_a_busy_port_is_one_line(server, model_dir):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: serve: cannot listen on 127.0.0.1:" + port)
     assert "Traceback" not in res.stderr
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="--port 70000 is not a port"):
+        make_server(None, "127.0.0.1", 70000)
 
 
 def test_a_loreft_run_is_served(tmp_path, model_dir):

@@ -282,6 +282,8 @@ def make_server(engine: Engine | None, host: str = "127.0.0.1", port: int = 8000
     here, so a busy port fails before a model is loaded (`serve_main` sets `server.engine` afterwards)."""
     try:
         server = ThreadingHTTPServer((host, port), Handler)
+    except OverflowError:
+        raise TunelabError(f"serve: --port {port} is not a port (0-65535)") from None
     except OSError as e:
         raise TunelabError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); pick another --port") from None
     server.daemon_threads = True
@@ -294,6 +296,8 @@ def serve_main(source: str, *, host: str = "127.0.0.1", port: int = 8000, device
     from .console import phase
     from .export import load_run
 
+    if max_tokens_limit < 1:
+        raise TunelabError(f"serve: --max-tokens-limit {max_tokens_limit}; give at least 1")
     if device != "auto":
         from .models.load import check_device
 
