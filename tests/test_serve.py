@@ -216,3 +216,19 @@ def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, monk
     monkeypatch.setattr(engine, "run", real)
     code, ok = _raw(url + "/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
     assert code == 200 and ok["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_raw_stream_is_server_sent_events_ending_with_done(server):
+    engine, url = server
+    req = urllib.request.Request(url + "/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"messages": MESSAGES, "max_tokens": N, "temperature": 0,
+                                                  "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]" and all(e.startswith("data: ") for e in events[:-1])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == _expected_chat(engine) and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
