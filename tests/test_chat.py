@@ -155,3 +155,65 @@ def test_streaming_holds_back_only_what_could_start_a_stop_string():
     assert held_back("The answer is 5. <", stops) == 1
     assert held_back("The answer is 5.", stops) == 0          # nothing pending: print it all now
     assert held_back("anything", []) == 0
+
+
+class _Recorder(ChatSession):
+    """A session that records what would be sent to the model instead of generating."""
+
+    def reply(self, user, write=lambda text: None):
+        self.sent = getattr(self, "sent", []) + [user]
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": "ok"}]
+        write("ok")
+        return "ok", False
+
+
+@pytest.mark.parametrize("leave", ["/bye", "/exit", "/quit"])
+def test_commands_are_never_sent_to_the_model(loaded, leave):
+    from tunelab.chat import COMMANDS_HELP
+
+    session = _Recorder(*loaded)
+    out = io.StringIO()
+    script = f"/help\n/?\nHello there\n/clear\n/nope\n/usr/bin is a folder\n{leave}\nnever read\n"
+    assert chat_loop(session, io.StringIO(script), out) == 0
+    assert session.sent == ["Hello there", "/usr/bin is a folder"]  # a path is a message, not a command
+    assert out.getvalue().count(COMMANDS_HELP) == 2  # /help and Ollama's /?
+    assert "(history cleared)" in out.getvalue() and "(unknown command /nope; /help lists the commands)" in \
+        out.getvalue()
+    assert session.history == [{"role": "user", "content": "/usr/bin is a folder"},
+                                {"role": "assistant", "content": "ok"}]  # /clear forgot "Hello there"
+    assert "never read" not in out.getvalue()
+
+
+def test_multi_line_messages(loaded):
+    session = _Recorder(*loaded)
+    out = io.StringIO()
+    script = ('first line \\\nsecond line\n"""\nblock one\n/help inside a block\n"""\n"""inline"""\n'
+              '"""start\nend"""\none more\n')
+    assert chat_loop(session, io.StringIO(script), out) == 0
+    assert session.sent == ["first line \nsecond line", "block one\n/help inside a block", "inline",
+                            "start\nend", "one more"]
+    assert out.getvalue().count("... ") == 5  # the continuation prompt
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_real_terminal_line_editing_and_history(model_dir):
+    """With readline, Up recalls the previous line and Left/Backspace edit it (no `^[[A` sent to the model)."""
+    name = f"tunelab-chat-rl-{os.getpid()}"
+    cmd = (f"cd {ROOT} && PYTHONPATH={ROOT / 'src'} TOKENIZERS_PARALLELISM=false {sys.executable} -m tunelab chat "
+           f"{model_dir} --max-new-tokens 3; echo CHAT-EXIT=$?; sleep 30")
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", cmd], check=True)
+    try:
+        text = _wait(name, lambda t: t.rstrip().endswith("you>"))
+        assert "line editing on" in text
+        subprocess.run(["tmux", "send-keys", "-t", name, "/system Hello therX", "Enter"], check=True)
+        _wait(name, lambda t: "(system prompt set" in t and t.rstrip().endswith("you>"))
+        subprocess.run(["tmux", "send-keys", "-t", name, "Up", "BSpace", "e", "Left", "Left", "BSpace", "Enter"],
+                       check=True)  # recall, fix the typo, then delete the first "e" of "there"
+        text = _wait(name, lambda t: t.count("(system prompt set") == 2 and t.rstrip().endswith("you>"))
+        lines = [ln.strip() for ln in text.splitlines()]
+        assert "you> /system Hello therX" in lines and "you> /system Hello thre" in lines  # recalled and edited
+        assert "[A" not in text and "[D" not in text
+        subprocess.run(["tmux", "send-keys", "-t", name, "/bye", "Enter"], check=True)
+        assert "CHAT-EXIT=0" in _wait(name, lambda t: "CHAT-EXIT=" in t)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)

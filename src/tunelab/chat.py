@@ -5,9 +5,12 @@ per-step callback that prints the text as it grows, so the terminal shows tokens
 answer equals `tunelab generate` on the same conversation (greedy; tested). The conversation (system prompt,
 user and assistant turns) is re-rendered with the run's template for every answer.
 
-Commands: `/reset` clears the history, `/system TEXT` sets the system prompt (and clears the history; `/system`
-alone removes it), `/exit` or Ctrl-D leaves. Ctrl-C while an answer streams stops that answer (what was printed
-stays in the history) and the session goes on; Ctrl-C at the prompt discards the line.
+Commands (never sent to the model; Ollama's names work too): `/help` or `/?` lists them, `/clear` (or `/reset`)
+clears the history, `/system TEXT` sets the system prompt (and clears the history; `/system` alone removes it),
+`/bye`, `/exit`, `/quit` or Ctrl-D leaves. Ctrl-C while an answer streams stops that answer (what was printed
+stays in the history) and the session goes on; Ctrl-C at the prompt discards the line. In a terminal, line
+editing and history (Up recalls a line) come from the stdlib `readline` module where Python has it. A message
+spans several lines with a trailing backslash, or between triple quotes (as in Ollama).
 
 Streaming text: the ids generated so far are decoded as a whole every step (a token can end in the middle of
 a UTF-8 character or merge with the next when decoded) and only the new, settled suffix is printed: text
@@ -17,13 +20,24 @@ waits until the next tokens tell (a stop string is cut off, as in `generate`).
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import TextIO
 
-from .generate import cut_at_stop
+from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, TextStream
+from .generate import held_back  # noqa: F401 (chat's public name too)
 from .sampling import sample
 
-HELP = "/reset clears the history · /system TEXT sets a system prompt · Ctrl-C stops an answer · Ctrl-D exits"
+HELP = "/help lists the commands · Ctrl-C stops an answer · Ctrl-D or /bye exits"
+COMMANDS_HELP = """commands (never sent to the model):
+  /help, /?               this list
+  /clear, /reset          clear the history (the system prompt stays)
+  /system TEXT            set the system prompt and clear the history (/system alone removes it)
+  /bye, /exit, /quit      leave (or Ctrl-D)
+input: a line ending with \\ continues on the next line; \"\"\" starts a block that ends at a line ending with \"\"\"
+Ctrl-C stops an answer (what was printed stays in the history); at the prompt it discards the line"""
+COMMAND = re.compile(r"/[A-Za-z?]+")  # "/usr/bin …" is a message, "/bye" a command
+EXIT, CLEAR = ("/bye", "/exit", "/quit"), ("/clear", "/reset")
 
 
 class ChatSession:
@@ -50,81 +64,107 @@ class ChatSession:
         interrupted). The turn is added to the history either way (an interrupted answer as far as it got)."""
         prompt = self.template.generation_prompt(self.messages(user))
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        generated: list[int] = []
-        shown = [0]  # characters of the answer already written
-
-        def text_now() -> str:
-            return cut_at_stop(self.tok.decode(generated, skip_special_tokens=True), self.stops)
-
-        def on_step(tokens, active):
-            if not active[0]:
-                return
-            generated.append(tokens[0])
-            text = text_now()
-            settled = len(text) - held_back(text, self.stops)
-            if text.endswith("\ufffd"):
-                settled = min(settled, len(text) - 1)
-            if settled > shown[0]:
-                write(text[shown[0]:settled])
-                shown[0] = settled
-
+        stream = TextStream(self.tok, self.stops, write)
         interrupted = False
         try:
             sample(self.model, self.tok, [ids], temperature=self.temperature, top_p=self.top_p,
                    max_new_tokens=self.max_new_tokens, stop_strings=self.stops, seed=self.seed, batch_size=1,
-                   on_step=on_step)
+                   on_step=stream.on_step)
         except KeyboardInterrupt:
             interrupted = True
-        text = text_now().rstrip("\ufffd")  # an interrupted answer may end inside a character
-        if len(text) > shown[0]:
-            write(text[shown[0]:])
-        answer = text.strip()
+        answer = stream.finish().strip()
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer, interrupted
 
 
-def held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string (held back until known)."""
-    for k in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops):
-            return k
-    return 0
+def _line_editing() -> bool:
+    """Line editing and history (arrow keys, Ctrl-A/E, Up recalls earlier lines) for `input()`: importing the
+    stdlib `readline` module is what turns it on. Absent on some builds (Windows): then plain input."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_message(read_line) -> str | None:
+    """One user message from `read_line(prompt)` (returns a line without its newline, or None at EOF); None at EOF.
+
+    Multi-line input (as in Ollama): a line ending with a backslash continues on the next line, and a message
+    starting with triple quotes runs until a line ending with triple quotes. The lines keep their newlines."""
+    first = read_line("you> ")
+    if first is None:
+        return None
+    if first.lstrip().startswith('"""'):
+        body = first.lstrip()[3:]
+        lines = []
+        while not body.rstrip().endswith('"""'):
+            lines.append(body)
+            body = read_line("... ")
+            if body is None:  # EOF inside a block: the block ends there
+                return "\n".join(lines)
+        lines.append(body.rstrip()[:-3])
+        return "\n".join(lines).strip("\n")
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        more = read_line("... ")
+        if more is None:
+            break
+        lines.append(more)
+    return "\n".join(lines)
 
 
 def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, title: str = "") -> int:
-    """Read lines from `inp` until EOF / `/exit`; stream each answer to `out`."""
+    """Read messages from `inp` until EOF / `/exit`; stream each answer to `out`."""
     interactive = inp.isatty() if hasattr(inp, "isatty") else False
+    terminal = inp is sys.stdin and interactive and _line_editing()
 
     def write(text: str) -> None:
         out.write(text)
         out.flush()
 
-    write(f"tunelab chat · {title} · template {session.template.name}\n{HELP}\n")
-    while True:
-        write("\nyou> ")
-        try:
-            line = input() if inp is sys.stdin and interactive else inp.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, keep the session
-            write("^C")
-            continue
-        except EOFError:
-            line = ""
-        if not line:  # EOF (Ctrl-D)
-            write("\n")
-            return 0
+    def read_line(prompt: str) -> str | None:
+        if inp is sys.stdin and interactive:
+            try:
+                return input(prompt)  # readline needs the prompt to redraw an edited line
+            except EOFError:
+                return None
+        write(prompt)
+        line = inp.readline()
+        if not line:
+            return None
         line = line.rstrip("\n")
         if not interactive:
             write(line + "\n")  # echo scripted input so a transcript reads like the terminal
-        cmd, _, arg = line.strip().partition(" ")
-        if cmd == "/exit":
-            return 0
-        if cmd == "/reset":
-            session.reset()
-            write("(history cleared)\n")
+        return line
+
+    write(f"tunelab chat · {title} · template {session.template.name}"
+          f"{' · line editing on' if terminal else ''}\n{HELP}\n")
+    while True:
+        write("\n")
+        try:
+            line = read_message(read_line)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the message, keep the session
+            write("^C")
             continue
-        if cmd == "/system":
-            session.reset(system=arg.strip())
-            write(f"(system prompt {'set' if arg.strip() else 'removed'}; history cleared)\n")
+        if line is None:  # EOF (Ctrl-D)
+            write("\n")
+            return 0
+        cmd, _, arg = line.strip().partition(" ")
+        if "\n" not in line and COMMAND.fullmatch(cmd):  # a command is never sent to the model
+            if cmd in EXIT:
+                return 0
+            if cmd in CLEAR:
+                session.reset()
+                write("(history cleared)\n")
+            elif cmd == "/system":
+                session.reset(system=arg.strip())
+                write(f"(system prompt {'set' if arg.strip() else 'removed'}; history cleared)\n")
+            elif cmd in ("/help", "/?"):
+                write(COMMANDS_HELP + "\n")
+            else:
+                write(f"(unknown command {cmd}; /help lists the commands)\n")
             continue
         if not line.strip():
             continue
@@ -136,8 +176,9 @@ def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.s
         write(" [stopped]\n" if interrupted else "\n")
 
 
-def chat_main(source: str, *, system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-              max_new_tokens: int = 256, seed: int | None = None, device: str = "auto") -> int:
+def chat_main(source: str, *, system: str | None = None, temperature: float = DEFAULT_TEMPERATURE,
+              top_p: float = DEFAULT_TOP_P, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int | None = None,
+              device: str = "auto") -> int:
     from .export import load_run
 
     model, tok, template = load_run(source, device=device)

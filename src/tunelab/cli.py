@@ -2,17 +2,21 @@
 
     tunelab train CONFIG.yaml [key=value ...] [--nproc N]     (or: torchrun --nproc-per-node N -m tunelab train …)
     tunelab data inspect CONFIG.yaml [key=value ...] [--n 3] [--json]
-    tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--max-new-tokens 128] [--sample]
+    tunelab --version
+    tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--system TEXT] [--temperature 0] [--sample] [--device cpu]
     tunelab export RUN_DIR --merged OUT_DIR
     tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
-    tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0.7] [--top-p 0.9] [--max-new-tokens 256]
+    tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0] [--top-p 0.95] [--max-new-tokens 256]
+    tunelab serve RUN_DIR_OR_MODEL [--host 127.0.0.1] [--port 8000]   (OpenAI-compatible HTTP API)
     tunelab eval RUN_DIR_OR_MODEL --tasks TASK ... [--limit N] [--allow-code-execution] [--output FILE.json]
     tunelab eval RUN_DIR --pairs PAIRS.jsonl           (a reward-model run: pairwise accuracy)
     tunelab eval --list
     tunelab demo [--out runs/demo]
     tunelab compare SWEEP.yaml [key=value ...] [--dry-run] [--scale]
     tunelab report RUN_OR_SWEEP_DIRS... [--out DIR] [--markdown [README.md]]
+    tunelab examples [copy NAME [DEST]]                (the shipped example configs and studies)
 
+A CONFIG (or SWEEP) argument may also be given as `--config FILE`; `--help` shows every option's default.
 A `TunelabError` (anything the user can fix) is printed as one line `error: …` and exits with status 2.
 Under torchrun the first rank that fails prints it and exits at once; torchrun then stops the other ranks, so
 an error on one rank never leaves the others waiting in a collective.
@@ -27,6 +31,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_args import Parser, config_argument, resolve_config, sampling_options
 from .errors import TunelabError
 
 
@@ -67,21 +72,41 @@ def cmd_inspect(args) -> int:
 
 def cmd_generate(args) -> int:
     from .export import load_run
-    from .generate import generate
+    from .generate import SAMPLE_TEMPERATURE, generate
 
-    model, tok, template = load_run(args.model)
-    prompt = template.generation_prompt([{"role": "user", "content": args.prompt}])
-    out = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                   temperature=args.temperature, top_p=args.top_p, stop=template.stop_strings)
+    _check_device(args.device)
+    model, tok, template = load_run(args.model, device=args.device)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    temperature = SAMPLE_TEMPERATURE if args.sample and args.temperature == 0 else args.temperature
+    out = generate(model, tok, [template.generation_prompt(messages)], max_new_tokens=args.max_new_tokens,
+                   do_sample=temperature > 0, temperature=temperature, top_p=args.top_p, stop=template.stop_strings,
+                   seed=args.seed)
     print(out[0])
     return 0
+
+
+def _check_device(device: str) -> None:
+    """Before loading anything: a device this machine lacks is one line naming the flag."""
+    if device != "auto":
+        from .models.load import check_device
+
+        check_device(device, "--device")
 
 
 def cmd_chat(args) -> int:
     from .chat import chat_main
 
+    _check_device(args.device)
     return chat_main(args.model, system=args.system, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve_main
+
+    return serve_main(args.model, host=args.host, port=args.port, device=args.device,
+                      max_tokens_limit=args.max_tokens_limit)
 
 
 def cmd_export(args) -> int:
@@ -110,12 +135,12 @@ def cmd_demo(args) -> int:
     cfg = load_run_config(cfg_path, [f"output_dir={args.out}", "overwrite=true", *args.overrides])
     out = train(cfg)
     res = json.loads((out / "results.json").read_text())
-    from .console import console
+    from .console import console, plural
 
     console.rule("[bold]demo results")
     before, after = res.get("eval_loss_before"), res.get("eval_loss_after")  # null (NaN) when nothing is held out
     held = f"held-out loss {before:.4f} → {after:.4f}" if before is not None and after is not None else "no held-out set"
-    console.print(f"{held} | {res['steps']} steps | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
+    console.print(f"{held} | {plural(res['steps'], 'step')} | {res['tokens_per_s']:,.0f} tokens/s | {res['total_seconds']:.0f} s total")
     for s in res["samples"]:
         console.rule()
         console.print("[bold]prompt:[/] " + s["prompt"].split("user\n")[-1].split("<|im_end|>")[0][:300])
@@ -134,10 +159,7 @@ def cmd_eval(args) -> int:
             task = load_task(name)
             print(f"{name:14s} {task.kind:10s} {task.spec.description}")
         return 0
-    if args.device != "auto":  # before loading anything: a device this machine lacks is one line naming the flag
-        from .models.load import check_device
-
-        check_device(args.device, "--device")
+    _check_device(args.device)
     if args.pairs:  # a reward-model run: pairwise accuracy on preference pairs
         from .objectives.reward import load_reward_model
 
@@ -187,6 +209,20 @@ def cmd_compare(args) -> int:
                         seeds=args.seeds, claimed=args.claimed)
 
 
+def cmd_examples(args) -> int:
+    from .examples import copy_example, list_examples
+
+    if args.examples_command == "copy":
+        print(f"copied {args.name} to {copy_example(args.name, args.dest)}")
+        return 0
+    rows = list_examples()
+    width = max(len(n) for n, _ in rows)
+    for name, text in rows:
+        print(f"{name:{width}s}  {text}")
+    print("\ncopy one: tunelab examples copy NAME [DEST]; everything (the studies need it): tunelab examples copy all")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .lab.report import report_main
 
@@ -194,11 +230,14 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs; measure what they learn and forget.")
+    import tunelab
+
+    p = Parser(prog="tunelab", description="Fine-tune open LLMs; measure what they learn and forget.")
+    p.add_argument("--version", action="version", version=f"tunelab {tunelab.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a YAML config (+ key=value overrides)")
-    t.add_argument("config")
+    config_argument(t)
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16")
     t.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this machine: re-launches itself through torchrun")
@@ -207,30 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     i = dsub.add_parser("inspect", help="show which tokens count in the loss")
-    i.add_argument("config")
-    i.add_argument("overrides", nargs="*")
+    config_argument(i)
+    i.add_argument("overrides", nargs="*", help="dotted overrides")
     i.add_argument("--n", type=int, default=3, help="examples to show")
     i.add_argument("--json", action="store_true", help="print token ids, strings and loss flags as JSON")
     i.set_defaults(func=cmd_inspect)
 
     g = sub.add_parser("generate", help="generate with a run (adapter applied, run's template) or a model")
     g.add_argument("model", help="run directory or model reference")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--prompt", required=True, help="the user message")
+    sampling_options(g)
+    g.add_argument("--sample", action="store_true", help="sample (at temperature 0.7 unless --temperature is given)")
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive chat with a run (adapter, chat template), streamed")
     ch.add_argument("model", help="run directory or model reference")
-    ch.add_argument("--system", help="system prompt")
-    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ch.add_argument("--top-p", type=float, default=1.0)
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--seed", type=int, default=None, help="sampling seed")
-    ch.add_argument("--device", default="auto")
+    sampling_options(ch)
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, streaming) over a run")
+    sv.add_argument("model", help="run directory or model reference")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind; the default 127.0.0.1 is reachable from this machine only (no auth)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    sv.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="export a run (adapter merged) as an HF folder or a GGUF file")
     e.add_argument("run_dir", help="run directory, merged HF folder or model reference")
@@ -242,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the demo: LoRA on SmolLM2-135M with bundled math data, offline on CPU")
-    m.add_argument("--out", default="runs/demo")
-    m.add_argument("overrides", nargs="*")
+    m.add_argument("--out", default="runs/demo", help="run directory")
+    m.add_argument("overrides", nargs="*", help="dotted overrides")
     m.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("eval", help="evaluate a model or run on tasks (loss, multiple choice, exact match, code)")
@@ -256,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where that code runs: bwrap (default), or a Python-level guard that hostile code defeats")
     v.add_argument("--output", help="write results as JSON here")
     v.add_argument("--overwrite", action="store_true", help="replace an existing --output file tunelab did not write")
-    v.add_argument("--device", default="auto")
-    v.add_argument("--dtype", default="auto")
+    v.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    v.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     v.add_argument("--list", action="store_true", help="list the bundled tasks")
     v.add_argument("--pairs", help="reward-model run: pairwise accuracy on this preference file")
     v.set_defaults(func=cmd_eval)
@@ -266,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sandbox)
 
     c = sub.add_parser("compare", help="train every variant of a sweep file (resumable), then write a report")
-    c.add_argument("sweep", help="sweep YAML (base config + grid/variants), e.g. examples/studies/masking.yaml")
+    config_argument(c, "sweep", "SWEEP", "sweep YAML (base config + grid/variants), e.g. examples/studies/masking.yaml")
     c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant, e.g. model.name=...")
     c.add_argument("--dry-run", action="store_true", help="validate and list the variants; train nothing")
     c.add_argument("--scale", action="store_true", help="apply the sweep's `scale:` section (real-model sizes)")
@@ -276,9 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", metavar="K,...", help="train only these of the study's seeds now, e.g. --seeds 0")
     c.set_defaults(func=cmd_compare)
 
+    x = sub.add_parser("examples", help="list the shipped example configs and studies, or copy one")
+    xsub = x.add_subparsers(dest="examples_command")
+    xc = xsub.add_parser("copy", help="copy a shipped example here (never overwrites)")
+    xc.add_argument("name", help="an example's name (lora.yaml or lora), or `all` for the whole folder")
+    xc.add_argument("dest", nargs="?", help="file or folder to copy to (default: here; `all`: ./examples)")
+    x.set_defaults(func=cmd_examples)
+
     r = sub.add_parser("report", help="comparison report (table, figures, HTML) of run directories or sweeps")
     r.add_argument("run_dirs", nargs="+", help="run directories and/or sweep folders")
-    r.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    r.add_argument("--out", default="runs/report", help="output folder")
     r.add_argument("--markdown", nargs="?", const="-", default=None, metavar="README.md",
                    help="a study's generated README block (claims, budgets, provenance): printed, or replaced "
                         "between its <!-- study:NAME --> markers in the given file")
@@ -288,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_config(parser, args)
     _quiet()
     # a rank started by torchrun (or by another env:// launcher with several ranks)
     launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -25,6 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 console = Console(stderr=True)
 
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs``, ``0 runs``: a count with its noun in the right number (`many`: an irregular plural)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
 PLAIN_EVERY = 10.0  # seconds between two progress lines of one phase without a terminal
 _training: list[Progress | None] = []  # the displays of running trainings (their phases: no ✓ line unless long)
 _open: list["Phase"] = []  # the open phases, innermost last

@@ -59,9 +59,9 @@ def test_sweep_trains_variants_and_writes_report(sweep):
     assert status == {"broken,method=lora": "failed", "broken,method=dora": "done", "method=lora": "done",
                       "method=dora": "done"}  # dora has no lora.target_modules: the pattern cannot break it
     assert "nomatch_proj" in state["variants"][0]["error"]
-    for name in ("method=lora", "method=dora"):
-        assert run_status(out / "runs" / name) == "done"
-        assert (out / "configs" / f"{name}.yaml").exists()
+    for folder in ("method-lora", "method-dora"):  # the variants' shell-safe folder names
+        assert run_status(out / "runs" / folder) == "done"
+        assert (out / "configs" / f"{folder}.yaml").exists()
     report = out / "report"
     for f in ("index.html", "results.md", "results.csv", "curves.png", "params.png"):
         assert (report / f).stat().st_size > 0, f
@@ -90,17 +90,21 @@ def test_rerun_redoes_no_finished_variant(sweep):
                 if (d / "results.json").exists()}
     calls = []
     run_sweep(load_sweep(path), runner=lambda cfg: calls.append(cfg.output_dir), report=False)
-    assert [c.split("/")[-1] for c in calls] == ["broken,method=lora"]  # only the failed variant is retried
+    assert [c.split("/")[-1] for c in calls] == ["broken_method-lora"]  # only the failed variant is retried
     assert finished == {d: (out / "runs" / d / "results.json").stat().st_mtime_ns for d in finished}
 
 
 def test_dry_run_trains_nothing_and_flags_changed_configs(sweep, capsys):
     path, out, _ = sweep
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     assert main(["compare", str(path), "train.lr=0.5", "--dry-run"]) == 0
-    text = capsys.readouterr().err
+    text = " ".join(capsys.readouterr().err.split())
     assert "config changed!" in text and "method=dora" in text
     recorded = {v["status"] for v in json.loads((out / "sweep.json").read_text())["variants"]}
     assert "planned" not in recorded  # a dry run keeps the record of what happened before
+    # a dry run writes nothing (not even the changed configs or sweep.json) and says what a real run would write
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+    assert "dry run: nothing written" in text and "method-dora.yaml" in text and "sweep.json" in text
 
 
 def test_config_errors_stop_the_sweep_before_training(assets, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Sweep files, variant naming, learning/forgetting bookkeeping and the Pareto front — no training."""
 
+import re
 import pytest
 
 from tunelab.errors import TunelabError
@@ -28,7 +29,11 @@ def test_variant_names_and_dotted_overrides():
     assert variant_name({"method": "lora", "lora.r": 8}) == "method=lora,lora.r=8"
     assert variant_name({"train.lr": 1e-4, "data.train": "/x/y/code.jsonl", "x": [1, 2], "b": True}) == \
         "train.lr=0.0001,data.train=code,x=[1+2],b=true"
-    assert safe_dirname("a/b c=1") == "a_b_c=1"
+    assert safe_dirname("a/b c=1") == "a_b_c-1"
+    # a folder name is safe in a shell: nothing outside [A-Za-z0-9._-], no leading '-' or '.'
+    for label in ("method=lora,lora.r=8", "x=[1+2],b={c=d}", "-rf *; $(id) `x` 'q' \"q\" a|b&c>d<e", "..hidden"):
+        assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", safe_dirname(label)), safe_dirname(label)
+    assert safe_dirname("method=lora,lora.r=8") == "method-lora_lora.r-8"
     raw = {"train": {"lr": 1.0, "epochs": 2}}
     set_dotted(raw, "train.lr", 2.0)
     set_dotted(raw, "lora", {"r": 4, "alpha": 8})
@@ -56,7 +61,7 @@ def test_sweep_expansion_base_file_and_scale(tmp_path):
     v = s.variants[0]
     assert v.raw["method"] == "full" and v.raw["lora"] == {"r": 4} and v.raw["train"] == {"lr": 1e-4, "max_steps": 7}
     assert v.raw["data"]["train"] == f"{(tmp_path / 'studies').resolve()}/data/x.jsonl"
-    assert v.run_dir == tmp_path / "out" / "runs" / "full,lora.r=4,train.lr=0.0001"
+    assert v.run_dir == tmp_path / "out" / "runs" / "full_lora.r-4_train.lr-0.0001"  # shell-safe folder name
     assert v.raw["output_dir"] == str(v.run_dir) and v.raw["overwrite"] is False
     big = load_sweep(sweep, ["model.name=other"], scale=True)
     assert str(big.output_dir) == "big" and big.variants[0].raw["train"]["max_steps"] == 100
@@ -112,10 +117,11 @@ def test_bundled_studies_validate(study, tmp_path, monkeypatch):
     from tunelab.lab.sweep import config_path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "studies" / f"{study}.yaml"
-    monkeypatch.chdir(tmp_path)  # the dry run writes <output_dir>/configs, relative to the working directory
+    monkeypatch.chdir(tmp_path)  # output_dir is relative to the working directory
     for scale in (False, True):
         sweep = load_sweep(path, scale=scale)
         outcomes = run_sweep(sweep, dry_run=True)
         assert outcomes and all(o.status == "planned" for o in outcomes)
-        for v in sweep.variants:
-            assert (tmp_path / config_path(sweep, v)).exists()  # configs/<variant>[.seed-<k>].yaml
+        for v in sweep.variants:  # each variant validated from a temporary copy: a dry run writes nothing
+            assert not (tmp_path / config_path(sweep, v)).exists()
+        assert list(tmp_path.iterdir()) == []

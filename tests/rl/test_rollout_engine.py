@@ -19,7 +19,7 @@ def _rl(name, top_p=1.0):
 
 
 def test_unknown_sampler_is_one_line(tiny, tokenizer):
-    with pytest.raises(TunelabError, match=r"^rl.sampler='vlm': unknown sampler; choose torch"):
+    with pytest.raises(TunelabError, match=r"^rl.sampler='vlm': unknown sampler; choose torch, vllm$"):
         check_sampler(_rl("vlm"))
     with pytest.raises(TunelabError, match=r"^rl.sampler='vlm': unknown sampler"):
         build_sampler("vlm", tiny("llama"), tokenizer, 4)

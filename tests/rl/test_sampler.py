@@ -63,7 +63,7 @@ def test_a_run_samples_only_through_the_named_sampler(config, monkeypatch):
 
 def test_an_unknown_sampler_is_one_line_before_anything_is_written(config, capsys, tmp_path):
     rc, err = _cli(capsys, config("grpo", rl={"sampler": "nope"}))
-    assert rc == 2 and err == ["error: rl.sampler='nope': unknown sampler; choose torch"], err
+    assert rc == 2 and err == ["error: rl.sampler='nope': unknown sampler; choose torch, vllm"], err
     assert not (tmp_path / "run").exists()
 
 

@@ -47,8 +47,8 @@ def sft_config(tmp_path_factory, tokenizer):
 def test_every_phase_of_a_run_announces_itself(sft_config, tmp_path, capsys):
     assert main(["train", str(sft_config(tmp_path / "run"))]) == 0
     err = capsys.readouterr().err
-    for line in ["measuring the model before training …", "generating 1 sample(s) before training …",
-                 "evaluating task loss (perplexity) …", "generating 1 sample(s) after training …",
+    for line in ["measuring the model before training …", "generating 1 sample before training …",
+                 "evaluating task loss (perplexity) …", "generating 1 sample after training …",
                  "measuring the model after training …", "saving the trained adapter …",
                  "saving the trained adapter: done in"]:
         assert line in err, (line, err)

@@ -43,12 +43,13 @@ from typing import Callable
 
 from pydantic import ValidationError
 
+from ..console import plural
 from ..errors import TunelabError
 from ..userfiles import read_text
 from ..yamlfile import load_yaml
 from .claims import match_problem
 from .results import STATE_FILE, flatten
-from .sweep import Sweep, resolve
+from .sweep import Sweep, config_path, resolve
 
 _IGNORED_KEYS = {"overwrite", "resume"}  # how a run is (re)started, not what it computes
 
@@ -127,7 +128,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     configs = []
     for v in sweep.variants:  # validate everything first: a typo must not surface after hours of training
         try:
-            cfg = resolve(sweep, v)
+            cfg = resolve(sweep, v, write=not dry_run)  # a dry run writes nothing
             check_tasks(cfg)  # every eval task file exists and parses
             configs.append(cfg)
         except TunelabError as e:
@@ -142,9 +143,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
         print_plan(sweep, configs, budgets)
     if problem:  # one line, before anything trains
         raise TunelabError(f"{sweep.path or sweep.name}: {problem}")
-    if dry_run:
-        if main:
-            _save_state(sweep, outcomes, budgets)
+    if dry_run:  # nothing written: print_plan said what a real run would write
         return outcomes
     for i, (v, cfg, out) in enumerate(zip(sweep.variants, configs, outcomes), 1):
         state = run_status(v.run_dir)
@@ -233,7 +232,8 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
     for v, cfg in zip(sweep.variants, configs):
         groups.setdefault(v.name, []).append((v, cfg))
     n_seeds = len(sweep.seeds) if sweep.seeds else 1
-    title = f"sweep {sweep.name}: {len(groups)} variants" + (f" × {n_seeds} seeds" if sweep.seeds else "")
+    title = f"sweep {sweep.name}: {plural(len(groups), 'variant')}" + (f" × {plural(n_seeds, 'seed')}"
+                                                                        if sweep.seeds else "")
     table = Table(title=f"{title} → {sweep.output_dir}")
     right = ("#", "steps", "≤ train tokens", "sampled", "runs done")
     cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + (("runs done",) if sweep.seeds
@@ -258,9 +258,13 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
                       f"{sampled:,}" if sampled else "—",
                       *((f"{states.count('done')}/{len(members)}",) if sweep.seeds else ()))
     console.print(table)
-    console.print(f"{totals['runs']} runs; configured in all: {totals['steps']:,} optimizer steps, at most "
+    console.print(f"{plural(totals['runs'], 'run')}; configured in all: {totals['steps']:,} optimizer steps, at most "
                   f"{totals['tokens']:,} training tokens, {totals['sampled']:,} sampled completions (per run × "
-                  f"{n_seeds} seed{'s' if n_seeds > 1 else ''}); configs written to {sweep.output_dir / 'configs'}")
+                  f"{plural(n_seeds, 'seed')})")
+    configs_dir = sweep.output_dir / "configs"
+    console.print(f"dry run: nothing written. A real run writes {plural(len(sweep.variants), 'config')} to "
+                  f"{configs_dir} ({', '.join(config_path(sweep, v).name for v in sweep.variants)}), "
+                  f"{sweep.output_dir / STATE_FILE} and the runs under {sweep.runs_dir}")
 
 
 def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = None) -> None:
@@ -317,7 +321,7 @@ def compare_main(sweep_file: str, overrides: list[str] = (), dry_run: bool = Fal
     for o in failed:
         print(f"failed: {o.name}: {o.error}")
     print_verdicts(sweep)
-    print(f"{len(outcomes) - len(failed)}/{len(outcomes)} runs finished; report: {sweep.report_dir / 'index.html'}")
+    print(f"{len(outcomes) - len(failed)}/{plural(len(outcomes), 'run')} finished; report: {sweep.report_dir / 'index.html'}")
     return 1 if failed else 0
 
 

@@ -21,6 +21,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from ..console import plural
 from ..userfiles import check_can_create, check_replaceable, forget_written, make_folder, note_written, \
     write_file, written_by_tunelab
 from .plots import pareto_front, plot_all
@@ -125,7 +126,7 @@ def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1>",
-             f"<p class='sub'>{done} of {len(runs)} runs finished · generated "
+             f"<p class='sub'>{done} of {plural(len(runs), 'run')} finished · generated "
              f"{datetime.now().strftime('%Y-%m-%d %H:%M')} by tunelab</p>"]
     if description:
         parts.append(f"<p>{_e(description)}</p>")
@@ -261,5 +262,5 @@ def report_main(paths: list[str], out: str, markdown: str | None = None, overwri
     runs = collect(paths)
     index = build_report(runs, out, title=meta.get("name") or "tunelab report",
                          description=meta.get("description") or "", study=meta, overwrite=overwrite)
-    print(f"{len(runs)} runs; report: {index}")
+    print(f"{plural(len(runs), 'run')}; report: {index}")
     return 0

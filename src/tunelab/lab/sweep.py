@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +50,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ..config import load_config, parse_override, substitute_text
+from ..config import CONFIG_DIRS, load_config, parse_override, substitute_text
 from ..errors import TunelabError
 from ..objectives import load_run_config
 from ..userfiles import read_text
@@ -215,13 +216,27 @@ def build_sweep(spec: SweepSpec, common: dict, path: Path | None) -> Sweep:
     return sweep
 
 
-def resolve(sweep: Sweep, variant: Variant):
+def resolve(sweep: Sweep, variant: Variant, write: bool = True):
     """Validate one variant's run config: written to ``<sweep>/configs/<name>.yaml`` and loaded from there,
-    so errors name a real file and line, and any variant can be rerun by hand with `tunelab train`."""
+    so errors name a real file and line, and any variant can be rerun by hand with `tunelab train`.
+
+    ``write=False`` (a dry run) writes nothing in the sweep folder: the same text is loaded from a temporary copy,
+    and an error names the file and line it would have had."""
     cfg_path = config_path(sweep, variant)
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# variant '{variant.key}' of sweep '{sweep.name}' (written by tunelab compare)\n" + \
         yaml.safe_dump(variant.raw, sort_keys=False)
+    if not write:
+        with tempfile.TemporaryDirectory(prefix="tunelab-dry-run-") as tmp:
+            probe = Path(tmp) / cfg_path.name
+            probe.write_text(text)
+            try:
+                return load_run_config(probe)
+            except TunelabError as e:
+                raise TunelabError(str(e).replace(str(probe), f"{cfg_path} (not written: dry run)")) from None
+            finally:
+                if probe.resolve().parent in CONFIG_DIRS:
+                    CONFIG_DIRS.remove(probe.resolve().parent)
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
     if not cfg_path.exists() or cfg_path.read_text() != text:  # unchanged files keep their mtime
         cfg_path.write_text(text)
     return load_run_config(cfg_path)
@@ -253,8 +268,12 @@ def _short(value: Any) -> str:
 
 
 def safe_dirname(label: str) -> str:
-    """A folder name for a variant label: readable characters kept, the rest replaced by ``_``."""
-    name = re.sub(r"[^A-Za-z0-9._=,+@\-\[\]{}]", "_", label).strip(".") or "variant"
+    """A folder name for a variant label that needs no quoting in a shell: only ``[A-Za-z0-9._-]``.
+
+    ``=`` becomes ``-`` and everything else outside that set ``_``, so ``method=lora,lora.r=8`` is the folder
+    ``method-lora_lora.r-8`` (the label itself, which claims and reports use, is unchanged). A leading ``-`` or
+    ``.`` is dropped: a folder must not read as an option or be hidden."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", label.replace("=", "-")).lstrip(".-") or "variant"
     return name[:150]  # file systems cap names at 255 bytes
 
 

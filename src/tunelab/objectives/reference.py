@@ -335,7 +335,7 @@ def build_reference(cfg, model, sets: dict[str, list], pad_id: int, run_dir: Pat
     resume), stored on the examples (`ex.ref`), and the reference itself is released — so None again."""
     import time
 
-    from ..console import console, phase
+    from ..console import console, phase, plural
     from .registry import objective_class
 
     if not objective_class(cfg.objective).wants_reference(cfg):
@@ -347,7 +347,7 @@ def build_reference(cfg, model, sets: dict[str, list], pad_id: int, run_dir: Pat
         return ref
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    with phase(f"reference log-probs of {sum(len(v) for v in sets.values())} examples"):
+    with phase(f"reference log-probs of {plural(sum(len(v) for v in sets.values()), 'example')}"):
         loaded = fill_cache(run_dir / "reference_logps.safetensors", ref, {k: v for k, v in sets.items() if v},
                             pad_id, batch_size=max(cfg.train.batch_size, 4), tag=f"{cfg.model.name}|{ref.mode}",
                             device=device)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from ..console import phase
+from ..console import phase, plural
 from ..data.batches import RunContext
 from ..data.sources import Record
 from ..errors import TunelabError
@@ -136,7 +136,7 @@ class RolloutSource:
         prompts = self.round_prompts(r)
         params = SamplingParams(**{**self.params.__dict__,
                                    "seed": seed_of("rollout", self.cfg.train.seed, r, self.ctx.rank)})
-        with self.ctx.gathered(), phase(f"rollout {r + 1}: {len(prompts)} prompt(s) × {self.G} completions"):
+        with self.ctx.gathered(), phase(f"rollout {r + 1}: {plural(len(prompts), 'prompt')} × {plural(self.G, 'completion')}"):
             sync = time.perf_counter()
             self.sampler.load_weights(self.ctx.model)  # the round samples from the policy as it is now
             sync = time.perf_counter() - sync  # not generation: weights pushed (vLLM: engine start on round 0)

@@ -88,7 +88,8 @@ def sampler_class(name: str) -> type:
         if "vllm" not in SAMPLERS and hasattr(vllm_sampler, "VLLMSampler"):
             SAMPLERS["vllm"] = vllm_sampler.VLLMSampler
     if name not in SAMPLERS:
-        raise TunelabError(f"rl.sampler={name!r}: unknown sampler; choose {', '.join(sorted(SAMPLERS))}")
+        known = sorted({*SAMPLERS, "vllm"})  # vllm is always a name, imported only when asked for
+        raise TunelabError(f"rl.sampler={name!r}: unknown sampler; choose {', '.join(known)}")
     return SAMPLERS[name]
 
 

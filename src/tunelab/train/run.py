@@ -39,6 +39,7 @@ import torch
 
 from ..adapters.base import saves_full_model
 from ..config import RunConfig, save_config
+from ..console import plural
 from ..data.batches import RunContext
 from ..data.kinds import data_kind
 from ..errors import TunelabError
@@ -59,7 +60,7 @@ from .task_eval import evaluate_base, evaluate_during, evaluate_final
 def _samples(p: RunInputs, cfg: RunConfig, when: str) -> list[dict]:
     if not p.eval_prompts:
         return []
-    with phase(f"generating {len(p.eval_prompts)} sample(s) {when}"):
+    with phase(f"generating {plural(len(p.eval_prompts), 'sample')} {when}"):
         return generate_samples(p.model, p.tokenizer, p.template, p.eval_prompts, cfg)
 
 
@@ -200,6 +201,6 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
                "budget": accounting.consumed(cfg, res, usage, out, p.report.total, p.report.trainable, engine.world),
                "provenance": accounting.run_provenance(cfg, out)}
     write_results(out, results)
-    console.print(f"{cfg.objective}: {res.steps} steps, {results['tokens_per_s']:,.0f} tokens/s, "
+    console.print(f"{cfg.objective}: {plural(res.steps, 'step')}, {results['tokens_per_s']:,.0f} tokens/s, "
                   f"{res.seconds:.0f}s → {out}")
     return out
