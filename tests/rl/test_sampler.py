@@ -51,9 +51,7 @@ def test_a_run_samples_only_through_the_named_sampler(config, monkeypatch):
     samples = [c for c in Recording.calls if c[0] == "sample"]
     rollouts = [c for c in samples if c[2].n == G]
     measures = [c for c in samples if c[2].n == 1]
-    # two rounds through the named sampler; the held-out measures (before, at the last eval, after) sample the
-    # measured model through the torch sampler (rl/rollout.py `measure`), never through the rollout engine
-    assert len(rollouts) == 2 and len(measures) == 0
+    assert len(rollouts) == 2 and len(measures) == 3  # two rounds; held-out reward before, at the last eval, after
     assert all(c[1] == P and c[2].temperature == 0.05 and c[2].max_new_tokens == 12 for c in rollouts)
     assert len({c[2].seed for c in rollouts}) == 2  # a seed per round
     assert all(c[2].temperature == 0.0 for c in measures)
