@@ -15,7 +15,7 @@ How it stays invisible to everything else:
   row view into it, so no weight is held twice and every key, name and Parameter object is unchanged.
   `unfuse` gives each its own storage back (the loop does so when training ends, before anything is saved).
 * NF4 bases (QLoRA): nothing is stored; the dequantised weights are concatenated per forward and again in the
-  backward pass (like `qlora._NF4Matmul`, never saved).
+  backward pass (`qlora.NF4Matmul`, never saved).
 * the fused output is computed when the group's first member (q_proj, gate_proj: the one the model calls
   first) is called; the others find their slice in a small per-group cache keyed by that input tensor's
   identity (and its version, grad mode and autocast state), taken out on use. A member called with a tensor
@@ -37,29 +37,10 @@ from torch import nn
 from .base import adapter_modules
 from .dora import DoraLinear
 from .lora import LoraLinear
+from .qlora import NF4Matmul
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _CACHE = 4  # entries per group: a forward's input, DoRA's dropped input, and a spare
-
-
-class _FusedNF4Matmul(torch.autograd.Function):
-    """y = x [W_1; …; W_k]ᵀ + b with every W dequantised in forward and again in backward, never saved."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, bias, group):
-        ctx.group = group
-        return F.linear(x, group.nf4_weight(), bias)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad):
-        grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.group.nf4_weight().to(grad.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_b, None
 
 
 class FusedGroup:
@@ -84,7 +65,7 @@ class FusedGroup:
             m.__dict__["base_forward"] = partial(self.base_forward, i)
 
     # -- the fused GEMM -------------------------------------------------------------------------------
-    def nf4_weight(self) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:  # the stacked dequantised weights (what NF4Matmul reads)
         return torch.cat([m.base_weight() for m in self.layers])
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -96,7 +77,7 @@ class FusedGroup:
         if self.quantized:  # as _NF4Base.base_forward: compute dtype inside, the input's dtype out
             cd = self.layers[0].compute_dtype
             bias = self._bias(cd) if with_bias else None
-            y = _FusedNF4Matmul.apply(x.to(cd), bias, self).to(x.dtype)
+            y = NF4Matmul.apply(x.to(cd), bias, self).to(x.dtype)
         else:
             y = F.linear(x, self.weight, self.bias if with_bias else None)
         return list(y.split(self.sizes, dim=-1))

@@ -87,8 +87,9 @@ PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 QUANT_KEYS = ("nf4", "absmax", "absmax_q", "absmax_scale", "absmax_mean")
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """y = x Wᵀ + b with W dequantised in forward and again in backward, never saved (QLoRA's memory win)."""
+class NF4Matmul(torch.autograd.Function):
+    """y = x Wᵀ + b with W = `source.base_weight()` dequantised in forward and again in backward, never saved
+    (QLoRA's memory win). `source`: a QLoRA layer, or a fused group of them (adapters/fused.py)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -151,7 +152,7 @@ class _NF4Base:
         # Returning the compute dtype instead breaks models that mix the outputs of several linears with
         # other tensors, e.g. bf16 q/k upcast by fp32 rotary cos/sin next to a bf16 v in attention.
         bias = self.bias.to(self.compute_dtype) if with_bias and self.bias is not None else None
-        return _NF4Matmul.apply(x.to(self.compute_dtype), bias, self).to(x.dtype)
+        return NF4Matmul.apply(x.to(self.compute_dtype), bias, self).to(x.dtype)
 
     @contextmanager
     def _fp32_base(self):
