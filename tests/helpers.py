@@ -40,3 +40,16 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     """(step, training loss) of every training row in a run's metrics.jsonl."""
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def train_loreft_run(tmp_path, model_dir):
+    """A two-step LoReFT run on a tiny model, trained through the CLI, loaded back: (model, tokenizer, template)."""
+    from tunelab.cli import main
+    from tunelab.export import load_run
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), method="loreft",
+                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
+                       train={"max_steps": 2, "batch_size": 2, "lr": 5e-2}, samples={"n_heldout": 0})
+    assert main(["train", str(cfg)]) == 0
+    return load_run(tmp_path / "run", device="cpu")

@@ -128,16 +128,10 @@ def test_real_terminal_ctrl_c_and_ctrl_d(model_dir, tmp_path):
 
 def test_chat_with_a_loreft_run(tmp_path, model_dir):
     """LoReFT intervenes on prompt positions at the prefill: the chat answer is the run's, not the base's."""
-    from tests.helpers import alpaca_rows, write_config, write_jsonl
-    from tunelab.cli import main
+    from tests.helpers import train_loreft_run
     from tunelab.export import load_run
 
-    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
-    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), method="loreft",
-                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
-                       train={"max_steps": 2, "batch_size": 2, "lr": 5e-2}, samples={"n_heldout": 0})
-    assert main(["train", str(cfg)]) == 0
-    model, tok, template = load_run(tmp_path / "run", device="cpu")
+    model, tok, template = train_loreft_run(tmp_path, model_dir)
     session = ChatSession(model, tok, template, max_new_tokens=8)
     answer, _ = session.reply("Add the numbers. 2 + 3")
     messages = [{"role": "user", "content": "Add the numbers. 2 + 3"}]

@@ -161,16 +161,10 @@ def test_cli_help_says_localhost_and_a_busy_port_is_one_line(server, model_dir):
 
 def test_a_loreft_run_is_served(tmp_path, model_dir):
     """LoReFT (which vLLM cannot serve) answers through the server with the run's edit, not the base model's."""
-    from tests.helpers import alpaca_rows, write_config, write_jsonl
-    from tunelab.cli import main
+    from tests.helpers import train_loreft_run
     from tunelab.export import load_run
 
-    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
-    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "run"), method="loreft",
-                       model={"name": str(model_dir)}, data={"train": str(data), "max_length": 64},
-                       train={"max_steps": 2, "batch_size": 2, "lr": 5e-2}, samples={"n_heldout": 0})
-    assert main(["train", str(cfg)]) == 0
-    model, tok, template = load_run(tmp_path / "run", device="cpu")
+    model, tok, template = train_loreft_run(tmp_path, model_dir)
     srv = make_server(Engine(model, tok, template, "loreft-run"), "127.0.0.1", 0, verbose=False)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
