@@ -28,6 +28,7 @@ from ..errors import TunelabError
 from ..jsonl import read_rows
 from ..userfiles import read_text
 from ..yamlfile import load_yaml
+from .numbers import fmt
 
 STATE_FILE = "sweep.json"
 _NOT_A_DIFFERENCE = {"output_dir", "overwrite", "resume", "method"}  # method has its own column
@@ -251,7 +252,7 @@ def _num(v) -> float | None:
 class Column:
     key: str
     header: str
-    kind: str = "float"  # text | int | float | signed | params
+    kind: str = "float"  # a `lab.numbers` kind: text | int | float | loss | pct | percent | signed | params | seconds
 
 
 def _own_sections() -> set[str]:
@@ -294,15 +295,18 @@ def build_table(runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
     cols = [Column("variant", "variant", "text"), Column("status", "status", "text"),
             Column("method", "method", "text")]
     cols += [Column(f"cfg:{k}", k, "text") for k in diff]
-    cols += [Column("trainable_params", "trainable params", "params"), Column("trainable_pct", "trainable %"),
-             Column("eval_loss_before", "eval loss before"), Column("eval_loss_after", "eval loss after"),
+    cols += [Column("trainable_params", "trainable params", "params"),
+             Column("trainable_pct", "trainable %", "percent"),
+             Column("eval_loss_before", "eval loss before", "loss"),
+             Column("eval_loss_after", "eval loss after", "loss"),
              Column("learning", "learning ↑", "signed"), Column("forgetting", "forgetting ↓", "signed")]
     cols += [Column(f"learn:{t}", f"learn · {t}", "signed") for t in learn_tasks]
     cols += [Column(f"forget:{t}", f"forget · {t}", "signed") for t in forget_tasks]
     if any("mismatch_max_abs_logp" in (r.results or {}) for r in runs):  # online RL: sampler vs trainer
-        cols += [Column("mismatch_kl", "mismatch KL"), Column("mismatch_max_abs_logp", "mismatch max |Δ log p|")]
+        cols += [Column("mismatch_kl", "mismatch KL", "reward"),
+                 Column("mismatch_max_abs_logp", "mismatch max |Δ log p|", "reward")]
     cols += [Column("steps", "steps", "int"), Column("tokens_per_s", "tokens/s", "int"),
-             Column("train_seconds", "train s"), Column("total_seconds", "total s")]
+             Column("train_seconds", "train s", "seconds"), Column("total_seconds", "total s", "seconds")]
     rows = []
     for r in runs:
         res, s, flat = r.results or {}, r.scores, flatten(r.config)
@@ -326,25 +330,6 @@ def _short_value(v) -> str:
     if isinstance(v, str) and "/" in v:
         return Path(v).name  # a data path: its file name is what tells variants apart
     return "—" if v is None else str(v) if not isinstance(v, list) else ",".join(map(str, v))
-
-
-def fmt(value, kind: str = "float") -> str:
-    """A cell as text: 4 significant digits, signed deltas, parameter counts as 1.2M; missing is an em dash."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if kind == "text" or isinstance(value, str):
-        return str(value)
-    if kind == "params":
-        v = float(value)
-        for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-            if v >= size:
-                return f"{v / size:.3g}{unit}"
-        return f"{int(v)}"
-    if kind == "int":
-        return f"{int(round(value)):,}"
-    if kind == "signed":
-        return f"{value:+.4g}"
-    return f"{value:.4g}"
 
 
 def to_markdown(cols: list[Column], rows: list[dict]) -> str:
