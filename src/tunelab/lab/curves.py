@@ -45,7 +45,7 @@ from .seeds import Group, group_runs, mean_curve
 _SKIP = {"step", "epoch", "round", "tokens", "n_loss_units", "kept", "kept_of", "n_pairs", "n_desirable",
          "seconds", "weight_sync_seconds", "mismatch_max_abs_logp"}
 _SKIP_SUFFIXES = ("_seconds", "tokens_per_s", "/perplexity", "/answer_found")
-PANELS = {"loss": "loss (solid: training, dashed: held-out)", "reward": "reward / score", "accuracy": "accuracy",
+PANELS = {"loss": "loss", "reward": "reward / score", "accuracy": "accuracy",
           "kl": "KL divergence", "entropy": "entropy", "lr": "learning rate", "grad_norm": "gradient norm",
           "rates": "rates (fraction)", "loss_terms": "loss terms", "logp": "log-probabilities",
           "length": "completion length (tokens)", "values": "advantages and values", "other": "other"}
@@ -78,13 +78,23 @@ def panel_of(key: str) -> str | None:
         return "reward"
     if base.endswith("loss") or base in ("nll", "log_odds_ratio"):
         return "loss_terms"
-    if base.startswith("logp"):
+    if "logp" in words:
         return "logp"
     if "length" in base or base.endswith("_len"):
         return "length"
     if words[0] in ("adv", "advantage", "value", "return") or base == "explained_variance":
         return "values"
     return "other"
+
+
+def panel_title(panel: str, keys: list[str]) -> str:
+    """The panel's kind; with one series, its key too (unless the kind already names it)."""
+    if panel.startswith("task:"):
+        return f"{panel[len('task:'):]} (tasks, during training)"
+    title = PANELS[panel]
+    if len(keys) == 1 and keys[0] not in ("loss", "lr", "grad_norm", "entropy"):
+        return keys[0] if panel == "other" else f"{title}: {keys[0]}"
+    return title
 
 
 def _numeric(v) -> bool:
@@ -140,7 +150,14 @@ def _draw(ax, group: Group, key: str, color, style: str, marker, steps: list, va
 
 
 def plot_curves(runs: list[RunInfo], path: Path) -> Path | None:
-    """One panel per kind of logged series (module docstring); None when no run logged anything."""
+    """`curves_figure` as a PNG at `path`; None when no run logged anything."""
+    fig = curves_figure(runs)
+    return save(fig, path) if fig is not None else None
+
+
+def curves_figure(runs: list[RunInfo]):
+    """One panel per kind of logged series (module docstring), as a matplotlib Figure; None when no run logged
+    anything."""
     from matplotlib.lines import Line2D
 
     panels = panels_for(runs)
@@ -162,7 +179,7 @@ def plot_curves(runs: list[RunInfo], path: Path) -> Path | None:
             ax.legend([Line2D([], [], color="0.3", linestyle=_STYLES[i % len(_STYLES)],
                               marker=_MARKERS[(i // len(_STYLES)) % len(_MARKERS)]) for i in range(len(keys))],
                       keys, fontsize=7, loc="best", frameon=False)
-        ax.set_title(PANELS.get(panel) or f"{panel[len('task:'):]} (tasks, during training)", fontsize=10)
+        ax.set_title(panel_title(panel, keys), fontsize=10)
         ax.set_xlabel("step")
         integer_steps(ax, steps)
         steady_limits(ax, values, min_rel=MIN_REL_SPAN)
@@ -176,4 +193,4 @@ def plot_curves(runs: list[RunInfo], path: Path) -> Path | None:
     labels = [g.name + (f" (mean of {len(g.runs)} seeds, 95 % band)" if seeded and g.seeded else "") for g in groups]
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(len(labels), 1)), fontsize=8,
                frameon=False)
-    return save(fig, path)
+    return fig

@@ -50,6 +50,12 @@ def variant_points(runs: list[RunInfo]) -> list[tuple[str, tuple | None, tuple |
 
 
 def plot_learning_forgetting(runs: list[RunInfo], path: Path) -> Path | None:
+    """`learning_forgetting_figure` as a PNG at `path` (None without data)."""
+    fig = learning_forgetting_figure(runs)
+    return save(fig, path) if fig is not None else None
+
+
+def learning_forgetting_figure(runs: list[RunInfo]):
     """Scatter of forgetting (x, lower is better) vs learning (y, higher is better) with the Pareto front
     drawn through the non-dominated variants. None when no run has both numbers (no source tasks evaluated)."""
     from matplotlib.ticker import MaxNLocator
@@ -91,7 +97,7 @@ def plot_learning_forgetting(runs: list[RunInfo], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     if len(front) > 1:
         ax.legend(loc="lower right", fontsize=8)
-    return save(fig, path)
+    return fig
 
 
 def _params(r: RunInfo):
@@ -103,6 +109,12 @@ def _eval_loss_after(r: RunInfo):
 
 
 def plot_vs_params(runs: list[RunInfo], path: Path) -> Path | None:
+    """`params_figure` as a PNG at `path` (None without parameter counts)."""
+    fig = params_figure(runs)
+    return save(fig, path) if fig is not None else None
+
+
+def params_figure(runs: list[RunInfo]):
     """Learning, forgetting and final eval loss vs trainable parameters (log x); variants of one method are
     joined, so e.g. LoRA r=8/64/256 read as a line next to full finetuning. None without parameter counts."""
     groups = group_runs(runs)
@@ -141,7 +153,7 @@ def plot_vs_params(runs: list[RunInfo], path: Path) -> Path | None:
         ax.set_xlabel("trainable parameters")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
-    return save(fig, path)
+    return fig
 
 
 def plot_all(runs: list[RunInfo], out_dir: Path) -> dict[str, Path]:

@@ -24,13 +24,16 @@ from pathlib import Path
 from ..console import plural
 from ..userfiles import check_can_create, check_replaceable, forget_written, make_folder, note_written, \
     write_file, written_by_tunelab
-from .plots import pareto_front, plot_all
-from .results import RunInfo, applies, build_table, config_differences, flatten, fmt, to_csv, to_markdown
+from .numbers import fmt, fmt_ci, kind_of
+from .plots import pareto_front, plot_all, variant_points
+from .results import RunInfo, applies, build_table, config_differences, flatten, to_csv, to_markdown
+from .seeds import group_runs, has_seeds, variant_cell, variant_columns, variant_markdown, variant_rows
 from .study import study_html, study_markdown, study_parts
 
 _CAPTIONS = {
-    "curves": "Training loss and held-out loss against optimizer steps, one line per run (other panels: metrics "
-              "logged at evaluation steps).",
+    "curves": "Every series the runs logged against optimizer steps, one panel per kind (loss with held-out "
+              "loss, reward, KL, entropy, learning rate, gradient norm, …); colour = run, line style = series. "
+              "With seeds: the mean over seeds, shaded 95 % t band.",
     "learning_forgetting": "Learning (target tasks improved, higher is better) against forgetting (source tasks got "
                            "worse, lower is better). Ringed runs are on the Pareto front: no other run learns more "
                            "while forgetting less.",
@@ -81,7 +84,11 @@ def build_report(runs: list[RunInfo], out_dir: str | Path, title: str = "tunelab
     check_report_out(out, overwrite)
     cols, rows = build_table(runs)
     verdicts = study_markdown(runs, study, title) + "\n"
-    texts = {"results.md": f"# {title}\n\n{description}\n\n" + verdicts + to_markdown(cols, rows) + _legend(runs),
+    table = to_markdown(cols, rows)
+    if has_seeds(runs):
+        table = (f"Per variant, mean ± 95 % t half-width over its seeds:\n\n{variant_markdown(cols, rows, runs)}\n"
+                 f"Per run:\n\n{table}")
+    texts = {"results.md": f"# {title}\n\n{description}\n\n" + verdicts + table + _legend(runs),
              "results.csv": to_csv(cols, rows, runs)}
     make_folder(out, "report --out")
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-report-"))
@@ -119,9 +126,18 @@ def _e(s) -> str:
     return html.escape(str(s), quote=True)
 
 
+def front_of(runs: list[RunInfo]) -> set[str]:
+    """The variants on the Pareto front of (learning, forgetting) — means over seeds with seeds; empty with fewer
+    than two variants (a front of one compares nothing)."""
+    points = variant_points(runs)
+    if len(points) < 2:
+        return set()
+    return {points[i][0] for i in pareto_front([(l[0] if l else None, f[0] if f else None) for _, l, f in points])}
+
+
 def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title: str, description: str,
                 study_section: str = "") -> str:
-    front = {runs[i].label for i in pareto_front([(r.scores["learning"], r.scores["forgetting"]) for r in runs])}
+    front = front_of(runs)
     done = sum(r.status == "done" for r in runs)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>",
@@ -132,9 +148,14 @@ def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title
         parts.append(f"<p>{_e(description)}</p>")
     parts.append(_summary(runs, front))
     parts.append(study_section)
-    parts.append("<h2>Results</h2>" + _table_html(cols, rows, front))
-    parts.append("<p class='note'>" + _e(_legend(runs).strip().splitlines()[0]) + " ★ = on the Pareto front. "
-                 + _fallback_note(runs) + "</p>")
+    if has_seeds(runs):
+        parts.append("<h2>Variants</h2><p class='note'>Mean ± 95 % t half-width over each variant's seeds "
+                     "(lab/stats.py).</p>" + _variant_table_html(cols, rows, runs, front))
+    group = {r.label: g.name for g in group_runs(runs) for r in g.runs}
+    parts.append("<h2>Results</h2>" + _table_html(cols, rows, {label for label, name in group.items()
+                                                                if name in front}))
+    parts.append("<p class='note'>" + _e(_legend(runs).strip().splitlines()[0])
+                 + (" ★ = on the Pareto front. " if front else " ") + _fallback_note(runs) + "</p>")
     if figures:
         parts.append("<h2>Figures</h2>")
         for name, path in figures.items():
@@ -157,16 +178,25 @@ def _fallback_note(runs: list[RunInfo]) -> str:
     return _e(f"Without task evaluation ({who}), learning is the relative drop of the held-out loss.")
 
 
+def ranking_lines(runs: list[RunInfo]) -> list[str]:
+    """"most learning: X (value)" and "least forgetting: Y (value)" (plain text) — only when at least two variants
+    have the number: one run ranks against nothing. With seeds: variant means, ``± 95 % t half-width``."""
+    points = variant_points(runs)
+    lines = []
+    for what, idx, pick in (("most learning", 1, max), ("least forgetting", 2, min)):
+        scored = [(p[0], p[idx]) for p in points if p[idx] is not None]
+        if len(scored) >= 2:
+            name, s = pick(scored, key=lambda x: x[1][0])
+            lines.append(f"{what}: {name} ({fmt_ci(*s, kind='signed')})")
+    return lines
+
+
 def _summary(runs: list[RunInfo], front: set[str]) -> str:
     items = []
-    scored = [r for r in runs if r.scores["learning"] is not None]
-    if scored:
-        best = max(scored, key=lambda r: r.scores["learning"])
-        items.append(f"most learning: <b>{_e(best.label)}</b> ({fmt(best.scores['learning'], 'signed')})")
-    forgot = [r for r in runs if r.scores["forgetting"] is not None]
-    if forgot:
-        least = min(forgot, key=lambda r: r.scores["forgetting"])
-        items.append(f"least forgetting: <b>{_e(least.label)}</b> ({fmt(least.scores['forgetting'], 'signed')})")
+    for line in ranking_lines(runs):
+        what, rest = line.split(": ", 1)
+        name, value = rest.rsplit(" (", 1)
+        items.append(f"{_e(what)}: <b>{_e(name)}</b> ({_e(value[:-1])})")
     if front:
         items.append("Pareto front: " + ", ".join(f"<b>{_e(x)}</b>" for x in sorted(front)))
     failed = [r for r in runs if r.status == "failed"]
@@ -176,20 +206,36 @@ def _summary(runs: list[RunInfo], front: set[str]) -> str:
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
 
 
+def _cell_class(c, v) -> str:
+    cls = "t" if c.kind == "text" else ""
+    if isinstance(v, tuple):
+        v = v[0]
+    if c.kind == "signed" and isinstance(v, (int, float)) and v:
+        good = v > 0 if not c.key.startswith("forget") else v < 0
+        cls = "pos" if good else "neg"
+    if c.key == "status" and v == "failed":
+        cls = "t failed"
+    return cls
+
+
 def _table_html(cols, rows, front: set[str]) -> str:
     head = "".join(f"<th class='{'t' if c.kind == 'text' else ''}'>{_e(c.header)}</th>" for c in cols)
     body = []
     for row in rows:
-        cells = []
-        for c in cols:
-            v = row.get(c.key)
-            cls = "t" if c.kind == "text" else ""
-            if c.kind == "signed" and isinstance(v, (int, float)) and v:
-                good = v > 0 if not c.key.startswith("forget") else v < 0
-                cls = "pos" if good else "neg"
-            if c.key == "status" and v == "failed":
-                cls = "t failed"
-            cells.append(f"<td class='{cls}'>{_e(fmt(v, c.kind))}</td>")
+        cells = [f"<td class='{_cell_class(c, row.get(c.key))}'>{_e(fmt(row.get(c.key), c.kind))}</td>"
+                 for c in cols]
+        tr = " class='front'" if row["variant"] in front else ""
+        body.append(f"<tr{tr}>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _variant_table_html(cols, rows, runs: list[RunInfo], front: set[str]) -> str:
+    vcols = variant_columns(cols)
+    head = "".join(f"<th class='{'t' if c.kind == 'text' else ''}'>{_e(c.header)}</th>" for c in vcols)
+    body = []
+    for row in variant_rows(cols, rows, runs):
+        cells = [f"<td class='{_cell_class(c, row.get(c.key))}'>{_e(variant_cell(row.get(c.key), c.kind))}</td>"
+                 for c in vcols]
         tr = " class='front'" if row["variant"] in front else ""
         body.append(f"<tr{tr}>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -232,7 +278,7 @@ def _eval_table(ev: dict) -> str:
         for m, v in (metrics or {}).items() if isinstance(metrics, dict) else ():
             b = (base.get(task) or {}).get(m) if isinstance(base.get(task), dict) else None
             rows.append(f"<tr><td class='t'>{_e(task)}</td><td class='t'>{_e(m)}</td>"
-                        f"<td>{_e(fmt(b))}</td><td>{_e(fmt(v))}</td></tr>")
+                        f"<td>{_e(fmt(b, kind_of(m)))}</td><td>{_e(fmt(v, kind_of(m)))}</td></tr>")
     return ("<table><thead><tr><th class='t'>task</th><th class='t'>metric</th><th>base</th><th>final</th></tr>"
             "</thead><tbody>" + "".join(rows) + "</tbody></table>")
 
