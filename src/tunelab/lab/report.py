@@ -160,8 +160,11 @@ def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title
         parts.append("<h2>Figures</h2>")
         for name, path in figures.items():
             data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            caption = _CAPTIONS.get(name, name)
+            if name == "learning_forgetting" and not front:  # nothing ringed: no front among fewer than two
+                caption = caption.split(" Ringed")[0]
             parts.append(f"<figure><img alt='{_e(name)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{_e(_CAPTIONS.get(name, name))}</figcaption></figure>")
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
     if "learning_forgetting" not in figures:
         parts.append("<p class='note'>No learning-vs-forgetting figure: no run evaluated source tasks "
                      "(configure <code>eval: {target: [...], source: [...]}</code>).</p>")
