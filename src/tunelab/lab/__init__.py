@@ -6,7 +6,11 @@ what               how                                                          
 sweep file         base config + common overrides + grid (cartesian product) and/or variants   `sweep`
 running a sweep    one run directory per variant, finished runs skipped, killed runs resumed   `compare`
 reading runs       config.yaml / metrics.jsonl / results.json → `RunInfo`, comparison table    `results`
-figures            loss curves, learning vs forgetting (Pareto front), metrics vs parameters   `plots`
+variants           runs grouped by variant: means over seeds with 95 % t intervals             `seeds`
+figures            every logged series vs step (one panel per kind)                            `curves`
+figures            learning vs forgetting (Pareto front), metrics vs parameters                `plots`
+figure helpers     whole-step ticks, value axes with a minimum span                            `figure`
+number format      one rule per kind: losses 3 decimals, rates as %, rewards 3 sig. digits     `numbers`
 report             results.md, results.csv and a single-file index.html                        `report`
 statistics         seed means with t intervals, paired bootstrap, McNemar / sign-flip, Holm    `stats`
 claims, budgets    a study's claims from per-item scores, budget table, provenance check       `claims`
