@@ -176,3 +176,17 @@ def test_one_format_per_kind_of_number():
     assert [kind_of(k) for k in ("eval_loss", "policy_loss", "pref_accuracy", "code/exact_match", "truncated",
                                  "clip_fraction", "reward", "kl", "entropy")] == \
         ["loss", "loss", "pct", "pct", "pct", "pct", "reward", "reward", "reward"]
+
+
+def test_values_that_cannot_be_drawn_are_left_out(tmp_path):
+    """A diverged step (±inf, ±1e308), a boolean or a string in metrics.jsonl: the figure draws the rest."""
+    d = tmp_path / "odd"
+    d.mkdir()
+    rows = [{"step": 1, "loss": float("inf"), "reward": True, "kl": 1e308, "note": "x"}, {"step": "2", "loss": 1.0},
+            {"step": 2, "loss": -1e308, "entropy": float("-inf")}, {"step": 3, "loss": 2.0}, {"loss": 3.0}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = curves_figure([load_run(d)])
+    assert titles(fig) == ["loss"]
+    (line,) = visible_axes(fig)[0].lines
+    assert list(line.get_xdata()) == [3] and list(line.get_ydata()) == [2.0]
+    fig.savefig(tmp_path / "c.png")

@@ -36,6 +36,7 @@ marker, not a line. Step axes tick at whole steps (`figure.integer_steps`); valu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .figure import colors_for, integer_steps, new_figure, plain_y, save, steady_limits
@@ -98,7 +99,9 @@ def panel_title(panel: str, keys: list[str]) -> str:
 
 
 def _numeric(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN: not measured
+    """A value that can be drawn: a number, not NaN (not measured), not ±inf or beyond ±1e100 (a diverged step:
+    matplotlib's tick computation overflows on it)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e100
 
 
 def panels_for(runs: list[RunInfo]) -> dict[str, list[str]]:

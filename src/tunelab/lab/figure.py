@@ -62,7 +62,7 @@ def integer_steps(ax, steps: Iterable[float] = ()) -> None:
     """Ticks at whole steps only; a window of at least ±1 step around data that spans less than two steps."""
     from matplotlib.ticker import MaxNLocator
 
-    xs = [float(s) for s in steps]
+    xs = [float(s) for s in steps if math.isfinite(float(s))]
     if xs and max(xs) - min(xs) < 2:
         ax.set_xlim(min(xs) - 1, max(xs) + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -88,5 +88,7 @@ def steady_limits(ax, values: Iterable[float], axis: str = "y", include_zero: bo
         lo, hi = lo - 1, hi + 1
     margin = pad * (hi - lo)
     limits = (lo - margin, hi + margin)
+    if not all(math.isfinite(x) for x in limits):  # values near the float range: matplotlib's own autoscaling
+        return None
     (ax.set_ylim if axis == "y" else ax.set_xlim)(*limits)
     return limits
