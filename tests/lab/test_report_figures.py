@@ -190,3 +190,15 @@ def test_values_that_cannot_be_drawn_are_left_out(tmp_path):
     (line,) = visible_axes(fig)[0].lines
     assert list(line.get_xdata()) == [3] and list(line.get_ydata()) == [2.0]
     fig.savefig(tmp_path / "c.png")
+
+
+def test_study_means_print_mean_plus_minus_half_width():
+    from tunelab.lab.study import means_markdown
+
+    rows = [{"better": "a", "than": "b", "on": "prose", "direction": "lower", "better_ci": (2.5134, 2.4134, 2.6134),
+             "than_ci": (2.7, None, None)},
+            {"better": "a", "than": "b", "on": "code", "direction": "higher", "better_ci": (0.4375, 0.4, 0.475),
+             "than_ci": (0.25, 0.2, 0.3)}]
+    md = means_markdown(rows)
+    assert "| a | prose | 2.513 ± 0.100 |" in md and "| b | prose | 2.700 (1 seed) |" in md
+    assert "| a | code | 0.438 ± 0.037 |" in md and "| b | code | 0.250 ± 0.050 |" in md

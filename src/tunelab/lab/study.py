@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import TunelabError
 from .claims import budget_rows, evaluate_claims, provenance_summary
+from .numbers import fmt_ci
 
 _BUDGET_HEADERS = (("seeds", "seeds"), ("steps", "steps"), ("tokens_trained", "tokens trained"),
                    ("completions_sampled", "completions sampled"), ("tokens_sampled", "tokens sampled"),
@@ -93,10 +94,11 @@ def means_markdown(rows: list[dict]) -> str:
     means = variant_means(rows)
     if not means:
         return ""
-    lines = ["| variant | task | mean over seeds | 95 % t interval |", "|---|---|---:|---:|"]
+    kinds = {(side, r["on"]): "loss" if r.get("direction") == "lower" else "float"
+             for r in rows for side in (r["better"], r["than"])}
+    lines = ["| variant | task | mean over seeds ± 95 % t half-width |", "|---|---|---:|"]
     for v, t, (m, lo, hi) in means:
-        lines.append(f"| {v} | {t} | {m:.3f} | " + (f"[{lo:.3f}, {hi:.3f}]" if lo is not None else "— (1 seed)")
-                     + " |")
+        lines.append(f"| {v} | {t} | {fmt_ci(m, lo, hi, kinds[(v, t)])}" + (" (1 seed)" if lo is None else "") + " |")
     return "\n".join(lines) + "\n"
 
 
