@@ -28,9 +28,9 @@ task metrics   ``<task>/<metric>`` (``eval.during_training``): one panel per met
 Bookkeeping is not plotted: step, epoch, round, token and loss-unit counts, seconds, throughput (`_SKIP`), and
 ``<task>/perplexity`` (exp of a loss already shown) and ``<task>/answer_found`` (a diagnostic).
 
-In a panel, colour is the run (the variant: the mean over its seeds with a shaded 95 % band, `lab.seeds`) and line
-style is the series (listed in the panel's legend when it holds more than one). A series of one logged point is a
-marker, not a line. Step axes tick at whole steps (`figure.integer_steps`); value axes keep a minimum span
+In a panel, colour is the run (the variant: the mean over its seeds with a shaded 95 % band, `lab.seeds`), line style
+and marker are the series (listed in the panel's legend when it holds more than one). A series of one logged point
+is a marker, not a line. Step axes tick at whole steps (`figure.integer_steps`); value axes keep a minimum span
 (`figure.steady_limits`) so a flat curve does not fill the panel with its noise.
 """
 
@@ -51,7 +51,7 @@ PANELS = {"loss": "loss", "reward": "reward / score", "accuracy": "accuracy",
           "rates": "rates (fraction)", "loss_terms": "loss terms", "logp": "log-probabilities",
           "length": "completion length (tokens)", "values": "advantages and values", "other": "other"}
 _STYLES = ("-", "--", ":", "-.")
-_MARKERS = (None, "s", "^", "D", "v")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # series i: style i mod 4, marker i mod 8 — told apart as points
 MIN_REL_SPAN = 0.05  # a curve's value axis spans at least 5 % of its largest |value|
 
 
@@ -144,10 +144,9 @@ def _draw(ax, group: Group, key: str, color, style: str, marker, steps: list, va
     banded = any(lo is not None for _, (_, lo, _) in curve)
     if len(curve) == 1:  # one point: a marker (with its interval), no line to nowhere
         err = [[means[0] - lows[0]], [highs[0] - means[0]]] if banded else None
-        ax.errorbar(xs, means, yerr=err, fmt=marker or "o", color=color, ms=5, capsize=3)
+        ax.errorbar(xs, means, yerr=err, fmt=marker, color=color, ms=5, capsize=3)
         return
-    ax.plot(xs, means, color=color, lw=1.4, linestyle=style, marker=marker or ("o" if len(xs) < 20 else None),
-            ms=3)
+    ax.plot(xs, means, color=color, lw=1.4, linestyle=style, marker=marker if len(xs) < 20 else None, ms=3)
     if banded:
         ax.fill_between(xs, lows, highs, color=color, alpha=0.2, lw=0)
 
@@ -175,12 +174,12 @@ def curves_figure(runs: list[RunInfo]):
         steps: list = []
         values: list = []
         for i, key in enumerate(keys):
-            style, marker = _STYLES[i % len(_STYLES)], _MARKERS[(i // len(_STYLES)) % len(_MARKERS)]
+            style, marker = _STYLES[i % len(_STYLES)], _MARKERS[i % len(_MARKERS)]
             for g in groups:
                 _draw(ax, g, key, colors[g.name], style, marker, steps, values)
         if len(keys) > 1:  # which line style is which series
             ax.legend([Line2D([], [], color="0.3", linestyle=_STYLES[i % len(_STYLES)],
-                              marker=_MARKERS[(i // len(_STYLES)) % len(_MARKERS)]) for i in range(len(keys))],
+                              marker=_MARKERS[i % len(_MARKERS)], ms=4) for i in range(len(keys))],
                       keys, fontsize=7, loc="best", frameon=False)
         ax.set_title(panel_title(panel, keys), fontsize=10)
         ax.set_xlabel("step")
