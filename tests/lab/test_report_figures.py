@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from lab_helpers import fake_runs
 from tunelab.lab.curves import curves_figure, panel_of
@@ -122,6 +123,9 @@ def seeded_study(tmp_path):
         for seed, value in enumerate(values):
             d = fake_run(f"{variant}/seed-{seed}", "full" if variant == "full" else "lora", learning=value,
                          forgetting=0.01 * (seed + 1), trainable=100_000 if variant == "full" else 1000)
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            cfg["train"]["seed"] = seed  # as the sweep writes each seed's config
+            (d / "config.yaml").write_text(yaml.safe_dump(cfg))
             rows.append({"name": f"{variant}/seed-{seed}", "variant": variant, "seed": seed, "run_dir": str(d),
                          "status": "done"})
     (tmp_path / "sweep.json").write_text(json.dumps({"name": "study", "seeds": [0, 1, 2], "variants": rows}))
@@ -157,7 +161,9 @@ def test_seeds_tables_print_mean_plus_minus_half_width(seeded_study):
     md = (out / "results.md").read_text()
     half = T975_2 * 0.1 / math.sqrt(3)
     assert "| lora | 3/3 | lora |" in md and f"+0.200 ± {half:.3f}" in md and f"+0.500 ± {half:.3f}" in md
-    assert "| lora/seed-0 | done |" in md  # the per-run table stays below
+    variants, per_run = md.split("Per run:")
+    assert "| lora/seed-0 | done |" in per_run  # the per-run table stays below
+    assert "train.seed" in per_run and "train.seed" not in variants  # differs only between seeds
     page = (out / "index.html").read_text()
     assert "<h2>Variants</h2>" in page and f"most learning: <b>full</b> (+0.500 ± {half:.3f})" in page
     assert ranking_lines(runs)[0] == f"most learning: full (+0.500 ± {half:.3f})"

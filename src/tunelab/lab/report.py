@@ -27,7 +27,7 @@ from ..userfiles import check_can_create, check_replaceable, forget_written, mak
 from .numbers import fmt, fmt_ci, kind_of
 from .plots import pareto_front, plot_all, variant_points
 from .results import RunInfo, applies, build_table, config_differences, flatten, to_csv, to_markdown
-from .seeds import group_runs, has_seeds, variant_cell, variant_columns, variant_markdown, variant_rows
+from .seeds import group_runs, has_seeds, variant_cell, variant_markdown, variant_table
 from .study import study_html, study_markdown, study_parts
 
 _CAPTIONS = {
@@ -233,10 +233,10 @@ def _table_html(cols, rows, front: set[str]) -> str:
 
 
 def _variant_table_html(cols, rows, runs: list[RunInfo], front: set[str]) -> str:
-    vcols = variant_columns(cols)
+    vcols, vrows = variant_table(cols, rows, runs)
     head = "".join(f"<th class='{'t' if c.kind == 'text' else ''}'>{_e(c.header)}</th>" for c in vcols)
     body = []
-    for row in variant_rows(cols, rows, runs):
+    for row in vrows:
         cells = [f"<td class='{_cell_class(c, row.get(c.key))}'>{_e(variant_cell(row.get(c.key), c.kind))}</td>"
                  for c in vcols]
         tr = " class='front'" if row["variant"] in front else ""

@@ -103,17 +103,20 @@ def variant_cell(value, kind: str) -> str:
     return fmt_ci(value, kind=kind if kind not in _NUMERIC else "text")
 
 
-def variant_columns(cols: list[Column]) -> list[Column]:
-    """The per-run table's columns for the variant table: ``seeds`` after the name, ``status`` left out."""
-    out = [c for c in cols if c.key != "status"]
-    return out[:1] + [Column("seeds", "seeds done", "text")] + out[1:]
+def variant_table(cols: list[Column], rows: list[dict], runs: list[RunInfo]) -> tuple[list[Column], list[dict]]:
+    """The variant table: `variant_rows`, and the per-run table's columns with ``seeds done`` after the name,
+    without ``status`` and without a config column that differs only between seeds (``train.seed``)."""
+    vrows = variant_rows(cols, rows, runs)
+    vcols = [c for c in cols if c.key != "status" and not (c.key.startswith("cfg:") and all(
+        r.get(c.key) in ("mixed", None) for r in vrows))]
+    return vcols[:1] + [Column("seeds", "seeds done", "text")] + vcols[1:], vrows
 
 
 def variant_markdown(cols: list[Column], rows: list[dict], runs: list[RunInfo]) -> str:
     """The variant table in Markdown: every number is ``mean ± half-width`` of its 95 % t interval over seeds."""
-    vcols = variant_columns(cols)
+    vcols, vrows = variant_table(cols, rows, runs)
     head = "| " + " | ".join(c.header.replace("|", "\\|") for c in vcols) + " |"
     rule = "|" + "|".join("---" if c.kind == "text" else "---:" for c in vcols) + "|"
     body = ["| " + " | ".join(variant_cell(row.get(c.key), c.kind).replace("|", "\\|") for c in vcols) + " |"
-            for row in variant_rows(cols, rows, runs)]
+            for row in vrows]
     return "\n".join([head, rule, *body]) + "\n"
