@@ -128,11 +128,11 @@ def _e(s) -> str:
 
 def front_of(runs: list[RunInfo]) -> set[str]:
     """The variants on the Pareto front of (learning, forgetting) — means over seeds with seeds; empty with fewer
-    than two variants (a front of one compares nothing)."""
-    points = variant_points(runs)
+    than two variants that have both numbers (a front of one compares nothing)."""
+    points = [(name, l[0], f[0]) for name, l, f in variant_points(runs) if l is not None and f is not None]
     if len(points) < 2:
         return set()
-    return {points[i][0] for i in pareto_front([(l[0] if l else None, f[0] if f else None) for _, l, f in points])}
+    return {points[i][0] for i in pareto_front([(l, f) for _, l, f in points])}
 
 
 def render_html(runs: list[RunInfo], cols, rows, figures: dict[str, Path], title: str, description: str,
