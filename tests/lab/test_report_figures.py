@@ -90,7 +90,8 @@ def test_one_run_is_not_ranked(tmp_path):
     assert "most learning" not in page and "least forgetting" not in page and "Pareto front" not in page
     assert "<tr class='front'>" not in page
     no_tasks = one + [load_run(fake_run("plain", learning=None))]  # learning from eval loss, forgetting unknown
-    assert ranking_lines(no_tasks)[1:] == [] and "Pareto front" not in build_report(no_tasks, tmp_path / "nt").read_text()
+    assert ranking_lines(no_tasks)[1:] == []
+    assert "Pareto front" not in build_report(no_tasks, tmp_path / "nt").read_text()
     two = one + [load_run(fake_run("full", "full", learning=0.3, forgetting=0.2))]
     assert ranking_lines(two) == ["most learning: full (+0.300)", "least forgetting: lora (+0.0500)"]
     assert "most learning: <b>full</b>" in build_report(two, tmp_path / "two").read_text()
