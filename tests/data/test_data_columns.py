@@ -74,3 +74,13 @@ def test_bad_columns_option_is_one_line_with_the_config_line(tmp_path, columns, 
         _cfg(tmp_path, train="x.jsonl", columns=columns)
     lines = str(e.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'c.yaml'}:3: data.columns: ") and message in lines[0]
+
+
+def test_build_examples_takes_the_same_mapping(tmp_path, tokenizer):
+    from tunelab.data.pipeline import build_examples
+
+    src = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
+    [ex], _, _ = build_examples(str(src), tokenizer, template="chatml",
+                                columns={"prompt": "question", "response": "answer"})
+    trained = tokenizer.decode([i for i, f in zip(ex.input_ids, ex.loss_mask) if f])
+    assert trained == "4<|im_end|>"
