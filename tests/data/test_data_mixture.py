@@ -100,3 +100,19 @@ def test_data_inspect_shows_per_source_counts(tmp_path, tokenizer, capsys):
     assert len(json.loads(out.out)) == 1  # stdout stays one JSON document
     assert f"{a}: 6 rows, weight 0.5 → 4 rows per epoch (50% of the mixture)" in out.err
     assert f"{b}: 2 rows, weight 0.5 → 4 rows per epoch (50% of the mixture)" in out.err
+
+
+def test_budget_and_provenance_count_every_file(tmp_path):
+    import hashlib
+
+    from tunelab.train.accounting import configured, run_provenance
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(4)])
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", data={
+        "train": [str(a), {"path": str(b), "weight": 2}], "packing": False, "eval_fraction": 0.0},
+        train={"batch_size": 2, "epochs": 1}))
+    assert configured(cfg)["steps"] == 5  # 10 rows (a weighted mixture has as many as its files) / 2
+    hashes = run_provenance(cfg, tmp_path)["hashes"]
+    for i, path in enumerate((a, b)):
+        assert hashes[f"data.train[{i}]"] == hashlib.sha256(path.read_bytes()).hexdigest()
