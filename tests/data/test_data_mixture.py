@@ -55,6 +55,9 @@ def test_plain_list_concatenates_and_unweighted_items_count_as_one(tmp_path):
     rows = mix(load_sources(load_run_config(write_config(tmp_path / "c.yaml", data={
         "train": [str(a), str(b)]})).data.train_sources()), seed=0)
     assert [r.data["text"] for r in rows] == ["a0", "a1", "a2", "b0", "b1", "b2", "b3", "b4"]
+    limited, _ = run_records(load_run_config(write_config(tmp_path / "c.yaml", data={
+        "train": [str(a), str(b)], "limit": 2, "eval_fraction": 0.0})))
+    assert [r.data["text"] for r in limited] == ["a0", "a1", "b0", "b1"]  # data.limit: the first rows of each file
     cfg = load_run_config(write_config(tmp_path / "c.yaml", data={"train": [str(a), {"path": str(b), "weight": 3}]}))
     assert [(s.path, s.weight) for s in cfg.data.train_sources()] == [(str(a), None), (str(b), 3.0)]
     rows = mix(load_sources(cfg.data.train_sources()), seed=0)
