@@ -117,9 +117,11 @@ def _trained(row) -> str:
 
 def test_inspect_shows_what_the_runs_objective_trains_on(tmp_path, capsys, model_dir):
     """`data inspect` goes through the config's objective's data kind: the same preference file shows pairs to
-    DPO, prompt + chosen to SFT, and a prompts file shows GRPO its prompts with nothing trained."""
+    DPO, prompt + chosen to SFT (once `data.columns` maps chosen to the response: SFT on pairs is explicit), and a
+    prompts file shows GRPO its prompts with nothing trained."""
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2 + 2?", "chosen": "4", "rejected": "5"}])
-    sft = _inspect(capsys, _cfg(tmp_path, model_dir, pairs))  # objective: sft (the default)
+    mapped = {"data": {"columns": {"response": "chosen"}}}
+    sft = _inspect(capsys, _cfg(tmp_path, model_dir, pairs, **mapped))  # objective: sft (the default)
     assert len(sft) == 1 and not sft[0]["origin"].endswith(("chosen", "rejected"))
     assert _trained(sft[0]).startswith("4") and _trained(sft[0]).endswith("<|im_end|>")
     assert "5" not in _trained(sft[0])

@@ -27,6 +27,7 @@ from .adapters.loreft import LoreftConfig
 from .adapters.mora import MoraConfig
 from .adapters.partial import FreezeConfig
 from .adapters.qlora import QLoraConfig
+from .config_data import DataConfig
 from .config_errors import config_errors
 from .console import console
 from .errors import TunelabError
@@ -51,22 +52,6 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     allow_pickle: bool = False  # load a folder holding only pickle weights (pytorch_model.bin): runs its code
-
-
-class DataConfig(Strict):
-    train: str | None = None
-    eval: str | None = None
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    eval_max: int = Field(64, ge=0)
-    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference", "unpaired"] = "auto"
-    split: str | None = None
-    limit: int | None = Field(None, ge=1)
-    template: str = "auto"
-    masking: Literal["prompt", "none", "template"] = "prompt"
-    turns: Literal["all", "last"] = "all"
-    max_length: int = Field(1024, ge=8)
-    packing: bool = True
-    group_by_length: bool = False  # unpacked rows only: batches of similar lengths (less padding)
 
 
 class DivergenceConfig(Strict):

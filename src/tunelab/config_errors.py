@@ -115,7 +115,11 @@ def config_errors(exc: ValidationError, schema: type[BaseModel], shown: str, lin
                 msg += f" (did you mean {meant}?)"
         else:
             msg = err["msg"].removeprefix("Value error, ")  # a field validator's own message
-            if "input" in err:
+            # a validator's own message that names what it got, or names the culprit inside a whole list or
+            # mapping (which would echo the section back), is complete without the input repeated
+            whole = err["type"] == "value_error" and isinstance(err.get("input"), (list, dict))
+            echo = "got " not in msg and not whole
+            if "input" in err and echo:
                 got = repr(err["input"])
                 msg += f" (got {got if len(got) <= 80 else got[:77] + '...'})"
         key = next((path[:i] for i in range(len(path), 0, -1) if path[:i] in lines), None)

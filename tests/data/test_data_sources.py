@@ -100,9 +100,9 @@ def test_missing_file_unsupported_type_and_bad_parquet(tmp_path):
         load_records(str(tmp_path / "nope.jsonl"))
     with pytest.raises(TunelabError, match="file not found"):
         load_records("./some/dir/thing")
-    txt = write(tmp_path / "d.txt", "hello")
-    with pytest.raises(TunelabError, match="unsupported file type '.txt'"):
-        load_records(txt)
+    xml = write(tmp_path / "d.xml", "hello")  # (.txt is read now: one plain-text document)
+    with pytest.raises(TunelabError, match="unsupported file type '.xml'"):
+        load_records(xml)
     bad = write(tmp_path / "d.parquet", "not parquet")
     with pytest.raises(TunelabError, match="not a readable parquet file"):
         load_records(bad)

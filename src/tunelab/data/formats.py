@@ -7,9 +7,13 @@ Recognised formats (`detect_format` picks the first that matches the record's ke
                        (``human``→user, ``gpt``→assistant). Roles: system, user, input, assistant.
 ``alpaca``             ``{"instruction", "input"?, "output"}`` (Stanford Alpaca, Taori et al. 2023) →
                        ``[user: instruction, input: input (only if non-empty), assistant: output]``.
-``prompt_completion``  ``{"prompt", "completion"}`` → ``[user: prompt, assistant: completion]``; either side
-                       may also be a list of messages (the conversational form TRL uses).
-``text``               ``{"text": "..."}`` — continued pretraining: every token is trained.
+``prompt_completion``  ``{"prompt", "completion"}`` (or ``"response"`` for ``"completion"``) →
+                       ``[user: prompt, assistant: completion]``; either side may also be a list of messages
+                       (the conversational form TRL uses).
+``text``               ``{"text": "..."}`` — continued pretraining: every token is trained. A ``.txt`` file is
+                       one such record, marked as a whole document (`Sample.document`).
+
+Columns named otherwise are renamed first (``data.columns``, `columns.rename_columns`).
 
 Every problem raises `TunelabError` prefixed with the record's origin, e.g.
 ``data.jsonl:7: missing field 'output' (alpaca format)``.
@@ -36,6 +40,7 @@ class Sample:
     messages: list[dict] | None
     text: str | None
     origin: str
+    document: bool = False  # a whole document (a .txt file): split into max_length chunks, never truncated
 
 
 def detect_format(record: Record | dict) -> str:
@@ -46,7 +51,7 @@ def detect_format(record: Record | dict) -> str:
         return "messages"
     if "instruction" in keys:
         return "alpaca"
-    if "prompt" in keys and not keys & {"chosen", "rejected"}:
+    if "prompt" in keys and (keys & {"completion", "response"} or not keys & {"chosen", "rejected"}):
         return "prompt_completion"
     if "text" in keys:
         return "text"
@@ -71,7 +76,7 @@ def to_sample(record: Record, fmt: str = "auto", require_assistant: bool = True)
         text = _field(record, "text", fmt)
         if not text.strip():
             raise TunelabError(f"{origin}: field 'text' is empty (text format)")
-        return Sample(None, text, origin)
+        return Sample(None, text, origin, document=record.document)
     if fmt == "alpaca":
         messages = [{"role": "user", "content": _field(record, "instruction", fmt)}]
         extra = _field(record, "input", fmt, optional=True)
@@ -79,7 +84,8 @@ def to_sample(record: Record, fmt: str = "auto", require_assistant: bool = True)
             messages.append({"role": "input", "content": extra})
         messages.append({"role": "assistant", "content": _field(record, "output", fmt)})
     elif fmt == "prompt_completion":
-        messages = (_side(record, "prompt", "user", fmt) + _side(record, "completion", "assistant", fmt))
+        answer = "response" if "response" in record.data and "completion" not in record.data else "completion"
+        messages = (_side(record, "prompt", "user", fmt) + _side(record, answer, "assistant", fmt))
     else:
         key = "messages" if "messages" in record.data else "conversations"
         if key not in record.data:

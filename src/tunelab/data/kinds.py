@@ -7,7 +7,7 @@ name, so adding an objective that trains on existing data touches no orchestrati
 kind           examples                                 batches                                      objectives
 =============  =======================================  ==========================================  ==========
 ``sft``        `masking.Encoded` (any SFT format; the   packed (``data.packing``) or one example     sft
-               prompt + chosen of preference data)      per row, `collate.collate`
+               desirable completions of unpaired data)  per row, `collate.collate`
 ``pairs``      `preference.PairExample`                 `train.batch_size` pairs, `collate_pairs`     dpo, simpo,
                                                                                                      orpo, reward
 ``unpaired``   `preference.UnpairedExample`             `train.batch_size` completions + KL partners kto
@@ -87,25 +87,38 @@ def prompt_part(messages: list[dict]) -> list[dict]:
     return messages[:last]
 
 
+def preference_under_sft(where: str, objective: str) -> TunelabError:
+    return TunelabError(f"{where}: preference records (chosen/rejected) under objective {objective}; use objective: "
+                        "dpo (or map a column with data.columns: {response: chosen} to train on the chosen answers)")
+
+
 class SFTData:
-    """Instruction / chat / plain-text examples with the configured loss mask."""
+    """Instruction / chat / plain-text examples with the configured loss mask.
+
+    Preference pairs (chosen + rejected) are refused rather than silently trained on `chosen`: which answer to
+    learn is the user's call, made explicit with ``data.columns: {response: chosen}`` (the renamed record is
+    a prompt/response record). Unpaired (KTO) records train on their desirable completions."""
 
     name, unit = "sft", "examples"
 
     def check(self, cfg) -> None:
-        pass
+        if cfg.data.format == "preference":
+            raise preference_under_sft("data.format=preference", cfg.objective)
 
-    def samples(self, records, fmt: str):
-        if fmt in ("preference", "unpaired") or (fmt == "auto" and records and (
-                is_preference(records[0].data) or is_unpaired(records[0].data))):
-            return sft_samples(records, fmt)
-        return [to_sample(r, fmt) for r in records]
+    def samples(self, records, cfg):
+        fmt = cfg.data.format
+        if fmt == "auto":
+            pair = next((r for r in records if is_preference(r.data)), None)
+            if pair is not None:
+                raise preference_under_sft(pair.origin.rsplit(":", 1)[0], cfg.objective)
+        unpaired = lambda r: fmt == "unpaired" or (fmt == "auto" and is_unpaired(r.data))  # noqa: E731
+        return [s for r in records for s in (sft_samples([r], fmt) if unpaired(r) else [to_sample(r, fmt)])]
 
     def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
         d = cfg.data
         options = dict(template=template, mode=d.masking, turns=d.turns, max_length=d.max_length)
-        train_s = self.samples(train_records, d.format)
-        eval_s = self.samples(eval_records, d.format) if eval_records else []
+        train_s = self.samples(train_records, cfg)
+        eval_s = self.samples(eval_records, cfg) if eval_records else []
         counts = warn(conversation_counts(train_s))
         train, stats = training_set(lambda: encode_dataset(tokenizer, train_s, **options))
         evals, _ = encode_dataset(tokenizer, eval_s, **options, require_any=False) if eval_s else ([], None)
@@ -116,9 +129,9 @@ class SFTData:
 
     def inspect(self, tokenizer, template, records, cfg, n: int):
         """(the first `n` examples as this kind trains on them, stats over `records`) for `tunelab data inspect`:
-        any SFT format, preference data as prompt + chosen (what SFT trains on)."""
+        any SFT format, unpaired data as its desirable completions (what SFT trains on)."""
         d = cfg.data
-        examples, stats = encode_dataset(tokenizer, self.samples(records, d.format), template, mode=d.masking,
+        examples, stats = encode_dataset(tokenizer, self.samples(records, cfg), template, mode=d.masking,
                                          turns=d.turns, max_length=d.max_length)
         return examples[:n], stats
 

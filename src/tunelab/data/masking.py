@@ -27,7 +27,10 @@ before the content (mistral's ``[/INST] answer``).
 ``turns="last"`` trains only the final assistant turn; earlier assistant turns count as prompt (so in
 ``template`` mode they are still trained, being prompt). Plain-text samples (continued pretraining) train on
 every token whatever the mode: the tokenizer's bos is prepended only if the tokenizer itself adds one by default
-(Llama-style; SmolLM2 does not), and eos is appended and trained so documents learn to end.
+(Llama-style; SmolLM2 does not), and eos is appended and trained so documents learn to end. A longer plain text
+is truncated like any example, except a whole document (a ``.txt`` file, ``Sample.document``): it is split into
+consecutive ``max_length`` chunks, each its own example (``notes.txt:1 chunk 2/5``), so no token is lost — the
+first token of each chunk is its context only, as the first token of any row is.
 
 **Prompt span** (``prompt_mask``, independent of the mode): the tokens before the first *trained* assistant
 response — the system/user content and template text the model conditions on, assistant header included; with
@@ -189,8 +192,23 @@ def encode(tokenizer, segments: list[Segment], mode: str = "prompt", turns: str 
     return _encode_many(tokenizer, [segments], mode, turns, max_length, [origin])[0]
 
 
+def _chunks(ex: Encoded, max_length: int | None) -> list[Encoded]:
+    """A whole document's encoding split into consecutive `max_length` pieces (a 1-token tail, which holds no
+    target, is dropped)."""
+    if max_length is None or len(ex) <= max_length:
+        return [ex]
+    starts = [s for s in range(0, len(ex), max_length) if len(ex) - s > 1]
+    out = []
+    for k, s in enumerate(starts):
+        ids = ex.input_ids[s:s + max_length]
+        mask = [False] + [True] * (len(ids) - 1)
+        out.append(Encoded(ids, mask, False, len(ids) - 1, f"{ex.origin} chunk {k + 1}/{len(starts)}",
+                           [False] * len(ids)))
+    return out
+
+
 def _encode_many(tokenizer, seg_lists: list[list[Segment]], mode: str, turns: str, max_length: int | None,
-                 origins: list[str]) -> list[Encoded]:
+                 origins: list[str], documents: list[bool] | None = None) -> list[Encoded]:
     special = set(tokenizer.all_special_ids)
     bos = any(s.kind == "text" for segs in seg_lists for s in segs) and adds_bos(tokenizer)
     chat = [i for i, segs in enumerate(seg_lists) if not any(s.kind == "text" for s in segs)]
@@ -201,7 +219,12 @@ def _encode_many(tokenizer, seg_lists: list[list[Segment]], mode: str, turns: st
             ids, offsets = tokenized[i]
             ids, mask, prompt, cut = _assign(segs, ids, offsets, mode, turns, max_length, special)
         else:
-            ids, mask, prompt, cut = _encode_text(tokenizer, "".join(s.text for s in segs), max_length, bos)
+            whole = bool(documents and documents[i])
+            ids, mask, prompt, cut = _encode_text(tokenizer, "".join(s.text for s in segs),
+                                                  None if whole else max_length, bos)
+            if whole:
+                out += _chunks(Encoded(ids, mask, cut, sum(mask), origins[i], prompt), max_length)
+                continue
         out.append(Encoded(ids, mask, cut, sum(mask), origins[i], prompt))
     return out
 
@@ -223,7 +246,8 @@ def encode_dataset(tokenizer, samples, template: Template, mode: str = "prompt",
     for lo in range(0, len(samples), batch_size):
         chunk = samples[lo: lo + batch_size]
         segs = [sample_segments(s, template) for s in chunk]
-        for ex in _encode_many(tokenizer, segs, mode, turns, max_length, [s.origin for s in chunk]):
+        for ex in _encode_many(tokenizer, segs, mode, turns, max_length, [s.origin for s in chunk],
+                               [getattr(s, "document", False) for s in chunk]):
             if ex.n_trained == 0:
                 stats.n_fully_masked += 1
                 stats.dropped.append(ex.origin)

@@ -10,8 +10,14 @@ source         origin                               numbering
 ``.json``      ``data.json:[3]``                    array index, 0-based
 ``.csv``       ``data.csv:5``                       line where the row starts, 1-based (header = 1)
 ``.parquet``   ``data.parquet:row 3``               row index, 0-based
+``.txt``       ``notes.txt:1``                      the whole file is one document (``{"text": …}``)
 HF dataset     ``org/name[train]:row 3``            row index, 0-based
 =============  ===================================  ==========================================
+
+A ``.txt`` file is read as ONE plain-text document — what continued pretraining expects: nothing is cut at
+blank lines, and the encoder splits a long document into ``data.max_length`` chunks (`Record.document`)
+instead of truncating it. A folder is every supported file under it (sorted by path, hidden ones skipped); a
+glob (``corpus/*.txt``, ``shards/**/*.jsonl``) every file it matches, in sorted order.
 
 A ``.json`` file may hold an array of objects or ``{"data": [...]}``. A ``.json`` file that is really JSON
 Lines (a very common mislabel) is read as JSONL.
@@ -27,6 +33,7 @@ users; tests only check that an unreachable hub gives a clean error).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import re
@@ -38,7 +45,7 @@ from ..errors import TunelabError
 from ..hub import go_offline_if_unreachable
 from ..userfiles import not_utf8, read_text
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 # `name`, `org/name`, optionally `:config` — the shapes a hub dataset id can take.
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 MAX_DEPTH = 100  # nested arrays/objects in one record
@@ -77,6 +84,7 @@ class Record:
 
     data: dict
     origin: str
+    document: bool = False  # a whole plain-text document (a .txt file): split into chunks, never truncated
 
 
 def load_records(source: str, split: str | None = None, limit: int | None = None) -> list[Record]:
@@ -90,13 +98,20 @@ def load_records(source: str, split: str | None = None, limit: int | None = None
         raise TunelabError(f"{source}: limit must be a positive number of records, got {limit}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
-    if path.is_dir():
-        raise TunelabError(f"{source}: is a directory; give a {'/'.join(FILE_SUFFIXES)} file")
+    files = source_files(source)
+    if files is not None:
+        records = []
+        for f in files:
+            records += load_records(f, limit=None if limit is None else limit - len(records))
+            if limit is not None and len(records) >= limit:
+                break
+        return records
     special = _special_file(path)
     if special:
         raise TunelabError(f"{source}: not a regular file ({special}); give a {'/'.join(FILE_SUFFIXES)} file")
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+                   ".txt": _read_txt}
         if suffix not in readers:
             raise TunelabError(f"{source}: unsupported file type '{suffix}' (use {', '.join(FILE_SUFFIXES)})")
         try:
@@ -112,6 +127,34 @@ def load_records(source: str, split: str | None = None, limit: int | None = None
     if not records:
         raise TunelabError(f"{source}: no records")
     return records[:limit] if limit is not None else records
+
+
+def source_files(source: str) -> list[str] | None:
+    """The files a folder or a glob pattern stands for (sorted; supported suffixes only), or None when `source`
+    is one file or a dataset id. A folder or pattern that names no supported file is an error."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not found:
+            raise TunelabError(f"{source}: a folder with no {'/'.join(FILE_SUFFIXES)} file in it")
+        return found
+    if path.exists() or not any(c in source for c in "*?["):
+        return None
+    found = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not found:
+        raise TunelabError(f"{source}: no file matches this pattern")
+    unsupported = next((p for p in found if Path(p).suffix.lower() not in FILE_SUFFIXES), None)
+    if unsupported:
+        raise TunelabError(f"{unsupported} (matched by {source}): unsupported file type "
+                           f"'{Path(unsupported).suffix}' (use {', '.join(FILE_SUFFIXES)})")
+    return found
+
+
+def _read_txt(path: Path, source: str, limit: int | None) -> list[Record]:
+    """The whole file as one plain-text document (module docstring); an empty file holds no record."""
+    text = read_text(path, source)
+    return [Record({"text": text}, f"{source}:1", document=True)] if text.strip() else []
 
 
 def _expect_object(obj, origin: str) -> dict:

@@ -143,13 +143,15 @@ def consumed(cfg, res, usage: Usage, out: Path, n_total: int | None, n_trainable
     return budget
 
 
-def _local_rows(path: str | None, limit: int | None) -> int | None:
-    if not path or not Path(path).is_file():
+def _local_rows(data, limit: int | None) -> int | None:
+    """The rows of data.train (all its files together: a weighted mixture has as many), None when unknown."""
+    paths = [s.path for s in data.train_sources()]
+    if not paths or not all(Path(p).is_file() for p in paths):
         return None
     from ..data.sources import load_records
 
     try:
-        return len(load_records(path, limit=limit))
+        return sum(len(load_records(p, limit=limit)) for p in paths)
     except Exception:  # the run's own validation reports a bad file; a budget estimate must not
         return None
 
@@ -166,7 +168,7 @@ def configured(cfg) -> dict:
         units = rl.prompts_per_step * per_group.get(mode, rl.group_size)  # the most rows a round yields
         per_epoch = rl.ppo_epochs * math.ceil(units / micro)  # micro-batches per rollout round
     else:
-        n = _local_rows(cfg.data.train, cfg.data.limit)
+        n = _local_rows(cfg.data, cfg.data.limit)
         if n is not None and not cfg.data.eval:
             n -= min(cfg.data.eval_max, int(round(n * cfg.data.eval_fraction)))
         per_epoch = math.ceil(n / micro) if n is not None and not cfg.data.packing else None
@@ -197,8 +199,10 @@ def run_provenance(cfg, out: Path) -> dict:
     """`machine.provenance()` + hashes of what the run read: config.yaml, data files, eval tasks."""
     prov = provenance()
     files = {}
-    for key, path in (("config.yaml", Path(out) / "config.yaml"), ("data.train", cfg.data.train),
-                      ("data.eval", cfg.data.eval)):
+    sources = cfg.data.train_sources()
+    train = [("data.train", s.path) for s in sources] if len(sources) == 1 else \
+        [(f"data.train[{i}]", s.path) for i, s in enumerate(sources)]
+    for key, path in [("config.yaml", Path(out) / "config.yaml"), *train, ("data.eval", cfg.data.eval)]:
         if path and Path(path).is_file():
             files[key] = sha256_file(Path(path))
         elif path:

@@ -14,7 +14,9 @@ import torch
 
 from ..adapters.base import AdapterReport, apply_method, check_method_data
 from ..config import RunConfig, method_options
+from ..data.columns import rename_columns
 from ..data.kinds import data_kind
+from ..data.mixture import load_sources, mix
 from ..data.sources import load_records
 from ..data.templates import Template, get_template
 from ..errors import TunelabError
@@ -47,7 +49,7 @@ class RunInputs:
 def split_records(records: list, cfg: RunConfig) -> tuple[list, list]:
     """(train, held-out): `data.eval` if given, else a seeded `eval_fraction` of train capped at `eval_max`."""
     if cfg.data.eval:
-        return records, load_records(cfg.data.eval, split=cfg.data.split)
+        return records, rename_columns(load_records(cfg.data.eval, split=cfg.data.split), cfg.data.columns)
     n_eval = min(cfg.data.eval_max, int(round(len(records) * cfg.data.eval_fraction)))
     if n_eval == 0:
         return records, []
@@ -57,10 +59,19 @@ def split_records(records: list, cfg: RunConfig) -> tuple[list, list]:
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def run_records(cfg: RunConfig) -> tuple[list, list]:
+    """(train, held-out) records of the run: data.train's sources loaded (columns renamed), the held-out split
+    taken, then the training rows mixed by their weights (`data.mixture`)."""
+    parts = load_sources(cfg.data.train_sources(), cfg.data.columns, cfg.data.split, cfg.data.limit)
+    train_recs, eval_recs = split_records([r for p in parts for r in p.records], cfg)
+    return mix(parts, cfg.train.seed, keep=train_recs), eval_recs
+
+
 def prepare(cfg: RunConfig) -> RunInputs:
     """Load and validate model, data and method for `cfg`; nothing is written to disk."""
     if not cfg.data.train:
-        raise TunelabError("data.train: no training data given (a .jsonl/.json/.csv/.parquet file or a dataset name)")
+        raise TunelabError("data.train: no training data given (a .jsonl/.json/.csv/.parquet/.txt file, a folder, "
+                           "a list of files or a dataset name)")
     objective = objective_class(cfg.objective)
     kind = data_kind(objective.data_kind)
     kind.check(cfg)
@@ -73,8 +84,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation, cfg.model.allow_pickle)
     template = get_template(cfg.data.template, tok)
-    records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
-    train_recs, eval_recs = split_records(records, cfg)
+    train_recs, eval_recs = run_records(cfg)
     data = kind.encode(tok, template, train_recs, eval_recs, cfg)
     objective.check_data(data.stats, cfg)
     torch.manual_seed(cfg.train.seed)  # adapter (and head) init is random: same config, same initial weights

@@ -38,6 +38,7 @@ from .. import rl  # noqa: F401  (registers the `prompts` data kind)
 from ..config import RunConfig, save_config
 from ..console import console
 from ..data.kinds import data_kind
+from ..data.mixture import load_sources, mix
 from ..data.sources import load_records
 from ..data.templates import get_template
 from ..errors import TunelabError
@@ -119,12 +120,13 @@ def _write(name: str, cfg: RunConfig, opts: GenerateOptions, source_stage: str |
     sampling = cfg.rl
     # built first (a reward model loads on first use) so that the stage says at once what it is doing
     rewards = _rewards(sampling.rewards, cfg)
-    console.print(f"[bold]stage {name}[/]: {sampling.group_size} samples per prompt of {cfg.data.train} from "
-                  f"{cfg.model.name}, scored by {', '.join(k for k, _, _ in rewards.entries)}")
+    console.print(f"[bold]stage {name}[/]: {sampling.group_size} samples per prompt of {cfg.data.train_paths()} "
+                  f"from {cfg.model.name}, scored by {', '.join(k for k, _, _ in rewards.entries)}")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                             cfg.model.attn_implementation, cfg.model.allow_pickle)
     template = get_template(cfg.data.template, tok)
-    records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
+    records = mix(load_sources(cfg.data.train_sources(), cfg.data.columns, cfg.data.split, cfg.data.limit),
+                  cfg.train.seed)
     prompts = data_kind("prompts").encode(tok, template, records, [], cfg).train
     stop_ids, stop_strings = stop_tokens(tok, template, sampling.stop)
     included = [r.data for path in opts.include_pairs for r in load_records(path)]  # earlier rounds' pairs
