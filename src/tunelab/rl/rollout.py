@@ -128,7 +128,7 @@ class RolloutSource:
         texts = [cut_at_stop(self.ctx.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
                  for ids in samples.completions()]
         records = [Record(p.record, p.origin) for p in prompts]
-        scores = self.rewards(RewardInputs.from_samples(samples, texts, records))
+        scores = self.rewards(RewardInputs.from_samples(samples, texts, records, tokenizer=self.ctx.tokenizer))
         return samples, texts, scores
 
     def _rollout(self, r: int) -> None:
