@@ -1,0 +1,120 @@
+"""The ``reward_model`` reward scores the prompt + completion ids as sampled (issue 24, defect 7): a cut row ends
+where the budget cut it (no end of turn), a stopped row ends with the id it stopped on, and ids that do not survive
+a decode/encode round trip are scored as they are. With another vocabulary or prompt rendering it falls back to
+re-tokenised text and says so once."""
+
+import copy
+
+import pytest
+import torch
+
+from tests.rl.test_ppo import _reward_run
+from tunelab.objectives.reward import load_reward_model, rewards
+from tunelab.rl.rewards import RewardInputs, build_rewards
+
+PROMPT = [{"role": "user", "content": "Count to three."}]
+
+
+@pytest.fixture
+def rm_run(tiny, tokenizer, tmp_path):
+    run = _reward_run(tmp_path, tiny, tokenizer, "full")
+    return run, load_reward_model(run, "cpu")
+
+
+def _by_hand(rm, ids: list[int]) -> float:
+    """The reward model's forward on exactly `ids` (one row, no padding)."""
+    with torch.no_grad():
+        return float(rewards(rm.model.eval(), {"input_ids": torch.tensor([ids]),
+                                               "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})[0])
+
+
+def _spelled(tokenizer, word: str) -> list[int]:
+    """`word` one character per token: ids the sampler may pick but the tokenizer never produces for the text."""
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in word]
+    assert tokenizer.unk_token_id not in ids
+    return ids
+
+
+def _batch(tokenizer, rm, rows, policy_tokenizer):
+    """RewardInputs of `rows` [(completion ids, finish reason)], all for PROMPT, as the rollout builds them."""
+    prompt_ids = tokenizer(rm.template.generation_prompt(PROMPT), add_special_tokens=False)["input_ids"]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in rows]
+    record = {"messages": PROMPT + [{"role": "assistant", "content": "x"}]}
+    return RewardInputs(texts, [record] * len(rows), [ids for ids, _ in rows], [f for _, f in rows],
+                        [PROMPT] * len(rows), [prompt_ids] * len(rows), policy_tokenizer), prompt_ids
+
+
+def test_reward_model_scores_the_ids_as_sampled(rm_run, tokenizer, capsys):
+    run, rm = rm_run
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut = _spelled(tokenizer, "three") + _spelled(tokenizer, "four")  # ran out of tokens mid-word
+    plain = tokenizer(" one two", add_special_tokens=False)["input_ids"]
+    stopped = plain + [eot]  # stopped on the end of turn it sampled
+    odd = _spelled(tokenizer, "hello") + [eot]
+    assert tokenizer(tokenizer.decode(cut), add_special_tokens=False)["input_ids"] != cut  # no round trip
+    rows = [(cut, "length"), (stopped, "stop"), (odd, "stop")]
+    batch, head = _batch(tokenizer, rm, rows, tokenizer)
+    fn = build_rewards([{"name": "reward_model", "run_dir": str(run), "device": "cpu"}])
+    got = fn(batch).total
+    want = [_by_hand(rm, head + ids) for ids, _ in rows]
+    assert got == pytest.approx(want, abs=1e-5)  # batched with padding = one unpadded forward per row
+    assert len(set(round(x, 4) for x in got)) == 3
+    # the old path (decode, re-tokenise the text, close the turn of a stopped row with the template) scores
+    # other sequences: the cut row re-tokenised, the stopped rows ending on the template's text after the turn
+    old = [rm.score(PROMPT, text, closed=f != "length") for text, (_, f) in zip(batch.completions, rows)]
+    assert all(abs(o - w) > 1e-4 for o, w in zip(old, want)), (old, want)
+    assert "re-tokenised" not in capsys.readouterr().err
+
+
+def test_a_cut_row_gets_no_end_of_turn(rm_run, tokenizer):
+    run, rm = rm_run
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer(" one two thr", add_special_tokens=False)["input_ids"]
+    batch, head = _batch(tokenizer, rm, [(ids, "length"), (ids + [eot], "stop")], tokenizer)
+    cut, closed = build_rewards([{"name": "reward_model", "run_dir": str(run), "device": "cpu"}])(batch).total
+    assert cut == pytest.approx(_by_hand(rm, head + ids), abs=1e-5)
+    assert closed == pytest.approx(_by_hand(rm, head + ids + [eot]), abs=1e-5) and abs(cut - closed) > 1e-4
+
+
+def test_another_vocabulary_falls_back_to_text_and_says_so_once(rm_run, tokenizer, capsys):
+    run, rm = rm_run
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<policy_only_token>"])  # the policy's vocabulary is not the reward model's
+    cut = _spelled(tokenizer, "three")
+    rows = [(cut, "length"), (tokenizer(" one", add_special_tokens=False)["input_ids"], "stop")]
+    batch, head = _batch(tokenizer, rm, rows, other)
+    fn = build_rewards([{"name": "reward_model", "run_dir": str(run), "device": "cpu"}])
+    got = fn(batch).total
+    text = [rm.score(PROMPT, t, closed=f != "length") for t, (_, f) in zip(batch.completions, rows)]
+    assert got == pytest.approx(text, abs=1e-5)
+    assert got[0] != pytest.approx(_by_hand(rm, head + cut), abs=1e-4)  # not the sampled ids
+    err = capsys.readouterr().err
+    assert err.count("re-tokenised") == 1 and "vocabulary differs from the policy's" in err
+    fn(batch)
+    assert "re-tokenised" not in capsys.readouterr().err  # once per run
+
+
+def test_another_prompt_rendering_falls_back_for_that_row(rm_run, tokenizer, capsys):
+    run, rm = rm_run
+    ids = _spelled(tokenizer, "three")
+    batch, head = _batch(tokenizer, rm, [(ids, "length"), (ids, "length")], tokenizer)
+    other_prompt = tokenizer("User: Count to three.\nAssistant:", add_special_tokens=False)["input_ids"]
+    batch = RewardInputs(batch.completions, batch.prompt_records, batch.completion_ids, batch.finish_reasons,
+                         batch.prompt_messages, [head, other_prompt], tokenizer)
+    exact, fallback = build_rewards([{"name": "reward_model", "run_dir": str(run), "device": "cpu"}])(batch).total
+    assert exact == pytest.approx(_by_hand(rm, head + ids), abs=1e-5)
+    assert fallback == pytest.approx(rm.score(PROMPT, batch.completions[1], closed=False), abs=1e-5)
+    assert "chat template renders a prompt" in capsys.readouterr().err
+
+
+def test_from_samples_carries_the_prompt_ids_without_padding(tokenizer):
+    from tunelab.sampling import Samples
+
+    pad = tokenizer.pad_token_id
+    samples = Samples(prompt_ids=torch.tensor([[pad, 5, 6], [7, 8, 9]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                      completion_ids=torch.tensor([[1, 2, pad], [3, 4, 5]]),
+                      completion_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), logprobs=torch.zeros(2, 3),
+                      finish_reason=("stop", "length"), prompt_index=torch.tensor([0, 1]))
+    batch = RewardInputs.from_samples(samples, ["a", "b"], [{"prompt": "p"}, {"prompt": "q"}], tokenizer=tokenizer)
+    assert batch.prompt_ids == [[5, 6], [7, 8, 9]] and batch.completion_ids == [[1, 2], [3, 4, 5]]
+    assert batch.tokenizer is tokenizer and batch.finish_reasons == ["stop", "length"]
