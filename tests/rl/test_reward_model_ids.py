@@ -118,3 +118,49 @@ def test_from_samples_carries_the_prompt_ids_without_padding(tokenizer):
     batch = RewardInputs.from_samples(samples, ["a", "b"], [{"prompt": "p"}, {"prompt": "q"}], tokenizer=tokenizer)
     assert batch.prompt_ids == [[5, 6], [7, 8, 9]] and batch.completion_ids == [[1, 2], [3, 4, 5]]
     assert batch.tokenizer is tokenizer and batch.finish_reasons == ["stop", "length"]
+
+
+# ------------------------------------------------------------------ missing_eot_penalty: the default said aloud
+def test_truncation_hint_is_one_line_once_per_run(capsys):
+    from tunelab.rl.signal import TruncationHint
+
+    TruncationHint(None).round(0.5)  # the run penalises cut completions: nothing to say
+    hint = TruncationHint("set ppo.missing_eot_penalty")
+    hint.round(0.0)  # nothing was cut
+    assert capsys.readouterr().err == ""
+    hint.round(0.25)
+    err = capsys.readouterr().err
+    assert "25% of this round's completions ran out of rl.max_new_tokens" in err and "missing_eot_penalty" in err
+    assert err.count("\n") == 1
+    hint.round(0.5)
+    assert capsys.readouterr().err == ""
+
+
+def test_truncation_advice_only_for_a_reward_model_run_without_a_penalty(rm_run, tokenizer):
+    from types import SimpleNamespace
+
+    from tunelab.rl.rollout import _truncation_advice
+    from tunelab.rl.rows.policy_gradient import PolicyGradientRows
+    from tunelab.rl.rows.ppo import PPORows
+
+    run, _ = rm_run
+    rm = {"name": "reward_model", "run_dir": str(run), "device": "cpu"}
+
+    def ppo(penalty):
+        from tunelab.objectives import validate_run_config
+
+        cfg = validate_run_config({"objective": "ppo", "model": {"name": "x"}, "ppo": {"missing_eot_penalty": penalty}})
+        return PPORows(cfg, SimpleNamespace(tokenizer=tokenizer), 1)
+
+    def grpo(mask_truncated):
+        ctx = SimpleNamespace(tokenizer=tokenizer, objective=SimpleNamespace(advantage_estimator="grpo",
+                                                                             mask_truncated=mask_truncated))
+        return PolicyGradientRows(None, ctx, 1)
+
+    assert "ppo.missing_eot_penalty (default 0" in _truncation_advice(build_rewards([rm]), ppo(0.0))
+    assert _truncation_advice(build_rewards([rm]), ppo(1.0)) is None
+    assert "truncation reward" in _truncation_advice(build_rewards([rm]), grpo(False))
+    assert _truncation_advice(build_rewards([rm]), grpo(True)) is None
+    assert _truncation_advice(build_rewards([rm, {"name": "truncation", "weight": 0.5}]), ppo(0.0)) is None
+    assert _truncation_advice(build_rewards([rm, {"name": "truncation", "weight": 0.0}]), ppo(0.0)) is not None
+    assert _truncation_advice(build_rewards([{"name": "format"}]), ppo(0.0)) is None  # no reward model

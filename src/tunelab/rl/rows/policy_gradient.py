@@ -21,6 +21,12 @@ class PolicyGradientRows(RowBuilder):
         super().__init__(cfg, context, micro)
         self.estimator = ESTIMATORS[context.objective.advantage_estimator]  # the option, else the objective's
 
+    def truncation_advice(self) -> str | None:
+        if getattr(self.ctx.objective, "mask_truncated", False):
+            return None
+        return ("add the truncation reward (- {name: truncation, weight: 1.0}: −1 for a cut completion) or set "
+                "grpo.mask_truncated: true (cut completions train nothing)")
+
     def build(self, rnd: Round) -> RoundRows:
         group = rnd.samples.prompt_index.cpu()
         rows = self.sequences(rnd.samples, list(range(len(rnd.rewards))), with_logprobs=True)
