@@ -108,13 +108,16 @@ def test_two_ranks_reproduce_one_process_for_ppo(runs):
 
 
 def test_two_ranks_reproduce_one_process_for_reinforce_pp(runs):
-    """REINFORCE++'s μ_B and σ_B are the round's, over both ranks: the same advantages, so the same losses (per-rank
-    statistics — each rank normalising its own 4 rows — give other advantages from the first step on)."""
+    """REINFORCE++'s μ_B and σ_B are the round's, over both ranks: the same advantages, so the same updates (per-rank
+    statistics — each rank normalising its own 4 rows — give other advantages from the first step on). The losses
+    themselves say little here: on-policy, with advantages of mean 0 over the round, they are ~1e-8 either way."""
     one, two = runs / "one-rpp", runs / "two-rpp"
     a, b = _train_rows(one), _train_rows(two)
     assert len(a) == len(b) == 4
     assert [r["advantage_abs"] for r in b] == pytest.approx([r["advantage_abs"] for r in a], rel=1e-5)
-    ours, theirs = [loss for _, loss in train_losses(two)], [loss for _, loss in train_losses(one)]
-    assert ours[:2] == pytest.approx(theirs[:2], **TOL)
-    assert ours[2:] == pytest.approx(theirs[2:], rel=1e-3)
+    assert a[0]["advantage_abs"] > 0.1  # the rewards differ: the advantages are not all 0
     assert [r["n_loss_units"] for r in a] == [r["n_loss_units"] for r in b]
+    mine, ref = (load_file(str(run / "adapter/adapter_model.safetensors")) for run in (two, one))
+    assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 100 * WEIGHT_TOL  # B starts at 0: it moved
+    diff = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
+    assert diff < WEIGHT_TOL, diff
