@@ -111,7 +111,8 @@ def test_from_samples_carries_the_prompt_ids_without_padding(tokenizer):
     from tunelab.sampling import Samples
 
     pad = tokenizer.pad_token_id
-    samples = Samples(prompt_ids=torch.tensor([[pad, 5, 6], [7, 8, 9]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+    samples = Samples(prompt_ids=torch.tensor([[pad, 5, 6], [7, 8, 9]]),
+                      prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
                       completion_ids=torch.tensor([[1, 2, pad], [3, 4, 5]]),
                       completion_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), logprobs=torch.zeros(2, 3),
                       finish_reason=("stop", "length"), prompt_index=torch.tensor([0, 1]))

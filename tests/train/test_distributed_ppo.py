@@ -6,7 +6,8 @@ gives another loss than one process, and β drifts apart across ranks. Here the 
 (rl/collective.py) and the curves must agree to fp32 reduction-order error (as test_distributed.py asserts for
 the other objectives). REINFORCE++ (``grpo.advantage: reinforce_pp_baseline``) normalises its advantages over the
 whole round, every rank's rows, in the same way. Sampling is made rank-independent by a test sampler
-(`tests/rl/rank_free_sampler.py`): each prompt's completions depend on the prompt alone, so both runs train on the same completions.
+(`tests/rl/rank_free_sampler.py`): each prompt's completions depend on the prompt alone, so both runs train on
+the same completions.
 """
 
 import json

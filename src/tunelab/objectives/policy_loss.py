@@ -41,9 +41,10 @@ engine that generated the rows) against the trainer's forward of the *same weigh
     mismatch_max_abs_logp = max_t | log π_sampler(y_t) − log π_trainer(y_t) |
 
 Under torchrun both are over every rank's tokens (the token mean a global one, the max a true max: callers
-pass `all_sum` / `all_max`, rl/collective.py). Both are 0 when the two forwards agree; kernels, batch shapes, KV-cache precision and (with a separate inference
-engine) weight synchronisation make them differ (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings
-You Off-Policy RL Training", 2025 blog post; verl logs a similar sampler-vs-trainer probability difference).
+pass `all_sum` / `all_max`, rl/collective.py). Both are 0 when the two forwards agree; kernels, batch shapes,
+KV-cache precision and (with a separate inference engine) weight synchronisation make them differ (Yao et al.
+2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", 2025 blog post; verl logs a
+similar sampler-vs-trainer probability difference).
 """
 
 from __future__ import annotations

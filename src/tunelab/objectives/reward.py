@@ -184,8 +184,8 @@ class RewardModel:
         (a sampled end-of-turn/eos id is part of the completion ids)."""
         from ..data.masking import Encoded
 
-        return Encoded(list(prompt_ids) + list(completion_ids), [False] * len(prompt_ids) + [True] * len(completion_ids),
-                       False, len(completion_ids))
+        p, c = list(prompt_ids), list(completion_ids)
+        return Encoded(p + c, [False] * len(p) + [True] * len(c), False, len(c))
 
     def score_ids(self, rows: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
         """r(x, y) of each (prompt ids, completion ids) pair as given (`encode_ids`), `batch_size` per forward."""

@@ -161,8 +161,8 @@ def rloo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = No
 
 
 def _batch_norm(x: torch.Tensor, eps: float, all_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """(x − μ) / (σ + ε), μ and σ (unbiased) over every entry — of every rank with `all_sum` — in float64; zeros
-    when the batch has fewer than 2 entries."""
+    """(x − μ) / (σ + ε), μ and σ (unbiased) over every entry — of every rank with `all_sum` — in float64;
+    zeros when the batch has fewer than 2 entries."""
     total = all_sum or (lambda t: t)
     xd = x.double()
     n = float(total(torch.tensor(float(x.numel()), dtype=torch.float64)))

@@ -27,11 +27,11 @@ def zero_signal_groups(rewards: torch.Tensor, group: torch.Tensor) -> float:
 
 
 class TruncationHint:
-    """A reward model scores a completion cut by ``rl.max_new_tokens`` as the unfinished turn it is (rl/model_reward.py),
-    with no penalty of its own — and PPO's ``ppo.missing_eot_penalty`` defaults to 0 — so nothing tells the policy
-    that running out of tokens is worse than finishing. When a run scores with a reward model, a round has cut
-    completions and nothing in the run penalises them (`advice` is None when the row builder does, or a
-    ``truncation``/``length_penalty`` reward is weighted), one line says so, once per run."""
+    """A reward model scores a completion cut by ``rl.max_new_tokens`` as the unfinished turn it is
+    (rl/model_reward.py), with no penalty of its own — and PPO's ``ppo.missing_eot_penalty`` defaults to 0 — so
+    nothing tells the policy that running out of tokens is worse than finishing. When a run scores with a reward
+    model, a round has cut completions and nothing in the run penalises them (`advice` is None when the row
+    builder does, or a ``truncation``/``length_penalty`` reward is weighted), one line says so, once per run."""
 
     def __init__(self, advice: str | None):
         self.advice, self.given = advice, False
