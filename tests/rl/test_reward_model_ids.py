@@ -165,3 +165,10 @@ def test_truncation_advice_only_for_a_reward_model_run_without_a_penalty(rm_run,
     assert _truncation_advice(build_rewards([rm, {"name": "truncation", "weight": 0.5}]), ppo(0.0)) is None
     assert _truncation_advice(build_rewards([rm, {"name": "truncation", "weight": 0.0}]), ppo(0.0)) is not None
     assert _truncation_advice(build_rewards([{"name": "format"}]), ppo(0.0)) is None  # no reward model
+    from tunelab.rl.rows.pairs import PairRows
+
+    def online_dpo(p):
+        return PairRows(None, SimpleNamespace(tokenizer=tokenizer, objective=SimpleNamespace(missing_eos_penalty=p)), 1)
+
+    assert "online_dpo.missing_eos_penalty" in _truncation_advice(build_rewards([rm]), online_dpo(0.0))
+    assert _truncation_advice(build_rewards([rm]), online_dpo(0.5)) is None

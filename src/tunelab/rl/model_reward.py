@@ -21,7 +21,7 @@ for a row that stopped and left open for a cut one. One log line says so, once p
 **Truncated rows.** The score of a cut completion is whatever the reward model gives an open turn; nothing else
 is subtracted unless the run asks: PPO's ``ppo.missing_eot_penalty`` p (default 0, TRL's default) makes the score
 s' = s − p for every row that ran out of tokens (rl/ppo_round.py `sequence_scores`); grpo/rloo have the
-``truncation`` reward and ``grpo.mask_truncated``. A run with a reward model, cut completions and none of these
+``truncation`` reward and ``grpo.mask_truncated``, online DPO ``online_dpo.missing_eos_penalty``. A run with a reward model, cut completions and none of these
 gets a one-line hint (rl/signal.py `TruncationHint`).
 
 Rows are scored `BATCH` at a time (right-padded; r at each row's last real token), not one forward per row.
