@@ -1,5 +1,6 @@
 """The ``reward_model`` reward scores the prompt + completion ids as sampled (issue 24, defect 7): a cut row ends
-where the budget cut it (no end of turn), a stopped row ends with the id it stopped on, and ids that do not survive
+where the budget cut it (no end of turn), a stopped row ends with the id it stopped on (and, when that is the end
+of turn, the template's text after a closed turn, as the reward model's pairs end), and ids that do not survive
 a decode/encode round trip are scored as they are. With another vocabulary or prompt rendering it falls back to
 re-tokenised text and says so once."""
 
@@ -44,36 +45,47 @@ def _batch(tokenizer, rm, rows, policy_tokenizer):
                         [PROMPT] * len(rows), [prompt_ids] * len(rows), policy_tokenizer), prompt_ids
 
 
+def _closing(tokenizer, rm) -> tuple[int, list[int]]:
+    """ChatML by hand: a closed assistant turn is ``<|im_end|>`` then ``"\n"`` (the reward model's pairs end so)."""
+    assert rm.template.generation_prompt(PROMPT).endswith("<|im_start|>assistant\n")
+    return tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer("\n", add_special_tokens=False)["input_ids"]
+
+
 def test_reward_model_scores_the_ids_as_sampled(rm_run, tokenizer, capsys):
     run, rm = rm_run
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot, nl = _closing(tokenizer, rm)
     cut = _spelled(tokenizer, "three") + _spelled(tokenizer, "four")  # ran out of tokens mid-word
     plain = tokenizer(" one two", add_special_tokens=False)["input_ids"]
     stopped = plain + [eot]  # stopped on the end of turn it sampled
     odd = _spelled(tokenizer, "hello") + [eot]
+    on_string = plain + tokenizer(" ####", add_special_tokens=False)["input_ids"]  # stopped by a stop string
     assert tokenizer(tokenizer.decode(cut), add_special_tokens=False)["input_ids"] != cut  # no round trip
-    rows = [(cut, "length"), (stopped, "stop"), (odd, "stop")]
+    rows = [(cut, "length"), (stopped, "stop"), (odd, "stop"), (on_string, "stop")]
     batch, head = _batch(tokenizer, rm, rows, tokenizer)
     fn = build_rewards([{"name": "reward_model", "run_dir": str(run), "device": "cpu"}])
     got = fn(batch).total
-    want = [_by_hand(rm, head + ids) for ids, _ in rows]
+    # the cut row and the stop-string row exactly as sampled; the rows that sampled the end of turn as sampled,
+    # then the template's "\n" after a closed turn (where the reward model's training pairs end and r is read)
+    want = [_by_hand(rm, head + cut), _by_hand(rm, head + stopped + nl), _by_hand(rm, head + odd + nl),
+            _by_hand(rm, head + on_string)]
     assert got == pytest.approx(want, abs=1e-5)  # batched with padding = one unpadded forward per row
-    assert len(set(round(x, 4) for x in got)) == 3
-    # the old path (decode, re-tokenise the text, close the turn of a stopped row with the template) scores
-    # other sequences: the cut row re-tokenised, the stopped rows ending on the template's text after the turn
+    assert len(set(round(x, 4) for x in got)) == 4
+    # the old path (decode, re-tokenise, close a stopped row's turn with the template) scores other sequences
+    # unless the ids round-trip and the row ended on the end of turn: then both are the same sequence
     old = [rm.score(PROMPT, text, closed=f != "length") for text, (_, f) in zip(batch.completions, rows)]
-    assert all(abs(o - w) > 1e-4 for o, w in zip(old, want)), (old, want)
+    assert old[1] == pytest.approx(want[1], abs=1e-5)
+    assert all(abs(old[i] - want[i]) > 1e-4 for i in (0, 2, 3)), (old, want)
     assert "re-tokenised" not in capsys.readouterr().err
 
 
 def test_a_cut_row_gets_no_end_of_turn(rm_run, tokenizer):
     run, rm = rm_run
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot, nl = _closing(tokenizer, rm)
     ids = tokenizer(" one two thr", add_special_tokens=False)["input_ids"]
     batch, head = _batch(tokenizer, rm, [(ids, "length"), (ids + [eot], "stop")], tokenizer)
     cut, closed = build_rewards([{"name": "reward_model", "run_dir": str(run), "device": "cpu"}])(batch).total
     assert cut == pytest.approx(_by_hand(rm, head + ids), abs=1e-5)
-    assert closed == pytest.approx(_by_hand(rm, head + ids + [eot]), abs=1e-5) and abs(cut - closed) > 1e-4
+    assert closed == pytest.approx(_by_hand(rm, head + ids + [eot] + nl), abs=1e-5) and abs(cut - closed) > 1e-4
 
 
 def test_another_vocabulary_falls_back_to_text_and_says_so_once(rm_run, tokenizer, capsys):

@@ -146,7 +146,8 @@ def pairwise_accuracy(model, examples: list, pad_id: int, batch_size: int = 8) -
 
 
 class RewardModel:
-    """A trained reward model: `score(prompt_messages, response)` → r(x, y); `score_ids` for token ids as sampled.
+    """A trained reward model: `score(prompt_messages, response)` → r(x, y); `encode_ids` + `score_encoded` for
+    token ids as sampled.
 
     Every scoring call runs the model through `scoring.score_batches` (no gradients, eval mode, the model's
     training flag restored afterwards), so the model needs no ``eval()`` of its own."""
@@ -179,17 +180,27 @@ class RewardModel:
         """r(x, y) of `response` to `prompt`, re-tokenised from text (`encode`)."""
         return self.score_encoded([self.encode(prompt, response, closed)])[0]
 
-    def encode_ids(self, prompt_ids: list[int], completion_ids: list[int]):
-        """`Encoded` of prompt ids + completion ids *as given*: no decode/encode round trip, no end of turn added
-        (a sampled end-of-turn/eos id is part of the completion ids)."""
+    def encode_ids(self, prompt_ids: list[int], completion_ids: list[int], closed: bool = False):
+        """`Encoded` of prompt ids + completion ids *as given*: no decode/encode round trip, and no end of turn
+        added — a sampled end-of-turn/eos id is part of the completion ids. `closed` (the row stopped by itself) and
+        the completion's last id is the template's end of turn: the tokens this template puts after a closed turn
+        follow (ChatML's ``"\n"`` after ``<|im_end|>``; none for Llama 3), so r is read at the position it was
+        trained at (`encode`'s pairs end there). A cut row (`closed=False`) is scored exactly as given."""
         from ..data.masking import Encoded
 
         p, c = list(prompt_ids), list(completion_ids)
-        return Encoded(p + c, [False] * len(p) + [True] * len(c), False, len(c))
+        eot, after = self.turn_closing()
+        tail = after if closed and c and c[-1] == eot else []
+        return Encoded(p + c + tail, [False] * len(p) + [True] * len(c) + [False] * len(tail), False, len(c))
 
-    def score_ids(self, rows: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
-        """r(x, y) of each (prompt ids, completion ids) pair as given (`encode_ids`), `batch_size` per forward."""
-        return self.score_encoded([self.encode_ids(p, c) for p, c in rows], batch_size)
+    def turn_closing(self) -> tuple[int | None, list[int]]:
+        """(the end-of-turn id, the ids after it) of an assistant turn as this model's template closes it — read
+        from the encoding of a probe conversation: the last trained token (the eot) and what follows it."""
+        if not hasattr(self, "_closing"):
+            enc = self.encode([{"role": "user", "content": "?"}], "!", closed=True)
+            last = max((i for i, m in enumerate(enc.loss_mask) if m), default=None)
+            self._closing = (None, []) if last is None else (enc.input_ids[last], enc.input_ids[last + 1:])
+        return self._closing
 
     def score_encoded(self, examples: list, batch_size: int = 8) -> list[float]:
         """r of each `Encoded`, `batch_size` sequences per forward (right-padded; r at each row's last real token)."""

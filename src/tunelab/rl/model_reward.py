@@ -7,11 +7,13 @@ policy was given, row i is scored on
 
     generation-prompt ids + completion ids, exactly as sampled
 
-A row that stopped ends with the end-of-turn/eos id it sampled. A row cut by ``rl.max_new_tokens`` (finish
-reason ``length``) ends where the budget cut it: no end of turn is added, so the model scores the unfinished
-turn it was given, not a turn the policy never closed. Scoring re-tokenised text instead is not the same thing:
-decode → encode does not give back the sampled ids in general (a BPE merge across a piece boundary, special-token
-text, ids the sampler picked that the tokenizer would never produce).
+A row that stopped ends with the end-of-turn/eos id it sampled; when that id is the template's end of turn,
+the template's text after a closed turn follows (ChatML's ``"\n"``; nothing for Llama 3): the reward model was
+trained on turns closed that way and reads r at their last token (`RewardModel.encode_ids`). A row cut by
+``rl.max_new_tokens`` (finish reason ``length``) ends where the budget cut it: no end of turn is added, so the
+model scores the unfinished turn it was given, not a turn the policy never closed. Scoring re-tokenised text
+instead is not the same thing: decode → encode does not give back the sampled ids in general (a BPE merge
+across a piece boundary, special-token text, ids the sampler picked that the tokenizer would never produce).
 
 **Fallback.** With another vocabulary, another rendering of the prompt, or a batch without the ids (a
 `RewardInputs` built by hand) the row is scored from text as `RewardModel.encode` renders it: the prompt by the
@@ -58,7 +60,8 @@ class ModelReward:
             messages = batch.messages(i)
             if why is None:
                 if rm.prompt_ids(messages) == list(batch.prompt_ids[i]):
-                    examples.append(rm.encode_ids(batch.prompt_ids[i], batch.completion_ids[i]))
+                    examples.append(rm.encode_ids(batch.prompt_ids[i], batch.completion_ids[i],
+                                                  closed=finish[i] != "length"))
                     continue
                 self._say("template", f"its chat template renders a prompt ({batch.prompt_records[i].origin}) into "
                           "other tokens than the policy was prompted with")
