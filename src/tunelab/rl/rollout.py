@@ -51,12 +51,12 @@ from ..errors import TunelabError
 from ..generate import cut_at_stop
 from ..jsonl import read_rows
 from .dynamic_sampling import choose_groups, concat_samples, informative_groups, select_groups
+from .model_reward import ModelReward
 from .old_policy import summarize as summarize_mismatch
 from .rewards import RewardInputs, build_rewards
 from .rows import Round, row_builder
 from .sampler import SamplingParams, build_sampler
 from .seeds import seed_of, seeded
-from .model_reward import ModelReward
 from .signal import NoSignalWatch, TruncationHint
 
 
