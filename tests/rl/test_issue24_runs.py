@@ -154,3 +154,24 @@ def test_grpo_run_with_gspo_overlong_filtering_entropy_bonus_and_reinforce_pp(co
     out = train(load_config(config("grpo", name="no_mask", train={"max_steps": 2}, grpo={
         "importance_sampling": "sequence_token", "advantage": "reinforce_pp_baseline"})))
     assert all(r["n_loss_units"] > 0 and math.isfinite(r["loss"]) for r in _train_rows(out))
+
+
+def test_a_reward_model_run_scores_the_sampled_ids_and_hints_at_the_penalty(config, tiny, tokenizer, tmp_path, capfd):
+    """End to end: the rollout hands the reward model the sampled ids and the policy's tokenizer (same vocabulary and
+    template here: no fallback line), and the toy's completions, all cut at max_new_tokens, get the one-line hint
+    about ppo.missing_eot_penalty — once, though both rounds are cut."""
+    from tests.rl.test_ppo import _reward_run
+
+    run = _reward_run(tmp_path, tiny, tokenizer, "full")
+    rewards = [{"name": "reward_model", "run_dir": str(run), "device": "cpu"}]
+    out = train(load_config(config("ppo", method="lora", rl={"rewards": rewards, "eval_prompts": 0},
+                                   train={"max_steps": 2, "batch_size": 8})))
+    rows = _train_rows(out)
+    assert len(rows) == 2 and all(r["truncated"] == 1.0 for r in rows)
+    err = capfd.readouterr().err
+    assert "re-tokenised" not in err
+    assert err.count("ran out of rl.max_new_tokens") == 1 and "ppo.missing_eot_penalty (default 0" in err
+    capfd.readouterr()
+    train(load_config(config("ppo", name="penalised", method="lora", rl={"rewards": rewards, "eval_prompts": 0},
+                             train={"max_steps": 1, "batch_size": 8}, ppo={"missing_eot_penalty": 1.0})))
+    assert "ran out of rl.max_new_tokens" not in capfd.readouterr().err

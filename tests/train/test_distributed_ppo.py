@@ -1,11 +1,13 @@
-"""PPO under torchrun (CPU, gloo, 2 processes): 2 ranks × b rows reproduce 1 process × 2b rows.
+"""PPO and REINFORCE++ under torchrun (CPU, gloo, 2 processes): 2 ranks × b rows reproduce 1 process × 2b rows.
 
 A PPO round normalises over the whole round — the sequence scores (``ppo.reward_norm``), the GAE advantages
 (``ppo.whiten_advantages``) and the adaptive KL controller's mean KL — so each rank normalising its own rows
 gives another loss than one process, and β drifts apart across ranks. Here the statistics are all-reduced
 (rl/collective.py) and the curves must agree to fp32 reduction-order error (as test_distributed.py asserts for
-the other objectives). Sampling is made rank-independent by a test sampler (`tests/rl/rank_free_sampler.py`):
-each prompt's completions depend on the prompt alone, so both runs train on the same completions.
+the other objectives). REINFORCE++ (``grpo.advantage: reinforce_pp_baseline``) normalises its advantages over the
+whole round, every rank's rows, in the same way. Sampling is made rank-independent by a test sampler
+(`tests/rl/rank_free_sampler.py`): each prompt's completions depend on the prompt alone, so both runs train on
+the same completions.
 """
 
 import json
@@ -38,31 +40,38 @@ def runs(tmp_path_factory, tokenizer):
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say something about {w}.", "answer": "x"}
                                                    for w in "abcdefghijklmnop"])
 
-    def config(name, **train_over):
-        cfg = {"output_dir": str(root / name), "method": "lora", "objective": "ppo", "model": {"name": str(model)},
+    def config(name, objective="ppo", **train_over):
+        cfg = {"output_dir": str(root / name), "method": "lora", "objective": objective, "model": {"name": str(model)},
                "data": {"train": str(prompts), "max_length": 64, "eval_max": 2},
                "lora": {"r": 4, "dropout": 0.0},
                "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3, "warmup_steps": 0, **train_over},
                "rl": {"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 8, "temperature": 1.0,
                       "eval_prompts": 0, "sampler": "rank_free", "ppo_epochs": 2,
                       "rewards": [{"name": "tests.rl.rank_free_sampler:even_share"}]},
-               "ppo": {"beta": 0.05, "reward_norm": True, "whiten_advantages": True, "adaptive_kl": True, "kl_target": 0.01,
-                       "kl_horizon": 10},
                "samples": {"n_heldout": 0}}
+        if objective == "ppo":
+            cfg["ppo"] = {"beta": 0.05, "reward_norm": True, "whiten_advantages": True, "adaptive_kl": True,
+                          "kl_target": 0.01, "kl_horizon": 10}
+        else:  # REINFORCE++-baseline: the group mean, then (d − μ_B) / σ_B over the round
+            cfg["grpo"] = {"advantage": "reinforce_pp_baseline", "beta": 0.0}
         return str(write_config(root / f"{name}.yaml", **cfg))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(SAMPLERS, "rank_free", RankFreeSampler)
         train(load_config(config("one")))  # 1 process × 8 rows
-    two = config("two", batch_size=4)  # 2 ranks × 4 rows, the same global batch
-    (root / "spec.json").write_text(json.dumps([{"config": two, "overrides": ["parallel=ddp"],
-                                                 "samplers": {"rank_free": SAMPLER}}]))
+        train(load_config(config("one-rpp", objective="grpo")))
+    jobs = [{"config": config("two", batch_size=4), "overrides": ["parallel=ddp"],  # 2 ranks × 4 rows, the same
+             "samplers": {"rank_free": SAMPLER}},                                   # global batch
+            {"config": config("two-rpp", objective="grpo", batch_size=4), "overrides": ["parallel=ddp"],
+             "samplers": {"rank_free": SAMPLER}}]
+    (root / "spec.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(REPO / "tests" / "train" / "dist_driver.py"), str(root / "spec.json")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert not (root / "two.error").exists(), (root / "two.error").read_text()
+    for name in ("two", "two-rpp"):
+        assert not (root / f"{name}.error").exists(), (root / f"{name}.error").read_text()
     return root
 
 
@@ -97,3 +106,19 @@ def test_two_ranks_reproduce_one_process_for_ppo(runs):
         assert mine.keys() == ref.keys()
         diff = max(float((mine[k] - ref[k]).abs().max()) for k in ref if k.startswith(keys))
         assert diff < WEIGHT_TOL, (name, diff)
+
+
+def test_two_ranks_reproduce_one_process_for_reinforce_pp(runs):
+    """REINFORCE++'s μ_B and σ_B are the round's, over both ranks: the same advantages, so the same updates (per-rank
+    statistics — each rank normalising its own 4 rows — give other advantages from the first step on). The losses
+    themselves say little here: on-policy, with advantages of mean 0 over the round, they are ~1e-8 either way."""
+    one, two = runs / "one-rpp", runs / "two-rpp"
+    a, b = _train_rows(one), _train_rows(two)
+    assert len(a) == len(b) == 4
+    assert [r["advantage_abs"] for r in b] == pytest.approx([r["advantage_abs"] for r in a], rel=1e-5)
+    assert a[0]["advantage_abs"] > 0.1  # the rewards differ: the advantages are not all 0
+    assert [r["n_loss_units"] for r in a] == [r["n_loss_units"] for r in b]
+    mine, ref = (load_file(str(run / "adapter/adapter_model.safetensors")) for run in (two, one))
+    assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 100 * WEIGHT_TOL  # B starts at 0: it moved
+    diff = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
+    assert diff < WEIGHT_TOL, diff

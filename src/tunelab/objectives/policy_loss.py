@@ -40,12 +40,16 @@ engine that generated the rows) against the trainer's forward of the *same weigh
                             KL(π_sampler ‖ π_trainer): the tokens were drawn from the sampler)
     mismatch_max_abs_logp = max_t | log π_sampler(y_t) − log π_trainer(y_t) |
 
-Both are 0 when the two forwards agree; kernels, batch shapes, KV-cache precision and (with a separate inference
-engine) weight synchronisation make them differ (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings
-You Off-Policy RL Training", 2025 blog post; verl logs a similar sampler-vs-trainer probability difference).
+Under torchrun both are over every rank's tokens (the token mean a global one, the max a true max: callers
+pass `all_sum` / `all_max`, rl/collective.py). Both are 0 when the two forwards agree; kernels, batch shapes,
+KV-cache precision and (with a separate inference engine) weight synchronisation make them differ (Yao et al.
+2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", 2025 blog post; verl logs a
+similar sampler-vs-trainer probability difference).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -97,10 +101,15 @@ def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
     return -coef * entropy
 
 
-def mismatch(sampler_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """{mismatch_kl, mismatch_max_abs_logp} over the masked tokens (see the module doc); zeros for no token."""
+def mismatch(sampler_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor,
+             all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             all_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """{mismatch_kl, mismatch_max_abs_logp} over the masked tokens (see the module doc); zeros for no token.
+    `all_sum` / `all_max` reduce over the ranks of a data-parallel run, so both are over every rank's tokens."""
+    total, top = all_sum or (lambda t: t), all_max or (lambda t: t)
     m = mask.bool()
-    d = (sampler_logp.float() - trainer_logp.float())[m]
-    if d.numel() == 0:
-        return {"mismatch_kl": 0.0, "mismatch_max_abs_logp": 0.0}
-    return {"mismatch_kl": float(d.mean()), "mismatch_max_abs_logp": float(d.abs().max())}
+    d = (sampler_logp.double() - trainer_logp.double())[m]
+    n = float(total(torch.tensor(float(d.numel()), dtype=torch.float64)))
+    kl = float(total(d.sum()) / n) if n else 0.0
+    largest = float(top(d.abs().max() if d.numel() else torch.tensor(0.0, dtype=torch.float64)))
+    return {"mismatch_kl": kl, "mismatch_max_abs_logp": largest}

@@ -99,9 +99,11 @@ class PPOOptions(ClipOptions):
     whiten_advantages: bool = True  # normalise A over each round's completion tokens (Xu et al. 2024)
     reward_norm: bool = False  # normalise the round's sequence scores to mean 0, std 1
     reward_clip: float | None = Field(None, gt=0.0)  # then clip them to ±reward_clip
-    # p in s' = s − p·[completion hit rl.max_new_tokens, no end of turn]; 0 (TRL's default: none) leaves a truncated
-    # completion's score to the reward functions, which score it unclosed (a reward model sees no end of turn)
-    missing_eot_penalty: float = Field(0.0, ge=0.0)
+    missing_eot_penalty: float = Field(0.0, ge=0.0, description=(
+        "p in s' = s − p for every completion that ran out of rl.max_new_tokens (no end of turn); default 0 (TRL's "
+        "default): no penalty — a cut completion keeps the score the reward functions give it (a reward model "
+        "scores its ids as sampled, the turn left open). A run with a reward model and cut completions at p = 0 "
+        "gets a one-line hint."))
     adaptive_kl: bool = False  # Ziegler et al. 2019: β moves to keep the per-sequence KL near kl_target
     kl_target: float = Field(6.0, gt=0.0)
     kl_horizon: int = Field(10000, ge=1)

@@ -146,36 +146,69 @@ def pairwise_accuracy(model, examples: list, pad_id: int, batch_size: int = 8) -
 
 
 class RewardModel:
-    """A trained reward model: `score(prompt_messages, response)` → r(x, y).
+    """A trained reward model: `score(prompt_messages, response)` → r(x, y); `encode_ids` + `score_encoded` for
+    token ids as sampled.
 
-    Both `score` and `accuracy` run the model through `scoring.score_batches` (no gradients, eval mode, the
-    model's training flag restored afterwards), so the model needs no ``eval()`` of its own."""
+    Every scoring call runs the model through `scoring.score_batches` (no gradients, eval mode, the model's
+    training flag restored afterwards), so the model needs no ``eval()`` of its own."""
 
     def __init__(self, model, tokenizer, template):
         self.model, self.tokenizer, self.template = model, tokenizer, template
 
-    def score(self, prompt: list[dict] | str, response: str, closed: bool = True) -> float:
-        """r(x, y) of `response` to `prompt`. `closed=False` (a completion cut by the token budget, online RL):
-        the prompt rendered up to the assistant's turn + the response text as sampled, with *no* end of turn
-        appended — the model scores what was generated, not a turn it never finished."""
-        from ..data.collate import collate
+    def prompt_ids(self, prompt: list[dict]) -> list[int]:
+        """The prompt rendered by this model's template up to the assistant's turn, tokenised as the policy's
+        prompts are (`rl.prompts`: no special tokens added)."""
+        return self.tokenizer(self.template.generation_prompt(prompt), add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompt: list[dict] | str, response: str, closed: bool = True):
+        """`Encoded` of the text pair: `closed` renders the whole turn with this model's template (end of turn
+        included, as its training pairs were); `closed=False` (a completion cut by the token budget) is the prompt
+        up to the assistant's turn + the response text, *no* end of turn appended."""
         from ..data.masking import Encoded
         from ..data.preference import encode_response
 
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         if closed:
-            enc = encode_response(self.tokenizer, self.template, prompt, {"role": "assistant", "content": response},
-                                  "", None)
-        else:
-            head = self.tokenizer(self.template.generation_prompt(prompt), add_special_tokens=False)["input_ids"]
-            ids = self.tokenizer(self.template.generation_prompt(prompt) + response,
-                                 add_special_tokens=False)["input_ids"]
-            enc = Encoded(ids, [False] * len(head) + [True] * (len(ids) - len(head)), False,
-                          len(ids) - len(head))
-        [r] = score_batches(self.model, [enc], partial(collate, pad_id=self.tokenizer.pad_token_id), rewards,
-                            batch_size=1)
-        return float(r[0])
+            return encode_response(self.tokenizer, self.template, prompt, {"role": "assistant", "content": response},
+                                   "", None)
+        head = self.prompt_ids(prompt)
+        ids = self.tokenizer(self.template.generation_prompt(prompt) + response, add_special_tokens=False)["input_ids"]
+        return Encoded(ids, [False] * len(head) + [True] * (len(ids) - len(head)), False, len(ids) - len(head))
+
+    def score(self, prompt: list[dict] | str, response: str, closed: bool = True) -> float:
+        """r(x, y) of `response` to `prompt`, re-tokenised from text (`encode`)."""
+        return self.score_encoded([self.encode(prompt, response, closed)])[0]
+
+    def encode_ids(self, prompt_ids: list[int], completion_ids: list[int], closed: bool = False):
+        """`Encoded` of prompt ids + completion ids *as given*: no decode/encode round trip, and no end of turn
+        added — a sampled end-of-turn/eos id is part of the completion ids. `closed` (the row stopped by itself) and
+        the completion's last id is the template's end of turn: the tokens this template puts after a closed turn
+        follow (ChatML's ``"\n"`` after ``<|im_end|>``; none for Llama 3), so r is read at the position it was
+        trained at (`encode`'s pairs end there). A cut row (`closed=False`) is scored exactly as given."""
+        from ..data.masking import Encoded
+
+        p, c = list(prompt_ids), list(completion_ids)
+        eot, after = self.turn_closing()
+        tail = after if closed and c and c[-1] == eot else []
+        return Encoded(p + c + tail, [False] * len(p) + [True] * len(c) + [False] * len(tail), False, len(c))
+
+    def turn_closing(self) -> tuple[int | None, list[int]]:
+        """(the end-of-turn id, the ids after it) of an assistant turn as this model's template closes it — read
+        from the encoding of a probe conversation: the last trained token (the eot) and what follows it."""
+        if not hasattr(self, "_closing"):
+            enc = self.encode([{"role": "user", "content": "?"}], "!", closed=True)
+            last = max((i for i, m in enumerate(enc.loss_mask) if m), default=None)
+            self._closing = (None, []) if last is None else (enc.input_ids[last], enc.input_ids[last + 1:])
+        return self._closing
+
+    def score_encoded(self, examples: list, batch_size: int = 8) -> list[float]:
+        """r of each `Encoded`, `batch_size` sequences per forward (right-padded; r at each row's last real token)."""
+        from ..data.collate import collate
+
+        out = score_batches(self.model, examples, partial(collate, pad_id=self.tokenizer.pad_token_id),
+                            lambda m, b: rewards(m, b).float().cpu(), batch_size=batch_size)
+        return [float(x) for r in out for x in r]
 
     def accuracy(self, source: str, max_length: int | None = None, limit: int | None = None) -> dict[str, float]:
         """`pairwise_accuracy` on a preference file or dataset."""

@@ -47,8 +47,10 @@ Groups may differ in size when `group_index` is given.
 
                  A_i = (d_i − μ_B(d)) / (σ_B(d) + ε),    d_i = r_i − r̄_g
 
-Under torchrun the batch is each rank's share of the round (groups never straddle ranks; the batch statistics
-are per rank).
+Under torchrun the batch is the whole round, every rank's rows: the builder passes ``all_sum``
+(`rl.collective.all_sum`) to the estimators listed in `BATCH_WIDE`, so μ_B and σ_B are those of all ranks' rows
+together and N ranks × b rows get the advantages of one process with N·b (verl and OpenRLHF normalise the global
+batch). The group estimators need nothing: a group never straddles ranks.
 
 Groups whose rewards are all equal (a prompt always or never solved) get advantage 0 everywhere: they carry no
 learning signal. A group of one has r_i = r̄_g, so advantage 0 under grpo and dr_grpo (as in TRL; verl instead
@@ -158,25 +160,34 @@ def rloo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = No
     return G / (G - 1) * (r - mean)
 
 
-def _batch_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.numel() < 2:
+def _batch_norm(x: torch.Tensor, eps: float, all_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """(x − μ) / (σ + ε), μ and σ (unbiased) over every entry — of every rank with `all_sum` — in float64;
+    zeros when the batch has fewer than 2 entries."""
+    total = all_sum or (lambda t: t)
+    xd = x.double()
+    n = float(total(torch.tensor(float(x.numel()), dtype=torch.float64)))
+    if n < 2:
         return torch.zeros_like(x)
-    return (x - x.mean()) / (x.std() + eps)
+    mean = total(xd.sum()) / n
+    std = (total(((xd - mean) ** 2).sum()) / (n - 1)).sqrt()
+    return ((xd - mean) / (std + eps)).to(x.dtype)
 
 
-def reinforce_pp(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,
-                 eps: float = 1e-6) -> torch.Tensor:
+def reinforce_pp(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None, eps: float = 1e-6,
+                 all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """REINFORCE++: A_i = (r_i − μ_B) / (σ_B + ε) over all B rewards of the batch (Hu 2025, arXiv:2501.03262);
-    the groups are validated but not used."""
+    the groups are validated but not used. `all_sum` (`rl.collective.all_sum`): the batch is every rank's rows."""
     r = _float(rewards)
     groups(r, group_index, group_size)
-    return _batch_norm(r, eps)
+    return _batch_norm(r, eps, all_sum)
 
 
 def reinforce_pp_baseline(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,
-                          eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++-baseline: d_i = r_i − r̄_g, then A_i = (d_i − μ_B(d)) / (σ_B(d) + ε) over the batch."""
-    return _batch_norm(dr_grpo(rewards, group_index, group_size=group_size), eps)
+                          eps: float = 1e-6, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                          ) -> torch.Tensor:
+    """REINFORCE++-baseline: d_i = r_i − r̄_g, then A_i = (d_i − μ_B(d)) / (σ_B(d) + ε) over the batch (every
+    rank's rows with `all_sum`; the group mean needs no collective: a group lives on one rank)."""
+    return _batch_norm(dr_grpo(rewards, group_index, group_size=group_size), eps, all_sum)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
@@ -218,6 +229,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo,
                                                       "reinforce_pp": reinforce_pp,
                                                       "reinforce_pp_baseline": reinforce_pp_baseline}
+BATCH_WIDE = frozenset({"reinforce_pp", "reinforce_pp_baseline"})  # normalise over the whole batch: take all_sum
 
 
 def compute(name: str, rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,

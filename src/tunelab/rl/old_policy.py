@@ -9,7 +9,9 @@ CUDA over fp32 weights — the sampler itself runs outside it, so on a GPU the m
 
     mismatch_kl, mismatch_max_abs_logp     (objectives/policy_loss.py `mismatch`, over the completion tokens)
 
-go into the round's metrics (every step of the round logs them). With ``grpo.recompute_old_logprobs`` (rloo/ppo alike) the trainer's
+go into the round's metrics (every step of the round logs them); under torchrun over every rank's tokens (the
+mean a global token mean, the max a true max: `rl.collective.all_sum`/`all_max`, so the loop's mean over ranks
+leaves them as they are). With ``grpo.recompute_old_logprobs`` (rloo/ppo alike) the trainer's
 log-probs then *replace* the sampler's as π_old in the importance ratio — what TRL (``old_per_token_logps``,
 computed when a generation batch is used for more than one step) and verl (``actor.compute_log_prob`` before the
 update) do — so the ratio measures only the policy's own movement, not the kernels' disagreement. Off (the
@@ -28,6 +30,7 @@ import torch
 from ..models.modes import eval_mode, training_autocast
 from ..objectives.policy_loss import mismatch
 from ..objectives.prompt_sharing import group_token_logprobs
+from .collective import all_max, all_sum
 
 KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask", "prompt_mask", "prompt_index")
 
@@ -54,7 +57,7 @@ def settle_old_logprobs(rows: dict, model, objective, cfg, micro: int) -> dict[s
                                objective.share_prompts)
     mask = rows["loss_mask"].clone()
     mask[:, 0] = False
-    metrics = mismatch(rows["old_logprobs"], trainer, mask)
+    metrics = mismatch(rows["old_logprobs"], trainer, mask, all_sum, all_max)  # over every rank's tokens
     if objective.recompute_old_logprobs:
         rows["old_logprobs"] = trainer.masked_fill(~mask, 0.0)
     return metrics

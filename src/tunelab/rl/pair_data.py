@@ -149,7 +149,8 @@ def score_chunk(model, tokenizer, prompts: list, rewards, rl, *, stop_ids, stop_
                                  stop_strings=stop_strings, seed=seed, batch_size=batch_size)
     texts = [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
              for ids in samples.completions()]
-    scored = rewards(RewardInputs.from_samples(samples, texts, [Record(p.record, p.origin) for p in prompts]))
+    scored = rewards(RewardInputs.from_samples(samples, texts, [Record(p.record, p.origin) for p in prompts],
+                                                 tokenizer=tokenizer))
     G = rl.group_size
     return ScoredChunk([texts[g * G:(g + 1) * G] for g in range(len(prompts))],
                        [scored.total[g * G:(g + 1) * G] for g in range(len(prompts))], scored.per_function,

@@ -3,7 +3,7 @@
 A reward function maps a `RewardInputs` batch of B completions to B floats. The built-in ones reuse the
 evaluation scorers, so a run optimises exactly what its learning report measures: ``exact_match`` is
 `eval.exact.is_correct`, ``code_tests`` runs `eval.code.build_program` in `eval.sandbox`, ``reward_model``
-is `objectives.reward.RewardModel.score`. The config lists them under ``rl.rewards``::
+is `objectives.reward.RewardModel` (rl/model_reward.py). The config lists them under ``rl.rewards``::
 
     rl:
       rewards:
@@ -23,9 +23,14 @@ code_tests        timeout=5.0, memory_mb=1024, workers=2,     1.0 if prompt + co
                                                               introspection score 0 (eval/screen.py) and are
                                                               logged as ``reward_hacking_attempts``; needs
                                                               ``eval.allow_code_execution: true``
-reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run;
+reward_model      run_dir*, device=auto                       r(x, y) of a tunelab ``objective: reward`` run on
+                                                              the prompt + completion ids as sampled (same
+                                                              tokenizer; else re-tokenised text, said once):
                                                               a completion cut by max_new_tokens is scored
-                                                              as sampled, its turn left open (no end of turn)
+                                                              with its turn left open (no end of turn), and
+                                                              nothing subtracted unless
+                                                              ``ppo.missing_eot_penalty`` p > 0 (default 0:
+                                                              s' = s − p for cut rows)
 format            pattern=``#### <number>`` at the end        1.0 if ``re.search(pattern, completion)``, else 0
 truncation        (none)                                      −1.0 if the completion hit ``max_new_tokens``
                                                               (finish reason ``length``), else 0.0
@@ -71,6 +76,7 @@ from ..errors import TunelabError
 from ..eval.code import SANDBOX_HELP, extract_code, judge_completions
 from ..eval.exact import gold_answer, is_correct
 from ..eval.sandbox import check_sandbox
+from .model_reward import ModelReward
 from .user_rewards import user_reward
 
 RewardFn = Callable[["RewardInputs"], Sequence[float]]
@@ -95,6 +101,9 @@ class RewardInputs:
         finish_reasons   list of B str — ``"stop"`` or ``"length"`` (ran out of max_new_tokens), or None.
         prompt_messages  list of B chat prompts (list of {role, content}), or None: then they are read from
                          the record (its conversation minus the final assistant turn) where a function needs them.
+        prompt_ids       list of B list[int] — the generation prompt's tokens the policy was given (padding
+                         removed), or None.
+        tokenizer        the policy's tokenizer, the vocabulary of `prompt_ids` and `completion_ids`, or None.
     """
 
     completions: list[str]
@@ -102,13 +111,15 @@ class RewardInputs:
     completion_ids: list[list[int]] | None = None
     finish_reasons: list[str] | None = None
     prompt_messages: list[list[dict]] | None = None
+    prompt_ids: list[list[int]] | None = None
+    tokenizer: object = None
 
     def __post_init__(self):
         records = [r if isinstance(r, Record) else Record(dict(r), f"row {i}")
                    for i, r in enumerate(self.prompt_records)]
         object.__setattr__(self, "prompt_records", records)
         B = len(self.completions)
-        for name in ("prompt_records", "completion_ids", "finish_reasons", "prompt_messages"):
+        for name in ("prompt_records", "completion_ids", "finish_reasons", "prompt_messages", "prompt_ids"):
             value = getattr(self, name)
             if value is not None and len(value) != B:
                 raise ValueError(f"RewardInputs: {name} has {len(value)} rows, completions has {B}")
@@ -118,12 +129,15 @@ class RewardInputs:
 
     @classmethod
     def from_samples(cls, samples, completions: list[str], records: Sequence[Record | dict],
-                     messages: Sequence[list[dict]] | None = None) -> "RewardInputs":
-        """From `sampling.sample()`'s `Samples` and its decoded texts; `records`/`messages` are per *prompt*
-        and are repeated for each of that prompt's rows (``samples.prompt_index``)."""
+                     messages: Sequence[list[dict]] | None = None, tokenizer=None) -> "RewardInputs":
+        """From `sampling.sample()`'s `Samples`, its decoded texts and the policy's `tokenizer`; `records`/
+        `messages` are per *prompt* and are repeated for each of that prompt's rows (``samples.prompt_index``)."""
         index = samples.prompt_index.tolist()
+        mask = samples.prompt_mask.bool().tolist()
+        prompts = [[t for t, m in zip(row, keep) if m] for row, keep in zip(samples.prompt_ids.tolist(), mask)]
         return cls(list(completions), [records[i] for i in index], samples.completions(),
-                   list(samples.finish_reason), None if messages is None else [messages[i] for i in index])
+                   list(samples.finish_reason), None if messages is None else [messages[i] for i in index],
+                   prompts, tokenizer)
 
     def messages(self, i: int) -> list[dict]:
         """Row i's prompt as chat messages: given, or `data.formats.prompt_of` (the record without its answer)."""
@@ -196,23 +210,19 @@ def code_tests(*, timeout: float = 5.0, memory_mb: int = 1024, workers: int = 2,
 
 @register("reward_model")
 def reward_model(*, run_dir: str, device: str = "auto") -> RewardFn:
-    """r(x, y) of a reward-model run (objectives/reward.py), loaded on first use; the run's files are checked now."""
-    from ..objectives.reward import HEAD_FILE, load_reward_model
+    """r(x, y) of a reward-model run (objectives/reward.py), loaded on first use; the run's files are checked now.
+
+    Scored on the prompt + completion ids as sampled when the reward model shares the policy's tokenizer and
+    prompt rendering (else on re-tokenised text, said once); a completion cut by max_new_tokens gets no end of
+    turn. No penalty for a cut completion here: ``ppo.missing_eot_penalty`` (default 0) is s' = s − p for those
+    rows. rl/model_reward.py has the details."""
+    from ..objectives.reward import HEAD_FILE
 
     path = Path(run_dir)
     if not (path / HEAD_FILE).is_file() or not (path / "config.yaml").is_file():
         raise TunelabError(f"reward 'reward_model': {path} is not a finished reward-model run "
                            f"(needs {HEAD_FILE} and config.yaml)")
-    loaded = []
-
-    def score(batch: RewardInputs) -> list[float]:
-        if not loaded:
-            loaded.append(load_reward_model(path, device))
-        # a completion cut by max_new_tokens is scored as sampled: no end of turn closes it (RewardModel.score)
-        cut = batch.finish_reasons or [None] * len(batch)
-        return [loaded[0].score(batch.messages(i), text, closed=cut[i] != "length")
-                for i, text in enumerate(batch.completions)]
-    return score
+    return ModelReward(path, device)
 
 
 @register("format")

@@ -38,6 +38,7 @@ the same rewards — the run's before/after reward and, for `exact_match`, its a
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -50,12 +51,13 @@ from ..errors import TunelabError
 from ..generate import cut_at_stop
 from ..jsonl import read_rows
 from .dynamic_sampling import choose_groups, concat_samples, informative_groups, select_groups
+from .model_reward import ModelReward
 from .old_policy import summarize as summarize_mismatch
 from .rewards import RewardInputs, build_rewards
 from .rows import Round, row_builder
 from .sampler import SamplingParams, build_sampler
 from .seeds import seed_of, seeded
-from .signal import NoSignalWatch
+from .signal import NoSignalWatch, TruncationHint
 
 
 class RolloutSource:
@@ -83,6 +85,7 @@ class RolloutSource:
                                      stop_strings=tuple(stop_strings))
         self.round, self.rows, self.served, self.metrics = None, None, 0, {}
         self.no_signal = NoSignalWatch(rl.warn_no_signal_rounds)
+        self.truncation_hint = TruncationHint(_truncation_advice(self.rewards, self.builder))
 
     # ------------------------------------------------------------------------------------------ the interface
     def get(self, epoch: int, index: int) -> dict:
@@ -128,7 +131,7 @@ class RolloutSource:
         texts = [cut_at_stop(self.ctx.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
                  for ids in samples.completions()]
         records = [Record(p.record, p.origin) for p in prompts]
-        scores = self.rewards(RewardInputs.from_samples(samples, texts, records))
+        scores = self.rewards(RewardInputs.from_samples(samples, texts, records, tokenizer=self.ctx.tokenizer))
         return samples, texts, scores
 
     def _rollout(self, r: int) -> None:
@@ -150,6 +153,7 @@ class RolloutSource:
                    "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9), "round": r,
                    "weight_sync_seconds": sync,
                    **self.no_signal.round(self.builder.group_relative, rewards, samples.prompt_index.cpu())}
+        self.truncation_hint.round(metrics["truncated"])
         if getattr(self.ctx.objective, "dynamic_sampling", False):  # DAPO; the metrics above: the first sample's
             self.metrics = metrics
             prompts, samples, texts, rewards = self._dynamic_sampling(r, prompts, samples, texts, rewards)
@@ -208,3 +212,13 @@ class RolloutSource:
 
     def describe(self, m: dict) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in m.items()) if m else "no held-out prompts"
+
+
+def _truncation_advice(rewards, builder) -> str | None:
+    """The row builder's advice for cut completions, when a reward model scores the run and no weighted
+    ``truncation`` or ``length_penalty`` reward already penalises them (else None: no hint)."""
+    if not any(isinstance(fn, ModelReward) for _, _, fn in rewards.entries):
+        return None
+    if any(w and re.sub(r"_\d+$", "", key) in ("truncation", "length_penalty") for key, w, _ in rewards.entries):
+        return None
+    return builder.truncation_advice()

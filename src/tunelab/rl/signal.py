@@ -26,6 +26,26 @@ def zero_signal_groups(rewards: torch.Tensor, group: torch.Tensor) -> float:
     return flat / len(ids)
 
 
+class TruncationHint:
+    """A reward model scores a completion cut by ``rl.max_new_tokens`` as the unfinished turn it is
+    (rl/model_reward.py), with no penalty of its own — and PPO's ``ppo.missing_eot_penalty`` defaults to 0 — so
+    nothing tells the policy that running out of tokens is worse than finishing. When a run scores with a reward
+    model, a round has cut completions and nothing in the run penalises them (`advice` is None when the row
+    builder does, or a ``truncation``/``length_penalty`` reward is weighted), one line says so, once per run."""
+
+    def __init__(self, advice: str | None):
+        self.advice, self.given = advice, False
+
+    def round(self, truncated: float) -> None:
+        """`truncated`: this round's share of completions that ran out of tokens."""
+        if self.advice is None or self.given or truncated <= 0:
+            return
+        self.given = True
+        console.print(f"hint: {truncated:.0%} of this round's completions ran out of rl.max_new_tokens, and the "
+                      f"reward model scores them without penalty; to make running out of tokens cost something, "
+                      f"{self.advice}", highlight=False, soft_wrap=True)
+
+
 class NoSignalWatch:
     """Counts consecutive rounds with no reward spread in any group; warns once after `after` of them. Only for
     objectives whose learning signal is that spread — their row builder says ``group_relative`` (grpo/rloo

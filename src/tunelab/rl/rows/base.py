@@ -67,6 +67,11 @@ class RowBuilder:
         width = int(batch["attention_mask"].sum(-1).max())
         return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
 
+    def truncation_advice(self) -> str | None:
+        """How this objective would penalise a completion cut by ``rl.max_new_tokens``, when the run does not
+        (`rl.signal.TruncationHint` shows it once); None: it does, or it has no such option."""
+        return None
+
     def resume(self, last_round: int) -> None:
         """A run resumes after round `last_round` (−1: before any): forget what later rounds wrote."""
 

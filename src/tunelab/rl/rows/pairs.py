@@ -42,6 +42,11 @@ class PairRows(RowBuilder):
     def units(self, prompts: int, group: int) -> int:
         return prompts
 
+    def truncation_advice(self) -> str | None:
+        if getattr(self.ctx.objective, "missing_eos_penalty", 0.0) > 0:
+            return None
+        return "set online_dpo.missing_eos_penalty (default 0; p > 0 makes a cut completion's score s − p)"
+
     def build(self, rnd: Round) -> RoundRows:
         scores = pair_scores(rnd.rewards, rnd.truncated, getattr(self.ctx.objective, "missing_eos_penalty", 0.0))
         chosen, rejected, tied = pick_pairs(scores, rnd.group)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..advantages import ESTIMATORS
+from ..advantages import BATCH_WIDE, ESTIMATORS
+from ..collective import all_sum
 from .base import Round, RoundRows, RowBuilder
 
 
@@ -19,12 +20,21 @@ class PolicyGradientRows(RowBuilder):
     group_relative = True  # group-normalised / leave-one-out advantages
     def __init__(self, cfg, context, micro: int):
         super().__init__(cfg, context, micro)
-        self.estimator = ESTIMATORS[context.objective.advantage_estimator]  # the option, else the objective's
+        name = context.objective.advantage_estimator  # the option, else the objective's
+        self.estimator = ESTIMATORS[name]
+        # REINFORCE++ normalises over the round: every rank's rows under torchrun (the group estimators need not)
+        self.options = {"all_sum": all_sum} if name in BATCH_WIDE else {}
+
+    def truncation_advice(self) -> str | None:
+        if getattr(self.ctx.objective, "mask_truncated", False):
+            return None
+        return ("add the truncation reward (- {name: truncation, weight: 1.0}: −1 for a cut completion) or set "
+                "grpo.mask_truncated: true (cut completions train nothing)")
 
     def build(self, rnd: Round) -> RoundRows:
         group = rnd.samples.prompt_index.cpu()
         rows = self.sequences(rnd.samples, list(range(len(rnd.rewards))), with_logprobs=True)
-        rows["advantages"] = self.estimator(rnd.rewards, group).float()
+        rows["advantages"] = self.estimator(rnd.rewards, group, **self.options).float()
         rows["prompt_index"] = group.long()
         settled = self.settle(rows, rnd)
         reference = getattr(self.ctx.objective, "reference", None)

@@ -41,6 +41,11 @@ def _forward_rows(fn, rows: dict, micro: int, device) -> torch.Tensor:
 
 
 class PPORows(RowBuilder):
+    def truncation_advice(self) -> str | None:
+        if self.cfg.ppo.missing_eot_penalty > 0:
+            return None
+        return "set ppo.missing_eot_penalty (default 0; p > 0 makes a cut completion's score s' = s − p)"
+
     def build(self, rnd: Round) -> RoundRows:
         p, rl, objective, model = self.cfg.ppo, self.cfg.rl, self.ctx.objective, self.ctx.model
         device = next(model.parameters()).device
