@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from tunelab.rl.advantages import compute, reinforce_pp, reinforce_pp_baseline
+from tunelab.rl.advantages import compute, reinforce_pp, reinforce_pp_baseline, whiten
 from tunelab.rl.dynamic_sampling import choose_groups, concat_samples, informative_groups, select_groups
 from tunelab.sampling import Samples
 
@@ -18,16 +18,35 @@ def test_reinforce_pp_normalises_over_the_whole_batch():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 1.0, 3.0])
     mu = 10 / 8
     sd = math.sqrt(sum((x - mu) ** 2 for x in r.tolist()) / 7)
-    assert reinforce_pp(r, group_size=4).tolist() == pytest.approx([(x - mu) / (sd + 1e-6) for x in r.tolist()],
+    assert reinforce_pp(r, group_size=4).tolist() == pytest.approx([(x - mu) / math.sqrt(sd * sd + 1e-8) for x in r.tolist()],
                                                                     rel=1e-5)
     # baseline variant: group means 0.5 and 2 first → d = ±0.5, ±1; then the batch normalisation
     d = [0.5, -0.5, -0.5, 0.5, 1.0, -1.0, -1.0, 1.0]
     sd_d = math.sqrt(sum(x * x for x in d) / 7)  # mean of d is 0
-    assert reinforce_pp_baseline(r, group_size=4).tolist() == pytest.approx([x / (sd_d + 1e-6) for x in d], rel=1e-5)
+    assert reinforce_pp_baseline(r, group_size=4).tolist() == pytest.approx([x / math.sqrt(sd_d * sd_d + 1e-8) for x in d], rel=1e-5)
     assert compute("reinforce_pp", r, group_size=4).tolist() == reinforce_pp(r, group_size=4).tolist()
     # unlike grpo, a group whose rewards are all equal keeps a nonzero advantage (its distance to the batch mean)
     tied = torch.tensor([1.0, 1.0, 0.0, 1.0])
     assert reinforce_pp(tied, group_size=2)[:2].abs().min() > 0.1
+
+
+def test_reinforce_pp_whitens_over_tokens_as_verl():
+    """verl whitens the token-level returns (every token of completion i has return r_i): completion i weighs its
+    n_i tokens. Hand-computed: r = (1, 0), n = (3, 1) → μ = 3/4, σ² = (3·(1/4)² + (3/4)²) / 3 = 1/4."""
+    r, n = torch.tensor([1.0, 0.0]), torch.tensor([3, 1])
+    assert reinforce_pp(r, group_size=2, token_counts=n).tolist() == pytest.approx(
+        [0.25 / math.sqrt(0.25 + 1e-8), -0.75 / math.sqrt(0.25 + 1e-8)], rel=1e-6)
+    # ≡ `whiten` (verl's masked_whiten) of the [B, T] returns broadcast over each completion's tokens
+    rewards = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.0, 1.0])
+    counts = torch.tensor([5, 1, 3, 7, 2, 4])
+    mask = torch.arange(7)[None, :] < counts[:, None]
+    baseline = compute("dr_grpo", rewards, group_size=3)
+    for estimator, returns in ((reinforce_pp, rewards), (reinforce_pp_baseline, baseline)):
+        token_level = whiten(returns[:, None].expand(-1, 7).contiguous(), mask)
+        torch.testing.assert_close(estimator(rewards, group_size=3, token_counts=counts), token_level[:, 0],
+                                   rtol=1e-5, atol=1e-6)
+    # the length weighting matters: a long wrong answer pulls the mean down more than a short one
+    assert not torch.allclose(reinforce_pp(rewards, group_size=3, token_counts=counts), reinforce_pp(rewards, group_size=3))
 
 
 # ------------------------------------------------------------------------------------------- dynamic sampling

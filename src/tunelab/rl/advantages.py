@@ -37,15 +37,18 @@ Groups may differ in size when `group_index` is given.
              Language Models", arXiv:2501.03262): no critic, no group baseline — the rewards are
              normalised over the *whole batch* (the round's B completions):
 
-                 A_i = (r_i − μ_B) / (σ_B + ε)        μ_B, σ_B: mean and unbiased std of all B rewards
+                 A_i = (r_i − μ_B) / sqrt(σ²_B + ε)
 
-             (OpenRLHF ``advantage_estimator=reinforce``, outcome reward, γ = 1, the KL kept in the loss rather
-             than in the reward). OpenRLHF normalises over tokens (each completion weighted by its length);
-             this normalises over completions.
+             with μ_B, σ²_B the mean and unbiased variance over the batch's *tokens*: completion i counts n_i
+             times (its completion tokens; `token_counts`), as verl's ``masked_whiten`` over the token-level
+             returns does (``compute_reinforce_plus_plus_outcome_advantage``; OpenRLHF ``reinforce`` likewise
+             normalises over action tokens). With an outcome reward, γ = 1 and the KL kept in the loss rather
+             than in the reward, every token of completion i has return r_i, hence the weights n_i. Without
+             `token_counts` every completion counts once.
 ``reinforce_pp_baseline``  REINFORCE++-baseline (the same paper; OpenRLHF ``reinforce_baseline``): the
              group mean first, then the batch normalisation:
 
-                 A_i = (d_i − μ_B(d)) / (σ_B(d) + ε),    d_i = r_i − r̄_g
+                 A_i = (d_i − μ_B(d)) / sqrt(σ²_B(d) + ε),    d_i = r_i − r̄_g   (token-weighted as above)
 
 Under torchrun the batch is the whole round, every rank's rows: the builder passes ``all_sum``
 (`rl.collective.all_sum`) to the estimators listed in `BATCH_WIDE`, so μ_B and σ_B are those of all ranks' rows
@@ -160,34 +163,40 @@ def rloo(rewards: torch.Tensor, group_index=None, *, group_size: int | None = No
     return G / (G - 1) * (r - mean)
 
 
-def _batch_norm(x: torch.Tensor, eps: float, all_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """(x − μ) / (σ + ε), μ and σ (unbiased) over every entry — of every rank with `all_sum` — in float64;
-    zeros when the batch has fewer than 2 entries."""
+def _batch_norm(x: torch.Tensor, eps: float, all_sum: Callable[[torch.Tensor], torch.Tensor] | None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(x − μ) · rsqrt(σ² + eps): μ and σ² (unbiased) the `weights`-weighted mean and variance over every entry —
+    of every rank with `all_sum` — in float64. Weight n_i = entry i repeated n_i times, so with completion token
+    counts this is verl's ``masked_whiten`` of the broadcast [B, T] returns. Zeros when the total weight is < 2."""
     total = all_sum or (lambda t: t)
     xd = x.double()
-    n = float(total(torch.tensor(float(x.numel()), dtype=torch.float64)))
+    w = torch.ones_like(xd) if weights is None else weights.to(xd.device).double()
+    n = float(total(w.sum()))
     if n < 2:
         return torch.zeros_like(x)
-    mean = total(xd.sum()) / n
-    std = (total(((xd - mean) ** 2).sum()) / (n - 1)).sqrt()
-    return ((xd - mean) / (std + eps)).to(x.dtype)
+    mean = total((w * xd).sum()) / n
+    var = total((w * (xd - mean) ** 2).sum()) / (n - 1)
+    return ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
 
-def reinforce_pp(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None, eps: float = 1e-6,
-                 all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """REINFORCE++: A_i = (r_i − μ_B) / (σ_B + ε) over all B rewards of the batch (Hu 2025, arXiv:2501.03262);
-    the groups are validated but not used. `all_sum` (`rl.collective.all_sum`): the batch is every rank's rows."""
+def reinforce_pp(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None, eps: float = 1e-8,
+                 all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 token_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE++: A_i = (r_i − μ_B) / sqrt(σ²_B + ε) over the batch's tokens (Hu 2025, arXiv:2501.03262; verl's
+    token-level whitening): `token_counts` [B] weights completion i by its n_i tokens (None: by 1). The groups
+    are validated but not used. `all_sum` (`rl.collective.all_sum`): the batch is every rank's rows."""
     r = _float(rewards)
     groups(r, group_index, group_size)
-    return _batch_norm(r, eps, all_sum)
+    return _batch_norm(r, eps, all_sum, token_counts)
 
 
 def reinforce_pp_baseline(rewards: torch.Tensor, group_index=None, *, group_size: int | None = None,
-                          eps: float = 1e-6, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-                          ) -> torch.Tensor:
-    """REINFORCE++-baseline: d_i = r_i − r̄_g, then A_i = (d_i − μ_B(d)) / (σ_B(d) + ε) over the batch (every
-    rank's rows with `all_sum`; the group mean needs no collective: a group lives on one rank)."""
-    return _batch_norm(dr_grpo(rewards, group_index, group_size=group_size), eps, all_sum)
+                          eps: float = 1e-8, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          token_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE++-baseline: d_i = r_i − r̄_g, then A_i = (d_i − μ_B(d)) / sqrt(σ²_B(d) + ε) over the batch's
+    tokens as `reinforce_pp` (every rank's rows with `all_sum`; the group mean needs no collective: a group lives
+    on one rank). verl ``compute_reinforce_plus_plus_baseline_outcome_advantage``."""
+    return _batch_norm(dr_grpo(rewards, group_index, group_size=group_size), eps, all_sum, token_counts)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,

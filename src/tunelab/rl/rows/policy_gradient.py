@@ -34,7 +34,10 @@ class PolicyGradientRows(RowBuilder):
     def build(self, rnd: Round) -> RoundRows:
         group = rnd.samples.prompt_index.cpu()
         rows = self.sequences(rnd.samples, list(range(len(rnd.rewards))), with_logprobs=True)
-        rows["advantages"] = self.estimator(rnd.rewards, group, **self.options).float()
+        options = dict(self.options)
+        if self.options:  # REINFORCE++ whitens over tokens: each completion weighs its number of tokens
+            options["token_counts"] = rnd.samples.completion_mask.sum(1).cpu()
+        rows["advantages"] = self.estimator(rnd.rewards, group, **options).float()
         rows["prompt_index"] = group.long()
         settled = self.settle(rows, rnd)
         reference = getattr(self.ctx.objective, "reference", None)
