@@ -137,6 +137,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
                 for v in sweep.variants]
     main = is_main()
     _check_selection(sweep, only, seeds)
+    clock = _study_clock(sweep)  # the study's own wall time, summed over `tunelab compare` invocations
     budgets = configured_budgets(sweep, configs)
     problem = match_problem(budgets, sweep.match) if sweep.match else None
     if dry_run:
@@ -172,7 +173,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
                 console.print(f"[red]✗ {v.key} failed: {out.error}[/] — going on with the next variant")
             out.seconds = time.perf_counter() - t0
         if main:
-            _save_state(sweep, outcomes, budgets)
+            _save_state(sweep, outcomes, budgets, clock)
         barrier()  # rank 0 has written the variant's results before any rank looks at the next one
     if report and main:
         write_sweep_report(sweep)
@@ -217,6 +218,9 @@ def configured_budgets(sweep: Sweep, configs: list) -> dict[str, dict]:
             b = add([configured(s) for _, s, _ in resolve_stages(cfg)]) if cfg.stages else configured(cfg)
             for q, extra in v.budget.items():
                 b[q] = (b.get(q) or 0) + extra
+            if "flops" not in v.budget and any(q in v.budget for q in ("flops_train", "flops_sampling")):
+                b["flops"] = None if None in (b.get("flops_train"), b.get("flops_sampling")) else \
+                    b["flops_train"] + b["flops_sampling"]  # the total follows a declared part
             out[v.name] = b
     return out
 
@@ -267,8 +271,23 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
                   f"{sweep.output_dir / STATE_FILE} and the runs under {sweep.runs_dir}")
 
 
-def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = None) -> None:
-    """``sweep.json``: merged with the previous record, so a dry run never erases an earlier error."""
+def _study_clock(sweep: Sweep) -> dict:
+    """The study's elapsed wall time before this invocation (sweep.json's ``wall_seconds``, ``invocations``) and
+    when this one started: `_save_state` records their sum, so a study run in parts (or killed and continued)
+    reports the time of all its invocations together."""
+    try:
+        old = json.loads((sweep.output_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    return {"wall_seconds": float(old.get("wall_seconds") or 0.0), "invocations": int(old.get("invocations") or 0),
+            "start": time.perf_counter()}
+
+
+def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = None,
+                clock: dict | None = None) -> None:
+    """``sweep.json``: merged with the previous record, so a dry run never erases an earlier error. `clock`
+    (`_study_clock`): the study's wall time so far, this invocation's included."""
     path = sweep.output_dir / STATE_FILE
     old = {}
     if path.exists():
@@ -287,6 +306,9 @@ def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = No
              "sweep_file": str(sweep.path) if sweep.path else None, "seeds": sweep.seeds,
              "claims": [c.model_dump() for c in sweep.claims], "match": list(sweep.match),
              "configured_budgets": budgets or {}, "variants": rows}
+    if clock:
+        state["wall_seconds"] = clock["wall_seconds"] + time.perf_counter() - clock["start"]
+        state["invocations"] = clock["invocations"] + 1
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(state, indent=2, default=str))
