@@ -82,6 +82,10 @@ class RolloutSource:
                                      max_new_tokens=rl.max_new_tokens, stop_token_ids=tuple(stop_ids),
                                      stop_strings=tuple(stop_strings))
         self.round, self.rows, self.served, self.metrics = None, None, 0, {}
+        # what this rank sampled to train on (every pass, dynamic sampling's extra ones included; not the held-out
+        # measures): the run's budget (train/accounting.py), carried through checkpoints; None after resuming from
+        # a checkpoint written before it was counted
+        self.sampled: dict | None = {"completions": 0, "tokens": 0}
         self.no_signal = NoSignalWatch(rl.warn_no_signal_rounds)
 
     # ------------------------------------------------------------------------------------------ the interface
@@ -101,13 +105,15 @@ class RolloutSource:
     def state_dict(self) -> dict:
         if self.rows is None:
             return {}
-        return {"round": self.round, "served": self.served, "metrics": self.metrics, "tensors": dict(self.rows)}
+        return {"round": self.round, "served": self.served, "metrics": self.metrics, "tensors": dict(self.rows),
+                "sampled": self.sampled}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.round, self.metrics = state["round"], state["metrics"]
             self.rows = dict(state["tensors"])
             self.served = state.get("served", next(iter(self.rows.values())).shape[0])
+            self.sampled = dict(state["sampled"]) if state.get("sampled") is not None else None
         self.builder.resume(self.round if state else -1)
 
     # -------------------------------------------------------------------------------------------- a round
@@ -141,6 +147,7 @@ class RolloutSource:
             self.sampler.load_weights(self.ctx.model)  # the round samples from the policy as it is now
             sync = time.perf_counter() - sync  # not generation: weights pushed (vLLM: engine start on round 0)
             samples, texts, scores = self._complete(prompts, params)
+        self._count(samples)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
         seconds = time.perf_counter() - t0 - sync
@@ -158,6 +165,12 @@ class RolloutSource:
         self.rows, self.served, self.metrics = built.rows, built.served, {**metrics, **built.metrics}
         self.round = r
 
+    def _count(self, samples) -> None:
+        if self.sampled is not None:
+            lengths = samples.completion_lengths
+            self.sampled = {"completions": self.sampled["completions"] + len(lengths),
+                            "tokens": self.sampled["tokens"] + int(lengths.sum())}
+
     def _dynamic_sampling(self, r: int, prompts: list, samples, texts: list, rewards: torch.Tensor):
         """DAPO dynamic sampling (rl/dynamic_sampling.py): sample up to `grpo.dynamic_sampling_max_rounds` more
         passes of P prompts until P groups have differing rewards; keep P groups (informative first)."""
@@ -172,6 +185,7 @@ class RolloutSource:
                                        "seed": seed_of("extra_rollout", seed, r, extra, rank)})
             with self.ctx.gathered():
                 s2, t2, sc2 = self._complete(more, params)
+            self._count(s2)
             samples = concat_samples(samples, s2, self.ctx.tokenizer.pad_token_id)
             prompts, texts = prompts + more, texts + t2
             rewards = torch.cat([rewards, torch.tensor(sc2.total, dtype=torch.float32)])

@@ -7,7 +7,8 @@
     tokens_trained      non-padding tokens in those rows (the loop's own count)
     completions_sampled completions sampled from the policy during training (online objectives: rollout rounds ×
                         prompts_per_step × group_size; 0 for offline ones)
-    tokens_sampled      completion tokens in them (Σ over rounds of the round's mean completion length × its count)
+    tokens_sampled      completion tokens in them (the rollout source counts both, every rank's and every
+                        sampling pass's, dynamic sampling's extra ones included; the held-out measures are not)
     reward_model_calls  completions scored by a ``reward_model`` reward (one call per completion per such reward)
     flops_train         training FLOPs, `flops` below, on tokens_trained
     flops_sampling      sampling FLOPs, `flops` below, on tokens_sampled
@@ -19,8 +20,8 @@
 **Resumed runs** add up. A run killed and started again continues from its latest checkpoint, and every
 checkpoint stores the running totals of the quantities above that the loop's state does not already hold
 (`Usage.snapshot`: wall and CPU seconds, peak RSS, invocations); the resumed invocation starts from them
-(`Usage.restore`). Steps and tokens come back with the loop's position, the sampling counts from the
-metrics.jsonl rows up to the checkpoint's step. The work a killed invocation did *after* its last checkpoint is
+(`Usage.restore`). Steps and tokens come back with the loop's position, the sampling counts with the rollout
+source's state. The work a killed invocation did *after* its last checkpoint is
 redone and counted once, by the invocation that redid it — the totals describe the run that produced the result.
 
 **The FLOP estimate** (`flops`) follows Kaplan et al. 2020 (arXiv 2001.08361, §2.1; the same convention as the
@@ -203,17 +204,35 @@ def _meta_counts(cfg, options) -> tuple[int | None, int | None]:
     return report.total, report.trainable
 
 
+def sampled_totals(source, engine) -> dict | None:
+    """What the run's batch source sampled to train on — its own count (`rl.rollout.RolloutSource.sampled`,
+    carried through checkpoints), summed over ranks — or None: a source that samples nothing, or a run resumed
+    from a checkpoint written before the count existed. Every rank calls it (a collective under torchrun)."""
+    if not hasattr(source, "sampled"):
+        return None
+    mine = source.sampled
+    known, completions, tokens = engine.all_sum(float(mine is not None), *((mine["completions"], mine["tokens"])
+                                                                             if mine is not None else (0, 0)))
+    if known < engine.world:
+        return None
+    return {"completions": int(completions), "tokens": int(tokens)}
+
+
 def consumed(cfg, res, usage: Usage, out: Path, n_total: int | None, n_trainable: int | None,
-             world: int = 1) -> dict:
-    """The run's ``budget`` entry (see the module docstring) from the loop's result and its metrics.jsonl."""
-    rows = read_rows(Path(out) / "metrics.jsonl")
-    rounds: dict[int, float] = {}
-    for r in rows:  # a rollout round's metrics ride on every training row it fed
-        if "loss" in r and "round" in r and "completion_length" in r:
-            rounds[int(round(r["round"]))] = float(r["completion_length"])
+             world: int = 1, sampled: dict | None = None) -> dict:
+    """The run's ``budget`` entry (see the module docstring) from the loop's result, the source's count of what it
+    sampled (`sampled_totals`) and, without that count, the rollout rounds logged in metrics.jsonl (a round whose
+    steps all went unlogged, log_every > 1, is missed there, and so are dynamic sampling's extra passes)."""
     per_round = cfg.rl.prompts_per_step * cfg.rl.group_size if _rollout_mode(cfg) else 0
-    completions = per_round * len(rounds)
-    tokens_sampled = sum(length * per_round for length in rounds.values())
+    if sampled is not None:
+        completions, tokens_sampled = sampled["completions"], sampled["tokens"]
+    else:
+        rounds: dict[int, float] = {}
+        for r in read_rows(Path(out) / "metrics.jsonl"):  # a rollout round's metrics ride on every row it fed
+            if "loss" in r and "round" in r and "completion_length" in r:
+                rounds[int(round(r["round"]))] = float(r["completion_length"])
+        completions = per_round * len(rounds)
+        tokens_sampled = sum(length * per_round for length in rounds.values())
     budget = {"steps": res.steps, "sequences_trained": res.steps * cfg.train.batch_size * cfg.train.grad_accum * world,
               "tokens_trained": res.tokens, "completions_sampled": completions,
               "tokens_sampled": round(tokens_sampled), "reward_model_calls": completions * _reward_models(cfg)}

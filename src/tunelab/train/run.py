@@ -186,10 +186,11 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
             what = "model" if saves_full_model(cfg.method) else "adapter"
             with objective.saving(p.model, out), phase(f"saving the trained {what}"):
                 save_artifacts(p.model, p.tokenizer, p.template, cfg, out, state_dict=full)
+    sampled = accounting.sampled_totals(batches, engine)  # every rank's rollouts (a collective: before the return)
     barrier()
     if not main:
         return out
-    budget = accounting.consumed(cfg, res, usage, out, p.report.total, p.report.trainable, engine.world)
+    budget = accounting.consumed(cfg, res, usage, out, p.report.total, p.report.trainable, engine.world, sampled)
     results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(),
                "trainable_params": p.report.trainable, "total_params": p.report.total, "data": p.stats,
                **measures.result_fields(before, after), **extra,
