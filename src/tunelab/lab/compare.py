@@ -213,9 +213,11 @@ def configured_budgets(sweep: Sweep, configs: list) -> dict[str, dict]:
     from ..train.pipeline import resolve_stages
 
     out: dict[str, dict] = {}
+    counted = any(q.startswith("flops") for q in sweep.match)  # the parameter counts, only when FLOPs are matched
     for v, cfg in zip(sweep.variants, configs):
         if v.name not in out:
-            b = add([configured(s) for _, s, _ in resolve_stages(cfg)]) if cfg.stages else configured(cfg)
+            b = add([configured(s, counted) for _, s, _ in resolve_stages(cfg)]) if cfg.stages else \
+                configured(cfg, counted)
             for q, extra in v.budget.items():
                 b[q] = (b.get(q) or 0) + extra
             if "flops" not in v.budget and any(q in v.budget for q in ("flops_train", "flops_sampling")):

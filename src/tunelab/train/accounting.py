@@ -98,8 +98,6 @@ class Usage:
                 "cpu_seconds": b.get("cpu_seconds", 0.0) + _cpu() - self.cpu,
                 "peak_rss_mb": max(peaks) if peaks else None, "invocations": b.get("invocations", 0) + 1}
 
-    seconds = snapshot  # the name the budget used before resumes were counted
-
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -252,9 +250,10 @@ def _local_rows(path: str | None, limit: int | None) -> int | None:
         return None
 
 
-def configured(cfg) -> dict:
+def configured(cfg, with_flops: bool = True) -> dict:
     """The budget a single-stage config asks for (module docstring), before running (a pipeline: `add` its
-    stages' budgets)."""
+    stages' budgets). `with_flops=False` leaves the FLOPs None: counting the parameters resolves the model (an
+    alias's GGUF is converted once), which a study that matches no FLOPs need not wait for."""
     t, rl = cfg.train, cfg.rl
     mode = _rollout_mode(cfg)
     micro = t.batch_size
@@ -276,8 +275,8 @@ def configured(cfg) -> dict:
               "tokens_trained": steps * micro * t.grad_accum * cfg.data.max_length if steps else None,  # upper bound
               "completions_sampled": completions, "tokens_sampled": completions * rl.max_new_tokens if mode else 0,
               "reward_model_calls": completions * _reward_models(cfg)}
-    budget.update(flops(*parameter_counts(cfg), budget["tokens_trained"], budget["tokens_sampled"],
-                        uses_frozen_forward(cfg)))
+    counts = parameter_counts(cfg) if with_flops else (None, None)
+    budget.update(flops(*counts, budget["tokens_trained"], budget["tokens_sampled"], uses_frozen_forward(cfg)))
     return budget
 
 
