@@ -22,7 +22,7 @@ A sweep is a YAML file::
       - {better: full, than: lora-r8, on: code_heldout, expected: "full finetuning learns more (paper, fig. 2)"}
       - {better: lora-r8, than: full, on: prose, direction: lower}   # direction: the task's own by default
     match: [tokens_trained]         # compare refuses when the variants' configured budgets differ > 5 % on these
-                                    # (any of MATCHABLE: steps, tokens, completions, flops = flops_train + flops_sampling)
+                                    # (MATCHABLE: steps, tokens, completions, …, flops = flops_train + flops_sampling)
 
 A variant may also declare ``budget: {completions_sampled: 640}``: what it consumed *outside* its run (pairs sampled
 from the policy beforehand), added to its configured budget for ``match`` and the report.

@@ -128,8 +128,14 @@ class RolloutSource:
             out.append(self.prompts[orders[e][pos].item()])
         return out
 
-    def _complete(self, prompts: list, params: SamplingParams):
+    def _complete(self, prompts: list, params: SamplingParams, count: bool = True):
+        """Sample, decode and score; `count`: add what was sampled to the run's budget (`sampled`) — a
+        training rollout's passes do, the held-out measures do not."""
         samples = self.sampler.sample([p.prompt_ids for p in prompts], params)
+        if count and self.sampled is not None:
+            lengths = samples.completion_lengths
+            self.sampled = {"completions": self.sampled["completions"] + len(lengths),
+                            "tokens": self.sampled["tokens"] + int(lengths.sum())}
         # not stripped: a code continuation's first token is its indentation (rewards normalise what they compare)
         texts = [cut_at_stop(self.ctx.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
                  for ids in samples.completions()]
@@ -147,7 +153,6 @@ class RolloutSource:
             self.sampler.load_weights(self.ctx.model)  # the round samples from the policy as it is now
             sync = time.perf_counter() - sync  # not generation: weights pushed (vLLM: engine start on round 0)
             samples, texts, scores = self._complete(prompts, params)
-        self._count(samples)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths = samples.completion_lengths.cpu()
         seconds = time.perf_counter() - t0 - sync
@@ -165,12 +170,6 @@ class RolloutSource:
         self.rows, self.served, self.metrics = built.rows, built.served, {**metrics, **built.metrics}
         self.round = r
 
-    def _count(self, samples) -> None:
-        if self.sampled is not None:
-            lengths = samples.completion_lengths
-            self.sampled = {"completions": self.sampled["completions"] + len(lengths),
-                            "tokens": self.sampled["tokens"] + int(lengths.sum())}
-
     def _dynamic_sampling(self, r: int, prompts: list, samples, texts: list, rewards: torch.Tensor):
         """DAPO dynamic sampling (rl/dynamic_sampling.py): sample up to `grpo.dynamic_sampling_max_rounds` more
         passes of P prompts until P groups have differing rewards; keep P groups (informative first)."""
@@ -185,7 +184,6 @@ class RolloutSource:
                                        "seed": seed_of("extra_rollout", seed, r, extra, rank)})
             with self.ctx.gathered():
                 s2, t2, sc2 = self._complete(more, params)
-            self._count(s2)
             samples = concat_samples(samples, s2, self.ctx.tokenizer.pad_token_id)
             prompts, texts = prompts + more, texts + t2
             rewards = torch.cat([rewards, torch.tensor(sc2.total, dtype=torch.float32)])
@@ -208,7 +206,7 @@ class RolloutSource:
             return {}
         self.sampler.load_weights(model)  # the measured model, through the run's sampler (closed after the run)
         greedy = SamplingParams(**{**self.params.__dict__, "n": 1, "temperature": 0.0, "seed": 0})
-        _, _, scores = self._complete(prompts, greedy)
+        _, _, scores = self._complete(prompts, greedy, count=False)
         return scores.metrics()
 
     def measure_during(self, model, evals: list, pad_id: int, cfg) -> dict:
