@@ -24,9 +24,12 @@ be resumed).
 
 **Seeds, budgets, claims.** With ``seeds:`` every variant runs once per seed (``runs/<variant>/seed-<k>``). With
 ``match: [...]`` the variants' *configured* budgets (`train.accounting.configured`, computed from the resolved
-configs) must agree within 5 % on each listed quantity, or compare refuses before anything trains. After the
-runs, the report computes every ``claims:`` entry (`lab.claims`, `lab.stats`) and compare prints the verdicts;
-runs that came from different tunelab versions or machines get a one-line warning.
+configs) must agree within 5 % on each listed quantity, or compare refuses before anything trains (``flops``: the
+parameter counts come from each model's config.json, nothing is loaded). After the runs, the report computes
+every ``claims:`` entry (`lab.claims`, `lab.stats`) and compare prints the verdicts; runs that came from
+different tunelab versions or machines get a one-line warning. ``sweep.json`` records the study's own wall time,
+summed over every `tunelab compare` invocation of it (``wall_seconds``, ``invocations``), which the report shows
+beside the runs' summed seconds.
 
 **Under torchrun** (``torchrun --nproc-per-node N -m tunelab compare SWEEP.yaml``) every rank walks the same
 variants in the same order, each variant trains data-parallel on all ranks, and only rank 0 writes
@@ -275,8 +278,8 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
 
 def _study_clock(sweep: Sweep) -> dict:
     """The study's elapsed wall time before this invocation (sweep.json's ``wall_seconds``, ``invocations``) and
-    when this one started: `_save_state` records their sum, so a study run in parts (or killed and continued)
-    reports the time of all its invocations together."""
+    when this one started: `_save_state` records their sum after every variant, so a study run in parts (or killed
+    and continued) reports the time of all its invocations together (a killed one's up to its last variant)."""
     try:
         old = json.loads((sweep.output_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
