@@ -9,7 +9,8 @@
                         prompts_per_step × group_size; 0 for offline ones)
     tokens_sampled      completion tokens in them (the rollout source counts both, every rank's and every
                         sampling pass's, dynamic sampling's extra ones included; the held-out measures are not)
-    reward_model_calls  completions scored by a ``reward_model`` reward (one call per completion per such reward)
+    reward_model_calls  completions scored by a ``reward_model`` reward (one call per completion per such reward;
+                        the training rollouts', as above — the held-out measures' are left out with their samples)
     flops_train         training FLOPs, `flops` below, on tokens_trained
     flops_sampling      sampling FLOPs, `flops` below, on tokens_sampled
     flops               flops_train + flops_sampling
