@@ -59,7 +59,9 @@ def test_match_flops_accepts_steps_that_even_out_the_flops(assets, tmp_path, cap
                 {"name": "lora", "overrides": {"method": "lora", "train.max_steps": 3}}]
     path = write_study(tmp_path / "s.yaml", model, data, tmp_path / "out", variants, match=["flops", "flops_train"])
     assert main(["compare", str(path), "--dry-run"]) == 0
-    assert "configured budgets differ" not in capsys.readouterr().err
+    plan = capsys.readouterr().err
+    assert "configured budgets differ" not in plan
+    assert "≤ FLOPs" in plan and f"{6 * N * 2 * TOKENS_PER_STEP:.3g}" in plan  # the plan shows each variant's
     assert not (tmp_path / "out").exists()
     from tunelab.lab.claims import match_problem
 

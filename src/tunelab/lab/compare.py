@@ -244,9 +244,10 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
     title = f"sweep {sweep.name}: {plural(len(groups), 'variant')}" + (f" × {plural(n_seeds, 'seed')}"
                                                                         if sweep.seeds else "")
     table = Table(title=f"{title} → {sweep.output_dir}")
-    right = ("#", "steps", "≤ train tokens", "sampled", "runs done")
-    cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + (("runs done",) if sweep.seeds
-                                                                                       else ())
+    with_flops = any(q.startswith("flops") for q in sweep.match)  # counted only then (`configured_budgets`)
+    right = ("#", "steps", "≤ train tokens", "sampled", "≤ FLOPs", "runs done")
+    cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + \
+        (("≤ FLOPs",) if with_flops else ()) + (("runs done",) if sweep.seeds else ())
     for col in cols:  # a variant's name is its folder name: show all of it; a state stays on one line
         table.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col == "state")
     totals = {"tokens": 0, "sampled": 0, "steps": 0, "runs": 0}
@@ -265,6 +266,7 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
         table.add_row(str(i), name, cfg.method if not cfg.stages else "pipeline", ", ".join(shown),
                       str(steps) if steps else f"{cfg.train.epochs:g} ep", f"{tokens:,}" if tokens else "—",
                       f"{sampled:,}" if sampled else "—",
+                      *((f"{b['flops']:.3g}" if b.get("flops") else "—",) if with_flops else ()),
                       *((f"{states.count('done')}/{len(members)}",) if sweep.seeds else ()))
     console.print(table)
     console.print(f"{plural(totals['runs'], 'run')}; configured in all: {totals['steps']:,} optimizer steps, at most "
