@@ -23,8 +23,8 @@
 checkpoint stores the running totals of the quantities above that the loop's state does not already hold
 (`Usage.snapshot`: wall and CPU seconds, peak RSS, invocations); the resumed invocation starts from them
 (`Usage.restore`). Steps and tokens come back with the loop's position, the sampling counts with the rollout
-source's state. The work a killed invocation did *after* its last checkpoint is
-redone and counted once, by the invocation that redid it — the totals describe the run that produced the result.
+source's state. The work a killed invocation did *after* its last checkpoint is redone and counted once, by the
+invocation that redid it — the totals describe the run that produced the result.
 
 **The FLOP estimate** (`flops`) follows Kaplan et al. 2020 (arXiv 2001.08361, §2.1; the same convention as the
 Chinchilla paper's C ≈ 6·N·D, Hoffmann et al. 2022, arXiv 2203.15556, appendix F): a forward pass costs ≈ 2·N
@@ -175,9 +175,9 @@ def parameter_counts(cfg) -> tuple[int | None, int | None]:
     """(N, N_trainable) of `cfg`'s model under its method, from the model's config.json only: the architecture is
     built on the meta device (shapes without storage: nothing is read but the config, nothing allocated) and the
     run's own `apply_method` wraps it, so the counts are the ones the run reports (``total_params``,
-    ``trainable_params``). (None, None) when the config cannot be read before training (a model that an earlier
-    pipeline stage writes, a hub model that is not cached offline) or the method cannot be applied without
-    weights."""
+    ``trainable_params``; an objective's own head — a reward model's scalar one — is left out, a few thousand
+    parameters). (None, None) when the config cannot be read before training (no such folder, a hub model not
+    in the local cache while offline) or the method cannot be applied without weights."""
     options = method_options(cfg)
     key = (cfg.model.name, cfg.model.trust_remote_code, cfg.method,
            options.model_dump_json() if options is not None else None)
