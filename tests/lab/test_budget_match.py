@@ -90,3 +90,21 @@ def test_study_wall_time_adds_up_over_compare_invocations(assets, tmp_path):
     assert "flops (configured) |" in md and "| invocations |" in md
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "in 2 invocations" in page
+
+
+def test_a_declared_outside_budget_counts_in_the_flops_total(assets, tmp_path):
+    """A variant's ``budget: {flops_sampling: …}`` (compute spent outside its run) joins its FLOPs total."""
+    from tunelab.lab.claims import match_problem
+    from tunelab.lab.compare import configured_budgets
+    from tunelab.lab.sweep import load_sweep, resolve
+
+    model, data = assets
+    full = 6 * N * 2 * TOKENS_PER_STEP
+    lora = (4 * N + 6 * N_LORA) * 2 * TOKENS_PER_STEP
+    variants = [{"name": "full", "overrides": {"method": "full"}},
+                {"name": "lora", "overrides": {"method": "lora"}, "budget": {"flops_sampling": full - lora}}]
+    path = write_study(tmp_path / "s.yaml", model, data, tmp_path / "out", variants, match=["flops"])
+    sweep = load_sweep(str(path))
+    budgets = configured_budgets(sweep, [resolve(sweep, v, write=False) for v in sweep.variants])
+    assert budgets["lora"]["flops_sampling"] == full - lora and budgets["lora"]["flops"] == full
+    assert match_problem(budgets, ["flops"]) is None
