@@ -49,7 +49,7 @@ def test_match_flops_refuses_full_vs_lora_at_equal_tokens(assets, tmp_path, caps
     assert f"{full:.3g}" == "9.78e+09" and f"{lora:.3g}" == "6.52e+09"
     assert err.splitlines() == [f"error: {path}: match: flops: configured budgets differ by more than 5% — "
                                 f"'lora' {lora:.3g} vs 'full' {full:.3g}"]
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out").exists()  # refused: nothing written, not even the variants' configs
 
 
 def test_match_flops_accepts_steps_that_even_out_the_flops(assets, tmp_path, capsys):
@@ -108,3 +108,16 @@ def test_a_declared_outside_budget_counts_in_the_flops_total(assets, tmp_path):
     budgets = configured_budgets(sweep, [resolve(sweep, v, write=False) for v in sweep.variants])
     assert budgets["lora"]["flops_sampling"] == full - lora and budgets["lora"]["flops"] == full
     assert match_problem(budgets, ["flops"]) is None
+
+
+def test_a_bad_variant_of_a_matched_study_names_its_written_config(assets, tmp_path, capsys):
+    """With `match:` the configs are written only after the check, yet a broken variant is still reported at the
+    line of its written config file (which the user opens), not at a temporary copy."""
+    model, data = assets
+    variants = [{"name": "ok"}, {"name": "bad", "overrides": {"train.lrr": 1.0}}]
+    path = write_study(tmp_path / "s.yaml", model, data, tmp_path / "out", variants, match=["steps"])
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    written = tmp_path / "out" / "configs" / "bad.yaml"
+    assert len(err.splitlines()) == 1 and f"{written}:" in err and "lrr" in err and "dry run" not in err
+    assert written.exists() and not (tmp_path / "out" / "runs").exists()

@@ -128,10 +128,17 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     from ..train.task_eval import check_tasks
 
     runner = runner or _default_runner
+    # with `match:` the configs are written only once the budgets agree, so a refused study writes nothing
+    deferred = bool(sweep.match) and not dry_run
     configs = []
     for v in sweep.variants:  # validate everything first: a typo must not surface after hours of training
         try:
-            cfg = resolve(sweep, v, write=not dry_run)  # a dry run writes nothing
+            try:
+                cfg = resolve(sweep, v, write=not dry_run and not deferred)  # a dry run writes nothing
+            except TunelabError:
+                if not deferred:
+                    raise
+                cfg = resolve(sweep, v)  # written after all: the error names the file's line, as without `match`
             check_tasks(cfg)  # every eval task file exists and parses
             configs.append(cfg)
         except TunelabError as e:
@@ -145,10 +152,12 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     problem = match_problem(budgets, sweep.match) if sweep.match else None
     if dry_run:
         print_plan(sweep, configs, budgets)
-    if problem:  # one line, before anything trains
+    if problem:  # one line, before anything trains (or is written)
         raise TunelabError(f"{sweep.path or sweep.name}: {problem}")
     if dry_run:  # nothing written: print_plan said what a real run would write
         return outcomes
+    if deferred:  # the same text, validated above: now written, each run's config rerunnable by hand
+        configs = [resolve(sweep, v) for v in sweep.variants]
     for i, (v, cfg, out) in enumerate(zip(sweep.variants, configs, outcomes), 1):
         state = run_status(v.run_dir)
         if (only and v.name not in only) or (seeds is not None and v.seed not in seeds):
