@@ -81,6 +81,10 @@ def test_dynamic_sampling_samples_more_and_keeps_the_round_size(config):
         assert r["dynamic_sampling_informative"] == 0.0 and r["dynamic_sampling_extra_passes"] == 2
         assert r["dynamic_sampling_filled"] == 2  # P = 2 uninformative groups fill the round
         assert r["adv_mean"] == 0.0 and r["adv_std"] == 0.0
+    # the budget counts every pass: 2 rounds × (the first pass + 2 extra) × P·G completions
+    from tests.rl.test_rl_runs import G, P
+
+    assert _results(out)["budget"]["completions_sampled"] == 2 * 3 * P * G
 
 
 def test_ppo_critic_warmup_and_entropy_bonus_run(config):

@@ -137,6 +137,23 @@ def test_killed_mid_round_resumes_exactly(config):
         for k in (k for k in ra if not _timing(k)):
             assert rb[k] == pytest.approx(ra[k], abs=1e-6, rel=0), (ra["step"], k)
     assert _results(out)["reward_after"] == _results(whole)["reward_after"]
+    # the budget counts both invocations: rounds 0 and 1 sampled once each (round 0's rows came back with the
+    # checkpoint), the same completions and tokens as the uninterrupted run
+    bw, bk = _results(whole)["budget"], _results(out)["budget"]
+    assert (bw["invocations"], bk["invocations"]) == (1, 2)
+    assert bk["completions_sampled"] == bw["completions_sampled"] == 2 * P * G
+    assert bk["tokens_sampled"] == bw["tokens_sampled"] > 0 and bk["flops_sampling"] == bw["flops_sampling"]
+
+
+def test_budget_counts_every_rollout_round(config):
+    # one round per step (P·G = 8 rows, one micro-batch), logged every 3rd step: rounds 0, 1, 3 leave no row in
+    # metrics.jsonl, yet the rollout source counted what each sampled
+    out = train(load_run_config(config("grpo", train={"max_steps": 5, "log_every": 3})))
+    assert [r["step"] for r in _train_rows(out)] == [3, 5]
+    b = _results(out)["budget"]
+    assert b["completions_sampled"] == 5 * P * G and b["reward_model_calls"] == 0
+    assert 5 * P * G <= b["tokens_sampled"] <= 5 * P * G * 12  # 1 to max_new_tokens per completion
+    assert b["flops_sampling"] == 2 * _results(out)["total_params"] * b["tokens_sampled"]
 
 
 def _rollouts(log) -> list[tuple[list[str], list[float]]]:

@@ -213,6 +213,8 @@ def test_grpo_ranks_sample_different_prompts(runs):
         assert not set(a["prompts"]) & set(b["prompts"])
     res = json.loads((runs / "grpo" / "results.json").read_text())
     assert res["steps"] == 2 and "reward_after" in res
+    # the budget sums both ranks' rollouts: 2 rounds × 4 prompts (2 per rank) × 2 completions
+    assert res["budget"]["completions_sampled"] == 2 * 4 * 2 and res["budget"]["tokens_sampled"] >= 16
     rows = [json.loads(ln) for ln in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in r for r in rows if "loss" in r)  # the reference ran (inside the gathered FSDP2 weights)
     # the train–inference mismatch: the trainer's forward on the gathered FSDP2 weights agrees with the sampler

@@ -33,8 +33,8 @@ from .stats import ALPHA, compare_paired, decide, mean_ci
 
 MATCH_TOLERANCE = 0.05
 _BUDGET_COLUMNS = ("steps", "sequences_trained", "tokens_trained", "completions_sampled", "tokens_sampled",
-                   "reward_model_calls", "flops_train", "flops_sampling", "wall_seconds", "cpu_seconds",
-                   "peak_rss_mb")
+                   "reward_model_calls", "flops_train", "flops_sampling", "flops", "wall_seconds", "cpu_seconds",
+                   "peak_rss_mb", "invocations")
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -236,15 +236,23 @@ def match_problem(configured: dict[str, dict], match: list[str], tolerance: floa
         values = {name: b.get(q) for name, b in configured.items() if b.get(q) != 0}  # 0: does not spend q
         unknown = [n for n, v in values.items() if v is None]
         if unknown:
+            needs = "set train.max_steps, or unpacked local data"
+            if q.startswith("flops"):  # the parameter counts come from the model's config.json
+                needs += "; and a model whose config.json is readable before training"
             return (f"match: {q}: the configured budget of variant '{unknown[0]}' cannot be computed before training "
-                    "(set train.max_steps, or unpacked local data)")
+                    f"({needs})")
         if len(values) < 2:
             continue
         lo, hi = min(values, key=values.get), max(values, key=values.get)
         if values[hi] > (1 + tolerance) * values[lo]:
-            return (f"match: {q}: configured budgets differ by more than {tolerance:.0%} — '{lo}' {values[lo]:,.0f} "
-                    f"vs '{hi}' {values[hi]:,.0f}")
+            return (f"match: {q}: configured budgets differ by more than {tolerance:.0%} — '{lo}' "
+                    f"{_amount(values[lo])} vs '{hi}' {_amount(values[hi])}")
     return None
+
+
+def _amount(v: float) -> str:
+    """A count as written (2, 1,536), a FLOP count in three significant digits (7.64e+09)."""
+    return f"{v:.3g}" if abs(v) >= 1e9 else f"{v:,.0f}"
 
 
 # -------------------------------------------------------------------------------------------- provenance

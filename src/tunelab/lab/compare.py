@@ -24,9 +24,12 @@ be resumed).
 
 **Seeds, budgets, claims.** With ``seeds:`` every variant runs once per seed (``runs/<variant>/seed-<k>``). With
 ``match: [...]`` the variants' *configured* budgets (`train.accounting.configured`, computed from the resolved
-configs) must agree within 5 % on each listed quantity, or compare refuses before anything trains. After the
-runs, the report computes every ``claims:`` entry (`lab.claims`, `lab.stats`) and compare prints the verdicts;
-runs that came from different tunelab versions or machines get a one-line warning.
+configs) must agree within 5 % on each listed quantity, or compare refuses before anything trains (``flops``: the
+parameter counts come from each model's config.json, nothing is loaded). After the runs, the report computes
+every ``claims:`` entry (`lab.claims`, `lab.stats`) and compare prints the verdicts; runs that came from
+different tunelab versions or machines get a one-line warning. ``sweep.json`` records the study's own wall time,
+summed over every `tunelab compare` invocation of it (``wall_seconds``, ``invocations``), which the report shows
+beside the runs' summed seconds.
 
 **Under torchrun** (``torchrun --nproc-per-node N -m tunelab compare SWEEP.yaml``) every rank walks the same
 variants in the same order, each variant trains data-parallel on all ranks, and only rank 0 writes
@@ -125,10 +128,17 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
     from ..train.task_eval import check_tasks
 
     runner = runner or _default_runner
+    # with `match:` the configs are written only once the budgets agree, so a refused study writes nothing
+    deferred = bool(sweep.match) and not dry_run
     configs = []
     for v in sweep.variants:  # validate everything first: a typo must not surface after hours of training
         try:
-            cfg = resolve(sweep, v, write=not dry_run)  # a dry run writes nothing
+            try:
+                cfg = resolve(sweep, v, write=not dry_run and not deferred)  # a dry run writes nothing
+            except TunelabError:
+                if not deferred:
+                    raise
+                cfg = resolve(sweep, v)  # written after all: the error names the file's line, as without `match`
             check_tasks(cfg)  # every eval task file exists and parses
             configs.append(cfg)
         except TunelabError as e:
@@ -137,14 +147,17 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
                 for v in sweep.variants]
     main = is_main()
     _check_selection(sweep, only, seeds)
+    clock = _study_clock(sweep)  # the study's own wall time, summed over `tunelab compare` invocations
     budgets = configured_budgets(sweep, configs)
     problem = match_problem(budgets, sweep.match) if sweep.match else None
     if dry_run:
         print_plan(sweep, configs, budgets)
-    if problem:  # one line, before anything trains
+    if problem:  # one line, before anything trains (or is written)
         raise TunelabError(f"{sweep.path or sweep.name}: {problem}")
     if dry_run:  # nothing written: print_plan said what a real run would write
         return outcomes
+    if deferred:  # the same text, validated above: now written, each run's config rerunnable by hand
+        configs = [resolve(sweep, v) for v in sweep.variants]
     for i, (v, cfg, out) in enumerate(zip(sweep.variants, configs, outcomes), 1):
         state = run_status(v.run_dir)
         if (only and v.name not in only) or (seeds is not None and v.seed not in seeds):
@@ -172,7 +185,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, runner: Callable | None = 
                 console.print(f"[red]✗ {v.key} failed: {out.error}[/] — going on with the next variant")
             out.seconds = time.perf_counter() - t0
         if main:
-            _save_state(sweep, outcomes, budgets)
+            _save_state(sweep, outcomes, budgets, clock)
         barrier()  # rank 0 has written the variant's results before any rank looks at the next one
     if report and main:
         write_sweep_report(sweep)
@@ -212,11 +225,16 @@ def configured_budgets(sweep: Sweep, configs: list) -> dict[str, dict]:
     from ..train.pipeline import resolve_stages
 
     out: dict[str, dict] = {}
+    counted = any(q.startswith("flops") for q in sweep.match)  # the parameter counts, only when FLOPs are matched
     for v, cfg in zip(sweep.variants, configs):
         if v.name not in out:
-            b = add([configured(s) for _, s, _ in resolve_stages(cfg)]) if cfg.stages else configured(cfg)
+            b = add([configured(s, counted) for _, s, _ in resolve_stages(cfg)]) if cfg.stages else \
+                configured(cfg, counted)
             for q, extra in v.budget.items():
                 b[q] = (b.get(q) or 0) + extra
+            if "flops" not in v.budget and any(q in v.budget for q in ("flops_train", "flops_sampling")):
+                b["flops"] = None if None in (b.get("flops_train"), b.get("flops_sampling")) else \
+                    b["flops_train"] + b["flops_sampling"]  # the total follows a declared part
             out[v.name] = b
     return out
 
@@ -235,9 +253,10 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
     title = f"sweep {sweep.name}: {plural(len(groups), 'variant')}" + (f" × {plural(n_seeds, 'seed')}"
                                                                         if sweep.seeds else "")
     table = Table(title=f"{title} → {sweep.output_dir}")
-    right = ("#", "steps", "≤ train tokens", "sampled", "runs done")
-    cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + (("runs done",) if sweep.seeds
-                                                                                       else ())
+    with_flops = any(q.startswith("flops") for q in sweep.match)  # counted only then (`configured_budgets`)
+    right = ("#", "steps", "≤ train tokens", "sampled", "≤ FLOPs", "runs done")
+    cols = ("#", "variant", "method", "state", "steps", "≤ train tokens", "sampled") + \
+        (("≤ FLOPs",) if with_flops else ()) + (("runs done",) if sweep.seeds else ())
     for col in cols:  # a variant's name is its folder name: show all of it; a state stays on one line
         table.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col == "state")
     totals = {"tokens": 0, "sampled": 0, "steps": 0, "runs": 0}
@@ -256,6 +275,7 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
         table.add_row(str(i), name, cfg.method if not cfg.stages else "pipeline", ", ".join(shown),
                       str(steps) if steps else f"{cfg.train.epochs:g} ep", f"{tokens:,}" if tokens else "—",
                       f"{sampled:,}" if sampled else "—",
+                      *((f"{b['flops']:.3g}" if b.get("flops") else "—",) if with_flops else ()),
                       *((f"{states.count('done')}/{len(members)}",) if sweep.seeds else ()))
     console.print(table)
     console.print(f"{plural(totals['runs'], 'run')}; configured in all: {totals['steps']:,} optimizer steps, at most "
@@ -267,8 +287,23 @@ def print_plan(sweep: Sweep, configs: list, budgets: dict[str, dict] | None = No
                   f"{sweep.output_dir / STATE_FILE} and the runs under {sweep.runs_dir}")
 
 
-def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = None) -> None:
-    """``sweep.json``: merged with the previous record, so a dry run never erases an earlier error."""
+def _study_clock(sweep: Sweep) -> dict:
+    """The study's elapsed wall time before this invocation (sweep.json's ``wall_seconds``, ``invocations``) and
+    when this one started: `_save_state` records their sum after every variant, so a study run in parts (or killed
+    and continued) reports the time of all its invocations together (a killed one's up to its last variant)."""
+    try:
+        old = json.loads((sweep.output_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    return {"wall_seconds": float(old.get("wall_seconds") or 0.0), "invocations": int(old.get("invocations") or 0),
+            "start": time.perf_counter()}
+
+
+def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = None,
+                clock: dict | None = None) -> None:
+    """``sweep.json``: merged with the previous record, so a dry run never erases an earlier error. `clock`
+    (`_study_clock`): the study's wall time so far, this invocation's included."""
     path = sweep.output_dir / STATE_FILE
     old = {}
     if path.exists():
@@ -287,6 +322,9 @@ def _save_state(sweep: Sweep, outcomes: list[Outcome], budgets: dict | None = No
              "sweep_file": str(sweep.path) if sweep.path else None, "seeds": sweep.seeds,
              "claims": [c.model_dump() for c in sweep.claims], "match": list(sweep.match),
              "configured_budgets": budgets or {}, "variants": rows}
+    if clock:
+        state["wall_seconds"] = clock["wall_seconds"] + time.perf_counter() - clock["start"]
+        state["invocations"] = clock["invocations"] + 1
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(state, indent=2, default=str))

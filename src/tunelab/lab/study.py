@@ -23,7 +23,8 @@ from .numbers import fmt_ci
 _BUDGET_HEADERS = (("seeds", "seeds"), ("steps", "steps"), ("tokens_trained", "tokens trained"),
                    ("completions_sampled", "completions sampled"), ("tokens_sampled", "tokens sampled"),
                    ("flops_train", "FLOPs train"), ("flops_sampling", "FLOPs sampling"),
-                   ("wall_seconds", "wall s"), ("cpu_seconds", "CPU s"), ("peak_rss_mb", "peak RSS MB"))
+                   ("wall_seconds", "wall s"), ("cpu_seconds", "CPU s"), ("peak_rss_mb", "peak RSS MB"),
+                   ("invocations", "invocations"))
 
 
 def _num(v, signed: bool = False) -> str:
@@ -118,10 +119,22 @@ def budget_markdown(rows: list[dict], match: list[str] = ()) -> str:
 
 
 def study_seconds(rows: list[dict]) -> tuple[float, float]:
-    """(wall, CPU) seconds of the whole study: Σ over variants of the mean per run × finished seeds."""
+    """(wall, CPU) seconds of the whole study: Σ over variants of the mean per run × finished seeds (each run's
+    own seconds already sum its invocations, `train.accounting`)."""
     wall = sum((r.get("wall_seconds") or 0) * r["seeds"] for r in rows)
     cpu = sum((r.get("cpu_seconds") or 0) * r["seeds"] for r in rows)
     return wall, cpu
+
+
+def study_time_line(parts: dict) -> str:
+    """``the whole study: Σ runs 12.0 min wall, 20.1 min CPU; tunelab compare ran 13.2 min in 2 invocations`` —
+    the runs' sum, and the study's own elapsed wall time (sweep.json: evaluation, reports and restarts included)."""
+    wall, cpu = study_seconds(parts["budgets"])
+    line = f"the whole study: Σ runs {_hours(wall)} wall, {_hours(cpu)} CPU"
+    if parts.get("elapsed") is not None:
+        n = parts.get("invocations") or 1
+        line += f"; tunelab compare ran {_hours(parts['elapsed'])} in {n} invocation{'s' if n != 1 else ''}"
+    return line
 
 
 def study_parts(runs, study: dict | None) -> dict:
@@ -131,7 +144,8 @@ def study_parts(runs, study: dict | None) -> dict:
     budgets = budget_rows(runs, study.get("configured_budgets"))
     line, warnings = provenance_summary(runs)
     return {"claims": claims, "budgets": budgets, "provenance": line, "warnings": warnings,
-            "match": study.get("match") or [], "seeds": study.get("seeds")}
+            "match": study.get("match") or [], "seeds": study.get("seeds"),
+            "elapsed": study.get("wall_seconds"), "invocations": study.get("invocations")}
 
 
 def study_markdown(runs, study: dict | None, name: str, source: str = "") -> str:
@@ -148,8 +162,7 @@ def study_markdown(runs, study: dict | None, name: str, source: str = "") -> str
         out += ["No claims declared.", ""]
     if parts["budgets"]:
         match = f" (matched: {', '.join(parts['match'])})" if parts["match"] else ""
-        wall, cpu = study_seconds(parts["budgets"])
-        out += [f"Budget per run, mean over seeds{match}; the whole study: {_hours(wall)} wall, {_hours(cpu)} CPU:",
+        out += [f"Budget per run, mean over seeds{match}; {study_time_line(parts)}:",
                 "", budget_markdown(parts["budgets"], parts["match"])]
     out.append(f"Provenance: {parts['provenance']}")
     out += [f"\n**Warning:** {w}" for w in parts["warnings"]]
@@ -197,6 +210,6 @@ def study_html(parts: dict) -> str:
         for r in parts["budgets"]:
             out.append(f"<tr><td class='t'>{e(r['variant'])}</td>"
                        + "".join(f"<td>{e(_num(r.get(k)))}</td>" for k, _ in cols) + "</tr>")
-        out.append("</tbody></table>")
+        out.append(f"</tbody></table><p class='note'>Per run, mean over seeds; {e(study_time_line(parts))}.</p>")
     out.append(f"<p class='note'>Provenance: {e(parts['provenance'])}</p>")
     return "\n".join(out)

@@ -22,6 +22,7 @@ A sweep is a YAML file::
       - {better: full, than: lora-r8, on: code_heldout, expected: "full finetuning learns more (paper, fig. 2)"}
       - {better: lora-r8, than: full, on: prose, direction: lower}   # direction: the task's own by default
     match: [tokens_trained]         # compare refuses when the variants' configured budgets differ > 5 % on these
+                                    # (MATCHABLE: steps, tokens, completions, …, flops = flops_train + flops_sampling)
 
 A variant may also declare ``budget: {completions_sampled: 640}``: what it consumed *outside* its run (pairs sampled
 from the policy beforehand), added to its configured budget for ``match`` and the report.
@@ -57,8 +58,8 @@ from ..userfiles import read_text
 from ..yamlfile import load_yaml
 
 
-MATCHABLE =  ("steps", "sequences_trained", "tokens_trained", "completions_sampled", "tokens_sampled",
-             "reward_model_calls")
+MATCHABLE = ("steps", "sequences_trained", "tokens_trained", "completions_sampled", "tokens_sampled",
+             "reward_model_calls", "flops", "flops_train", "flops_sampling")  # train.accounting's QUANTITIES
 
 
 class VariantSpec(BaseModel):

@@ -84,6 +84,10 @@ class RolloutSource:
                                      max_new_tokens=rl.max_new_tokens, stop_token_ids=tuple(stop_ids),
                                      stop_strings=tuple(stop_strings))
         self.round, self.rows, self.served, self.metrics = None, None, 0, {}
+        # what this rank sampled to train on (every pass, dynamic sampling's extra ones included; not the held-out
+        # measures): the run's budget (train/accounting.py), carried through checkpoints; None after resuming from
+        # a checkpoint written before it was counted
+        self.sampled: dict | None = {"completions": 0, "tokens": 0}
         self.no_signal = NoSignalWatch(rl.warn_no_signal_rounds)
         self.truncation_hint = TruncationHint(_truncation_advice(self.rewards, self.builder))
 
@@ -104,13 +108,15 @@ class RolloutSource:
     def state_dict(self) -> dict:
         if self.rows is None:
             return {}
-        return {"round": self.round, "served": self.served, "metrics": self.metrics, "tensors": dict(self.rows)}
+        return {"round": self.round, "served": self.served, "metrics": self.metrics, "tensors": dict(self.rows),
+                "sampled": self.sampled}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.round, self.metrics = state["round"], state["metrics"]
             self.rows = dict(state["tensors"])
             self.served = state.get("served", next(iter(self.rows.values())).shape[0])
+            self.sampled = dict(state["sampled"]) if state.get("sampled") is not None else None
         self.builder.resume(self.round if state else -1)
 
     # -------------------------------------------------------------------------------------------- a round
@@ -125,8 +131,14 @@ class RolloutSource:
             out.append(self.prompts[orders[e][pos].item()])
         return out
 
-    def _complete(self, prompts: list, params: SamplingParams):
+    def _complete(self, prompts: list, params: SamplingParams, count: bool = True):
+        """Sample, decode and score; `count`: add what was sampled to the run's budget (`sampled`) — a
+        training rollout's passes do, the held-out measures do not."""
         samples = self.sampler.sample([p.prompt_ids for p in prompts], params)
+        if count and self.sampled is not None:
+            lengths = samples.completion_lengths
+            self.sampled = {"completions": self.sampled["completions"] + len(lengths),
+                            "tokens": self.sampled["tokens"] + int(lengths.sum())}
         # not stripped: a code continuation's first token is its indentation (rewards normalise what they compare)
         texts = [cut_at_stop(self.ctx.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
                  for ids in samples.completions()]
@@ -198,7 +210,7 @@ class RolloutSource:
             return {}
         self.sampler.load_weights(model)  # the measured model, through the run's sampler (closed after the run)
         greedy = SamplingParams(**{**self.params.__dict__, "n": 1, "temperature": 0.0, "seed": 0})
-        _, _, scores = self._complete(prompts, greedy)
+        _, _, scores = self._complete(prompts, greedy, count=False)
         return scores.metrics()
 
     def measure_during(self, model, evals: list, pad_id: int, cfg) -> dict:

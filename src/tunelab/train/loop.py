@@ -133,9 +133,11 @@ def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float, engine: Engi
 
 def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         evaluate: Callable[[int], dict] | None = None, resume: bool = True,
-        stop_after: int | None = None, engine: Engine | None = None) -> LoopResult:
+        stop_after: int | None = None, engine: Engine | None = None, usage=None) -> LoopResult:
     """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints.
-    `engine`: how this process takes part (DDP/FSDP2 under torchrun); default: a plain single process."""
+    `engine`: how this process takes part (DDP/FSDP2 under torchrun); default: a plain single process.
+    `usage` (`train.accounting.Usage`): the run's resource totals, stored in every checkpoint (``snapshot()``) and
+    restored on resume (``restore()``), so a resumed run's budget counts every invocation."""
     engine = engine or Engine(model)
     main = engine.rank == 0
     device = next(model.parameters()).device
@@ -168,6 +170,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = run_dir / "checkpoints"
         step, micro, tokens, resumed = 0, 0, 0, None
+        trained_before = 0.0  # training seconds of earlier invocations (a resumed run's throughput spans them all)
         latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
         if latest is not None:
             if engine.distributed or dist_checkpoint.is_sharded(latest):
@@ -175,6 +178,9 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             else:
                 state = load_checkpoint(latest, model, optimizer, scheduler, objective)
             step, micro, tokens = state["step"], _position(state["loop"], cfg, engine), state["loop"]["tokens"]
+            trained_before = state["loop"].get("train_seconds", 0.0)
+            if usage is not None:
+                usage.restore(state["loop"].get("usage"))
             if hasattr(stream, "load_state_dict"):
                 stream.load_state_dict(state["loop"].get("source", {}))
             resumed = step
@@ -273,6 +279,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                     eval_seconds += time.perf_counter() - t_eval
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
+                                  "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds,
+                                  **({"usage": usage.snapshot()} if usage is not None else {}),
                                   **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
                     obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
                     if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
@@ -288,5 +296,6 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             log.write({"step": step, **row})
     if log is not None:  # rank 0 only under torchrun
         log.close()
-    return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed,
+    seconds = trained_before + time.perf_counter() - t_start - eval_seconds
+    return LoopResult(step, tokens, seconds, last_loss, resumed,
                       str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch."))

@@ -166,7 +166,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
         return row
 
     res = fit(p.model, objective, batches, cfg.train, out, evaluate=evaluate, resume=cfg.resume,
-              stop_after=stop_after, engine=engine)
+              stop_after=stop_after, engine=engine, usage=usage)  # usage: a resumed run's totals ride on checkpoints
     close = getattr(batches, "close", lambda: None)  # a rollout engine (rl.sampler: vllm) lets its memory go
     if stop_after is not None and res.steps < total:
         close()
@@ -186,19 +186,21 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
             what = "model" if saves_full_model(cfg.method) else "adapter"
             with objective.saving(p.model, out), phase(f"saving the trained {what}"):
                 save_artifacts(p.model, p.tokenizer, p.template, cfg, out, state_dict=full)
+    sampled = accounting.sampled_totals(batches, engine)  # every rank's rollouts (a collective: before the return)
     barrier()
     if not main:
         return out
+    budget = accounting.consumed(cfg, res, usage, out, p.report.total, p.report.trainable, engine.world, sampled)
     results = {"method": cfg.method, "objective": cfg.objective, "report": p.report.summary(),
                "trainable_params": p.report.trainable, "total_params": p.report.total, "data": p.stats,
                **measures.result_fields(before, after), **extra,
                "steps": res.steps, "train_tokens": res.tokens, "train_seconds": res.seconds,
                "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "final_train_loss": res.last_loss,
                "compute_dtype": res.compute_dtype,  # train.compute_dtype as resolved (auto: what it picked)
-               "total_seconds": time.perf_counter() - t0,
+               "total_seconds": budget["wall_seconds"],  # every invocation's, as train_seconds (a resumed run)
                "samples": pair_samples(samples_before, samples_after), **task_fields,
                # what the run consumed and where it ran (train/accounting.py)
-               "budget": accounting.consumed(cfg, res, usage, out, p.report.total, p.report.trainable, engine.world),
+               "budget": budget,
                "provenance": accounting.run_provenance(cfg, out)}
     write_results(out, results)
     console.print(f"{cfg.objective}: {plural(res.steps, 'step')}, {results['tokens_per_s']:,.0f} tokens/s, "
