@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             if failed_elsewhere():  # a peer's user error broke this rank's collective: that error is the news
                 os._exit(2)
         raise
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's own line says where it stopped and what was kept (train/interrupt.py)
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
     if launched:
         from .train.distributed import shutdown

@@ -11,7 +11,10 @@
     reward_model_calls  completions scored by a ``reward_model`` reward (one call per completion per such reward)
     flops_train         ≈ tokens_trained × (4·N + 2·N_trainable)  +  reference forwards 2·N × tokens_trained
     flops_sampling      ≈ 2·N × tokens_sampled
-    wall_seconds, cpu_seconds, peak_rss_mb      this process, from the start of the run (a resumed run: this part)
+    wall_seconds, cpu_seconds   from the start of the run, summed over its parts (a run resumed or extended:
+                        each checkpoint carries the seconds up to it, `loop.fit`; a part's time after its last
+                        checkpoint — the steps a kill lost — is not counted)
+    peak_rss_mb         this process's peak (a resumed run: this part's)
 
 **The FLOP estimate** follows Kaplan et al. 2020 (arXiv 2001.08361, §2.1): a forward pass costs ≈ 2·N FLOPs per
 token for N parameters (one multiply-add per weight), the backward pass twice that — 2·N for the gradients with
@@ -140,6 +143,9 @@ def consumed(cfg, res, usage: Usage, out: Path, n_total: int | None, n_trainable
               "tokens_sampled": round(tokens_sampled), "reward_model_calls": completions * _reward_models(cfg)}
     budget.update(flops(n_total, n_trainable, res.tokens, tokens_sampled, uses_frozen_forward(cfg)))
     budget.update(usage.seconds())
+    for key, before in (getattr(res, "earlier", None) or {}).items():  # a resumed or extended run's earlier parts
+        if budget.get(key) is not None:
+            budget[key] += before
     return budget
 
 

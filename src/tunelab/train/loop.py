@@ -63,6 +63,7 @@ from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
 from .guards import DivergenceGuard
+from .interrupt import StopRequest, TrainingInterrupted, kept_line
 from .log import MetricsLog, TrainDisplay, console
 from .optim import build_optimizer, build_scheduler
 
@@ -75,6 +76,7 @@ class LoopResult:
     last_loss: float
     resumed_from: int | None
     compute_dtype: str = "float32"  # what the forward computed in (train.compute_dtype resolved: auto's pick)
+    earlier: dict | None = None  # wall/CPU seconds of the run's earlier parts (resumed, extended), from its checkpoint
 
 
 def total_steps(cfg, per_epoch: int) -> int:
@@ -131,11 +133,37 @@ def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float, engine: Engi
                        "nothing was exported — lower train.lr (or set train.divergence.enabled=false)")
 
 
+def follow_schedule(optimizer, scheduler, lr: float, step: int) -> None:
+    """Set the learning rate of a restored optimizer to this run's schedule at `step`: base `lr` × the schedule's
+    factor for this run's total steps. A plain resume gets the value the checkpoint held (the same schedule);
+    a run extended to a larger `train.max_steps` continues on the schedule recomputed for the new total (cosine:
+    the rate rises again from where the new curve is at `step`) rather than on the old one's end value."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _interrupted(save: Callable[[int], Path], saved: bool, step: int, total: int, ckpt_dir: Path):
+    """Stop after a Ctrl-C: a checkpoint at `step` (unless this step's periodic one was just written), one line."""
+    if not saved:
+        try:
+            save(step)
+        except TunelabError as e:  # not safely savable (NaN weights, a full disk): the previous one is kept
+            raise TrainingInterrupted(f"interrupted at step {step}/{total}: no checkpoint at this step ({e}); "
+                                      f"{kept_line(ckpt_dir)}") from None
+    raise TrainingInterrupted(f"interrupted at step {step}/{total}: {kept_line(ckpt_dir)}")
+
+
 def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         evaluate: Callable[[int], dict] | None = None, resume: bool = True,
-        stop_after: int | None = None, engine: Engine | None = None) -> LoopResult:
+        stop_after: int | None = None, engine: Engine | None = None, start_from: Path | None = None,
+        usage=None) -> LoopResult:
     """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints.
-    `engine`: how this process takes part (DDP/FSDP2 under torchrun); default: a plain single process."""
+    `engine`: how this process takes part (DDP/FSDP2 under torchrun); default: a plain single process.
+    `start_from`: a checkpoint folder to continue from when `run_dir` has none of its own (`train.resume_from`).
+    `usage`: the run's `accounting.Usage`, whose counters every checkpoint carries forward (whole-run budget)."""
     engine = engine or Engine(model)
     main = engine.rank == 0
     device = next(model.parameters()).device
@@ -169,6 +197,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         ckpt_dir = run_dir / "checkpoints"
         step, micro, tokens, resumed = 0, 0, 0, None
         latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
+        earlier: dict = {}  # what the run's earlier parts consumed (train seconds, wall and CPU seconds)
+        latest = latest if latest is not None else start_from
         if latest is not None:
             if engine.distributed or dist_checkpoint.is_sharded(latest):
                 state = dist_checkpoint.load(latest, model, optimizer, scheduler, objective, engine)
@@ -178,6 +208,11 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             if hasattr(stream, "load_state_dict"):
                 stream.load_state_dict(state["loop"].get("source", {}))
             resumed = step
+            earlier = state["loop"].get("usage", {})
+            if step > total:
+                raise TunelabError(f"{latest} was taken at step {step}, past train.max_steps={total}; raise "
+                                   "train.max_steps, or pass overwrite=true to start over")
+            follow_schedule(optimizer, scheduler, cfg.lr, step)
             console.print(f"resumed from {latest} (step {step})")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
                          trackers=cfg.trackers, run_dir=run_dir) if main else None
@@ -189,8 +224,21 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         on_step = getattr(objective, "on_step", None)
         last_loss = float("nan")
         eval_seconds = 0.0  # kept out of the training throughput
-        t_start = time.perf_counter()
-        with TrainDisplay(total, step, cfg.log_every) as bar:
+        t_start = time.perf_counter() - earlier.get("train_seconds", 0.0)
+
+        def save(step: int) -> Path:
+            so_far = {"train_seconds": time.perf_counter() - t_start - eval_seconds,
+                      **({k: earlier.get(k, 0.0) + v for k, v in usage.seconds().items() if k != "peak_rss_mb"}
+                         if usage is not None else {})}
+            loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
+                          "usage": so_far, **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
+            obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
+            if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
+                return dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
+            return save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
+
+        stop = StopRequest(ckpt_dir, total, enabled=not engine.distributed)
+        with TrainDisplay(total, step, cfg.log_every) as bar, stop:
             while step < total:
                 if stop_after is not None and step >= stop_after:
                     break
@@ -271,15 +319,14 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                         log.write({"step": step, **row})
                     model.train()
                     eval_seconds += time.perf_counter() - t_eval
-                if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
-                                  **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
-                    obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
-                    if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
-                        dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
-                    else:
-                        save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
+                stop.step = step
+                # the last step too: a finished run can be extended (a larger train.max_steps) from its final state
+                saved = cfg.save_every and (step % cfg.save_every == 0 or step == total)
+                if saved:
+                    save(step)
                     prune_due = True
+                if stop.requested:  # Ctrl-C during this step: keep its state, then stop (train/interrupt.py)
+                    _interrupted(save, saved, step, total, ckpt_dir)
         if prune_due and main:
             prune_checkpoints(ckpt_dir, cfg.keep_last)
     if evaluate and step == total:
@@ -289,4 +336,5 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
     if log is not None:  # rank 0 only under torchrun
         log.close()
     return LoopResult(step, tokens, time.perf_counter() - t_start - eval_seconds, last_loss, resumed,
-                      str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch."))
+                      str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch."),
+                      {k: v for k, v in earlier.items() if k != "train_seconds"})
