@@ -80,7 +80,8 @@ def init_adapter(model: nn.Module, method: str, path: str | Path) -> str:
     _check_scale(model, conf, method, where)
     sd = untied_keys(model, tensors, where)
     params = base.adapter_parameters(model)
-    for k in sd:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # name the first in model order
+    for k in sorted(sd, key=lambda k: order.get(_module(k), len(order))):
         if k not in params:
             raise TunelabError(f"{where}: the adapter trains {_module(k)}, which this run's {method}.target_modules / "
                                "modules_to_save do not select")
@@ -88,8 +89,8 @@ def init_adapter(model: nn.Module, method: str, path: str | Path) -> str:
         if k not in sd:
             raise TunelabError(f"{where}: this run's {method}.target_modules / modules_to_save select "
                                f"{_module(k)}, which the adapter does not train")
-    for k, t in sd.items():
-        want = tuple(params[k].shape)
+    for k in params:
+        t, want = sd[k], tuple(params[k].shape)
         if tuple(t.shape) == want:
             continue
         if k.endswith("lora_A.weight"):
