@@ -231,3 +231,20 @@ def test_the_budget_adds_the_earlier_parts_of_a_resumed_run(tmp_path):
     now = accounting.Usage.start()
     budget = accounting.consumed(RunConfig(), res, now, tmp_path, 10, 1)
     assert 1000.0 <= budget["wall_seconds"] < 1000.0 + 60 and 500.0 <= budget["cpu_seconds"] < 500.0 + 60
+
+
+def test_resuming_its_own_checkpoint_under_another_config_is_one_line(tmp_path, make_cfg, capsys):
+    from tunelab.objectives import load_run_config
+    from tunelab.train.launch import train
+
+    cfg = make_cfg("run")
+    train(load_run_config(cfg), stop_after=3)  # "killed" after step 3: the checkpoint at step 2 is kept
+    capsys.readouterr()
+    run = tmp_path / "run"
+    rc, out = _cli(capsys, cfg, "lora.r=4")
+    assert rc == 2 and out.strip() == f"error: output_dir {run}: trained lora.r=2, this config has lora.r=4"
+    rc, out = _cli(capsys, cfg, "train.max_steps=1")
+    assert rc == 2 and out.strip() == (f"error: train.max_steps=1 is below the step of the checkpoint the run in {run} "
+                                       "would resume from (step-000002); raise it, or pass overwrite=true to start over")
+    rc, out = _cli(capsys, cfg)
+    assert rc == 0 and "(step 2)" in out

@@ -71,6 +71,21 @@ def extending(cfg) -> int | None:
     return finished
 
 
+def check_own_checkpoint(cfg) -> None:
+    """A run folder with a checkpoint is resumed (unless resume=false / overwrite=true): the checkpoint must fit
+    this config, and lie within its train.max_steps."""
+    out = Path(cfg.output_dir)
+    if cfg.overwrite or not cfg.resume or not out.is_dir():
+        return
+    kept = complete_checkpoints(out / "checkpoints")
+    if not kept:
+        return
+    check_compatible(out / "config.yaml", cfg, f"output_dir {out}")
+    if cfg.train.max_steps and step_of(kept[-1]) > cfg.train.max_steps:
+        raise TunelabError(f"train.max_steps={cfg.train.max_steps} is below the step of the checkpoint the run in "
+                           f"{out} would resume from ({kept[-1].name}); raise it, or pass overwrite=true to start over")
+
+
 def _model_ref(name) -> str:
     path = Path(str(name))
     return str(path.resolve()) if path.exists() else str(name)

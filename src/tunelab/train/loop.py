@@ -11,7 +11,9 @@ Per optimizer step:
      early stop skipping the rest of a round, a rejection-sampling step whose rows were all rejected) skips the
      optimizer step — with zero gradients AdamW would still move the weights (momentum, weight decay) — as
      Stable-Baselines3 breaks out of the epoch; the scheduler and the step counter still advance;
-  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
+  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` and at the last step (with the
+     objective's state; the last one lets a larger `train.max_steps` extend the finished run, train/continuation.py).
+     A Ctrl-C is honoured here, at the end of a whole step: a checkpoint at this step, then one line (interrupt.py).
 
 Distributed (`train/distributed.py`, under torchrun): the `Engine` runs each loss as the DDP/FSDP2 wrapper's
 forward, reduces gradients on the last micro-batch only, and Σn, the logged loss and the token count are summed

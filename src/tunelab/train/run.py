@@ -49,7 +49,6 @@ from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
 from . import accounting, continuation, dist_checkpoint
 from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
-from .checkpoint import complete_checkpoints
 from .distributed import Engine, barrier, check_supported, is_main, main_says, plan, world_size
 from .guards import disk_full, is_disk_full
 from .log import console, phase
@@ -74,8 +73,8 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     # fail fast, before minutes of loading: the folder, and where the run starts (train/continuation.py)
     finished = continuation.extending(cfg)
     check_output_dir(out, cfg.overwrite, extending=finished is not None)
-    if cfg.resume and not cfg.overwrite and finished is None and complete_checkpoints(out / "checkpoints"):
-        continuation.check_compatible(out / "config.yaml", cfg, f"output_dir {out}")  # its checkpoint must fit
+    if finished is None:
+        continuation.check_own_checkpoint(cfg)  # the checkpoint a rerun resumes from must fit this config
     start_from = continuation.checkpoint_source(cfg)
     kind = data_kind(objective_class(cfg.objective).data_kind)
     p = prepare(cfg)  # every check user input can fail; nothing written yet
