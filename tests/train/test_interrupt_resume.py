@@ -248,3 +248,23 @@ def test_resuming_its_own_checkpoint_under_another_config_is_one_line(tmp_path, 
                                        "would resume from (step-000002); raise it, or pass overwrite=true to start over")
     rc, out = _cli(capsys, cfg)
     assert rc == 0 and "(step 2)" in out
+
+
+def test_ctrl_c_outside_a_training_step_names_what_a_rerun_starts_from(tmp_path, make_cfg, capsys, monkeypatch):
+    from tunelab.train import run as single_run
+
+    cfg = make_cfg("run")
+    assert _cli(capsys, cfg)[0] == 0  # finished: checkpoints at 2 and 4
+
+    def measuring(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(single_run, "evaluate_final", measuring)  # Ctrl-C while the extended run measures at its end
+    rc, out = _cli(capsys, cfg, "train.max_steps=6")
+    assert rc == 130 and "Traceback" not in out
+    assert out.strip().splitlines()[-1] == (f"interrupted: kept checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-000006'}"
+                                            "; run the same command again to resume")
+    monkeypatch.undo()
+    rc, out = _cli(capsys, cfg, "train.max_steps=6")  # the rerun only measures and saves
+    assert rc == 0 and "(step 6)" in out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 6
