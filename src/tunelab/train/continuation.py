@@ -13,7 +13,9 @@ run's checkpoint (`train.resume_from`). All checked before anything is loaded or
                             `max_steps` is the "holds a finished run" refusal of `rundir`.
     train.resume_from       a checkpoint folder (or a run folder: its newest checkpoint) of this or another run, used
                             when the run folder has no checkpoint of its own: weights, optimizer, scheduler, RNG and
-                            step are restored from it, and the run goes on to its own `train.max_steps`
+                            step are restored from it, and the run goes on to its own `train.max_steps`; its
+                            results.json counts the whole lineage (steps, tokens and seconds up to the checkpoint
+                            included), and its metrics.jsonl starts at the step after it
 
 A checkpoint only fits a run with the same model and the same method settings (its tensors' names and shapes);
 `check_compatible` compares the checkpoint's run config.yaml with this config and names the first difference,
