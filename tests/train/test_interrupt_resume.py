@@ -268,3 +268,23 @@ def test_ctrl_c_outside_a_training_step_names_what_a_rerun_starts_from(tmp_path,
     rc, out = _cli(capsys, cfg, "train.max_steps=6")  # the rerun only measures and saves
     assert rc == 0 and "(step 6)" in out
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("method", ["mora", "loreft"])
+def test_init_from_a_mora_or_loreft_run_loads_its_adapter(tmp_path, make_cfg, capsys, method):
+    from tunelab.adapters.base import adapter_state_dict
+    from tunelab.export import load_run
+    from tunelab.objectives import load_run_config
+    from tunelab.train.prepare import prepare
+
+    assert _cli(capsys, make_cfg("run", method=method, train={"max_steps": 2}))[0] == 0
+    saved = adapter_state_dict(load_run(tmp_path / "run", device="cpu")[0])
+    p = prepare(load_run_config(make_cfg("new", method=method, **{method: {"init_from": str(tmp_path / "run")}})))
+    now = adapter_state_dict(p.model)
+    assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in now)
+    rc, out = _cli(capsys, make_cfg("new", method=method, train={"max_steps": 1},
+                                    **{method: {"init_from": str(tmp_path / "run")}}))
+    assert rc == 0, out
+    assert "init_from" not in (tmp_path / "new" / "adapter" / "tunelab_adapter.json").read_text()  # no local path
+    rc, out = _cli(capsys, make_cfg("lora", lora={"init_from": str(tmp_path / "run")}))
+    assert rc == 2 and f"holds a '{method}' adapter, not lora" in out

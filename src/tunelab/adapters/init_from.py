@@ -1,8 +1,9 @@
-"""Initialise a freshly wrapped adapter from a saved one (``lora.init_from``, ``dora.init_from``, ``qlora.init_from``).
+"""Initialise a freshly wrapped adapter from a saved one (``lora.init_from``; dora, qlora, mora, loreft alike).
 
     lora:
       r: 8
       init_from: runs/sft          # a tunelab run folder, its adapter/ folder, or any PEFT LoRA adapter folder
+                                   # (mora, loreft: a run or adapter folder of the same method, tunelab's format)
 
 The run wraps the model as its own config says (`apply_method`), then copies the saved adapter's tensors into the
 new layers: the run starts, at step 0 with a fresh optimizer and schedule, from the saved adapter's function
@@ -11,7 +12,7 @@ final model). It is not a resume: nothing of the saved run's optimizer, step or 
 ``train.resume_from``).
 
 The saved adapter must have the shape this config builds: the same adapted modules (`target_modules`,
-`modules_to_save`), the same rank per module, and — read from its adapter_config.json — the same scale
+`modules_to_save`), the same rank per module, and — read from a PEFT adapter_config.json — the same scale
 (`lora_alpha`, `use_rslora`), since equal tensors under another scale are another function. The first
 difference is one line naming it (`lora.init_from runs/sft: rank 4 at model.layers.0.self_attn.q_proj in the
 adapter, 8 in this run (lora.r / rank_pattern)`). Files are read as `peft_format.read_peft` reads them:
@@ -26,23 +27,41 @@ from torch import nn
 
 from ..errors import TunelabError
 from . import base
+from .native_format import CONFIG_FILE as NATIVE_CONFIG
+from .native_format import load_native
 from .peft_format import CONFIG_FILE, read_peft, untied_keys
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() or (folder / NATIVE_CONFIG).is_file()
 
 
 def adapter_folder(path: str | Path, key: str) -> Path:
     """The adapter folder `path` names: itself, or a run folder's `adapter/`."""
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if _is_adapter(path):
         return path
-    if (path / "adapter" / CONFIG_FILE).is_file():
+    if _is_adapter(path / "adapter"):
         return path / "adapter"
     if (path / "model").is_dir():
         raise TunelabError(f"{key} {path}: holds a fully trained model (model/), not an adapter; train from it with "
                            f"model.name={path / 'model'}")
     if not path.exists():
         raise TunelabError(f"{key}: {path} does not exist")
-    raise TunelabError(f"{key} {path}: no {CONFIG_FILE} there or in {path / 'adapter'}; not an adapter folder "
-                       "(a LoRA-family adapter, as tunelab or PEFT save it)")
+    raise TunelabError(f"{key} {path}: no {CONFIG_FILE} or {NATIVE_CONFIG} there or in {path / 'adapter'}; not an "
+                       "adapter folder (as tunelab or PEFT save one)")
+
+
+def _read(folder: Path, method: str, where: str) -> tuple[dict, dict]:
+    """(PEFT config or {}, tensors keyed like `base.adapter_state_dict`) of the adapter in `folder`."""
+    module = base.get_method(method)
+    if (folder / NATIVE_CONFIG).is_file():  # mora, loreft: tunelab's own format, written for this method only
+        _, tensors = load_native(folder, method)
+        derived = tuple(getattr(module, "DERIVED_SUFFIXES", ()))  # written for readers, not loaded (LoReFT's R)
+        return {}, {k: t for k, t in tensors.items() if not (derived and k.endswith(derived))}
+    if not hasattr(module, "PEFT_SUFFIXES"):
+        raise TunelabError(f"{where}: holds a PEFT LoRA adapter; this run's method is {method}")
+    return read_peft(folder)
 
 
 def _module(key: str) -> str:
@@ -71,10 +90,10 @@ def init_adapter(model: nn.Module, method: str, path: str | Path) -> str:
     folder = adapter_folder(path, key)
     where = f"{key} {path}"
     try:
-        conf, tensors = read_peft(folder)
+        conf, tensors = _read(folder, method, where)
     except TunelabError as e:
-        raise TunelabError(f"{key}: {e}") from None
-    if bool(conf.get("use_dora")) != any(k.endswith("lora_magnitude_vector") for k in base.adapter_parameters(model)):
+        raise TunelabError(str(e) if str(e).startswith(key) else f"{key}: {e}") from None
+    if conf and bool(conf.get("use_dora")) != any(k.endswith("lora_magnitude_vector") for k in base.adapter_parameters(model)):
         kind = "a DoRA" if conf.get("use_dora") else "a plain LoRA"
         raise TunelabError(f"{where}: holds {kind} adapter; this run's method is {method}")
     _check_scale(model, conf, method, where)
@@ -97,6 +116,6 @@ def init_adapter(model: nn.Module, method: str, path: str | Path) -> str:
             raise TunelabError(f"{where}: rank {t.shape[0]} at {_module(k)} in the adapter, {want[0]} in this run "
                                f"({method}.r / rank_pattern)")
         raise TunelabError(f"{where}: '{k}' has shape {tuple(t.shape)} in the adapter, {want} in this run "
-                           "(another base model?)")
+                           f"(another {method}.r or base model?)")
     base.load_adapter_state_dict(model, sd, source=where)
     return f"initialised from the adapter in {folder}"
