@@ -110,7 +110,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_names_the_last_kept_checkpoint(tmp_p
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "Traceback" not in out
-    m = re.search(r"^aborted during step (\d+)/30: kept checkpoint (\S+); run the same command again to resume$",
+    m = re.search(r"^aborted after step (\d+)/30: kept checkpoint (\S+); run the same command again to resume$",
                   out, re.M)
     assert m, out
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -288,3 +288,32 @@ def test_init_from_a_mora_or_loreft_run_loads_its_adapter(tmp_path, make_cfg, ca
     assert "init_from" not in (tmp_path / "new" / "adapter" / "tunelab_adapter.json").read_text()  # no local path
     rc, out = _cli(capsys, make_cfg("lora", lora={"init_from": str(tmp_path / "run")}))
     assert rc == 2 and f"holds a '{method}' adapter, not lora" in out
+
+
+def test_an_interrupt_whose_checkpoint_cannot_be_saved_names_the_one_kept(tmp_path, make_cfg, capsys, monkeypatch):
+    from tunelab.errors import TunelabError
+    from tunelab.train import loop
+
+    seen = {"batches": 0}
+    real_tokens, real_save = loop.batch_tokens, loop.save_checkpoint
+
+    def tokens(batch):  # one micro-batch per step: Ctrl-C during step 3
+        seen["batches"] += 1
+        if seen["batches"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_tokens(batch)
+
+    def save(ckpt_dir, step, *a, **k):
+        if step == 3:
+            raise TunelabError("disk full: writing checkpoint step-000003")
+        return real_save(ckpt_dir, step, *a, **k)
+
+    monkeypatch.setattr(loop, "batch_tokens", tokens)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    rc, out = _cli(capsys, make_cfg("run", train={"max_steps": 6}))
+    assert rc == 130 and "Traceback" not in out
+    kept = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert out.strip().splitlines()[-1] == ("interrupted at step 3/6: no checkpoint at this step (disk full: writing "
+                                            f"checkpoint step-000003); kept checkpoint {kept}; run the same command "
+                                            "again to resume")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop put the handler back

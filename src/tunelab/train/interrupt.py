@@ -46,20 +46,20 @@ def kept_line(ckpt_dir: Path) -> str:
 class StopRequest:
     """Context manager: while inside, the first Ctrl-C sets `requested`, a second raises `TrainingInterrupted`."""
 
-    def __init__(self, ckpt_dir: Path, total: int, enabled: bool = True):
+    def __init__(self, ckpt_dir: Path, total: int, step: int = 0, enabled: bool = True):
         self.ckpt_dir, self.total = ckpt_dir, total
-        self.step = 0  # the last completed step (the loop keeps it current, for the abort line)
+        self.step = step  # the last completed step (the loop keeps it current, for the abort line)
         self.requested = False
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
-            raise TrainingInterrupted(f"aborted during step {self.step + 1}/{self.total}: {kept_line(self.ckpt_dir)}")
+            raise TrainingInterrupted(f"aborted after step {self.step}/{self.total}: {kept_line(self.ckpt_dir)}")
         self.requested = True
         # os.write: the handler may run while the console is in the middle of printing a line
-        os.write(2, f"\nCtrl-C: stopping after step {self.step + 1}/{self.total} and saving a checkpoint there "
-                    "(Ctrl-C again to abort now)\n".encode())
+        os.write(2, b"\nCtrl-C: stopping at the end of this step and saving a checkpoint there "
+                    b"(Ctrl-C again to abort now)\n")
 
     def __enter__(self) -> "StopRequest":
         if self.enabled:

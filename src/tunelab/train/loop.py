@@ -239,7 +239,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 return dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
             return save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
 
-        stop = StopRequest(ckpt_dir, total, enabled=not engine.distributed)
+        stop = StopRequest(ckpt_dir, total, step, enabled=not engine.distributed)
         with TrainDisplay(total, step, cfg.log_every) as bar, stop:
             while step < total:
                 if stop_after is not None and step >= stop_after:
@@ -302,6 +302,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                stop.step = step
                 if on_step is not None:
                     on_step(step)
                 tokens += step_tokens
@@ -321,7 +322,6 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                         log.write({"step": step, **row})
                     model.train()
                     eval_seconds += time.perf_counter() - t_eval
-                stop.step = step
                 # the last step too: a finished run can be extended (a larger train.max_steps) from its final state
                 saved = cfg.save_every and (step % cfg.save_every == 0 or step == total)
                 if saved:
