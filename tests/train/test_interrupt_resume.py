@@ -268,6 +268,9 @@ def test_ctrl_c_outside_a_training_step_names_what_a_rerun_starts_from(tmp_path,
     rc, out = _cli(capsys, cfg, "train.max_steps=6")  # the rerun only measures and saves
     assert rc == 0 and "(step 6)" in out
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 6
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the final evaluation, written after the step-6 checkpoint, ran again on the rerun: once in the log
+    assert [r["step"] for r in rows if "loss" not in r] == [4, 6]
 
 
 @pytest.mark.parametrize("method", ["mora", "loreft"])

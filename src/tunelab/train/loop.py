@@ -217,7 +217,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             follow_schedule(optimizer, scheduler, cfg.lr, step)
             console.print(f"resumed from {latest} (step {step})")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
-                         trackers=cfg.trackers, run_dir=run_dir) if main else None
+                         trackers=cfg.trackers, run_dir=run_dir, redo_eval=resumed == total) if main else None
         autocast = training_autocast(model)  # train.compute_dtype's autocast (online RL's π_old forward uses it too)
 
         model.train()
