@@ -54,7 +54,14 @@ def cmd_train(args) -> int:
         from .train.launch import relaunch
 
         return relaunch(args.nproc, ["train", args.config, *args.overrides])
-    out = train(cfg, source=args.config)
+    try:
+        out = train(cfg, source=args.config)
+    except KeyboardInterrupt as e:  # outside a training step (loading, measuring, saving): name what a rerun uses
+        from .train.interrupt import TrainingInterrupted, kept_line
+
+        if isinstance(e, TrainingInterrupted) or cfg.stages:
+            raise
+        raise TrainingInterrupted(f"interrupted: {kept_line(Path(cfg.output_dir) / 'checkpoints')}") from None
     from .train.distributed import is_main
 
     if is_main():  # under torchrun: once
@@ -367,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             if failed_elsewhere():  # a peer's user error broke this rank's collective: that error is the news
                 os._exit(2)
         raise
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's own line says where it stopped and what was kept (train/interrupt.py)
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
     if launched:
         from .train.distributed import shutdown

@@ -65,7 +65,10 @@ class DivergenceConfig(Strict):
 
 class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
+    # raised above a finished run's steps (same output_dir): the run continues from its last checkpoint, on the LR
+    # schedule recomputed for the new total from that step (train/continuation.py)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (else epochs); raise it to extend a "
+                                  "finished run: the LR schedule is recomputed for the new total from its last step")
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -89,6 +92,8 @@ class TrainConfig(Strict):
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
+    resume_from: str | None = Field(None, description="a checkpoint folder (or run folder) to continue from when "
+                                    "output_dir has no checkpoint: weights, optimizer, scheduler, RNG and step")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     divergence: DivergenceConfig = DivergenceConfig()
 

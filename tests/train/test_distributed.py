@@ -106,7 +106,8 @@ def _no_unpickling(*args, **kwargs):
 def _killed_copy(run: Path, to: Path) -> None:
     """What a run killed after its step-2 checkpoint leaves: its config and lock file, that checkpoint and the
     metrics up to it."""
-    shutil.copytree(run / "checkpoints", to / "checkpoints")
+    shutil.copytree(run / "checkpoints", to / "checkpoints",  # not the finished run's final (step-4) checkpoint
+                    ignore=lambda folder, names: [n for n in names if n.startswith("step-") and n > "step-000002"])
     for name in ("config.yaml", LOCK_FILE, MARKER):
         shutil.copy(run / name, to / name)
     rows = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= 2]

@@ -9,7 +9,8 @@ What lives here:
   (+ loreft_positions.py), partial.py (`freeze`); extras.py: modules trained fully next to an adapter;
 * targets.py — target patterns and the "all-linear" preset;
 * on-disk formats: peft_format.py (PEFT's, for lora/dora/qlora), native_format.py (tunelab's own, for mora,
-  loreft, freeze: the one module that reads and writes `tunelab_adapter.json` + safetensors).
+  loreft, freeze: the one module that reads and writes `tunelab_adapter.json` + safetensors);
+* init_from.py — `lora.init_from` (dora, qlora too): a saved LoRA-family adapter's weights loaded before step 0.
 
 What it may import: the standard library, torch, pydantic, safetensors, transformers (through the model it
 is given), `tunelab.errors`, and `tunelab.models.load.ecosystem_ref` (peft_format, for the base-model id PEFT

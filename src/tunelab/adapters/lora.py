@@ -57,6 +57,9 @@ class LoraConfig(BaseModel):
     ensure_weight_tying: bool = Field(True, description="tied embed/lm_head extras stay one weight")
     rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict, description="per-module r (PEFT semantics)")
     alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict, description="per-module alpha")
+    init_from: str | None = Field(None, description="start from a saved adapter instead of B=0: a tunelab run folder, "
+                                  "its adapter/ folder or a PEFT adapter folder (same r, alpha and targets); "
+                                  "loaded before step 0, the optimizer starts fresh (adapters/init_from.py)")
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod

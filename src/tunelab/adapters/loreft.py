@@ -89,6 +89,8 @@ class LoreftConfig(BaseModel):
     share_weights: bool = Field(False, description="one intervention for prefix and suffix positions")
     r: int = Field(4, ge=1, description="rank of the intervened subspace")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the edit W h + b − R h")
+    init_from: str | None = Field(None, description="start from a saved LoReFT adapter (a tunelab run folder or its "
+                                  "adapter/ folder; same settings) loaded before step 0 (adapters/init_from.py)")
 
     @field_validator("positions")
     @classmethod
@@ -107,6 +109,8 @@ class LoreftConfig(BaseModel):
 
 
 Config = LoreftConfig
+# tensors `export` writes for readers only (R, derived from the trained `rotate`): skipped when a folder is loaded
+DERIVED_SUFFIXES = (".R",)
 
 
 def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
@@ -308,7 +312,7 @@ def export(model: nn.Module, cfg: LoreftConfig | dict | None, path: str | Path,
     tensors = dict(adapter_state_dict(model))
     for name, module in base.adapter_modules(model):
         tensors[f"{name}.R"] = module.R.detach()
-    fields = {"config": state.cfg.model_dump(mode="json"), "hidden_size": state.d}
+    fields = {"config": state.cfg.model_dump(mode="json", exclude={"init_from"}), "hidden_size": state.d}
     return save_native(path, "loreft", fields, tensors, base_model_name(model, base_model_name_or_path))
 
 
@@ -319,7 +323,7 @@ def load(model: nn.Module, path: str | Path) -> AdapterReport:
         report = wrap(model, LoreftConfig(**meta.get("config", {})))
     except TunelabError as e:
         raise TunelabError(f"{path}: {e}") from None
-    sd = {k: t for k, t in tensors.items() if not k.endswith(".R")}
+    sd = {k: t for k, t in tensors.items() if not k.endswith(DERIVED_SUFFIXES)}
     load_adapter_state_dict(model, sd, source=str(Path(path) / WEIGHTS_FILE))
     report.notes.append(f"loaded tunelab LoReFT adapter {path}")
     return report

@@ -71,6 +71,8 @@ class MoraConfig(BaseModel):
     modules_to_save: list[str] = Field(default_factory=list, description="modules trained fully")
     ensure_weight_tying: bool = Field(True, description="tied embed/lm_head extras stay one weight")
     rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict, description="per-module r (PEFT-style keys)")
+    init_from: str | None = Field(None, description="start from a saved MoRA adapter (a tunelab run folder or its "
+                                  "adapter/ folder; same settings) loaded before step 0 (adapters/init_from.py)")
 
     @field_validator("type", mode="before")
     @classmethod
@@ -263,7 +265,7 @@ def export(model: nn.Module, cfg: MoraConfig | dict | None, path: str | Path,
     if not layers:
         raise TunelabError("export: the model has no MoRA layers; wrap it first")
     extras = [n for n, m in base.adapter_modules(model) if n not in layers]
-    fields = {"config": cfg.model_dump(mode="json"),
+    fields = {"config": cfg.model_dump(mode="json", exclude={"init_from"}),
               "modules": {n: {"r_hat": m.r_hat, "type": m.kind, "in_features": m.in_features,
                               "out_features": m.out_features} for n, m in layers.items()},
               "modules_to_save": extras}

@@ -235,6 +235,23 @@ def _classify(tensors: dict[str, torch.Tensor], where: str, suffixes: tuple[str,
     return ranks, list(extra)
 
 
+def untied_keys(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """`tensors` (a file's, every tied name written) keyed as `base.adapter_state_dict` keys them: a tied pair of
+    fully trained modules once, under the first name in model order; the two copies must agree."""
+    params = base.adapter_parameters(model)
+    every = base.adapter_parameters(model, dedup=False)
+    sd: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key in every and key not in params:  # the tied partner of an already-listed weight
+            twin = next(n for n, p in params.items() if p is every[key])
+            if twin in tensors and not torch.equal(tensors[twin], t):
+                raise TunelabError(f"{where}: '{key}' and '{twin}' are tied in the model but differ in the file")
+            sd.setdefault(twin, t)
+        else:
+            sd[key] = t
+    return sd
+
+
 def load_peft(model: nn.Module, path: str | Path):
     """Wrap `model` with the LoRA adapter in PEFT folder `path`; outputs equal PEFT's for the same adapter.
 
@@ -266,17 +283,6 @@ def load_peft(model: nn.Module, path: str | Path):
     except TunelabError as e:
         raise TunelabError(f"{path}: {e}") from None
 
-    params = base.adapter_parameters(model)
-    every = base.adapter_parameters(model, dedup=False)
-    sd: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if key in every and key not in params:  # the tied partner of an already-listed weight
-            twin = next(n for n, p in params.items() if p is every[key])
-            if twin in tensors and not torch.equal(tensors[twin], t):
-                raise TunelabError(f"{where}: '{key}' and '{twin}' are tied in the model but differ in the file")
-            sd.setdefault(twin, t)
-        else:
-            sd[key] = t
-    base.load_adapter_state_dict(model, sd, source=where)
+    base.load_adapter_state_dict(model, untied_keys(model, tensors, where), source=where)
     report.notes.append(f"imported PEFT adapter {path}")
     return report

@@ -16,7 +16,7 @@
     flops               flops_train + flops_sampling
     wall_seconds, cpu_seconds   this run's process time, summed over its invocations (below)
     peak_rss_mb         the largest peak resident memory of any of its invocations
-    invocations         the processes whose work the result holds: 1, + 1 per resume (an invocation killed before
+    invocations         the processes whose work the result holds: 1, + 1 per resume or extension (one killed before
                         its first checkpoint left nothing to continue from and is not counted)
 
 **Resumed runs** add up. A run killed and started again continues from its latest checkpoint, and every

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..console import console
+from ..errors import TunelabError
 from .checkpoint_files import damage, load_optimizer, save_optimizer, write_manifest
 from .guards import check_finite, disk_full, is_disk_full, tensor_bytes
 
@@ -46,11 +47,23 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model, sd: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(model, sd: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Copy a checkpoint's trainable tensors into `model`; a checkpoint of another model or adapter shape (a
+    `train.resume_from` of an incompatible run) is one line naming the first tensor that does not fit."""
     params = dict(model.named_parameters())
-    missing = [n for n in sd if n not in params]
-    if missing:
-        raise RuntimeError(f"checkpoint has tensors the model lacks: {missing[:3]}")
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    unknown = [n for n in sd if n not in params]
+    if unknown:
+        raise TunelabError(f"{where}: holds tensor '{unknown[0]}', which this run's model lacks ({len(unknown)} "
+                           "such) — another model, method or target_modules")
+    absent = [n for n in trainable if n not in sd]
+    if absent:
+        raise TunelabError(f"{where}: lacks this run's trainable tensor '{absent[0]}' ({len(absent)} such) — "
+                           "another method or target_modules")
+    for n, t in sd.items():
+        if tuple(t.shape) != tuple(params[n].shape):
+            raise TunelabError(f"{where}: tensor '{n}' has shape {tuple(t.shape)}, this run's has "
+                               f"{tuple(params[n].shape)} — another rank or model")
     with torch.no_grad():
         for n, t in sd.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -170,7 +183,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None) -> dict:
     """Restore model, optimizer, scheduler, RNGs (and `objective`'s own state) in place; returns state.json."""
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")), str(path))
     if objective is not None and hasattr(objective, "load_state_dict"):
         saved = path / "objective.safetensors"
         objective.load_state_dict(load_file(str(saved)) if saved.exists() else {})

@@ -28,11 +28,14 @@ from .guards import disk_full, is_disk_full
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None = None, trackers=(), run_dir: Path | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, trackers=(), run_dir: Path | None = None,
+                 redo_eval: bool = False):
         self.path = path
         if resume_step is not None and path.exists():
-            # a torn last row (the run was killed mid-write) is dropped: its step is repeated after the checkpoint
-            keep = [r for r in read_rows(path, strict=True) if r.get("step", 0) <= resume_step]
+            # a torn last row (the run was killed mid-write) is dropped: its step is repeated after the checkpoint;
+            # `redo_eval`: the checkpoint is the last step's, whose final evaluation (written after it) runs again
+            keep = [r for r in read_rows(path, strict=True) if r.get("step", 0) < resume_step or
+                    r.get("step", 0) == resume_step and not (redo_eval and "loss" not in r)]
             path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and path.exists():
             path.unlink()

@@ -11,7 +11,9 @@ Per optimizer step:
      early stop skipping the rest of a round, a rejection-sampling step whose rows were all rejected) skips the
      optimizer step — with zero gradients AdamW would still move the weights (momentum, weight decay) — as
      Stable-Baselines3 breaks out of the epoch; the scheduler and the step counter still advance;
-  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` (with the objective's state).
+  5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` and at the last step (with the
+     objective's state; the last one lets a larger `train.max_steps` extend the finished run, train/continuation.py).
+     A Ctrl-C is honoured here, at the end of a whole step: a checkpoint at this step, then one line (interrupt.py).
 
 Distributed (`train/distributed.py`, under torchrun): the `Engine` runs each loss as the DDP/FSDP2 wrapper's
 forward, reduces gradients on the last micro-batch only, and Σn, the logged loss and the token count are summed
@@ -63,6 +65,7 @@ from . import dist_checkpoint
 from .checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .distributed import Engine
 from .guards import DivergenceGuard
+from .interrupt import StopRequest, TrainingInterrupted, kept_line
 from .log import MetricsLog, TrainDisplay, console
 from .optim import build_optimizer, build_scheduler
 
@@ -131,13 +134,38 @@ def _diverged(ckpt_dir: Path, step: int, diagnosis: str, lr: float, engine: Engi
                        "nothing was exported — lower train.lr (or set train.divergence.enabled=false)")
 
 
+def follow_schedule(optimizer, scheduler, lr: float, step: int) -> None:
+    """Set the learning rate of a restored optimizer to this run's schedule at `step`: base `lr` × the schedule's
+    factor for this run's total steps. A plain resume gets the value the checkpoint held (the same schedule);
+    a run extended to a larger `train.max_steps` continues on the schedule recomputed for the new total (cosine:
+    the rate rises again from where the new curve is at `step`) rather than on the old one's end value."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _interrupted(save: Callable[[int], Path], saved: bool, step: int, total: int, ckpt_dir: Path):
+    """Stop after a Ctrl-C: a checkpoint at `step` (unless this step's periodic one was just written), one line."""
+    if not saved:
+        try:
+            save(step)
+        except TunelabError as e:  # not safely savable (NaN weights, a full disk): the previous one is kept
+            raise TrainingInterrupted(f"interrupted at step {step}/{total}: no checkpoint at this step ({e}); "
+                                      f"{kept_line(ckpt_dir)}") from None
+    raise TrainingInterrupted(f"interrupted at step {step}/{total}: {kept_line(ckpt_dir)}")
+
+
 def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         evaluate: Callable[[int], dict] | None = None, resume: bool = True,
-        stop_after: int | None = None, engine: Engine | None = None, usage=None) -> LoopResult:
+        stop_after: int | None = None, engine: Engine | None = None, start_from: Path | None = None,
+        usage=None) -> LoopResult:
     """Train `model` with `objective` on `stream` under TrainConfig `cfg`; writes logs and checkpoints.
     `engine`: how this process takes part (DDP/FSDP2 under torchrun); default: a plain single process.
+    `start_from`: a checkpoint folder to continue from when `run_dir` has none of its own (`train.resume_from`).
     `usage` (`train.accounting.Usage`): the run's resource totals, stored in every checkpoint (``snapshot()``) and
-    restored on resume (``restore()``), so a resumed run's budget counts every invocation."""
+    restored on resume (``restore()``), so a resumed or extended run's budget counts every invocation."""
     engine = engine or Engine(model)
     main = engine.rank == 0
     device = next(model.parameters()).device
@@ -172,6 +200,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         step, micro, tokens, resumed = 0, 0, 0, None
         trained_before = 0.0  # training seconds of earlier invocations (a resumed run's throughput spans them all)
         latest = dist_checkpoint.latest(ckpt_dir, engine) if resume else None  # verified (rank 0), damaged moved aside
+        latest = latest if latest is not None else start_from
         if latest is not None:
             if engine.distributed or dist_checkpoint.is_sharded(latest):
                 state = dist_checkpoint.load(latest, model, optimizer, scheduler, objective, engine)
@@ -184,9 +213,13 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
             if hasattr(stream, "load_state_dict"):
                 stream.load_state_dict(state["loop"].get("source", {}))
             resumed = step
+            if step > total:
+                raise TunelabError(f"{latest} was taken at step {step}, past train.max_steps={total}; raise "
+                                   "train.max_steps, or pass overwrite=true to start over")
+            follow_schedule(optimizer, scheduler, cfg.lr, step)
             console.print(f"resumed from {latest} (step {step})")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed if resume else None,
-                         trackers=cfg.trackers, run_dir=run_dir) if main else None
+                         trackers=cfg.trackers, run_dir=run_dir, redo_eval=resumed == total) if main else None
         autocast = training_autocast(model)  # train.compute_dtype's autocast (online RL's π_old forward uses it too)
 
         model.train()
@@ -196,7 +229,19 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
         last_loss = float("nan")
         eval_seconds = 0.0  # kept out of the training throughput
         t_start = time.perf_counter()
-        with TrainDisplay(total, step, cfg.log_every) as bar:
+
+        def save(step: int) -> Path:
+            loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
+                          "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds,
+                          **({"usage": usage.snapshot()} if usage is not None else {}),
+                          **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
+            obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
+            if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
+                return dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
+            return save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
+
+        stop = StopRequest(ckpt_dir, total, step, enabled=not engine.distributed)
+        with TrainDisplay(total, step, cfg.log_every) as bar, stop:
             while step < total:
                 if stop_after is not None and step >= stop_after:
                     break
@@ -258,6 +303,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                stop.step = step
                 if on_step is not None:
                     on_step(step)
                 tokens += step_tokens
@@ -277,17 +323,13 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                         log.write({"step": step, **row})
                     model.train()
                     eval_seconds += time.perf_counter() - t_eval
-                if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    loop_state = {"micro": micro, "tokens": tokens, "rows_per_micro": engine.world * cfg.batch_size,
-                                  "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds,
-                                  **({"usage": usage.snapshot()} if usage is not None else {}),
-                                  **({"source": stream.state_dict()} if hasattr(stream, "state_dict") else {})}
-                    obj_state = objective.state_dict() if hasattr(objective, "state_dict") else None
-                    if engine.distributed:  # sharded; rank 0 writes the manifest and renames it into place
-                        dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
-                    else:
-                        save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
+                # the last step too: a finished run can be extended (a larger train.max_steps) from its final state
+                saved = cfg.save_every and (step % cfg.save_every == 0 or step == total)
+                if saved:
+                    save(step)
                     prune_due = True
+                if stop.requested:  # Ctrl-C during this step: keep its state, then stop (train/interrupt.py)
+                    _interrupted(save, saved, step, total, ckpt_dir)
         if prune_due and main:
             prune_checkpoints(ckpt_dir, cfg.keep_last)
     if evaluate and step == total:

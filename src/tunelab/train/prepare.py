@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import AdapterReport, apply_method, check_method_data
+from ..adapters.init_from import init_adapter
 from ..config import RunConfig, method_options
 from ..data.columns import rename_columns
 from ..data.kinds import data_kind
@@ -90,6 +91,8 @@ def prepare(cfg: RunConfig) -> RunInputs:
     torch.manual_seed(cfg.train.seed)  # adapter (and head) init is random: same config, same initial weights
     check_method_data(cfg.method, data.train + data.eval)
     report = apply_method(model, cfg.method, method_options(cfg))
+    if getattr(method_options(cfg), "init_from", None):  # a saved adapter's weights before step 0
+        report.notes.append(init_adapter(model, cfg.method, method_options(cfg).init_from))
     objective.prepare_model(model, cfg)
     if objective.wants_reference(cfg):
         check_reference(cfg.reference, model)

@@ -19,7 +19,8 @@ The run directory:
     config.yaml        the resolved config
     metrics.jsonl      training and evaluation rows (eval rows: the objective's held-out measures + tasks)
     samples.jsonl      generations at each evaluation (``samples.at_eval``)
-    checkpoints/       atomic, last K kept — a rerun with the same output_dir resumes from the latest
+    checkpoints/       atomic, last K kept — a rerun with the same output_dir resumes from the latest (a finished
+                       run rerun with a larger train.max_steps continues: train/continuation.py)
     adapter/ | model/  the trained artifact + tokenizer with the run's chat template
     results.json       measures before/after, samples, parameter counts, timings, data statistics, tasks
     .tunelab.lock      held while the run runs (`rundir`: a second run into the folder is refused)
@@ -46,7 +47,7 @@ from ..errors import TunelabError
 from ..jsonl import read_rows
 from ..objectives import build_objective, objective_class
 from ..objectives.reference import build_reference
-from . import accounting, dist_checkpoint
+from . import accounting, continuation, dist_checkpoint
 from .artifacts import generate_samples, pair_samples, save_artifacts, write_results
 from .distributed import Engine, barrier, check_supported, is_main, main_says, plan, world_size
 from .guards import disk_full, is_disk_full
@@ -69,7 +70,12 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     t0 = time.perf_counter()
     usage = accounting.Usage.start()  # budget: this run's wall/CPU seconds and peak memory
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)  # fail fast, before minutes of loading
+    # fail fast, before minutes of loading: the folder, and where the run starts (train/continuation.py)
+    finished = continuation.extending(cfg)
+    check_output_dir(out, cfg.overwrite, extending=finished is not None)
+    if finished is None:
+        continuation.check_own_checkpoint(cfg)  # the checkpoint a rerun resumes from must fit this config
+    start_from = continuation.checkpoint_source(cfg)
     kind = data_kind(objective_class(cfg.objective).data_kind)
     p = prepare(cfg)  # every check user input can fail; nothing written yet
     console.print(p.report.summary())
@@ -79,9 +85,11 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
     # error found once the run started (a reward function that raises on real completions) removes a folder this
     # call created unless it holds a checkpoint. Under torchrun rank 0 alone claims the folder (and holds its
     # lock); the other ranks wait until it exists, then only rank 0 writes into it (checkpoint shards excepted)
-    with claim_on_main(out, cfg.overwrite, cfg.resume):
+    if finished is not None:
+        console.print(f"continuing finished run from step {finished} to {cfg.train.max_steps}")
+    with claim_on_main(out, cfg.overwrite, cfg.resume, extending=finished is not None):
         try:
-            return _run(cfg, p, kind, out, t0, stop_after, usage)
+            return _run(cfg, p, kind, out, t0, stop_after, usage, start_from)
         except Exception as e:  # any other write that hit a full disk (samples, config, cached log-probs)
             if isinstance(e, TunelabError) or not is_disk_full(e):
                 raise
@@ -91,7 +99,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> Path:
 
 @contextmanager
 def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[], None] | None = None,
-                  kind: str = "run"):
+                  kind: str = "run", extending: bool = False):
     """`claim_run_dir` (after `checks()`, if given) by rank 0 alone under torchrun: the others wait until the folder
     exists, is locked and cleared. Rank 0's success is broadcast, so when it cannot claim the folder (in use by
     another run, …) every rank stops with a user error — none is left waiting at a barrier (which, under `tunelab
@@ -99,7 +107,7 @@ def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[],
     if world_size() == 1:
         if checks:
             checks()
-        with claim_run_dir(out, overwrite, resume, kind) as created:
+        with claim_run_dir(out, overwrite, resume, kind, extending) as created:
             yield created
         return
     barrier()  # every rank has checked the folder (a probe of its lock) before rank 0 takes the lock
@@ -114,7 +122,7 @@ def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[],
         try:
             if checks:
                 checks()
-            created = stack.enter_context(claim_run_dir(out, overwrite, resume, kind))
+            created = stack.enter_context(claim_run_dir(out, overwrite, resume, kind, extending))
         except BaseException:
             main_says(0)
             raise
@@ -124,7 +132,7 @@ def claim_on_main(out: Path, overwrite: bool, resume: bool, checks: Callable[[],
 
 
 def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: int | None,
-         usage: accounting.Usage) -> Path:
+         usage: accounting.Usage, start_from: Path | None = None) -> Path:
     main = is_main()
     if main:
         save_config(cfg, out / "config.yaml")
@@ -135,7 +143,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
     reference = build_reference(cfg, p.model, {"train": p.train, "eval": p.eval}, pad, out)
     engine = Engine(p.model, cfg.parallel)
     objective = build_objective(cfg, reference)
-    resuming = cfg.resume and dist_checkpoint.latest(out / "checkpoints", engine) is not None
+    resuming = (cfg.resume and dist_checkpoint.latest(out / "checkpoints", engine) is not None) or bool(start_from)
     ctx = RunContext(p.model, p.tokenizer, p.template, objective, out, engine.rank, engine.world, engine.gathered)
     batches = kind.batches(p.train, cfg, pad, ctx)
     total = total_steps(cfg.train, batches.per_epoch)
@@ -166,7 +174,7 @@ def _run(cfg: RunConfig, p: RunInputs, kind, out: Path, t0: float, stop_after: i
         return row
 
     res = fit(p.model, objective, batches, cfg.train, out, evaluate=evaluate, resume=cfg.resume,
-              stop_after=stop_after, engine=engine, usage=usage)  # usage: a resumed run's totals ride on checkpoints
+              stop_after=stop_after, engine=engine, start_from=start_from, usage=usage)  # totals ride on checkpoints
     close = getattr(batches, "close", lambda: None)  # a rollout engine (rl.sampler: vllm) lets its memory go
     if stop_after is not None and res.steps < total:
         close()

@@ -81,8 +81,9 @@ def _own(entry: Path) -> bool:
     return entry.name in RUN_ENTRIES or entry.name.startswith(".tmp-")
 
 
-def check_output_dir(out: Path, overwrite: bool = False, kind: str = "run") -> None:
-    """Refuse an output_dir tunelab must not use; writes nothing (the creatability probe is removed at once)."""
+def check_output_dir(out: Path, overwrite: bool = False, kind: str = "run", extending: bool = False) -> None:
+    """Refuse an output_dir tunelab must not use; writes nothing (the creatability probe is removed at once).
+    `extending`: the run continues the finished run in `out` (a larger train.max_steps: train/continuation.py)."""
     if out.exists() and not out.is_dir():
         raise TunelabError(f"output_dir {out}: exists and is not a folder")
     if out.is_dir():
@@ -102,8 +103,9 @@ def check_output_dir(out: Path, overwrite: bool = False, kind: str = "run") -> N
             with locked(out, probe=True):  # a running run: refuse now, not after minutes of loading
                 pass
         # a finished pipeline may be re-run: its finished stages are skipped (train/pipeline.py)
-        if (out / "results.json").exists() and not overwrite and kind != "pipeline":
-            raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir")
+        if (out / "results.json").exists() and not overwrite and kind != "pipeline" and not extending:
+            raise TunelabError(f"output_dir {out} holds a finished run; pass overwrite=true or another output_dir "
+                               "(or a larger train.max_steps to continue it)")
     check_can_create(out, "output_dir")
 
 
@@ -171,13 +173,13 @@ def locked(out: Path, probe: bool = False):
 
 
 @contextmanager
-def claim_run_dir(out: Path, overwrite: bool, resume: bool, kind: str = "run"):
+def claim_run_dir(out: Path, overwrite: bool, resume: bool, kind: str = "run", extending: bool = False):
     """Create `out`, lock it, mark it as tunelab's (`MARKER`, a new id for a new or cleared run), and clear the
     previous run when asked; yields whether this call created it.
 
     On a user error inside the block, a folder this call created is removed again unless it already holds work
     to resume (a checkpoint, a pipeline's stage folder), so a failed run leaves nothing half-written."""
-    check_output_dir(out, overwrite, kind)  # again, now that loading is done: the folder may have changed meanwhile
+    check_output_dir(out, overwrite, kind, extending)  # again, now that loading is done: it may have changed
     created = not out.exists()
     make_folder(out, "output_dir")
     with locked(out):  # cleaning up below only ever happens while this call holds the folder
