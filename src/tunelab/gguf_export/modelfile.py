@@ -33,6 +33,7 @@ newline in it is one the prompt contains (a trim marker would also eat a newline
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,8 @@ from ..errors import TunelabError
 @dataclass(frozen=True)
 class Turns:
     """A chat format as the text around each role's content; `system=None`: the system text starts the first
-    user turn's content, followed by `system_join`."""
+    user turn's content, followed by `system_join`. `generation`: what ends a prompt for the model's answer
+    (None: the assistant's header; Mistral's is nothing — the model writes the space before its answer)."""
 
     name: str
     user: tuple[str, str]
@@ -50,6 +52,11 @@ class Turns:
     system: tuple[str, str] | None
     stops: tuple[str, ...]
     system_join: str = "\n\n"
+    generation: str | None = None
+
+    @property
+    def prompt_end(self) -> str:
+        return self.assistant[0] if self.generation is None else self.generation
 
     def render(self, messages: list[dict], system: str = "") -> str:
         """What `go_template(self)` renders in Ollama for `messages` (system messages travel as `system`)."""
@@ -64,7 +71,7 @@ class Turns:
                 first = False
                 out.append(self.user[0] + lead + m["content"] + self.user[1])
                 if last:
-                    out.append(self.assistant[0])
+                    out.append(self.prompt_end)
             elif m["role"] == "assistant":
                 out.append(self.assistant[0] + m["content"] + ("" if last else self.assistant[1]))
         return "".join(out)
@@ -81,7 +88,8 @@ FAMILIES = {
                   ("<|end|>", "<|user|>", "<|assistant|>")),
     "gemma": Turns("gemma", ("<start_of_turn>user\n", "<end_of_turn>\n"), ("<start_of_turn>model\n", "<end_of_turn>\n"),
                    None, ("<end_of_turn>", "<start_of_turn>")),
-    "mistral": Turns("mistral", ("[INST] ", " [/INST]"), (" ", "</s>"), None, ("[INST]", "[/INST]", "</s>")),
+    "mistral": Turns("mistral", ("[INST] ", " [/INST]"), (" ", "</s>"), None, ("[INST]", "[/INST]", "</s>"),
+                     generation=""),
 }
 # a family's markers, looked for in the Jinja source (first match wins)
 MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<start_of_turn>", "gemma"),
@@ -104,6 +112,7 @@ def go_template(t: Turns) -> str:
     """The Ollama TEMPLATE (Go text/template over .System and .Messages) that renders like `t.render`."""
     u0, u1 = map(_go, t.user)
     a0, a1 = map(_go, t.assistant)
+    end = f"{{{{ if $last }}}}{_go(t.prompt_end)}{{{{ end }}}}" if t.prompt_end else ""
     lead = ""
     if t.system:
         head = f"{{{{ if .System }}}}{_go(t.system[0])}{{{{ .System }}}}{_go(t.system[1])}{{{{ end }}}}"
@@ -112,7 +121,7 @@ def go_template(t: Turns) -> str:
         lead = f"{{{{ if and $first $.System }}}}{{{{ $.System }}}}{_go(t.system_join)}{{{{ end }}}}{{{{ $first = false }}}}"
     return head + (
         '{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
-        f'{{{{ if eq .Role "user" }}}}{u0}{lead}{{{{ .Content }}}}{u1}{{{{ if $last }}}}{a0}{{{{ end }}}}'
+        f'{{{{ if eq .Role "user" }}}}{u0}{lead}{{{{ .Content }}}}{u1}{end}'
         f'{{{{ else if eq .Role "assistant" }}}}{a0}{{{{ .Content }}}}{{{{ if not $last }}}}{a1}{{{{ end }}}}'
         '{{ end }}{{ end }}')
 
@@ -168,8 +177,13 @@ def _quote(text: str) -> str:
 def modelfile_text(gguf_path: Path, template, bos: str = "", eos: str = "") -> str:
     """The Modelfile for `gguf_path` prompted with the run's `Template` (see the module docstring)."""
     turns, default, why = match_family(template, bos, eos)
+    source = f"./{gguf_path.name}"
+    if re.search(r'\s|"', source):
+        if '"' in source:
+            raise TunelabError(f'gguf export: {gguf_path.name}: a file name with " cannot be named in a Modelfile')
+        source = f'"{source}"'  # Ollama's Modelfile parser reads a quoted value whole
     lines = [f"# Ollama model for {gguf_path.name}, exported by tunelab: ollama create {ollama_name(gguf_path.stem)} "
-             f"-f {modelfile_path(gguf_path).name}", f"FROM ./{gguf_path.name}"]
+             f"-f {shlex.quote(modelfile_path(gguf_path).name)}", f"FROM {source}"]
     if turns is None:
         lines.append(f"# No TEMPLATE: the run's chat template ({template.name}) is not written here because {why}; "
                      "Ollama reads it from the GGUF metadata (tokenizer.chat_template).")
