@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["bf16", "f16", "f32"],
                    help="--merged: save the merged weights in this dtype (merged in f32, then cast); default: "
                         "the dtype the run loads in")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file (or its .Modelfile) tunelab did not write")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --gguf file (or its .Modelfile) tunelab did not write")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the demo: LoRA on SmolLM2-135M with bundled math data, offline on CPU")
