@@ -45,10 +45,12 @@ def test_chatml_with_smollm2s_default_system_prompt(tokenizer):
     """SmolLM2's own template (ChatML, a default system prompt when the chat has none)."""
     template = from_jinja("tokenizer", tokenizer.chat_template, tokenizer)
     text = modelfile_text(Path("out/SmolLM run.gguf"), template)
-    assert text.splitlines()[:2] == ["# Ollama model for SmolLM run.gguf, exported by tunelab: ollama create smollm-run "
-                                     "-f 'SmolLM run.Modelfile'", 'FROM "./SmolLM run.gguf"']
+    assert text.splitlines()[:2] == [
+        "# Ollama model for SmolLM run.gguf, exported by tunelab: ollama create smollm-run -f 'SmolLM run.Modelfile'",
+        'FROM "./SmolLM run.gguf"']
     assert f'TEMPLATE """{CHATML_GO}"""' in text
-    assert _lines(text, "SYSTEM") == ['SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""']
+    assert _lines(text, "SYSTEM") == [
+        'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""']
     assert _lines(text, "PARAMETER") == ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"']
 
 

@@ -262,4 +262,14 @@ def test_merged_dtype_bf16_equals_the_f32_merge_cast(tmp_path, bpe_tokenizer, ca
     changed = [n for n in base if not torch.equal(base[n], f32[n])]
     assert changed  # the merge changed weights, so equality above is of the merged ones
     assert main(["export", str(run), "--merged", str(tmp_path / "x"), "--type", "q4_0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: export: --type is for --gguf; the merged folder's dtype is --dtype"
+    assert capsys.readouterr().err.strip() == \
+        "error: export: --type is for --gguf; the merged folder's dtype is --dtype"
+    # a weight float16 cannot hold (the base's final norm, which LoRA leaves as it is): refused, no folder
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[3] = 1e5
+    model.save_pretrained(src)
+    assert main(["export", str(run), "--merged", str(tmp_path / "f16"), "--dtype", "f16"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: export: --dtype f16: model.norm.weight has weights beyond "
+                                               "float16's range (±65504); use --dtype bf16 or f32")
+    assert not (tmp_path / "f16").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -19,8 +19,9 @@ Beside the GGUF: an Ollama Modelfile with the run's chat template as Ollama's Go
 
 Tested: transformers loads the file back with logits equal to the merged model's (f32 ≤ 1e-4; f16, bf16, q8_0
 within the tolerances in tests/test_gguf_export.py; q4_0…q5_1 dequantized within their block error in
-tests/test_gguf_quant.py), and llama.cpp (llama-cpp-python) completes prompts greedily exactly as tunelab does (tests/test_gguf_llamacpp.py);
-SentencePiece vocabularies: tests/test_gguf_spm.py.
+tests/test_gguf_quant.py), and llama.cpp (llama-cpp-python) completes prompts greedily exactly as tunelab does
+and runs its own q4_k_m quantization of the export (tests/test_gguf_llamacpp.py); SentencePiece vocabularies:
+tests/test_gguf_spm.py; the Modelfile: tests/test_gguf_modelfile.py.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def write_gguf(model, tok, chat_template: str | None, out: Path, qtype: str = "f
 
     if qtype not in NATIVE:
         raise TunelabError(f"gguf export: write_gguf writes {', '.join(NATIVE)}; {qtype} is llama.cpp's to make")
-    arch, _ = gguf_arch(model.config)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))  # refuse an unsupported architecture before any work
+    arch, _ = gguf_arch(model.config)  # refuse an unsupported architecture before any work
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))  # token_embd.weight is the output matrix too
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])

@@ -97,7 +97,8 @@ MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<sta
 PROBES = [
     [{"role": "user", "content": "Hi there"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
-    [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"}],
+    [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"},
+     {"role": "user", "content": "And 4 + 4?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"},
      {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"}],
 ]
@@ -118,7 +119,8 @@ def go_template(t: Turns) -> str:
         head = f"{{{{ if .System }}}}{_go(t.system[0])}{{{{ .System }}}}{_go(t.system[1])}{{{{ end }}}}"
     else:  # the system text opens the first user turn
         head = "{{ $first := true }}"
-        lead = f"{{{{ if and $first $.System }}}}{{{{ $.System }}}}{_go(t.system_join)}{{{{ end }}}}{{{{ $first = false }}}}"
+        lead = (f"{{{{ if and $first $.System }}}}{{{{ $.System }}}}{_go(t.system_join)}{{{{ end }}}}"
+                "{{ $first = false }}")
     return head + (
         '{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
         f'{{{{ if eq .Role "user" }}}}{u0}{lead}{{{{ .Content }}}}{u1}{end}'
@@ -147,7 +149,7 @@ def match_family(template, bos: str = "", eos: str = "") -> tuple[Turns | None, 
     except TunelabError as e:
         return None, "", f"it does not render the probe conversations ({e})"
     default = ""
-    if turns.system and render[0].startswith(turns.system[0]) and not turns.render(PROBES[0]) == render[0]:
+    if turns.system and render[0].startswith(turns.system[0]) and turns.render(PROBES[0]) != render[0]:
         body = render[0][len(turns.system[0]):]
         end = body.find(turns.system[1])
         default = body[:end] if end > 0 else ""
