@@ -8,6 +8,9 @@ llama-cpp-python's llama_model_quantize and the Q4_K_M file chats in llama.cpp.
 Needs llama-cpp-python (`make test-llamacpp` builds and installs it, then runs this file); skipped without it.
 """
 
+import os
+import shutil
+
 import pytest
 
 from tests.helpers import alpaca_rows, write_config, write_jsonl
@@ -177,6 +180,21 @@ def test_llama_cpp_runs_a_sentencepiece_export(tmp_path, spm_model_dir):
     assert worst < 1e-3
 
 
+def _plain_kernels(monkeypatch):
+    """llama.cpp's repacked CPU kernels for k-quant weights ("extra buffer types": AMX, when built with
+    -march=native on a CPU that has it) segfault in decode on some machines; they are llama.cpp's, not the file's
+    concern, so quantized files are run on llama.cpp's plain kernels."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain():
+        params = default_params()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain)
+
+
 def test_llama_cpp_quantizes_q4_k_m_and_runs_it(lora_run, tunelab_greedy, tmp_path, monkeypatch, capsys):
     """`--type q4_k_m` without llama-quantize on PATH: llama-cpp-python's llama_model_quantize turns tunelab's f16
     GGUF into llama.cpp's Q4_K_M mix (k-quant blocks of 256 where the rows allow — SmolLM2's 1536-wide
@@ -197,18 +215,7 @@ def test_llama_cpp_quantizes_q4_k_m_and_runs_it(lora_run, tunelab_greedy, tmp_pa
     f16 = tmp_path / "run-f16.gguf"
     assert main(["export", str(lora_run), "--gguf", str(f16), "--type", "f16"]) == 0
     assert out.stat().st_size < 0.6 * f16.stat().st_size
-    # llama.cpp's repacked CPU kernels for k-quant weights ("extra buffer types": AMX, when built with
-    # -march=native on a CPU that has it) segfault in decode on some machines; they are llama.cpp's, not the file's
-    # concern, so the file is run on llama.cpp's plain kernels
-    default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-    def plain_kernels():
-        params = default_params()
-        if hasattr(params, "use_extra_bufts"):
-            params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_kernels)
+    _plain_kernels(monkeypatch)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
     report = []
     for prompt, (ids, want) in zip(PROMPTS, expected):
@@ -218,3 +225,26 @@ def test_llama_cpp_quantizes_q4_k_m_and_runs_it(lora_run, tunelab_greedy, tmp_pa
         assert got and text.strip(), prompt  # it generates text
     with capsys.disabled():
         print("\n" + "\n".join(report) + "\n" + str(sorted(set(types.values()))))
+
+
+@pytest.mark.skipif(not (os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")),
+                    reason="no llama-quantize program (PATH or LLAMA_QUANTIZE)")
+def test_llama_quantize_program_makes_q5_k_m(lora_run, tmp_path, monkeypatch, capsys):
+    """The `llama-quantize IN OUT Q5_K_M` route: llama.cpp's own program quantizes, llama.cpp runs the file."""
+    import gguf
+
+    out = tmp_path / "run-q5_k_m.gguf"
+    assert main(["export", str(lora_run), "--gguf", str(out), "--type", "q5_k_m"]) == 0
+    assert not list(tmp_path.glob(".tmp-*"))
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q5_K_M
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert {"Q5_K", "Q6_K"} & types, types
+    _plain_kernels(monkeypatch)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    rendered = "<|im_start|>user\nAdd the numbers. 2 + 3<|im_end|>\n<|im_start|>assistant\n"
+    got = _llama_greedy(llm, llm.tokenize(rendered.encode(), add_bos=False, special=True))
+    text = llm.detokenize(got).decode(errors="replace")
+    with capsys.disabled():
+        print(f"\nllama-quantize q5_k_m {sorted(types)}: llama.cpp {text!r}")
+    assert text.strip()
