@@ -273,3 +273,10 @@ def test_merged_dtype_bf16_equals_the_f32_merge_cast(tmp_path, bpe_tokenizer, ca
     assert capsys.readouterr().err.strip() == ("error: export: --dtype f16: model.norm.weight has weights beyond "
                                                "float16's range (±65504); use --dtype bf16 or f32")
     assert not (tmp_path / "f16").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_dtype_belongs_to_merged(tmp_path, capsys):
+    """--dtype with --gguf is refused before any work (the GGUF's type is --type)."""
+    assert main(["export", str(tmp_path / "no-such-run"), "--gguf", str(tmp_path / "m.gguf"), "--dtype", "bf16"]) == 2
+    assert capsys.readouterr().err.strip() == "error: export: --dtype is for --merged; a GGUF's tensor type is --type"
+    assert list(tmp_path.iterdir()) == []
