@@ -207,7 +207,7 @@ def test_llama_quantize_from_env_and_its_failure(tmp_path, bpe_tokenizer, monkey
     assert "LLAMA_QUANTIZE=" in capsys.readouterr().err and not out.exists()
 
 
-def test_llama_cpp_python_quantizer_is_called(tmp_path, bpe_tokenizer, monkeypatch):
+def test_llama_cpp_python_quantizer_is_called(tmp_path, bpe_tokenizer, monkeypatch, capsys):
     """Without llama-quantize, llama-cpp-python's llama_model_quantize(IN, OUT, params with the ftype)."""
     import ctypes
     import types
@@ -232,10 +232,23 @@ def test_llama_cpp_python_quantizer_is_called(tmp_path, bpe_tokenizer, monkeypat
     src = _model_dir(tmp_path / "m", bpe_tokenizer, "llama")
     out = tmp_path / "m.gguf"
     assert main(["export", str(src), "--gguf", str(out), "--type", "q4_k_s"]) == 0
+    capsys.readouterr()
     (src_b, dst_b, ftype), = calls
     assert (src_b, dst_b) == (str(tmp_path / ".tmp-m.f16.gguf").encode(), str(tmp_path / ".tmp-m.gguf").encode())
     assert ftype == gguf.LlamaFileType.MOSTLY_Q4_K_S == 14
     assert out.is_file() and not list(tmp_path.glob(".tmp-*"))
+
+    def failing(src, dst, params):  # llama.cpp logs through llama-cpp-python's callback, on sys.stderr
+        print("[ 1/ 9] token_embd.weight ...\nllama_model_quantize: failed to quantize: boom", file=sys.stderr)
+        open(dst, "wb").close()
+        return 1
+
+    fake.llama_model_quantize = failing
+    out2 = tmp_path / "m2.gguf"
+    assert main(["export", str(src), "--gguf", str(out2), "--type", "q4_k_s"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: gguf export: llama-cpp-python's llama_model_quantize Q4_K_S "
+                                               "failed (code 1): llama_model_quantize: failed to quantize: boom")
+    assert not out2.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_merged_dtype_bf16_equals_the_f32_merge_cast(tmp_path, bpe_tokenizer, capsys):

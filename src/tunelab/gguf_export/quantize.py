@@ -113,15 +113,21 @@ def run_quantizer(quantizer: tuple[str, str | None], src: Path, dst: Path, qtype
                         lines[-1] if lines else "no output")
             raise TunelabError(f"gguf export: {path} {ftype} failed (exit {done.returncode}): {last}")
     else:
+        import contextlib
         import ctypes
+        import io
 
         import llama_cpp
 
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = int(file_type(qtype))
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        log = io.StringIO()  # llama-cpp-python routes llama.cpp's log (a line per tensor) through sys.stderr
+        with contextlib.redirect_stderr(log):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         if rc != 0:
-            raise TunelabError(f"gguf export: llama-cpp-python's llama_model_quantize {ftype} failed (code {rc})")
+            last = next((ln.strip() for ln in reversed(log.getvalue().splitlines()) if ln.strip()), "no log")
+            raise TunelabError(f"gguf export: llama-cpp-python's llama_model_quantize {ftype} failed (code {rc}): "
+                               f"{last}")
     if not dst.is_file():
         raise TunelabError(f"gguf export: llama.cpp's quantizer reported success but wrote no {dst.name}")
