@@ -2,10 +2,14 @@
 f16 GGUF, completes prompts greedily exactly as tunelab's own sampler does on the merged model, token for token,
 and llama.cpp tokenizes the chat-rendered prompts to the same ids as the HF tokenizer; on tiny llama / qwen2 /
 mistral models llama.cpp's logits equal the HF model's; a tiny Llama with a Llama-2-style SentencePiece tokenizer
-tokenizes as SentencePiece does and completes greedily as transformers does.
+tokenizes as SentencePiece does and completes greedily as transformers does; `--type q4_k_m` is quantized by
+llama-cpp-python's llama_model_quantize and the Q4_K_M file chats in llama.cpp.
 
 Needs llama-cpp-python (`make test-llamacpp` builds and installs it, then runs this file); skipped without it.
 """
+
+import os
+import shutil
 
 import pytest
 
@@ -174,3 +178,73 @@ def test_llama_cpp_runs_a_sentencepiece_export(tmp_path, spm_model_dir):
         report.append(f"spm {text!r}: {len(got)} greedy ids equal; llama.cpp {completion!r}")
     print("\n".join(report) + f"\nspm llama.cpp vs HF max |Δlogit| {worst:.1e}")  # shown with -s
     assert worst < 1e-3
+
+
+def _plain_kernels(monkeypatch):
+    """llama.cpp's repacked CPU kernels for k-quant weights ("extra buffer types": AMX, when built with
+    -march=native on a CPU that has it) segfault in decode on some machines; they are llama.cpp's, not the file's
+    concern, so quantized files are run on llama.cpp's plain kernels."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain():
+        params = default_params()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain)
+
+
+def test_llama_cpp_quantizes_q4_k_m_and_runs_it(lora_run, tunelab_greedy, tmp_path, monkeypatch, capsys):
+    """`--type q4_k_m` without llama-quantize on PATH: llama-cpp-python's llama_model_quantize turns tunelab's f16
+    GGUF into llama.cpp's Q4_K_M mix (k-quant blocks of 256 where the rows allow — SmolLM2's 1536-wide
+    ffn_down; its 576-wide rows take llama.cpp's fallbacks q5_0/q8_0), and llama.cpp loads and chats with it."""
+    import gguf
+
+    monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    expected, template = tunelab_greedy
+    out = tmp_path / "run-q4_k_m.gguf"
+    assert main(["export", str(lora_run), "--gguf", str(out), "--type", "q4_k_m"]) == 0
+    assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "run-q4_k_m.Modelfile").is_file()
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K") and types["blk.0.attn_norm.weight"] == "F32"
+    assert reader.fields["tokenizer.chat_template"].contents() == template.jinja
+    f16 = tmp_path / "run-f16.gguf"
+    assert main(["export", str(lora_run), "--gguf", str(f16), "--type", "f16"]) == 0
+    assert out.stat().st_size < 0.6 * f16.stat().st_size
+    _plain_kernels(monkeypatch)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
+    report = []
+    for prompt, (ids, want) in zip(PROMPTS, expected):
+        got = _llama_greedy(llm, ids)
+        text = llm.detokenize(got).decode(errors="replace")
+        report.append(f"q4_k_m {prompt!r}: llama.cpp {text!r} (f32 tunelab: {len(want)} tokens)")
+        assert got and text.strip(), prompt  # it generates text
+    with capsys.disabled():
+        print("\n" + "\n".join(report) + "\n" + str(sorted(set(types.values()))))
+
+
+@pytest.mark.skipif(not (os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")),
+                    reason="no llama-quantize program (PATH or LLAMA_QUANTIZE)")
+def test_llama_quantize_program_makes_q5_k_m(lora_run, tmp_path, monkeypatch, capsys):
+    """The `llama-quantize IN OUT Q5_K_M` route: llama.cpp's own program quantizes, llama.cpp runs the file."""
+    import gguf
+
+    out = tmp_path / "run-q5_k_m.gguf"
+    assert main(["export", str(lora_run), "--gguf", str(out), "--type", "q5_k_m"]) == 0
+    assert not list(tmp_path.glob(".tmp-*"))
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q5_K_M
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert {"Q5_K", "Q6_K"} & types, types
+    _plain_kernels(monkeypatch)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    rendered = "<|im_start|>user\nAdd the numbers. 2 + 3<|im_end|>\n<|im_start|>assistant\n"
+    got = _llama_greedy(llm, llm.tokenize(rendered.encode(), add_bos=False, special=True))
+    text = llm.detokenize(got).decode(errors="replace")
+    with capsys.disabled():
+        print(f"\nllama-quantize q5_k_m {sorted(types)}: llama.cpp {text!r}")
+    assert text.strip()

@@ -4,8 +4,8 @@
     tunelab data inspect CONFIG.yaml [key=value ...] [--n 3] [--json]
     tunelab --version
     tunelab generate RUN_DIR_OR_MODEL --prompt "..." [--system TEXT] [--temperature 0] [--sample] [--device cpu]
-    tunelab export RUN_DIR --merged OUT_DIR
-    tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
+    tunelab export RUN_DIR --merged OUT_DIR [--dtype bf16|f16|f32]
+    tunelab export RUN_DIR_OR_MODEL --gguf OUT.gguf [--type f16|q8_0|q4_0|q4_k_m|…]   (+ OUT.Modelfile for Ollama)
     tunelab chat RUN_DIR_OR_MODEL [--system TEXT] [--temperature 0] [--top-p 0.95] [--max-new-tokens 256]
     tunelab serve RUN_DIR_OR_MODEL [--host 127.0.0.1] [--port 8000]   (OpenAI-compatible HTTP API)
     tunelab eval RUN_DIR_OR_MODEL --tasks TASK ... [--limit N] [--allow-code-execution] [--output FILE.json]
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -120,17 +121,25 @@ def cmd_export(args) -> int:
     from .console import phase
 
     if args.gguf:
-        from .gguf_export import export_gguf
+        from .gguf_export import export_gguf, modelfile_path, ollama_name
 
-        with phase(f"exporting {args.run_dir} to GGUF ({args.type})", delay=3.0):
-            out = export_gguf(args.run_dir, args.gguf, args.type, overwrite=args.overwrite)
-        print(f"GGUF ({args.type}) written to {out}")
+        if args.dtype:
+            raise TunelabError("export: --dtype is for --merged; a GGUF's tensor type is --type")
+        qtype = args.type or "f16"
+        with phase(f"exporting {args.run_dir} to GGUF ({qtype})", delay=3.0):
+            out = export_gguf(args.run_dir, args.gguf, qtype, overwrite=args.overwrite)
+        modelfile = modelfile_path(out)
+        print(f"GGUF ({qtype}) written to {out}")
+        print(f"Ollama Modelfile written to {modelfile}; to run it in Ollama:")
+        print(f"  ollama create {ollama_name(out.stem)} -f {shlex.quote(str(modelfile))}")
         return 0
     from .export import export_merged
 
+    if args.type:
+        raise TunelabError("export: --type is for --gguf; the merged folder's dtype is --dtype")
     with phase(f"merging {args.run_dir} into a full model", delay=3.0):
-        out = export_merged(args.run_dir, args.merged)
-    print(f"merged model written to {out}")
+        out = export_merged(args.run_dir, args.merged, dtype=args.dtype)
+    print(f"merged model{f' ({args.dtype})' if args.dtype else ''} written to {out}")
     return 0
 
 
@@ -285,8 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     to = e.add_mutually_exclusive_group(required=True)
     to.add_argument("--merged", help="output folder for the merged HF model")
     to.add_argument("--gguf", help="output .gguf file (llama.cpp, Ollama, LM Studio)")
-    e.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file tunelab did not write")
+    from .gguf_export.quantize import NATIVE, QTYPES
+
+    e.add_argument("--type", choices=QTYPES, metavar="TYPE",
+                   help=f"GGUF tensor type (default: f16); {', '.join(NATIVE)} written by tunelab, "
+                        f"{', '.join(QTYPES[len(NATIVE):])} by llama.cpp's quantizer (llama-quantize on PATH "
+                        "or llama-cpp-python)")
+    e.add_argument("--dtype", choices=["bf16", "f16", "f32"],
+                   help="--merged: save the merged weights in this dtype (merged in f32, then cast); default: "
+                        "the dtype the run loads in")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --gguf file (or its .Modelfile) tunelab did not write")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the demo: LoRA on SmolLM2-135M with bundled math data, offline on CPU")

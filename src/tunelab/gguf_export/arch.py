@@ -11,7 +11,7 @@ of llama.cpp's `convert_hf_to_gguf.py`, reproduced and tested against it:
   swap axes 1, 2 → [heads·d, in] (`LlamaModel.permute`; n_kv_heads for k). Qwen2/Qwen3 use llama.cpp's NEOX
   rope (the HF pairing), so their weights are written as stored.
 * **Which tensors stay float32**: 1-D tensors (norms, biases) and `*_norm.weight` always; the others follow
-  the file type (f32 | f16 | bf16 | q8_0; a q8_0 row not a multiple of 32 falls back to f16, as the converter).
+  the file type (quantize.py: a row not a whole number of blocks falls back to f16, as llama.cpp does).
 
 Supported: llama (SmolLM/SmolLM2 and Llama 3.x with byte-level BPE, llama3 rope scaling included; Llama 2 and
 TinyLlama with their SentencePiece tokenizer), mistral (7B v0.1–v0.3 with SentencePiece, Nemo with tekken BPE;
