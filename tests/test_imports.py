@@ -76,7 +76,7 @@ def test_no_private_names_imported_across_modules():
 
 LAYERS = [("tunelab.errors", "tunelab.console", "tunelab.config", "tunelab"), ("tunelab.data",), ("tunelab.models",),
           ("tunelab.adapters",), ("tunelab.objectives",), ("tunelab.sampling", "tunelab.generate"), ("tunelab.eval",), ("tunelab.rl",),
-          ("tunelab.train",), ("tunelab.export", "tunelab.gguf_export"), ("tunelab.chat", "tunelab.serve"), ("tunelab.lab",), ("tunelab.cli", "tunelab.cli_args", "tunelab.examples", "tunelab.__main__")]
+          ("tunelab.train",), ("tunelab.export", "tunelab.gguf_export"), ("tunelab.chat", "tunelab.serve"), ("tunelab.lab",), ("tunelab.cli", "tunelab.cli_args", "tunelab.cli_export", "tunelab.examples", "tunelab.__main__")]
 
 
 def _layer(mod: str) -> int:
