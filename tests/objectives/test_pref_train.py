@@ -100,7 +100,7 @@ def test_every_objective_trains_through_the_run(objective, method, tiny_dir, pai
 
 def test_pipeline_chains_and_resumes(tiny_dir, pairs_file, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, tiny_dir, pairs_file, stages=[
-        {"name": "sft", "objective": "sft", "data": {"packing": False}},
+        {"name": "sft", "objective": "sft", "data": {"packing": False, "columns": {"response": "chosen"}}},
         {"name": "dpo", "objective": "dpo", "train": {"lr": 1e-4}}])
     root = train(cfg)
     assert (root / "sft" / "merged" / "config.json").exists()
