@@ -141,7 +141,6 @@ class RLConfig(Strict):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(128, ge=1)
-    sampler: str = "torch"  # rollout engine: torch (sampling.sample) | vllm (rl/vllm_sampler.py, colocated)
     stop: list[str] = []  # extra stop strings (the template's end of turn always stops)
     # rewards: [{name: exact_match, weight: 1.0, ...options}] — see rl/rewards.py for names and options
     rewards: list[dict[str, Any]] = [{"name": "exact_match"}]
