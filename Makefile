@@ -49,7 +49,7 @@ test: $(STAMP) bwrap
 # quiet machine: only ratios measured in one run mean anything. The peers need reasoning-gym and gguf too.
 BENCH_ARGS ?=
 bench: $(STAMP)
-	PYTHONPATH=src $(BIN)/python benchmarks/run.py --levers fused,bf16-auto $(BENCH_ARGS)
+	PYTHONPATH=src $(BIN)/python benchmarks/run.py --levers fused,bf16-auto --peer-bf16 $(BENCH_ARGS)
 
 # The suite against the newest versions pyproject.toml allows (torch stays the CPU 2.13.0 build).
 test-latest: bwrap

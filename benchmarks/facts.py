@@ -109,6 +109,10 @@ def goals_report(results: dict) -> str:
             continue
         variants = [("default", rep.get("ratios") or {})]
         variants += [(name, v.get("ratios") or {}) for name, v in (rep.get("levers") or {}).items()]
+        if rep.get("peer_bf16"):  # --peer-bf16: the same goals against the peer run with bf16=True
+            variants += [("default vs bf16 peer", rep.get("ratios_vs_peer_bf16") or {})]
+            variants += [(f"{name} vs bf16 peer", v.get("ratios_vs_peer_bf16") or {})
+                         for name, v in (rep.get("levers") or {}).items()]
         for name, ratios in variants:
             verdict = goal_verdict(workload, ratios)
             if verdict is None:

@@ -28,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_peer(peer: Path, steps: int, cache: Path) -> dict:
+def run_peer(peer: Path, steps: int, cache: Path, prefix: list[str] | None = None) -> dict:
+    """The peer in a child process (`prefix`: a wrapper script before it, e.g. peers/peer_bf16.py)."""
     env = {**os.environ, "PEER_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, str(peer), "--steps", str(steps)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, *(prefix or []), str(peer), "--steps", str(steps)], env=env,
+                         capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"peer failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,7 +3,7 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/run.py [workload ...] [--steps N | --quick]
 
-Workloads (issue #13's goals in brackets; every peer is documented in its own docstring):
+Workloads (issues #13 and #27: goals in brackets; every peer is documented in its own docstring):
 
   sft-lora     peer_sft.py (SFTTrainer + PEFT LoRA, padded)  vs tunelab LoRA SFT at defaults (packed)   [≥ 2.5×]
   sft-full     peer_sft.py --full                            vs tunelab method full                      [≥ 2×]
@@ -11,15 +11,18 @@ Workloads (issue #13's goals in brackets; every peer is documented in its own do
                tunelab's peak RSS over max_length 256 → 4,096 (one packed row per step)  [≤ 0.2× RSS, ≥ 1.5×]
   dpo          benchmarks/peers/peer_dpo.py (DPOTrainer, ref log-probs precomputed) vs tunelab dpo with
                `reference.precompute`                                                                     [≥ 1.5×]
-  grpo         peer_grpo.py vs tunelab grpo (benchmarks/grpo_vs_trl.py's workload; seconds/step)           [≥ 2×]
+  grpo         peer_grpo.py vs tunelab grpo (benchmarks/grpo_vs_trl.py's workload; seconds/step)           [≥ 3×]
   data-memory  tunelab only: RSS and tensors held by the batch source before step 1, 1k vs 10k records
                (issue #16 item 11), lazy batches vs the old eager epoch
 
 Prints the machine (CPU model, the flags that matter, cores, torch's CPU kernel level, the fp32 and bf16 matmul
-ceilings measured first), one table (tokens/s, peak RSS, estimated MFU against the fp32 ceiling, ratios) and each
-goal met / not met, and appends one JSON object per workload to benchmarks/results.jsonl (facts.build_row: the
-same machine facts in every row). `--levers fused,bf16-auto` also runs tunelab with `train.fuse_projections:
-true` and with `train.compute_dtype: auto` beside its default on each workload, judged against the same goals.
+ceilings measured first), one table (tokens/s, peak RSS, estimated MFU against the ceiling of the dtype each system
+computed in, ratios) and each goal met / not met, and appends one JSON object per workload to
+benchmarks/results.jsonl (facts.build_row: the same machine facts in every row). `--levers fused,bf16-auto`
+(what `make bench` passes) also runs tunelab with `train.fuse_projections: true` and with `train.compute_dtype:
+auto` beside its default on each workload, judged against the same goals (`fp32` names the default explicitly).
+`--peer-bf16` (also in `make bench`) runs each peer once more with `bf16=True` (peers/peer_bf16.py): the fair
+peer for tunelab's bf16 rows; every tunelab row then gets its ratios against it too.
 `--quick` (2 steps, 2 s ceiling) is a smoke run; the figures worth quoting come from a quiet machine.
 Every system runs in its own child process, so each peak RSS is that system's alone.
 """
@@ -44,18 +47,23 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 N_PARAMS = 134_515_008  # SmolLM2-135M, tied embedding counted once (as peer_sft.py reports)
 # measured levers (`--levers`): each runs tunelab once more beside its default, with these train settings
-LEVERS = {"fused": {"fuse_projections": True}, "bf16-auto": {"compute_dtype": "auto"}}
+LEVERS = {"fused": {"fuse_projections": True}, "fp32": {"compute_dtype": "float32"},
+          "bf16-auto": {"compute_dtype": "auto"}}
 
 
 def env(cache: Path) -> dict:
     return {**os.environ, "PEER_CACHE": str(cache), "PYTHONPATH": str(ROOT / "src")}
 
 
-def run_peer(script: Path, args: list[str], cache: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(script), *args], env=env(cache), capture_output=True, text=True)
+PEER_BF16 = ROOT / "benchmarks" / "peers" / "peer_bf16.py"  # the same peer with bf16=True (its docstring)
+
+
+def run_peer(script: Path, args: list[str], cache: Path, bf16: bool = False) -> dict:
+    cmd = [sys.executable, *([str(PEER_BF16)] if bf16 else []), str(script), *args]
+    proc = subprocess.run(cmd, env=env(cache), capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"peer {script.name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), **({"bf16": True} if bf16 else {})}
 
 
 def run_tunelab(cfg: dict, out: Path, cache: Path) -> dict:
@@ -124,12 +132,18 @@ def sft(name: str, args, cache: Path) -> dict:
     extra = {"memory_mode": True} if name == "sft-memory" else {}
     mine = run_tunelab(sft_config(data, args.steps, full, **extra), ROOT / "runs" / f"bench_{name}", cache)
     report = {"tunelab": mine, "peer": peer, "ratios": ratios(mine, peer)}
+    if args.peer_bf16:
+        report["peer_bf16"] = run_peer(PEERS / "peer_sft.py", ["--steps", str(args.steps)] +
+                                       (["--full"] if full else []), cache, bf16=True)
     for lever in args.levers:
         if lever == "fused" and full:
             continue  # no LoRA projections to fuse
+        if lever == "fp32" and name == "sft-memory":
+            continue  # memory mode's auto is fp32 already (models/precision.py)
         res = run_tunelab(sft_config(data, args.steps, full, **extra, **LEVERS[lever]),
                           ROOT / "runs" / f"bench_{name}_{lever}", cache)
         report.setdefault("levers", {})[lever] = {"tunelab": res, "ratios": ratios(res, peer)}
+    add_bf16_ratios(report, ratios)
     if name == "sft-memory":
         curve = {}
         for length in args.curve:
@@ -147,12 +161,25 @@ def dpo(args, cache: Path) -> dict:
     cfg = dpo_config(data, args.steps)
     mine = run_tunelab(cfg, ROOT / "runs" / "bench_dpo", cache)
     report = {"tunelab": mine, "peer": peer, "ratios": ratios(mine, peer)}
+    if args.peer_bf16:
+        report["peer_bf16"] = run_peer(script, ["--steps", str(args.steps)], cache, bf16=True)
     for lever in args.levers:
         lcfg = dpo_config(data, args.steps)
         lcfg["train"].update(LEVERS[lever])
         res = run_tunelab(lcfg, ROOT / "runs" / f"bench_dpo_{lever}", cache)
         report.setdefault("levers", {})[lever] = {"tunelab": res, "ratios": ratios(res, peer)}
+    add_bf16_ratios(report, ratios)
     return report
+
+
+def add_bf16_ratios(report: dict, ratio_fn) -> None:
+    """With `--peer-bf16`: every tunelab row's ratios against the bf16 peer too (`ratios_vs_peer_bf16`)."""
+    peer = report.get("peer_bf16")
+    if not peer:
+        return
+    report["ratios_vs_peer_bf16"] = ratio_fn(report["tunelab"], peer)
+    for v in (report.get("levers") or {}).values():
+        v["ratios_vs_peer_bf16"] = ratio_fn(v["tunelab"], peer)
 
 
 def grpo(args, cache: Path) -> dict:
@@ -163,10 +190,14 @@ def grpo(args, cache: Path) -> dict:
     data = cache / "peer_bench" / "gsm_symbolic_seed7_n64_grpo.jsonl"
     mine = g.run_tunelab(g.tunelab_config(data, out, args.steps), out)
     report = {"tunelab": mine, "peer": peer, "ratios": grpo_ratios(mine, peer)}
+    if args.peer_bf16:
+        report["peer_bf16"] = {**g.run_peer(PEERS / "peer_grpo.py", args.steps, cache, prefix=[str(PEER_BF16)]),
+                               "bf16": True}
     for lever in args.levers:
         lout = ROOT / "runs" / f"bench_grpo_{lever}"
         res = g.run_tunelab(g.tunelab_config(data, lout, args.steps, train=LEVERS[lever]), lout)
         report.setdefault("levers", {})[lever] = {"tunelab": res, "ratios": grpo_ratios(res, peer)}
+    add_bf16_ratios(report, grpo_ratios)
     return report
 
 
@@ -203,20 +234,24 @@ def table(results: dict) -> str:
                 lines.append(f"{name:12s} {k:12s} rss_before_step1 {v['rss_mb']:>8.0f} MB, source tensors "
                              f"{v['held_tensor_mb']:.1f} MB")
             continue
-        for who in ("peer", "tunelab"):
+        for who in ("peer", "peer_bf16", "tunelab"):
             r = rep.get(who)
             if r:
                 tps = r.get("tokens_per_s") or r.get("completion_tokens_per_s")
                 loss = f"{r['first_loss']:.3f}→{r['last_loss']:.3f}" if r.get("first_loss") is not None else "—"
-                lines.append(f"{name:12s} {who:8s} {tps:>9.1f} {r['peak_rss_mb']:>12.0f} "
+                lines.append(f"{name:12s} {who[:8]:8s} {tps:>9.1f} {r['peak_rss_mb']:>12.0f} "
                              f"{r.get('mfu') or 0:>7.3f} {loss:>18s}")
         if rep.get("ratios"):
             lines.append(f"{name:12s} {'ratio':8s} " + ", ".join(f"{k} {v}" for k, v in rep["ratios"].items()))
+        if rep.get("ratios_vs_peer_bf16"):
+            lines.append(f"{name:12s} {'ratio':8s} vs the bf16 peer: "
+                         + ", ".join(f"{k} {v}" for k, v in rep["ratios_vs_peer_bf16"].items()))
         for lever, v in (rep.get("levers") or {}).items():
             r = v["tunelab"]
             tps = r.get("tokens_per_s") or r.get("completion_tokens_per_s")
             lines.append(f"{name:12s} +{lever:7s} {tps:>9.1f} {r['peak_rss_mb']:>12.0f} {r.get('mfu') or 0:>7.3f} "
-                         + ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items()))
+                         + ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items())
+                         + "".join(f"; vs bf16 peer {k} {x}" for k, x in (v.get("ratios_vs_peer_bf16") or {}).items()))
         if rep.get("peak_rss_mb_by_max_length"):
             lines.append(f"{name:12s} curve    peak RSS MB by max_length: {rep['peak_rss_mb_by_max_length']}")
     return "\n".join(lines)
@@ -233,6 +268,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-peer", action="store_true", help="tunelab only (the peers' cached data must exist)")
     ap.add_argument("--levers", default="", help=f"comma-separated, each also run beside the default: "
                     f"{', '.join(LEVERS)} (make bench: fused,bf16-auto)")
+    ap.add_argument("--peer-bf16", action="store_true", help="also run each peer with bf16=True "
+                    "(peers/peer_bf16.py): the fair peer for tunelab's bf16 rows on a CPU where bf16 wins")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "peers")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.jsonl")
     args = ap.parse_args(argv)
@@ -265,9 +302,11 @@ def main(argv=None) -> None:
             rep = grpo(args_n, args.cache)
         else:
             rep = data_memory(args_n, args.cache)
-        for r in [rep.get("peer"), rep.get("tunelab")] + [v["tunelab"] for v in (rep.get("levers") or {}).values()]:
-            if isinstance(r, dict) and "tokens_per_s" in r:  # MFU against the fp32 ceiling, bf16 runs included
-                r["mfu"] = mfu(r, name == "sft-full", ceiling)
+        for r in ([rep.get("peer"), rep.get("peer_bf16"), rep.get("tunelab")]
+                  + [v["tunelab"] for v in (rep.get("levers") or {}).values()]):
+            if isinstance(r, dict) and "tokens_per_s" in r:  # MFU against the ceiling of the dtype it computed in
+                bf16 = r.get("bf16") or r.get("compute_dtype") == "bfloat16"
+                r["mfu"] = mfu(r, name == "sft-full", ceilings["bf16"] if bf16 and ceilings.get("bf16") else ceiling)
         rep = build_row(name, rep, steps=steps, wall_seconds=time.perf_counter() - t0, facts=facts, quick=args.quick)
         results[name] = rep
         with open(args.results, "a") as f:

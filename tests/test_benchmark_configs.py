@@ -142,3 +142,37 @@ def test_levers_are_valid_train_settings(tmp_path):
 
     path = grpo_vs_trl.tunelab_config(tmp_path / "p.jsonl", tmp_path / "g", 2, train=run.LEVERS["fused"])
     assert yaml.safe_load(path.read_text())["train"]["fuse_projections"] is True
+
+
+def test_peer_bf16_wrapper_turns_bf16_on_in_every_training_arguments(tmp_path):
+    """peers/peer_bf16.py runs a peer unchanged except bf16=True (the peers pin bf16=False), args passed through."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "peer.py"
+    script.write_text("import sys, transformers\n"
+                      f"a = transformers.TrainingArguments(output_dir={str(tmp_path / 'o')!r}, bf16=False, "
+                      "use_cpu=True, report_to='none')\n"
+                      "print(a.bf16, a.fp16, sys.argv[1:])\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers" / "peer_bf16.py"), str(script), "--steps",
+                          "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True False ['--steps', '3']"
+
+
+def test_ratios_against_the_bf16_peer_are_judged_beside_the_fp32_peer():
+    run = _harness()
+    import facts
+
+    rep = {"tunelab": {"tokens_per_s": 300.0, "peak_rss_mb": 2000.0},
+           "peer": {"tokens_per_s": 100.0, "peak_rss_mb": 10000.0},
+           "peer_bf16": {"tokens_per_s": 200.0, "peak_rss_mb": 8000.0, "bf16": True},
+           "levers": {"bf16-auto": {"tunelab": {"tokens_per_s": 500.0, "peak_rss_mb": 1600.0}}}}
+    rep["ratios"] = run.ratios(rep["tunelab"], rep["peer"])
+    run.add_bf16_ratios(rep, run.ratios)
+    assert rep["ratios_vs_peer_bf16"] == {"tokens_per_s": 1.5, "peak_rss": 0.25}
+    assert rep["levers"]["bf16-auto"]["ratios_vs_peer_bf16"] == {"tokens_per_s": 2.5, "peak_rss": 0.2}
+    report = facts.goals_report({"sft-lora": rep})
+    lines = {ln.split("[")[1].split("]")[0]: ln for ln in report.splitlines() if "[" in ln}
+    assert "3.0× tokens/s: MET" in lines["default"] and "1.5× tokens/s: NOT MET" in lines["default vs bf16 peer"]
+    assert "2.5× tokens/s: MET" in lines["bf16-auto vs bf16 peer"]

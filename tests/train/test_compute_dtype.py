@@ -130,3 +130,37 @@ def test_bf16_autocast_training_stays_within_bound_of_fp32(tiny, tmp_path, metho
     assert all(p.dtype == torch.float32 for p in m16.parameters() if p.requires_grad)  # fp32 master weights
     assert "tunelab_compute_dtype" not in m16.__dict__  # undone when the loop ends
     assert (m32.loop_compute_dtype, m16.loop_compute_dtype) == ("float32", "bfloat16")  # LoopResult: results.json
+
+
+def test_memory_mode_keeps_auto_at_fp32_on_a_cpu(cache, monkeypatch):
+    """Memory mode puts the peak first: `auto` stays fp32 there even where bf16 wins; `bfloat16` set explicitly
+    still applies, and CUDA keeps bf16."""
+    calls = _fake_timings(monkeypatch, fp32_s=0.04, bf16_s=0.01)
+    assert precision.resolve_compute_dtype("auto", "cpu", memory_mode=True) is None
+    assert calls == []  # nothing to measure when the answer does not depend on it
+    assert precision.resolve_compute_dtype("bfloat16", "cpu", memory_mode=True) is torch.bfloat16
+    assert precision.resolve_compute_dtype("auto", "cuda", memory_mode=True) is torch.bfloat16
+    assert precision.resolve_compute_dtype("auto", "cpu", memory_mode=False) is torch.bfloat16
+
+
+def test_bf16_autocast_hides_adapter_updates_below_half_a_bf16_step():
+    """Why the CPU default stays fp32 (models/precision.py): under bf16 autocast the base output is already on
+    bf16's grid, so a LoRA delta smaller than half a bf16 step of it rounds away — the forward does not see the
+    update at all; in fp32 it does. (A larger delta does show: the effect is on early, small updates.)"""
+    from tunelab.adapters.lora import LoraLinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(64, 64, bias=False), r=4, alpha=8)
+    x = torch.randn(8, 64, generator=g)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(64, 4, generator=g) * 1e-6)  # a first small step from B = 0
+        delta = layer.lora_forward(x)
+        assert (layer(x) != layer.base_forward(x)).float().mean() > 0.95  # fp32: the update shows nearly everywhere
+        with torch.autocast("cpu", torch.bfloat16):
+            y16, base16 = layer(x), layer.base_forward(x)
+            below = delta.abs() < 0.9 * 2.0**-9 * base16.float().abs()  # under half a bf16 step of the output
+            assert below.float().mean() > 0.9
+            assert torch.equal(y16[below], base16[below])  # bf16: rounded away, every such element
+        layer.lora_B.weight.mul_(1e5)  # a delta of ~0.1·|y| (outside autocast: it caches its weight casts)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert (layer(x) != layer.base_forward(x)).float().mean() > 0.95  # now visible in bf16 too

@@ -184,7 +184,7 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
     # what the loop changes on the model is undone however the loop ends — a divergence or a user error raises
     # out of it — last in, first out: the compiled layers go before the checkpointed MLP they call
     undo = contextlib.ExitStack()
-    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device, memory_mode=cfg.memory_mode)
     undo.callback(set_compute_dtype(model, compute_dtype))
     if cfg.memory_mode:
         undo.callback(checkpoint_layers(model, "mlp"))
