@@ -239,12 +239,12 @@ def table(results: dict) -> str:
             if r:
                 tps = r.get("tokens_per_s") or r.get("completion_tokens_per_s")
                 loss = f"{r['first_loss']:.3f}→{r['last_loss']:.3f}" if r.get("first_loss") is not None else "—"
-                lines.append(f"{name:12s} {who[:8]:8s} {tps:>9.1f} {r['peak_rss_mb']:>12.0f} "
+                lines.append(f"{name:12s} {who:9s} {tps:>9.1f} {r['peak_rss_mb']:>12.0f} "
                              f"{r.get('mfu') or 0:>7.3f} {loss:>18s}")
         if rep.get("ratios"):
-            lines.append(f"{name:12s} {'ratio':8s} " + ", ".join(f"{k} {v}" for k, v in rep["ratios"].items()))
+            lines.append(f"{name:12s} {'ratio':9s} " + ", ".join(f"{k} {v}" for k, v in rep["ratios"].items()))
         if rep.get("ratios_vs_peer_bf16"):
-            lines.append(f"{name:12s} {'ratio':8s} vs the bf16 peer: "
+            lines.append(f"{name:12s} {'ratio':9s} vs the bf16 peer: "
                          + ", ".join(f"{k} {v}" for k, v in rep["ratios_vs_peer_bf16"].items()))
         for lever, v in (rep.get("levers") or {}).items():
             r = v["tunelab"]
