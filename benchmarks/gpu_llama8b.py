@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -164,7 +165,7 @@ def part_peer(args) -> dict:
     from tunelab.models.load import load_tokenizer  # any tokenizer with a pad token: the rows are token ids already
 
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
-                         processing_class=load_tokenizer("smollm2-135m"),
+                         processing_class=load_tokenizer(os.environ.get("GPU_TOKENIZER", "smollm2-135m")),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
                                                 target_modules=LORA["target_modules"], task_type="CAUSAL_LM"),
                          callbacks=[Timer()])

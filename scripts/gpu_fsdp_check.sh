@@ -23,7 +23,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 $PY - "$OUT" "$NPROC" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 import yaml
 from tunelab.models.load import load_tokenizer
@@ -32,7 +32,8 @@ from tunelab.models.tiny import tiny_model
 out, nproc = Path(sys.argv[1]), int(sys.argv[2])
 model = tiny_model("llama", hidden=256, layers=4)
 model.save_pretrained(out / "tiny")
-load_tokenizer("smollm2-135m").save_pretrained(out / "tiny")
+# $GPU_TOKENIZER: the folder scripts/gpu_prepare.sh saved (the offline model's GGUF is not carried to the GPU)
+load_tokenizer(os.environ.get("GPU_TOKENIZER", "smollm2-135m")).save_pretrained(out / "tiny")
 rows = [{"instruction": "Add the numbers.", "input": f"{i} + {3 * i}", "output": f"{i} + {3 * i} = {4 * i}."}
         for i in range(66)]
 (out / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
