@@ -83,6 +83,9 @@ class DataConfig(BaseModel):
     masking: Literal["prompt", "none", "template"] = "prompt"
     turns: Literal["all", "last"] = "all"
     max_length: int = Field(1024, ge=8)
+    # plain-text records ({"text": …}) longer than max_length: `truncate` keeps the first max_length tokens (as
+    # SFTTrainer does), `chunk` splits them into consecutive max_length pieces, every token trained (as a .txt file)
+    long_text: Literal["truncate", "chunk"] = "truncate"
     packing: bool = True
     group_by_length: bool = False  # unpacked rows only: batches of similar lengths (less padding)
 

@@ -87,3 +87,28 @@ def test_training_on_a_folder_of_txt_files(tmp_path, tokenizer):
     assert main(["train", str(cfg)]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["data"]["n_examples"] > 3 and res["data"]["n_truncated"] == 0  # documents chunked, not cut
+
+
+def test_long_jsonl_texts_truncate_with_a_hint_or_chunk_when_asked(tmp_path, tokenizer, capsys):
+    """{"text": …} records longer than max_length: by default cut (as SFTTrainer does), with one line naming the
+    records that lost their tail and `data.long_text: chunk`; with it, every token trains, as for a .txt file."""
+    long = " ".join(f"word{i}" for i in range(300))
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": long}) + "\n" + json.dumps({"text": "short one"}) + "\n")
+    model = save_tiny_model(tmp_path / "m", tokenizer)
+    runs = {}
+    for mode in ("truncate", "chunk"):
+        cfg = write_config(tmp_path / f"{mode}.yaml", output_dir=str(tmp_path / mode), model={"name": str(model)},
+                           data={"train": str(path), "max_length": 64, "eval_fraction": 0.0, "long_text": mode},
+                           train={"max_steps": 1, "batch_size": 2}, samples={"n_heldout": 0})
+        assert main(["train", str(cfg)]) == 0
+        io = capsys.readouterr()
+        data = json.loads((tmp_path / mode / "results.json").read_text())["data"]
+        runs[mode] = (data, " ".join((io.out + io.err).split()))
+    cut, out = runs["truncate"]
+    assert cut["n_examples"] == 2 and cut["n_truncated"] == 1
+    assert "1 plain-text record(s) longer than data.max_length=64 lost their tail" in out and "long_text: chunk" in out
+    whole, out = runs["chunk"]
+    n_tokens = len(tokenizer(long, add_special_tokens=False)["input_ids"]) + 1  # + eos
+    assert whole["n_truncated"] == 0 and whole["n_examples"] == 1 + -(-n_tokens // 64)
+    assert "lost their tail" not in out

@@ -26,7 +26,7 @@ score only the response, so they accept only ``data.masking: prompt``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..console import console
 from ..errors import TunelabError
@@ -112,7 +112,10 @@ class SFTData:
             if pair is not None:
                 raise preference_under_sft(pair.origin.rsplit(":", 1)[0], cfg.objective)
         unpaired = lambda r: fmt == "unpaired" or (fmt == "auto" and is_unpaired(r.data))  # noqa: E731
-        return [s for r in records for s in (sft_samples([r], fmt) if unpaired(r) else [to_sample(r, fmt)])]
+        samples = [s for r in records for s in (sft_samples([r], fmt) if unpaired(r) else [to_sample(r, fmt)])]
+        if cfg.data.long_text == "chunk":  # every plain text a whole document: chunked, never truncated
+            samples = [replace(s, document=True) if s.text is not None else s for s in samples]
+        return samples
 
     def encode(self, tokenizer, template, train_records, eval_records, cfg) -> EncodedData:
         d = cfg.data
@@ -121,6 +124,11 @@ class SFTData:
         eval_s = self.samples(eval_records, cfg) if eval_records else []
         counts = warn(conversation_counts(train_s))
         train, stats = training_set(lambda: encode_dataset(tokenizer, train_s, **options))
+        texts = {s.origin for s in train_s if s.text is not None and not s.document}
+        cut_texts = sum(1 for e in train if e.truncated and e.origin in texts)
+        if cut_texts:  # a tail lost without being asked for: say how to keep it
+            console.print(f"{cut_texts} plain-text record(s) longer than data.max_length={d.max_length} lost their "
+                          "tail; data.long_text: chunk trains every token, in max_length pieces (as for .txt files)")
         evals, _ = encode_dataset(tokenizer, eval_s, **options, require_any=False) if eval_s else ([], None)
         evals = held_out(evals, len(eval_s), cfg, "examples")
         prompts = [template.generation_prompt(prompt_part(s.messages))

@@ -28,7 +28,8 @@ before the content (mistral's ``[/INST] answer``).
 ``template`` mode they are still trained, being prompt). Plain-text samples (continued pretraining) train on
 every token whatever the mode: the tokenizer's bos is prepended only if the tokenizer itself adds one by default
 (Llama-style; SmolLM2 does not), and eos is appended and trained so documents learn to end. A longer plain text
-is truncated like any example, except a whole document (a ``.txt`` file, ``Sample.document``): it is split into
+is truncated like any example, except a whole document (a ``.txt`` file, or any text under ``data.long_text: chunk``;
+``Sample.document``): it is split into
 consecutive ``max_length`` chunks, each its own example (``notes.txt:1 chunk 2/5``), so no token is lost — the
 first token of each chunk is its context only, as the first token of any row is.
 
