@@ -124,3 +124,20 @@ def test_too_few_items_have_no_detectable_difference():
     assert compare_paired(np.ones((2, 6)), np.zeros((2, 6))).mdd < math.inf  # 2/64 < .05
     one = compare_paired(np.ones((1, 5)), np.zeros((1, 5)))  # McNemar, 5 discordant: 2/32 ≥ .05
     assert one.test == "mcnemar" and one.mdd == math.inf
+
+
+def test_the_claims_table_shows_why_a_small_p_is_inconclusive():
+    """The per-seed Δ column carries the seed that disagrees, in the README table and the terminal line."""
+    from tunelab.lab.study import claim_line, claims_markdown
+
+    b = np.zeros((2, 100))
+    a = b.copy()
+    a[0, :60] = 1.0
+    b[1, :10] = 1.0
+    r = decide([compare_paired(a, b)])[0]
+    row = {"better": "A", "than": "B", "on": "t", "direction": "higher", **r.as_dict(), "outcome": "inconclusive"}
+    table = claims_markdown([row])
+    assert "| Δ per seed |" in table.splitlines()[0]
+    cells = [c.strip() for c in table.splitlines()[2].split("|")]
+    assert cells[4] == "+0.600, -0.100" and cells[-2] == "**inconclusive**"
+    assert "per seed +0.600, -0.100" in claim_line(row)

@@ -211,3 +211,38 @@ def test_study_means_print_mean_plus_minus_half_width():
     md = means_markdown(rows)
     assert "| a | prose | 2.513 ± 0.100 |" in md and "| b | prose | 2.700 (1 seed) |" in md
     assert "| a | code | 0.438 ± 0.037 |" in md and "| b | code | 0.250 ± 0.050 |" in md
+
+
+def test_bands_stay_where_the_quantity_can_be_and_the_legend_names_only_drawn_variants(tmp_path):
+    """Three seeds of an exact-match score that are 0, 0 and 0.9 give a t-interval reaching past 1 and below 0; the
+    band is cut at [0, 1]. A loss never below 0 gets no band below 0. A variant whose runs have not run yet (a
+    study in progress) gets no legend entry."""
+    from matplotlib.collections import PolyCollection
+
+    from tunelab.lab.curves import value_bounds
+
+    assert value_bounds("eval/uuid:exact_match", [0.0, 0.5, 1.0]) == (0.0, 1.0)
+    assert value_bounds("loss", [0.1, 2.0]) == (0.0, math.inf)
+    assert value_bounds("reward", [-1.0, 1.0]) == (-math.inf, math.inf)
+    assert value_bounds("kl", [0.0, 3.0]) == (0.0, math.inf)
+    fake_run = fake_runs(tmp_path)
+    rows = []
+    for seed, score in enumerate((0.0, 0.0, 0.9)):
+        d = fake_run(f"mora/seed-{seed}")
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for r in lines:
+            if "eval/uuid:exact_match" in r:
+                r["eval/uuid:exact_match"] = score
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        rows.append({"name": f"mora/seed-{seed}", "variant": "mora", "seed": seed, "run_dir": str(d), "status": "done"})
+    for seed in range(3):  # configured, not run yet: no folder
+        rows.append({"name": f"full/seed-{seed}", "variant": "full", "seed": seed,
+                     "run_dir": str(tmp_path / "runs" / "full" / f"seed-{seed}"), "status": "pending"})
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "s", "seeds": [0, 1, 2], "variants": rows}))
+    fig = curves_figure(collect([tmp_path]))
+    panel = next(a for a in visible_axes(fig) if "exact_match" in a.get_title())
+    [band] = [c for c in panel.collections if isinstance(c, PolyCollection)]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() >= 0.0 and ys.max() <= 1.0 and ys.max() == pytest.approx(1.0)  # cut, not dropped
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert labels == ["mora (mean of 3 seeds, 95 % band)"]

@@ -131,24 +131,40 @@ def series_points(run: RunInfo, key: str) -> list[tuple[float, float]]:
     return pts
 
 
-def _draw(ax, group: Group, key: str, color, style: str, marker, steps: list, values: list) -> None:
+_SCORE_WORDS = ("accuracy", "match", "recall", "pass", "rate", "fraction", "acc")
+
+
+def value_bounds(key: str, raw: list[float]) -> tuple[float, float]:
+    """Where a mean's interval may lie: a t-interval over 3 seeds can reach past what the quantity can be (an
+    accuracy above 1, a loss or a gradient norm below 0). Never negative when no seed ever was; at most 1 for a
+    score that never left [0, 1]."""
+    low = 0.0 if raw and min(raw) >= 0 else -math.inf
+    score = any(w in key.lower() for w in _SCORE_WORDS)
+    high = 1.0 if score and raw and low == 0.0 and max(raw) <= 1 else math.inf
+    return low, high
+
+
+def _draw(ax, group: Group, key: str, color, style: str, marker, steps: list, values: list) -> bool:
+    """Draw one group's mean curve (and band) of one series; False when the group has no point of it."""
     curve = mean_curve(group, lambda r: series_points(r, key))
     if not curve:
-        return
+        return False
+    lo_cap, hi_cap = value_bounds(key, [v for r in group.runs for _, v in series_points(r, key)])
     xs = [s for s, _ in curve]
     means = [m for _, (m, _, _) in curve]
-    lows = [lo if lo is not None else m for _, (m, lo, _) in curve]
-    highs = [hi if hi is not None else m for _, (m, _, hi) in curve]
+    lows = [max(lo, lo_cap) if lo is not None else m for _, (m, lo, _) in curve]
+    highs = [min(hi, hi_cap) if hi is not None else m for _, (m, _, hi) in curve]
     steps += xs
     values += lows + highs
     banded = any(lo is not None for _, (_, lo, _) in curve)
     if len(curve) == 1:  # one point: a marker (with its interval), no line to nowhere
         err = [[means[0] - lows[0]], [highs[0] - means[0]]] if banded else None
         ax.errorbar(xs, means, yerr=err, fmt=marker, color=color, ms=5, capsize=3)
-        return
+        return True
     ax.plot(xs, means, color=color, lw=1.4, linestyle=style, marker=marker if len(xs) < 20 else None, ms=3)
     if banded:
         ax.fill_between(xs, lows, highs, color=color, alpha=0.2, lw=0)
+    return True
 
 
 def plot_curves(runs: list[RunInfo], path: Path) -> Path | None:
@@ -170,13 +186,15 @@ def curves_figure(runs: list[RunInfo]):
     nrows = (len(panels) + ncols - 1) // ncols
     fig, axes = new_figure(nrows, ncols, width=6.0 if ncols < 3 else 4.8, height=3.8)
     colors = colors_for([g.name for g in groups])
+    drawn: set[str] = set()  # the legend names only variants with a curve (not one whose runs are still to come)
     for ax, (panel, keys) in zip(axes, panels.items()):
         steps: list = []
         values: list = []
         for i, key in enumerate(keys):
             style, marker = _STYLES[i % len(_STYLES)], _MARKERS[i % len(_MARKERS)]
             for g in groups:
-                _draw(ax, g, key, colors[g.name], style, marker, steps, values)
+                if _draw(ax, g, key, colors[g.name], style, marker, steps, values):
+                    drawn.add(g.name)
         if len(keys) > 1:  # which line style is which series
             ax.legend([Line2D([], [], color="0.3", linestyle=_STYLES[i % len(_STYLES)],
                               marker=_MARKERS[i % len(_MARKERS)], ms=4) for i in range(len(keys))],
@@ -190,9 +208,11 @@ def curves_figure(runs: list[RunInfo]):
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    seeded = any(g.seeded for g in groups)
-    handles = [Line2D([], [], color=colors[g.name], lw=2) for g in groups]
-    labels = [g.name + (f" (mean of {len(g.runs)} seeds, 95 % band)" if seeded and g.seeded else "") for g in groups]
+    shown = [g for g in groups if g.name in drawn]
+    seeded = any(g.seeded for g in shown)
+    handles = [Line2D([], [], color=colors[g.name], lw=2) for g in shown]
+    labels = [g.name + (f" (mean of {sum(1 for r in g.runs if r.metrics)} seeds, 95 % band)"
+                        if seeded and g.seeded else "") for g in shown]
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(len(labels), 1)), fontsize=8,
                frameon=False)
     return fig
