@@ -246,3 +246,24 @@ def test_bands_stay_where_the_quantity_can_be_and_the_legend_names_only_drawn_va
     assert ys.min() >= 0.0 and ys.max() <= 1.0 and ys.max() == pytest.approx(1.0)  # cut, not dropped
     labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert labels == ["mora (mean of 3 seeds, 95 % band)"]
+
+
+def test_point_labels_are_short_for_grid_variants_and_do_not_sit_on_each_other():
+    from matplotlib.figure import Figure
+
+    from tunelab.lab.figure import place_labels, point_label, short_name
+
+    assert short_name("short-response,data.limit=16,data.masking=none") == "short-response · 16 · none"
+    assert short_name("lora-r8") == "lora-r8" and short_name("a,b") == "a,b"
+    ax = Figure().add_subplot()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    point_label(ax, "r8,method=lora", 0.5, 0.5)
+    point_label(ax, "r8,method=dora", 0.501, 0.501)  # nearly the same point
+    point_label(ax, "r32,method=lora", 0.1, 0.9)  # far away: its own place
+    point_label(ax, "r64,method=lora", 0.99, 0.2)  # at the right edge: written left of its point
+    place_labels(ax)
+    anns = ax.texts
+    assert [a.get_text() for a in anns] == ["r8 · lora", "r8 · dora", "r32 · lora", "r64 · lora"]
+    assert anns[0].xyann[1] != anns[1].xyann[1] and anns[2].xyann == (5, 4)
+    assert anns[3].xyann == (-5, 4) and anns[3].get_horizontalalignment() == "right"

@@ -44,11 +44,45 @@ def colors_for(names: list[str]) -> dict[str, tuple]:
     return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
 
-def point_label(ax, text: str, x: float, y: float) -> None:
-    """A run's name beside its point, kept out of the layout computation: a long label near an edge must not
-    shrink the axes to a sliver."""
-    ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ann.set_in_layout(False)
+def short_name(name: str) -> str:
+    """A grid variant's name as its coordinates only: "short-response,data.limit=16,data.masking=none" →
+    "short-response · 16 · none" (the keys are the study's, the same for every point); other names unchanged."""
+    parts = name.split(",")
+    if len(parts) < 2 or not any("=" in p for p in parts):
+        return name
+    return " · ".join(p.split("=", 1)[-1] for p in parts)
+
+
+def point_label(ax, text: str, x: float, y: float, color=None) -> None:
+    """A run's name for its point (grid coordinates shortened; in the point's colour, so a label moved off its
+    point still says whose it is); written by `place_labels` once the axes' limits are final, so that labels can
+    keep clear of each other and of the right edge."""
+    ax.__dict__.setdefault("_tunelab_labels", []).append((short_name(text), x, y, color))
+
+
+def place_labels(ax) -> None:
+    """Write the labels `point_label` collected: right of the point, or left of it where the text would run past
+    the axes' right edge; a label that would overlap one already written moves down a line until it is clear.
+    Kept out of the layout computation: a long label near an edge must not shrink the axes to a sliver."""
+    scale = ax.figure.dpi / 72  # display pixels per point
+    placed: list[tuple[float, float, float]] = []  # (left, right, baseline) of each written label, in pixels
+    for text, x, y, color in ax.__dict__.pop("_tunelab_labels", []):
+        px, py = ax.transData.transform((x, y))
+        width = len(text) * 4.2 * scale  # fontsize 7: ~4.2 points per character
+        flip = px + (5 * scale) + width > ax.bbox.x1
+        left = px - 5 * scale - width if flip else px + 5 * scale
+        dy = 4
+        while any(left < r and left + width > lo and abs(py + dy * scale - base) < 9 * scale
+                  for lo, r, base in placed):
+            dy -= 9
+        placed.append((left, left + width, py + dy * scale))
+        if color is not None:  # the point's hue, darkened: tab20's pale shades are unreadable as text
+            from matplotlib.colors import to_rgb
+
+            color = tuple(0.6 * c for c in to_rgb(color))
+        ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(-5 if flip else 5, dy), fontsize=7,
+                          ha="right" if flip else "left", color=color)
+        ann.set_in_layout(False)
 
 
 def plain_y(ax) -> None:

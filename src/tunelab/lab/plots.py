@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .curves import plot_curves
-from .figure import colors_for, new_figure, plain_y, point_label, save, steady_limits
+from .figure import colors_for, new_figure, place_labels, plain_y, point_label, save, steady_limits
 from .results import RunInfo
 from .seeds import group_runs, group_stat, half_width
 
@@ -81,7 +81,7 @@ def learning_forgetting_figure(runs: list[RunInfo]):
             ax.errorbar([f], [l], xerr=xerr, yerr=yerr, fmt="none", ecolor=colors[name], capsize=3, zorder=2)
         ax.scatter([f], [l], s=90 if on else 50, color=colors[name], edgecolors="black" if on else "none",
                    linewidths=1.5, zorder=3)
-        point_label(ax, name, f, l)
+        point_label(ax, name, f, l, colors[name])
         xs += [f - (xerr or 0), f + (xerr or 0)]
         ys += [l - (yerr or 0), l + (yerr or 0)]
     steady_limits(ax, xs, "x", include_zero=True, pad=0.18)  # 0 = "nothing forgotten", "nothing learned"
@@ -97,6 +97,7 @@ def learning_forgetting_figure(runs: list[RunInfo]):
     ax.grid(alpha=0.3)
     if len(front) > 1:
         ax.legend(loc="lower right", fontsize=8)
+    place_labels(ax)
     return fig
 
 
@@ -139,7 +140,7 @@ def params_figure(runs: list[RunInfo]):
             if err is not None:
                 ax.errorbar([x], [y], yerr=err, fmt="none", ecolor=colors[g.name], capsize=3, zorder=2)
             ax.scatter([x], [y], color=colors[g.name], s=50, zorder=3)
-            point_label(ax, g.name, x, y)
+            point_label(ax, g.name, x, y, colors[g.name])
             ys += [y - (err or 0), y + (err or 0)]
         for method, pts in by_method.items():
             if len(pts) > 1:
@@ -153,6 +154,7 @@ def params_figure(runs: list[RunInfo]):
         ax.set_xlabel("trainable parameters")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
+        place_labels(ax)
     return fig
 
 
