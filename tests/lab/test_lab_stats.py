@@ -58,8 +58,8 @@ def test_a_known_difference_is_found():
     assert r.test == "sign-flip" and r.diff == pytest.approx(float((a - b).mean()))
     assert r.low > 0 and r.p_holm < 0.001 and r.verdict == "A better"
     assert decide([compare_paired(b, a)])[0].verdict == "B better"
-    one = decide([compare_paired(a[:1], b[:1])])[0]  # one seed, 0/1 scores: McNemar
-    assert one.test == "mcnemar" and one.verdict == "A better"
+    one = decide([compare_paired(a[:1], b[:1])])[0]  # one seed, 0/1 scores: McNemar, but no verdict
+    assert one.test == "mcnemar" and one.p < 1e-6 and one.low > 0 and one.verdict == "inconclusive"
 
 
 def test_identical_runs_are_inconclusive():
@@ -88,9 +88,10 @@ def test_holm_changes_a_verdict():
     flips = np.flatnonzero(edge[0] == 0)[:16]
     edge[0, flips] = 1.0
     edge[0, np.flatnonzero(b[0] == 1)[:5]] = 0.0  # only-A 16, only-B 5: p = 2·P(X ≤ 5 | 21) ≈ .0266
-    alone = decide([compare_paired(edge, b)])[0]
+    # one seed (McNemar keeps the p-values hand-checkable); min_seeds=1 isolates Holm from the seed rule
+    alone = decide([compare_paired(edge, b)], min_seeds=1)[0]
     assert alone.p == pytest.approx(binom_two_sided(5, 21)) and alone.verdict == "A better"
-    both = decide([compare_paired(clear, b), compare_paired(edge, b), compare_paired(b, b.copy())])
+    both = decide([compare_paired(clear, b), compare_paired(edge, b), compare_paired(b, b.copy())], min_seeds=1)
     assert both[1].p_holm == pytest.approx(min(1.0, 2 * alone.p))  # second smallest of 3: × 2
     assert both[1].verdict == "inconclusive" and both[0].verdict == "A better"
 
@@ -113,6 +114,19 @@ def test_one_seed_cannot_carry_a_verdict():
     r = decide([compare_paired(a, b)])[0]
     assert r.low > 0 and r.p_holm < 0.05 and r.per_seed == pytest.approx([0.6, -0.1])
     assert r.verdict == "inconclusive"
+
+
+def test_one_seed_is_never_a_verdict_however_small_its_p():
+    """60 of 100 items flip to A in the only seed: p ≈ 1e-18 and a CI far above 0, still no verdict. A second seed
+    with the same gain gives one."""
+    b = np.zeros((1, 100))
+    a = b.copy()
+    a[0, :60] = 1.0
+    one = decide([compare_paired(a, b)])[0]
+    assert one.p < 1e-15 and one.low > 0.4 and one.per_seed == pytest.approx([0.6])
+    assert one.verdict == "inconclusive"
+    two = decide([compare_paired(np.vstack([a, a]), np.vstack([b, b]))])[0]
+    assert two.verdict == "A better"
 
 
 def test_too_few_items_have_no_detectable_difference():
@@ -141,3 +155,23 @@ def test_the_claims_table_shows_why_a_small_p_is_inconclusive():
     cells = [c.strip() for c in table.splitlines()[2].split("|")]
     assert cells[4] == "+0.600, -0.100" and cells[-2] == "**inconclusive**"
     assert "per seed +0.600, -0.100" in claim_line(row)
+
+
+def test_one_seed_says_so_in_the_verdict_and_an_unfinished_study_says_how_far_it_is():
+    from tunelab.lab.study import claims_markdown, progress_line, study_html
+
+    b = np.zeros((1, 100))
+    a = b.copy()
+    a[0, :60] = 1.0
+    r = decide([compare_paired(a, b)])[0]
+    row = {"better": "A", "than": "B", "on": "t", "direction": "higher", **r.as_dict(), "outcome": "inconclusive"}
+    assert [c.strip() for c in claims_markdown([row]).splitlines()[2].split("|")][-2] == "**inconclusive (1 seed)**"
+    parts = {"seeds": [0, 1, 2], "budgets": [{"variant": "A", "seeds": 1}, {"variant": "B", "seeds": 1}],
+             "claims": [row], "warnings": [], "match": [], "provenance": "p"}
+    assert progress_line(parts).startswith("In progress: 1 of 3 seeds finished (every variant)")
+    assert "In progress" in study_html(parts) and "inconclusive (1 seed)" in study_html(parts)
+    parts["budgets"][1]["seeds"] = 2
+    assert "A 1, B 2" in progress_line(parts)
+    parts["budgets"][0]["seeds"] = 3
+    parts["budgets"][1]["seeds"] = 3
+    assert progress_line(parts) == ""

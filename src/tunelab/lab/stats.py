@@ -24,9 +24,12 @@ score move from seed to seed".
               |d̄|}) / (1 + R), exact (all 2^n sign patterns) when 2^n ≤ R.
 * Holm        across the claims of one study (Holm 1979): sort the m p-values, p_(j)·(m − j + 1), running
               maximum, capped at 1 — the family-wise error stays ≤ α with no independence assumption.
-* verdict     ``A better`` when the Holm-adjusted p < α, the CI lies above 0 and every seed's mean difference is
-              > 0; ``B better`` symmetrically; ``inconclusive`` otherwise. The per-seed rule is what keeps training
-              noise honest: one lucky seed cannot carry a verdict that the item bootstrap alone would grant.
+* verdict     ``A better`` when there are at least two seeds (`MIN_SEEDS`), the Holm-adjusted p < α, the CI lies
+              above 0 and every seed's mean difference is > 0; ``B better`` symmetrically; ``inconclusive``
+              otherwise. The per-seed rule is what keeps training noise honest: one lucky seed cannot carry a
+              verdict that the item bootstrap alone would grant. With one seed there is nothing to check it
+              against: the tests above then compare two checkpoints, not two methods, so one seed is never a
+              verdict, however small its p (it still gets its Δ, CI, p and MDD).
 * MDD         the minimum detectable difference at this n: (z_{1−α/2} + z_{power}) · SE = 2.80 · SE for α = .05
               and power .8 (Cohen 1988), SE the bootstrap standard error of d̄. An inconclusive |d̄| well below the
               MDD says "this study is too small to see a difference this size", not "there is none". The normal
@@ -45,6 +48,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ALPHA = 0.05
+MIN_SEEDS = 2  # a verdict is never read off one seed (module docstring)
 N_RESAMPLES = 10_000
 _T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
          2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
@@ -212,8 +216,11 @@ def holm(pvalues) -> list[float]:
     return adjusted
 
 
-def verdict(result: Paired, alpha: float = ALPHA) -> str:
-    """``A better`` / ``B better`` / ``inconclusive`` from the Holm-adjusted p and the CI (module docstring)."""
+def verdict(result: Paired, alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) -> str:
+    """``A better`` / ``B better`` / ``inconclusive`` from the seeds, the Holm-adjusted p and the CI (module
+    docstring)."""
+    if len(result.per_seed) < min_seeds:
+        return "inconclusive"
     p = result.p_holm if result.p_holm is not None else result.p
     if p < alpha and result.low > 0 and all(x > 0 for x in result.per_seed):
         return "A better"
@@ -222,9 +229,9 @@ def verdict(result: Paired, alpha: float = ALPHA) -> str:
     return "inconclusive"
 
 
-def decide(results: list[Paired], alpha: float = ALPHA) -> list[Paired]:
+def decide(results: list[Paired], alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) -> list[Paired]:
     """Holm across one study's claims, then each claim's verdict (in place; returns the list)."""
     for r, adj in zip(results, holm([r.p for r in results])):
         r.p_holm = adj
-        r.verdict = verdict(r, alpha)
+        r.verdict = verdict(r, alpha, min_seeds)
     return results
