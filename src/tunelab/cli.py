@@ -339,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_zero() -> bool:
+    """This rank is torchrun's rank 0 (from the environment: the process group may not be up yet)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -367,12 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         if launched:
             from .train.distributed import failed_elsewhere
+            from .train.interrupt import stopping
 
             if failed_elsewhere():  # a peer's user error broke this rank's collective: that error is the news
                 os._exit(2)
+            if stopping() is not None:  # a Ctrl-C is under way: a peer aborted (or was killed) mid-collective
+                if _rank_zero():
+                    print(stopping().abort_line(), file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(130)
         raise
     except KeyboardInterrupt as e:  # training's own line says where it stopped and what was kept (train/interrupt.py)
-        print(str(e) or "interrupted", file=sys.stderr)
+        if not launched or _rank_zero():  # under torchrun every rank stops with it; one says so
+            print(str(e) or "interrupted", file=sys.stderr)
         return 130
     if launched:
         from .train.distributed import shutdown
