@@ -206,3 +206,41 @@ def test_ranks_agree_to_stop_when_any_one_of_them_got_the_signal(tmp_path, monke
     assert first.agreed(ranks.max_int) and second.agreed(ranks.max_int)  # both stop after this step
     assert second.requested and stopping() is not None  # rank 1 is stopping too: its next SIGINT aborts
     assert StopRequest(tmp_path, 30, enabled=False).agreed() is False  # one process: its own flag
+
+
+@pytest.mark.parametrize("rank,said", [("0", "aborted after step 4/30: no checkpoint was kept; running the same "
+                                             "command again starts from step 0\n"), ("1", "")])
+def test_a_rank_whose_collective_breaks_during_a_stop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys,
+                                                                                    rank, said):
+    """A peer that aborted (its second SIGINT) or was killed by torchrun breaks this rank's collective: gloo raises
+    RuntimeError. While a stop is under way that is part of the Ctrl-C — status 130, rank 0 names what a re-run
+    resumes from, no traceback; any other error, or the same one with no stop under way, still shows."""
+    import tunelab.objectives
+    import tunelab.train.distributed
+    import tunelab.train.launch
+    from tunelab.cli import main
+
+    monkeypatch.setattr(interrupt, "_stopping", [])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of a 2-rank launch (the process group itself is not needed)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(tunelab.train.distributed, "init", lambda: None)
+    monkeypatch.setattr(tunelab.objectives, "load_run_config", lambda *a: None)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    errors = {"gloo": RuntimeError("Connection closed by peer"), "bug": ValueError("a bug")}
+
+    def train(cfg, source=None, stop_requested=True, error="gloo"):
+        stop = StopRequest(tmp_path / "checkpoints", 30, step=4, enabled=False, announce=False)
+        stop.agreed(lambda flag: int(stop_requested))  # a peer's Ctrl-C came: every rank is stopping
+        raise errors[error]
+
+    monkeypatch.setattr(tunelab.train.launch, "train", train)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "c.yaml"])
+    assert stopped.value.code == 130 and capsys.readouterr().err == said
+    monkeypatch.setattr(tunelab.train.launch, "train", lambda cfg, source=None: train(cfg, error="bug"))
+    with pytest.raises(ValueError):
+        main(["train", "c.yaml"])
+    monkeypatch.setattr(interrupt, "_stopping", [])
+    monkeypatch.setattr(tunelab.train.launch, "train", lambda cfg, source=None: train(cfg, stop_requested=False))
+    with pytest.raises(RuntimeError):
+        main(["train", "c.yaml"])
