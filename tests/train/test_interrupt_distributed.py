@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import alpaca_rows, save_tiny_model, train_losses, write_config, write_jsonl
 from tunelab.train.checkpoint import complete_checkpoints
 from tunelab.train.checkpoint_files import MANIFEST, damage
-from tunelab.train import interrupt
+from tunelab.train import interrupt, launch
 from tunelab.train.interrupt import StopRequest, stopping
 from tunelab.train.launch import launch_ranks, signal_ranks
 
@@ -117,7 +117,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_saves_one_sharded_checkpoint_and_a_
     # what the Ctrl-C printed: rank 0's notice and its line (the other rank and torchrun's agent say nothing)
     said = [ln for ln in after.splitlines() if ln.strip() and not ln.startswith("step ")]
     assert len(said) == 2 and said[0].startswith("Ctrl-C: every rank stops at the end of this step"), out
-    assert "--shutdown-timeout (120 s)" in said[0]
+    assert "--shutdown-timeout, 120 s;" in said[0]
     lines = re.findall(LINE, out, re.M)
     assert len(lines) == 1, out
     step = int(lines[0][0])
@@ -161,18 +161,22 @@ def test_a_second_ctrl_c_aborts_every_rank_at_once_and_names_the_last_kept_check
     assert len(ranks) == 2 and _none_alive(ranks)
 
 
+def _stubborn_rank(tmp_path: Path, launch: str) -> subprocess.Popen:
+    """A process that ignores SIGINT, in a session of its own as torchrun starts a rank, of launch `launch`."""
+    ignore = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); " \
+             "time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", ignore], start_new_session=True, stdout=subprocess.PIPE,
+                            env={**os.environ, "TUNELAB_ERROR_FILE": str(tmp_path / launch)})
+    assert proc.stdout.readline()
+    return proc
+
+
 def test_ranks_left_running_are_found_by_their_launch_and_killed(tmp_path):
     """`tunelab train --nproc` kills whatever rank of its launch outlives torchrun (one that ignores SIGINT
     here), by the launch's own environment entry: another child process is left alone."""
-    ignore = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); " \
-             "time.sleep(120)"
+    rank, other = _stubborn_rank(tmp_path, "launch-1"), _stubborn_rank(tmp_path, "launch-2")
     marker = f"TUNELAB_ERROR_FILE={tmp_path / 'launch-1'}"
-    rank = subprocess.Popen([sys.executable, "-c", ignore], start_new_session=True, stdout=subprocess.PIPE,
-                            env={**os.environ, "TUNELAB_ERROR_FILE": str(tmp_path / "launch-1")})
-    other = subprocess.Popen([sys.executable, "-c", ignore], start_new_session=True, stdout=subprocess.PIPE,
-                             env={**os.environ, "TUNELAB_ERROR_FILE": str(tmp_path / "launch-2")})
     try:
-        assert rank.stdout.readline() and other.stdout.readline()
         assert launch_ranks(marker) == [rank.pid]
         signal_ranks(marker, signal.SIGINT)  # ignored: still running
         with pytest.raises(subprocess.TimeoutExpired):
@@ -184,6 +188,32 @@ def test_ranks_left_running_are_found_by_their_launch_and_killed(tmp_path):
         for p in (rank, other):
             p.kill()
             p.wait()
+
+
+def test_ctrl_c_on_tunelab_train_nproc_goes_to_torchrun_then_to_the_ranks_then_kills_them(tmp_path):
+    """The first SIGINT is torchrun's own `SignalException` (torchrun sends it on and waits); the second is sent
+    to the ranks (their abort); the third SIGKILLs them; `close` puts the previous handlers back."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    rank = _stubborn_rank(tmp_path, "launch-1")
+    before = signal.getsignal(signal.SIGINT)
+    forward = launch._ForwardInterrupts(f"TUNELAB_ERROR_FILE={tmp_path / 'launch-1'}")
+    try:
+        forward.install()
+        assert signal.getsignal(signal.SIGINT) is forward
+        with pytest.raises(SignalException) as first:
+            forward(signal.SIGINT, None)
+        assert first.value.sigval == signal.SIGINT
+        forward(signal.SIGINT, None)  # sent on: this one ignores it
+        with pytest.raises(subprocess.TimeoutExpired):
+            rank.wait(0.5)
+        forward(signal.SIGINT, None)
+        assert rank.wait(10) == -signal.SIGKILL
+    finally:
+        forward.close()
+        rank.kill()
+        rank.wait()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 class _Ranks:
@@ -209,7 +239,7 @@ def test_ranks_agree_to_stop_when_any_one_of_them_got_the_signal(tmp_path, monke
 
 
 @pytest.mark.parametrize("rank,said", [("0", "aborted after step 4/30: no checkpoint was kept; running the same "
-                                             "command again starts from step 0\n"), ("1", "")])
+                                             "command again starts from step 0\n"), ("1", "")], ids=["rank0", "rank1"])
 def test_a_rank_whose_collective_breaks_during_a_stop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys,
                                                                                     rank, said):
     """A peer that aborted (its second SIGINT) or was killed by torchrun breaks this rank's collective: gloo raises

@@ -67,9 +67,8 @@ def _notice(torchrun: bool) -> bytes:
                 b"(Ctrl-C again to abort now)\n")
     limit = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")  # set by `tunelab train --nproc`, or by the user
     within = f"{limit} s" if limit else "30 s by default"
-    return (f"\nCtrl-C: every rank stops at the end of this step and saves a checkpoint there; torchrun kills "
-            f"the ranks if that takes longer than its --shutdown-timeout ({within}) (Ctrl-C again to abort now)\n"
-            ).encode()
+    return (f"\nCtrl-C: every rank stops at the end of this step and saves a checkpoint there (torchrun kills the "
+            f"ranks if that takes over its --shutdown-timeout, {within}; Ctrl-C again to abort now)\n").encode()
 
 
 class StopRequest:

@@ -1,7 +1,8 @@
 """What `tunelab train CONFIG` runs: a multi-stage pipeline (``stages:``) or one run.
 
 The only place that tells the two apart; `run.run` is the single-stage orchestrator and `pipeline.run_pipeline`
-calls it once per stage.
+calls it once per stage. `relaunch` is ``--nproc N``: the same command on N ranks through torchrun, with what a
+Ctrl-C does there (torchrun's shutdown, then the ranks' own abort, and no rank left running).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def train(cfg: RunConfig, stop_after: int | None = None, source: str | Path | No
 def relaunch(nproc: int, argv: list[str]) -> int:
     """`tunelab train … --nproc N`: run `python -m tunelab ARGV` on N local ranks through torchrun's own launcher
     (standalone rendezvous). Returns the exit status: 2 when a rank failed with a user error (that rank printed
-    it), 130 after a Ctrl-C (rank 0 printed where the ranks stopped), 1 for any other failure.
+    it), 130 after a Ctrl-C (rank 0 printed where the ranks stopped; 128 + the signal for another one torchrun
+    stops on, SIGTERM or SIGHUP), 1 for any other failure.
 
     Ctrl-C: the ranks run in sessions of their own (torchrun's choice), so only this process gets it. The first
     goes to torchrun's own handling — SIGINT to every rank (each stops at the end of the same step and saves,
