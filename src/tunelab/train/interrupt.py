@@ -25,9 +25,9 @@ different moments, and a checkpoint is a collective save, so at the end of every
 (`StopRequest.agreed`: the largest of their flags, one all-reduce of one integer): all of them stop after the same
 step, save the sharded checkpoint there together and exit 130; only rank 0 prints the notice and the line. A
 second Ctrl-C on `tunelab train --nproc` is sent on to the ranks as their second SIGINT (abort at once; a rank
-whose peer aborted while it waited in a collective exits 130 quietly, `stopping`), a third kills them; under a
-plain ``torchrun`` the second Ctrl-C makes torchrun SIGTERM the ranks (no line, the newest complete checkpoint
-is still what a re-run resumes from).
+whose peer aborted while it waited in a collective exits 130 quietly, `stopping`), a third kills them. A plain
+``torchrun`` stops the ranks the same way but prints its own warnings and SignalException traceback (exit 1), and
+on a second Ctrl-C it SIGTERMs the ranks (no line; the newest complete checkpoint is what a re-run resumes from).
 """
 
 from __future__ import annotations
