@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     # a rank started by torchrun (or by another env:// launcher with several ranks)
     launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank0 = os.environ.get("RANK", "0") == "0"  # from the environment: the process group may not be up yet
     try:
         if launched:
             from .train.distributed import init
@@ -364,15 +365,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         # leave at once: the other ranks may be blocked in a collective; torchrun stops them when it sees this exit
         os._exit(2)
-    except Exception:
+    except Exception as e:
         if launched:
             from .train.distributed import failed_elsewhere
+            from .train.interrupt import stopping
 
             if failed_elsewhere():  # a peer's user error broke this rank's collective: that error is the news
                 os._exit(2)
+            # a Ctrl-C is under way and a collective failed (gloo, NCCL: RuntimeError): a peer aborted or was killed
+            if stopping() is not None and isinstance(e, RuntimeError):
+                if rank0:
+                    print(stopping().abort_line(), file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(130)
         raise
     except KeyboardInterrupt as e:  # training's own line says where it stopped and what was kept (train/interrupt.py)
-        print(str(e) or "interrupted", file=sys.stderr)
+        if not launched or rank0:  # under torchrun every rank stops with it; one says so
+            print(str(e) or "interrupted", file=sys.stderr)
         return 130
     if launched:
         from .train.distributed import shutdown

@@ -13,7 +13,8 @@ Per optimizer step:
      Stable-Baselines3 breaks out of the epoch; the scheduler and the step counter still advance;
   5. log, evaluate every `eval_every`, checkpoint atomically every `save_every` and at the last step (with the
      objective's state; the last one lets a larger `train.max_steps` extend the finished run, train/continuation.py).
-     A Ctrl-C is honoured here, at the end of a whole step: a checkpoint at this step, then one line (interrupt.py).
+     A Ctrl-C is honoured here, at the end of a whole step: a checkpoint at this step, then one line (interrupt.py;
+     under torchrun every rank stops at the same step, agreed by one all-reduce).
 
 Distributed (`train/distributed.py`, under torchrun): the `Engine` runs each loss as the DDP/FSDP2 wrapper's
 forward, reduces gradients on the last micro-batch only, and Σn, the logged loss and the token count are summed
@@ -240,7 +241,8 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 return dist_checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, loop_state, obj_state, engine)
             return save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loop_state, None, obj_state)
 
-        stop = StopRequest(ckpt_dir, total, step, enabled=not engine.distributed)
+        # under torchrun too: every rank's own SIGINT (sent on by the agent) only sets its flag; rank 0 says so
+        stop = StopRequest(ckpt_dir, total, step, announce=main, torchrun=engine.distributed)
         with TrainDisplay(total, step, cfg.log_every) as bar, stop:
             while step < total:
                 if stop_after is not None and step >= stop_after:
@@ -328,7 +330,9 @@ def fit(model, objective, stream: BatchSource, cfg, run_dir: Path, *,
                 if saved:
                     save(step)
                     prune_due = True
-                if stop.requested:  # Ctrl-C during this step: keep its state, then stop (train/interrupt.py)
+                # Ctrl-C during this step: keep its state, then stop (train/interrupt.py); under torchrun the
+                # ranks agree first (one all-reduce), so all of them stop at this same step and save together
+                if stop.agreed(engine.max_int if engine.distributed else None):
                     _interrupted(save, saved, step, total, ckpt_dir)
         if prune_due and main:
             prune_checkpoints(ckpt_dir, cfg.keep_last)
