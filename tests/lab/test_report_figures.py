@@ -245,7 +245,30 @@ def test_bands_stay_where_the_quantity_can_be_and_the_legend_names_only_drawn_va
     ys = band.get_paths()[0].vertices[:, 1]
     assert ys.min() >= 0.0 and ys.max() <= 1.0 and ys.max() == pytest.approx(1.0)  # cut, not dropped
     labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
-    assert labels == ["mora (mean of 3 seeds, 95 % band)"]
+    assert labels == ["mora"] and fig.legends[0].get_title().get_text() == "mean of 3 seeds, 95 % band"
+
+
+def test_a_legend_of_long_variant_names_stays_inside_the_figure(tmp_path):
+    """Four grid variants with long names: the legend takes as many columns as fit, none cut at the edges; seed
+    counts that differ are said per variant."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fake_run = fake_runs(tmp_path)
+    names = ["r8,method=lora", "r8,method=dora", "r32,method=lora", "r32,method=dora-with-a-longer-name"]
+    rows = []
+    for name in names:
+        for seed in range(3 if name != names[-1] else 2):
+            fake_run(f"{name}/seed-{seed}")
+            rows.append({"name": f"{name}/seed-{seed}", "variant": name, "seed": seed,
+                         "run_dir": str(tmp_path / "runs" / name / f"seed-{seed}"), "status": "done"})
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "s", "seeds": [0, 1, 2], "variants": rows}))
+    fig = curves_figure(collect([tmp_path]))
+    FigureCanvasAgg(fig).draw()
+    [legend] = fig.legends
+    box, page = legend.get_window_extent(), fig.bbox
+    assert box.x0 >= page.x0 and box.x1 <= page.x1, (box, page)
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[0] == "r8,method=lora (mean of 3 seeds, 95 % band)" and labels[-1].endswith("(mean of 2 seeds, 95 % band)")
 
 
 def test_point_labels_are_short_for_grid_variants_and_do_not_sit_on_each_other():

@@ -211,8 +211,22 @@ def curves_figure(runs: list[RunInfo]):
     shown = [g for g in groups if g.name in drawn]
     seeded = any(g.seeded for g in shown)
     handles = [Line2D([], [], color=colors[g.name], lw=2) for g in shown]
-    labels = [g.name + (f" (mean of {sum(1 for r in g.runs if r.metrics)} seeds, 95 % band)"
-                        if seeded and g.seeded else "") for g in shown]
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(len(labels), 1)), fontsize=8,
-               frameon=False)
+    counts = {g.name: sum(1 for r in g.runs if r.metrics) for g in shown}
+    title = None
+    if seeded and all(g.seeded for g in shown) and len(set(counts.values())) == 1:  # said once, above the names
+        labels, title = [g.name for g in shown], f"mean of {next(iter(counts.values()))} seeds, 95 % band"
+    else:
+        labels = [g.name + (f" (mean of {counts[g.name]} seeds, 95 % band)" if seeded and g.seeded else "")
+                  for g in shown]
+    fig.legend(handles, labels, loc="outside lower center", ncols=legend_columns(labels, fig.get_figwidth()),
+               fontsize=8, title=title, title_fontsize=8, frameon=False)
     return fig
+
+
+def legend_columns(labels: list[str], fig_width_in: float, fontsize: float = 8) -> int:
+    """As many legend columns (≤ 4) as fit across the figure: an entry is its handle and gaps (~0.8 in) plus its
+    text at ~0.55 em per character — a legend wider than the figure is cut at both edges when saved."""
+    if not labels:
+        return 1
+    entry = 0.8 + 0.55 * fontsize / 72 * max(len(t) for t in labels)
+    return max(1, min(4, len(labels), int(fig_width_in // entry)))
