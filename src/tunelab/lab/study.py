@@ -83,7 +83,7 @@ def progress_line(parts: dict) -> str:
     if len(set(counts.values())) == 1:
         done = f"{next(iter(counts.values()))} of {n} seeds finished (every variant)"
     else:
-        done = "seeds finished of " + str(n) + ": " + ", ".join(f"{v} {k}" for v, k in counts.items())
+        done = f"seeds finished (of {n}): " + ", ".join(f"{v} {k}" for v, k in counts.items())
     return f"In progress: {done}; the verdicts are recomputed as seeds finish (one seed gives none)."
 
 
