@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -53,3 +56,19 @@ def train_loreft_run(tmp_path, model_dir):
                        train={"max_steps": 2, "batch_size": 2, "lr": 5e-2}, samples={"n_heldout": 0})
     assert main(["train", str(cfg)]) == 0
     return load_run(tmp_path / "run", device="cpu")
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str) -> str:
+    """`proc`'s output (text mode, stdout piped) up to and including the first line that matches `pattern`; kills
+    `proc` and fails with what it printed when the output ends first."""
+    lines = []
+    deadline = time.monotonic() + 600  # a safeguard only: a loaded 2-core machine can take minutes
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if re.search(pattern, line):
+            return "".join(lines)
+    proc.kill()
+    raise AssertionError("never saw " + pattern + " in:\n" + "".join(lines))

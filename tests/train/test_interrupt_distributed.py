@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import alpaca_rows, save_tiny_model, train_losses, write_config, write_jsonl
+from tests.helpers import alpaca_rows, wait_for_line, save_tiny_model, train_losses, write_config, write_jsonl
 from tunelab.train.checkpoint import complete_checkpoints
 from tunelab.train.checkpoint_files import MANIFEST, damage
 from tunelab.train import interrupt, launch
@@ -62,19 +62,6 @@ def _start(cfg: Path, tmp_path: Path, sleep: float) -> subprocess.Popen:
                             env=_env(tmp_path, sleep), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(proc: subprocess.Popen, pattern: str) -> str:
-    """`proc`'s output up to and including the first line that matches `pattern`."""
-    lines = []
-    deadline = time.monotonic() + 600  # a safeguard only: a loaded 2-core machine can take minutes
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if re.search(pattern, line):
-            return "".join(lines)
-    proc.kill()
-    raise AssertionError("never saw " + pattern + " in:\n" + "".join(lines))
 
 
 def _children(pid: int) -> list[int]:
@@ -106,7 +93,7 @@ def _none_alive(pids: list[int]) -> bool:
 
 def test_ctrl_c_stops_every_rank_at_one_step_saves_one_sharded_checkpoint_and_a_rerun_resumes(tmp_path, cfg):
     proc = _start(cfg, tmp_path, sleep=0.3)
-    out = _wait_for(proc, r"^step 2/30")
+    out = wait_for_line(proc, r"^step 2/30")
     ranks = _children(proc.pid)
     assert len(ranks) == 2
     proc.send_signal(signal.SIGINT)
@@ -144,10 +131,10 @@ def test_ctrl_c_stops_every_rank_at_one_step_saves_one_sharded_checkpoint_and_a_
 
 def test_a_second_ctrl_c_aborts_every_rank_at_once_and_names_the_last_kept_checkpoint(tmp_path, cfg):
     proc = _start(cfg, tmp_path, sleep=3.0)  # steps far longer than the two signals take to arrive
-    out = _wait_for(proc, r"^step 1/30")
+    out = wait_for_line(proc, r"^step 1/30")
     ranks = _children(proc.pid)
     proc.send_signal(signal.SIGINT)
-    out += _wait_for(proc, r"Ctrl-C again to abort now")
+    out += wait_for_line(proc, r"Ctrl-C again to abort now")
     proc.send_signal(signal.SIGINT)
     out += proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, out

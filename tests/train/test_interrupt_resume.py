@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import alpaca_rows, save_tiny_model, train_losses, write_config, write_jsonl
+from tests.helpers import alpaca_rows, wait_for_line, save_tiny_model, train_losses, write_config, write_jsonl
 from tunelab.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,25 +64,12 @@ def _start_slow(cfg: Path, cwd: Path) -> subprocess.Popen:
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(proc: subprocess.Popen, pattern: str) -> list[str]:
-    """Lines of `proc`'s output up to and including the first that matches `pattern`."""
-    lines = []
-    deadline = time.monotonic() + 600  # a safeguard only: a loaded 2-core machine can take minutes
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if re.search(pattern, line):
-            return lines
-    proc.kill()
-    raise AssertionError("never saw " + pattern + " in:\n" + "".join(lines))
 
 
 def test_ctrl_c_keeps_a_checkpoint_at_the_step_and_a_rerun_resumes_there(tmp_path, make_cfg, capsys):
     cfg = make_cfg("run", train={"save_every": None})  # no periodic checkpoints: the interrupt's own is the one
     proc = _start_slow(cfg, tmp_path)
-    _wait_for(proc, r"^step 2/30")
+    wait_for_line(proc, r"^step 2/30")
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130
@@ -104,9 +90,9 @@ def test_ctrl_c_keeps_a_checkpoint_at_the_step_and_a_rerun_resumes_there(tmp_pat
 def test_a_second_ctrl_c_aborts_at_once_and_names_the_last_kept_checkpoint(tmp_path, make_cfg):
     cfg = make_cfg("run", train={"save_every": 1})
     proc = _start_slow(cfg, tmp_path)
-    _wait_for(proc, r"^step 2/30")
+    wait_for_line(proc, r"^step 2/30")
     proc.send_signal(signal.SIGINT)
-    _wait_for(proc, r"Ctrl-C again to abort now")
+    wait_for_line(proc, r"Ctrl-C again to abort now")
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "Traceback" not in out
