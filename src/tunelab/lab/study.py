@@ -186,8 +186,9 @@ def study_markdown(runs, study: dict | None, name: str, source: str = "") -> str
            "the study's claims (`tunelab/lab/stats.py`); a verdict also needs ≥ 2 seeds, every seed's Δ on its "
            "side (Δ per seed; > 0 favours the first variant); MDD = smallest difference this study detects with 80 % power.*",
            ""]
-    if progress_line(parts):
-        out += [f"**{progress_line(parts)}**", ""]
+    progress = progress_line(parts)
+    if progress:
+        out += [f"**{progress}**", ""]
     if parts["claims"]:
         out += [claims_markdown(parts["claims"]), means_markdown(parts["claims"])]
     else:
@@ -221,8 +222,9 @@ def study_html(parts: dict) -> str:
     out = []
     for w in parts["warnings"]:
         out.append(f"<p class='err'>{e(w)}</p>")
-    if progress_line(parts):
-        out.append(f"<p><b>{e(progress_line(parts))}</b></p>")
+    progress = progress_line(parts)
+    if progress:
+        out.append(f"<p><b>{e(progress)}</b></p>")
     if parts["claims"]:
         out.append("<h2>Claims</h2><table><thead><tr><th class='t'>claim</th><th class='t'>paper</th><th>Δ (95 % CI)"
                    "</th><th>Δ per seed</th><th>p (Holm)</th><th>MDD</th><th>n × seeds</th>"
