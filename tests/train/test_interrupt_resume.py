@@ -289,6 +289,8 @@ def test_init_from_a_mora_or_loreft_run_loads_its_adapter(tmp_path, make_cfg, ca
 def test_an_interrupt_whose_checkpoint_cannot_be_saved_names_the_one_kept(tmp_path, make_cfg, capsys, monkeypatch):
     from tunelab.errors import TunelabError
     from tunelab.train import loop
+    # whatever this process had (a shell's background job inherits SIGINT ignored, not Python's default)
+    before = signal.getsignal(signal.SIGINT)
 
     seen = {"batches": 0}
     real_tokens, real_save = loop.batch_tokens, loop.save_checkpoint
@@ -312,4 +314,4 @@ def test_an_interrupt_whose_checkpoint_cannot_be_saved_names_the_one_kept(tmp_pa
     assert out.strip().splitlines()[-1] == ("interrupted at step 3/6: no checkpoint at this step (disk full: writing "
                                             f"checkpoint step-000003); kept checkpoint {kept}; run the same command "
                                             "again to resume")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop put the handler back
+    assert signal.getsignal(signal.SIGINT) is before  # the loop put the handler back
