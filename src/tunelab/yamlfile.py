@@ -119,17 +119,23 @@ def load_yaml(text: str, shown: str, floats: bool = False) -> Any:
 
 
 def load_yaml_lines(text: str, shown: str, floats: bool = False) -> tuple[Any, dict[tuple[str, ...], int]]:
-    """(data, {dotted key path: 1-based line}) — each mapping key's line, for errors that name a key. A node
-    reached again through an alias is not walked again (its keys keep the lines of where they are written)."""
+    """(data, {dotted key path: 1-based line}) — each mapping key's line, and each list item's (its index as the
+    path part, ``("claims", "1", "margin")``), for errors that name a key. A node reached again through an alias
+    is not walked again (its keys keep the lines of where they are written)."""
     node, data = _compose(text, shown, floats)
     lines: dict[tuple[str, ...], int] = {}
     seen: set[int] = set()
     stack = [(node, ())]
     while stack:
         n, path = stack.pop()
-        if not isinstance(n, yaml.MappingNode) or id(n) in seen:
+        if not isinstance(n, (yaml.MappingNode, yaml.SequenceNode)) or id(n) in seen:
             continue
         seen.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                lines.setdefault(path + (str(i),), item.start_mark.line + 1)
+                stack.append((item, path + (str(i),)))
+            continue
         for k, v in n.value:
             p = path + (str(k.value),)
             lines.setdefault(p, k.start_mark.line + 1)

@@ -175,3 +175,42 @@ def test_one_seed_says_so_in_the_verdict_and_an_unfinished_study_says_how_far_it
     parts["budgets"][0]["seeds"] = 3
     parts["budgets"][1]["seeds"] = 3
     assert progress_line(parts) == ""
+
+
+def test_a_declared_margin_separates_real_from_mattering_by_hand():
+    # every item and seed differs by exactly 0.125 (a loss, lower better): the bootstrap is degenerate at 0.125, so
+    # every interval is [0.125, 0.125] and the sign flip over 20 equal items gives p = 2 / 2^20
+    b = np.full((2, 20), 1.0)
+    a = b - 0.125  # exact in binary
+    plain = decide([compare_paired(a, b, higher_is_better=False)])[0]
+    assert plain.verdict == "A better" and plain.margin is None and plain.eq_low is None
+    small = decide([compare_paired(a, b, higher_is_better=False, margin=0.0625)])[0]
+    assert small.verdict == "A better"  # 0.125 clears the margin
+    big = decide([compare_paired(a, b, higher_is_better=False, margin=0.25)])[0]
+    assert (big.eq_low, big.eq_high) == (0.125, 0.125) and big.verdict == "negligible"
+    assert decide([compare_paired(b, a, higher_is_better=False, margin=0.25)])[0].verdict == "negligible"
+    assert decide([compare_paired(b, a, higher_is_better=False, margin=0.0625)])[0].verdict == "B better"
+    at = decide([compare_paired(a, b, higher_is_better=False, margin=0.125)])[0]  # neither beyond nor inside
+    assert at.verdict == "inconclusive" and at.direction() == 1
+    one = decide([compare_paired(a[:1], b[:1], higher_is_better=False, margin=0.25)])[0]
+    assert one.verdict == "inconclusive"  # one seed: no verdict, "negligible" included
+    with pytest.raises(ValueError, match="positive"):
+        compare_paired(a, b, margin=0.0)
+
+
+def test_the_equivalence_interval_is_tost_bonferroni_across_the_claims():
+    rng = np.random.default_rng(5)
+    b = rng.normal(1.0, 0.1, (3, 200))
+    a = b + 0.003 + rng.normal(0, 0.01, (3, 200))  # a small real difference, noisy per item
+    alone = decide([compare_paired(a, b, margin=0.02)])[0]
+    # m = 1: the 90 % interval (TOST at α = .05), inside the 95 % CI; m = 5: the 98 % interval, wider than it
+    assert (alone.eq_low, alone.eq_high) == pytest.approx(tuple(np.quantile(alone.boot, [0.05, 0.95])))
+    assert alone.low < alone.eq_low < alone.eq_high < alone.high and alone.verdict == "negligible"
+    five = decide([compare_paired(a, b, margin=0.02) for _ in range(5)])[0]
+    assert (five.eq_low, five.eq_high) == pytest.approx(tuple(np.quantile(five.boot, [0.01, 0.99])))
+    assert five.eq_low < five.low and five.high < five.eq_high
+    assert decide([compare_paired(a, b)])[0].verdict == "A better"  # without a margin: real, so a verdict
+    assert decide([compare_paired(a, b, margin=0.001)])[0].verdict == "A better"
+    wide = decide([compare_paired(a, b, margin=0.0035)])[0]  # real, but its CI reaches below the margin
+    assert wide.low < 0.0035 < wide.high and wide.verdict == "inconclusive" and wide.direction() == 1
+    assert "boot" not in alone.as_dict() and alone.as_dict()["margin"] == 0.02

@@ -130,6 +130,28 @@ def test_report_shows_claims_budgets_and_provenance(study, capsys):
     assert "∞ (too few items)" in md
 
 
+def test_a_claims_declared_margin_reaches_its_verdict_and_text(study):
+    _, out, _ = study
+    from tunelab.lab.claims import evaluate_claims
+    from tunelab.lab.results import collect
+    from tunelab.lab.study import claim_line, claims_markdown
+
+    wide = dict(CLAIMS[0], margin=100.0)  # every loss difference of a 2-step run is far below 100 nats
+    rows = evaluate_claims(collect([out]), [wide, CLAIMS[1]])
+    assert rows[0]["outcome"] == "negligible" and rows[0]["margin"] == 100.0 and not rows[0]["below_margin"]
+    assert -100 < rows[0]["eq_low"] <= rows[0]["eq_high"] < 100 and rows[1]["outcome"] == "inconclusive"
+    assert "trained > untrained on target ↓ (margin 100)" in claim_line(rows[0])
+    assert claim_line(rows[0]).endswith("→ negligible (|Δ| < 100)")
+    assert "**negligible (\\|Δ\\| < 100)**" in claims_markdown(rows)  # a table cell escapes its bars
+    from tunelab.lab.study import study_html, study_markdown, study_parts
+
+    runs = collect([out])
+    assert "smallest Δ that matters" in study_markdown(runs, {"claims": [wide, CLAIMS[1]]}, "s")
+    assert "smallest Δ that matters" not in study_markdown(runs, {"claims": CLAIMS}, "s")  # said only when used
+    page = study_html(study_parts(runs, {"claims": [wide, CLAIMS[1]]}))
+    assert "negligible (|Δ| &lt; 100)" in page and "inside it is negligible" in page
+
+
 def test_markdown_block_regenerates_the_readme_section(study, tmp_path, capsys):
     _, out, _ = study
     readme = tmp_path / "README.md"
@@ -166,14 +188,18 @@ def test_mismatched_budgets_are_refused_before_training(assets, tmp_path, capsys
 
 @pytest.mark.parametrize("claim, culprit", [
     ({"better": "nope", "than": "trained", "on": "target"}, "unknown variant 'nope'"),
-    ({"better": "trained", "than": "untrained", "on": "gsm"}, "does not evaluate task 'gsm'")])
+    ({"better": "trained", "than": "untrained", "on": "gsm"}, "does not evaluate task 'gsm'"),
+    ({"better": "trained", "than": "untrained", "on": "target", "margin": 0}, "margin")])
 def test_claims_name_known_variants_and_tasks(assets, tmp_path, capsys, claim, culprit):
     model, data, _ = assets
     path = write_study(tmp_path / "s.yaml", model, data, tmp_path / "out", VARIANTS, claims=[CLAIMS[0], claim])
     assert main(["compare", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert culprit in err and len(err.splitlines()) == 1
-    lines = [i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith("- better:")]
+    text = path.read_text().splitlines()
+    lines = [i for i, t in enumerate(text, 1) if t.startswith("- better:")]
+    if "margin" in claim:  # a key's own error names the key's line, inside the second claim
+        lines[1] = next(i for i, t in enumerate(text, 1) if t.strip().startswith("margin:"))
     assert err.startswith(f"error: {path}:{lines[1]}: "), (err, lines)  # the second claim's line
 
 

@@ -8,7 +8,10 @@ loss (lower is better; per document, each document counting once, which is not t
 run's summary). ``direction:`` overrides the task's own direction.
 
 Outcome per claim: **matched** (the verdict is ``A better``), **contradicted** (``B better``) or **inconclusive**;
-**not run** when either side has no finished run with the task's items (left out of the Holm family).
+with a declared ``margin:`` (the smallest difference that matters, in the score's units) also **negligible**: the
+difference is confidently smaller than the margin (`lab.stats`). A real difference whose interval still reaches
+below the margin stays inconclusive, with ``below_margin`` set so the text can say why. **not run** when either
+side has no finished run with the task's items (left out of the Holm family).
 
 Budgets (`budget_rows`): per variant, the mean over its seeds of what each run consumed (``results.json
 ["budget"]``, a pipeline's stages summed) and, with `configured`, what the resolved config asks for
@@ -29,7 +32,7 @@ import yaml
 from ..errors import TunelabError
 from ..jsonl import read_rows
 from ..machine import describe, same_setup_key
-from .stats import ALPHA, compare_paired, decide, mean_ci
+from .stats import ALPHA, MIN_SEEDS, compare_paired, decide, mean_ci
 
 MATCH_TOLERANCE = 0.05
 _BUDGET_COLUMNS = ("steps", "sequences_trained", "tokens_trained", "completions_sampled", "tokens_sampled",
@@ -181,7 +184,7 @@ def evaluate_claims(runs, claims: list, alpha: float = ALPHA, n_resamples: int =
     for c in claims:
         c = c if isinstance(c, dict) else c.model_dump()
         row = {"better": c["better"], "than": c["than"], "on": c["on"], "expected": c.get("expected", ""),
-               "direction": c.get("direction"), "outcome": "not run"}
+               "direction": c.get("direction"), "margin": c.get("margin"), "outcome": "not run"}
         rows.append(row)
         a_runs, b_runs = groups.get(c["better"], {}), groups.get(c["than"], {})
         seeds = sorted(set(a_runs) & set(b_runs))
@@ -202,13 +205,17 @@ def evaluate_claims(runs, claims: list, alpha: float = ALPHA, n_resamples: int =
         row["direction"] = "higher" if higher else "lower"
         a = [[a_items[s][i] for i in ids] for s in seeds]
         b = [[b_items[s][i] for i in ids] for s in seeds]
-        res = compare_paired(a, b, higher_is_better=higher, n_resamples=n_resamples, alpha=alpha)
+        res = compare_paired(a, b, higher_is_better=higher, n_resamples=n_resamples, alpha=alpha,
+                             margin=c.get("margin"))
         row.update(seeds=seeds, mean_better=[sum(x) / len(x) for x in a], mean_than=[sum(x) / len(x) for x in b])
         computed.append((row, res))
     decide([r for _, r in computed], alpha)
     for row, res in computed:
         row.update(res.as_dict())
-        row["outcome"] = {"A better": "matched", "B better": "contradicted"}.get(res.verdict, "inconclusive")
+        row["outcome"] = {"A better": "matched", "B better": "contradicted",
+                          "negligible": "negligible"}.get(res.verdict, "inconclusive")
+        row["below_margin"] = row["outcome"] == "inconclusive" and res.n_seeds >= MIN_SEEDS \
+            and res.direction(alpha) != 0  # real, but not shown to clear the margin
         row["better_ci"] = mean_ci(row["mean_better"])
         row["than_ci"] = mean_ci(row["mean_than"])
     return rows

@@ -30,6 +30,14 @@ score move from seed to seed".
               verdict that the item bootstrap alone would grant. With one seed there is nothing to check it
               against: the tests above then compare two checkpoints, not two methods, so one seed is never a
               verdict, however small its p (it still gets its Δ, CI, p and MDD).
+* margin      optional, declared by a claim *before* its runs (``margin: 0.02``, in the score's units): the
+              smallest difference that matters. It separates "real" from "matters" (a verdict on a difference of
+              0.003 nats is still a verdict): ``A better`` then also needs the CI's lower end above +margin (``B
+              better``: the upper end below −margin), and a new verdict, ``negligible``, says the difference is
+              smaller than the margin — two one-sided tests (TOST, Schuirmann 1987) through their duality with the
+              interval: the (1 − 2α/m) bootstrap interval lies inside (−margin, +margin), m the number of the
+              study's claims (Bonferroni, so the family-wise error stays ≤ α as with Holm), at ≥ `MIN_SEEDS`
+              seeds, every seed's Δ inside too. A margin chosen after seeing the data is not a margin.
 * MDD         the minimum detectable difference at this n: (z_{1−α/2} + z_{power}) · SE = 2.80 · SE for α = .05
               and power .8 (Cohen 1988), SE the bootstrap standard error of d̄. An inconclusive |d̄| well below the
               MDD says "this study is too small to see a difference this size", not "there is none". The normal
@@ -43,7 +51,7 @@ Only numpy is needed (scipy is not a dependency); the t and normal quantiles are
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -168,13 +176,29 @@ class Paired:
     per_seed: list  # the mean difference within each seed
     p_holm: float | None = None
     verdict: str | None = None
+    margin: float | None = None  # the claim's declared smallest difference that matters (module docstring)
+    eq_low: float | None = None  # the (1 − 2α/m) interval the ``negligible`` verdict needs inside ±margin
+    eq_high: float | None = None
+    boot: np.ndarray | None = field(default=None, repr=False, compare=False)  # bootstrap means of diff
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "boot"}
+
+    def direction(self, alpha: float = ALPHA) -> int:
+        """+1 / −1 when the difference is real — Holm-adjusted p < α, the 95 % CI off 0 on that side, every seed's Δ
+        on it — else 0. Whether it also clears a declared margin is `verdict`'s question."""
+        p = self.p_holm if self.p_holm is not None else self.p
+        if p >= alpha:
+            return 0
+        if self.low > 0 and all(x > 0 for x in self.per_seed):
+            return 1
+        if self.high < 0 and all(x < 0 for x in self.per_seed):
+            return -1
+        return 0
 
 
 def compare_paired(a, b, higher_is_better: bool = True, n_resamples: int = N_RESAMPLES, seed: int = 0,
-                   alpha: float = ALPHA, power: float = 0.8) -> Paired:
+                   alpha: float = ALPHA, power: float = 0.8, margin: float | None = None) -> Paired:
     """A vs B from score matrices [seeds, items] paired position by position (see the module docstring)."""
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.shape != b.shape or a.size == 0:
@@ -192,8 +216,10 @@ def compare_paired(a, b, higher_is_better: bool = True, n_resamples: int = N_RES
     mdd = (z_quantile(1 - alpha / 2) + z_quantile(power)) * se
     if smallest_p(test, n, a, b, n_resamples) >= alpha:
         mdd = math.inf  # no data of this size could reach p < α
+    if margin is not None and not margin > 0:
+        raise ValueError(f"a margin is a positive difference (got {margin})")
     return Paired(float(diff.mean()), low, high, float(p), test, se, mdd, n, S,
-                  [float(x) for x in diff.mean(axis=1)])
+                  [float(x) for x in diff.mean(axis=1)], margin=margin, boot=boot)
 
 
 def smallest_p(test: str, n: int, a=None, b=None, n_resamples: int = N_RESAMPLES) -> float:
@@ -217,21 +243,30 @@ def holm(pvalues) -> list[float]:
 
 
 def verdict(result: Paired, alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) -> str:
-    """``A better`` / ``B better`` / ``inconclusive`` from the seeds, the Holm-adjusted p and the CI (module
-    docstring)."""
+    """``A better`` / ``B better`` / ``negligible`` / ``inconclusive`` from the seeds, the Holm-adjusted p, the CI and
+    a declared margin (module docstring); ``negligible`` needs `eq_low`/`eq_high`, which `decide` sets."""
     if len(result.per_seed) < min_seeds:
         return "inconclusive"
-    p = result.p_holm if result.p_holm is not None else result.p
-    if p < alpha and result.low > 0 and all(x > 0 for x in result.per_seed):
+    bar = result.margin or 0.0
+    sign = result.direction(alpha)
+    if sign > 0 and result.low > bar:
         return "A better"
-    if p < alpha and result.high < 0 and all(x < 0 for x in result.per_seed):
+    if sign < 0 and result.high < -bar:
         return "B better"
+    m = result.margin
+    if m and result.eq_low is not None and -m < result.eq_low and result.eq_high < m \
+            and all(abs(x) < m for x in result.per_seed):
+        return "negligible"
     return "inconclusive"
 
 
 def decide(results: list[Paired], alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) -> list[Paired]:
-    """Holm across one study's claims, then each claim's verdict (in place; returns the list)."""
+    """Holm across one study's claims, the equivalence intervals of claims with a margin, then each claim's
+    verdict (in place; returns the list)."""
+    m = len(results)
     for r, adj in zip(results, holm([r.p for r in results])):
         r.p_holm = adj
+        if r.margin and r.boot is not None:
+            r.eq_low, r.eq_high = (float(x) for x in np.quantile(r.boot, [alpha / m, 1 - alpha / m]))
         r.verdict = verdict(r, alpha, min_seeds)
     return results

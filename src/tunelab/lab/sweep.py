@@ -21,6 +21,7 @@ A sweep is a YAML file::
     claims:                         # what the study tests: `tunelab.lab.claims` computes each verdict
       - {better: full, than: lora-r8, on: code_heldout, expected: "full finetuning learns more (paper, fig. 2)"}
       - {better: lora-r8, than: full, on: prose, direction: lower}   # direction: the task's own by default
+      - {better: dora, than: lora, on: prose, margin: 0.02}   # smallest Δ that matters: adds "negligible"
     match: [tokens_trained]         # compare refuses when the variants' configured budgets differ > 5 % on these
                                     # (MATCHABLE: steps, tokens, completions, …, flops = flops_train + flops_sampling)
 
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import CONFIG_DIRS, load_config, parse_override, substitute_text
 from ..errors import TunelabError
@@ -80,6 +81,7 @@ class ClaimSpec(BaseModel):
     on: str
     direction: Literal["higher", "lower"] | None = None
     expected: str = ""  # what the paper says, quoted in the report
+    margin: float | None = Field(default=None, gt=0)  # smallest difference that matters, declared before the runs
 
     @model_validator(mode="before")
     @classmethod
