@@ -1,10 +1,15 @@
 """The side-by-side harness (benchmarks/run.py) builds tunelab configs that the schema accepts and that match
-the peer's workload — so a benchmark on a quiet machine is not lost to a typo. No training here."""
+the peer's workload — so a benchmark on a quiet machine is not lost to a typo. No training here, except two
+optimizer steps of a tiny model under benchmarks/profile_step.py."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tunelab.objectives import run_config_schema
@@ -176,3 +181,26 @@ def test_ratios_against_the_bf16_peer_are_judged_beside_the_fp32_peer():
     lines = {ln.split("[")[1].split("]")[0]: ln for ln in report.splitlines() if "[" in ln}
     assert "3.0× tokens/s: MET" in lines["default"] and "1.5× tokens/s: NOT MET" in lines["default vs bf16 peer"]
     assert "2.5× tokens/s: MET" in lines["bf16-auto vs bf16 peer"]
+
+
+def test_profile_step_runs_a_tiny_model_end_to_end(tmp_path, tokenizer):
+    """The profiler over the real loop, both windows (times, then the step with stacks), exits 0 with its report:
+    it used to segfault when the times profile was freed after the stacked one's memory timeline (Window)."""
+    from tests.helpers import save_tiny_model, write_jsonl
+
+    model = save_tiny_model(tmp_path / "tiny", tokenizer)
+    (tmp_path / "peer_bench").mkdir()
+    write_jsonl(tmp_path / "peer_bench" / "gsm_symbolic_seed42_n512.jsonl",
+                [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                               {"role": "assistant", "content": f"{i} + {i} = {2 * i}. The answer is {2 * i}."}]}
+                 for i in range(24)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--steps", "1", "--warmup",
+                           "1", "--cache", str(tmp_path), "--out", str(tmp_path / "out"), "--set",
+                           f"model.name={model}", "data.max_length=64", f"output_dir={tmp_path / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads((tmp_path / "out" / "sft-lora.json").read_text())
+    assert rep["top_by_time"] and sum(rep["time_share_pct"].values()) == pytest.approx(100, abs=0.5)
+    assert rep["peak_memory_mb"]["total_mb"] > 0 and rep["seconds_per_step"] > 0
+    assert "### Peak of tracked CPU memory" in (tmp_path / "out" / "sft-lora.md").read_text()
